@@ -1,0 +1,3 @@
+from rsg_eval.cli import main
+
+main()

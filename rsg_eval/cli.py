@@ -1,0 +1,77 @@
+"""The `rsg` command line. Thin: each command lives in rsg_eval/commands/<name>.py and imports its heavy
+modules (torch, transformers) inside the command body, so `rsg --help` and the light commands start fast."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from rsg_eval import __version__
+from rsg_eval.errors import RSGError
+
+app = typer.Typer(
+    name="rsg",
+    help="Russian SuperGLUE for seq2seq models: data, metrics, zero-shot, fine-tuning, the hierarchical "
+    "FRED-T5, submissions and reports.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module has `register(app)`. Order = order in `rsg --help`.
+COMMAND_MODULES = (
+    "data", "score", "submit", "prompts", "zeroshot", "finetune", "hmtl", "corpus", "report", "bench",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rsg-eval {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Russian SuperGLUE toolkit."""
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"rsg_eval.commands.{_name}")
+    except ModuleNotFoundError as _exc:  # a command module not written yet
+        if _exc.name != f"rsg_eval.commands.{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning RSGError into one red line and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except RSGError as exc:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model code (imports torch). Import submodules directly; this package imports nothing."""
