@@ -1,0 +1,284 @@
+"""Where the RSG files are: the bundled sample, a local folder or zip, or the download cache.
+
+Torch-free. A data folder is laid out like the official per-task downloads (`<Task>/{train,val,test}.jsonl`,
+`LiDiRus/LiDiRus.jsonl`), optionally one level down in `combined/` (the all-tasks zip). Zips are extracted
+only inside their target folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
+
+from rsg_eval.errors import RSGError
+from rsg_eval.tasks import TASK_NAMES, check_split, get_task
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
+DOWNLOAD_URL = "https://russiansuperglue.com/tasks/download/{task}"
+
+# sha256 and size of the official per-task zips (RSG_SPEC.md section 0, from the HF dataset_infos.json).
+CHECKSUMS: dict[str, tuple[int, str]] = {
+    "LiDiRus": (47118, "e1bc2c55cadbc98b0e77a43e1560af8e2fe336ab4bc372f545f69cb48a479cdc"),
+    "RCB": (136700, "9ecc0bd0cc04e04922349212452166404b5a75b67be9e6aa996c80c64beb6ddb"),
+    "PARus": (57585, "7093c859a6ab07eab54c86cdd686b7b14afffee46abcd3e2d43876b1fdb8fa59"),
+    "MuSeRC": (1196720, "679d69df99113d8ca6416eda5583a81ab324f5438097216a416d09e745d2f668"),
+    "TERRa": (907346, "fc7320210b5b6f7087615f13558868de55f46d5e0e365d9d82968c66e6e0dba7"),
+    "RUSSE": (3806009, "60ecf42ea0f3893e857e0a9522ab92a2ae2ec713d1ab361f2f6f594d0f5324a5"),
+    "RWSD": (40508, "65894cf114f022a0469bbd535f045d50880e03aa822cd1f3693a54b3665fa962"),
+    "DaNetQA": (1293761, "b5b4bcfe17e1eb16aa13a7aab4ca088871e27b0851468e9a07b9b528bb42fb96"),
+    "RuCoS": (56208297, "e2f42700122e79cfcce792b54df792630f033eb21e14863cede5852f3aa0d078"),
+}
+
+
+def default_data_dir() -> Path:
+    """$RSG_DATA_DIR, else the user cache folder (e.g. ~/.cache/rsg-eval/rsg)."""
+    env = os.environ.get("RSG_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("rsg-eval")) / "rsg"
+    except ImportError:  # pragma: no cover - platformdirs is a dependency
+        return Path.home() / ".cache" / "rsg-eval" / "rsg"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A resolved data root; `origin` is what the user asked for (for messages and run configs)."""
+
+    root: Path
+    origin: str
+
+    def task_dir(self, task: str) -> Path | None:
+        name = get_task(task).name
+        for base in (self.root, self.root / "combined"):
+            if not base.is_dir():
+                continue
+            for child in base.iterdir():  # task folders may differ in case between mirrors
+                if child.is_dir() and child.name.lower() == name.lower():
+                    return child
+        return None
+
+    def path(self, task: str, split: str) -> Path:
+        """The file of one split; RSGError naming what is missing when it is not there."""
+        name = get_task(task).name
+        check_split(name, split)
+        d = self.task_dir(name)
+        if d is None:
+            raise RSGError(f"no {name}/ folder in the data ({self.origin})", file=self.root,
+                           expected=f"{name}/ with train.jsonl, val.jsonl, test.jsonl (run `rsg data download`)")
+        if name == "LiDiRus":
+            for cand in ("LiDiRus.jsonl", "test.jsonl"):
+                for f in d.iterdir():
+                    if f.name.lower() == cand.lower():
+                        return f
+            raise RSGError("missing LiDiRus.jsonl", file=d, expected="LiDiRus/LiDiRus.jsonl")
+        f = d / f"{split}.jsonl"
+        if not f.is_file():
+            raise RSGError(f"missing {split}.jsonl for {name}", file=d, expected=f"{name}/{split}.jsonl")
+        return f
+
+    def has(self, task: str, split: str) -> bool:
+        try:
+            self.path(task, split)
+            return True
+        except RSGError:
+            return False
+
+    def __str__(self) -> str:
+        return self.origin
+
+
+def resolve_data(spec: str | Path | DataSource | None) -> DataSource:
+    """Turn a --data value into a DataSource.
+
+    "sample" selects the bundled sample; a folder or a zip is read as the official layout; None means the
+    download cache (default_data_dir()).
+    """
+    if isinstance(spec, DataSource):
+        return spec
+    if spec is None or str(spec) == "":
+        root = default_data_dir()
+        if not root.is_dir() or not any(root.iterdir()):
+            raise RSGError(f"no RSG data in {root}", field="--data",
+                           expected="run `rsg data download`, or pass --data DIR|ZIP|sample")
+        return DataSource(root, str(root))
+    if str(spec) == "sample":
+        return DataSource(SAMPLE_DIR, "sample")
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix.lower() == ".zip":
+        return DataSource(_extract_cached(p), str(p))
+    if not p.exists():
+        raise RSGError("data folder does not exist", file=p, field="--data",
+                       expected="a folder laid out like the official download, a zip of it, or 'sample'")
+    if not p.is_dir():
+        raise RSGError("not a folder or a .zip", file=p, field="--data")
+    return DataSource(p, str(p))
+
+
+def _extract_cached(zip_path: Path) -> Path:
+    """Extract a data zip once into the cache, keyed by its sha256, and return the folder."""
+    digest = sha256_file(zip_path)[:16]
+    target = default_data_dir().parent / "extracted" / digest
+    if target.is_dir():
+        return target
+    safe_extract(zip_path, target)
+    return target
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_member_name(name: str) -> PurePosixPath | None:
+    """The member's relative path, or None if it would land outside the target (zip slip) or is junk."""
+    norm = name.replace("\\", "/")
+    p = PurePosixPath(norm)
+    if norm.startswith("/") or p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        return None
+    return p
+
+
+def safe_extract(zip_path: Path, target: Path) -> list[Path]:
+    """Extract a zip inside `target` only; refuse the whole zip if any member points outside it.
+
+    macOS `__MACOSX/` junk is skipped. Extraction goes to a temporary folder that is renamed at the end, so
+    an interrupted extraction leaves nothing half-written.
+    """
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise RSGError("not a valid zip file", file=zip_path) from None
+    with zf:
+        members = []
+        for info in zf.infolist():
+            rel = safe_member_name(info.filename)
+            if rel is None:
+                raise RSGError(f"zip member {info.filename!r} would be written outside the target folder",
+                               file=zip_path, expected="relative paths without '..'")
+            if rel.parts and rel.parts[0] == "__MACOSX" or info.is_dir():
+                continue
+            members.append((info, rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        written: list[Path] = []
+        try:
+            for info, rel in members:
+                out = tmp.joinpath(*rel.parts)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                written.append(target.joinpath(*rel.parts))
+            if target.exists():
+                # Merge into an existing folder (several task zips share one data dir).
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        dest = target / f.relative_to(tmp)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(f, dest)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return written
+
+
+def verify_checksum(task: str, path: Path) -> None:
+    """Raise RSGError if a downloaded zip's sha256 is not the recorded one."""
+    size, expected = CHECKSUMS[get_task(task).name]
+    got = sha256_file(path)
+    if got != expected:
+        raise RSGError(f"checksum mismatch for the {task} zip: sha256 {got}", file=path,
+                       expected=f"sha256 {expected} ({size} bytes)")
+
+
+def download(tasks: Iterable[str], data_dir: Path | None = None, *, force: bool = False,
+             fetch: Callable[[str, Path, Callable[[int, int | None], None]], None] | None = None,
+             on_progress: Callable[[str, int, int | None], None] | None = None,
+             verify: bool = True) -> Path:
+    """Download and extract official per-task zips into `data_dir`; skip tasks already there.
+
+    `fetch(url, dest, progress)` downloads one URL (urllib by default; tests pass their own). Each zip is
+    checked against its recorded sha256 before anything is extracted; a bad one is deleted.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fetch = fetch or _urllib_fetch
+    src = DataSource(data_dir, str(data_dir))
+    for task in tasks:
+        name = get_task(task).name
+        split = "test" if name == "LiDiRus" else "val"
+        if not force and src.has(name, split) and src.has(name, "test"):
+            continue
+        url = DOWNLOAD_URL.format(task=name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".zip", dir=data_dir)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            fetch(url, tmp, lambda done, tot, _n=name: on_progress and on_progress(_n, done, tot))
+            if verify:
+                verify_checksum(name, tmp)
+            safe_extract(tmp, data_dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return data_dir
+
+
+def _urllib_fetch(url: str, dest: Path, progress: Callable[[int, int | None], None]) -> None:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"User-Agent": "rsg-eval"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp, open(dest, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            done = 0
+            while True:
+                block = resp.read(1 << 16)
+                if not block:
+                    break
+                out.write(block)
+                done += len(block)
+                progress(done, total)
+    except (urllib.error.URLError, OSError) as exc:
+        raise RSGError(f"download failed: {exc}", file=url,
+                       expected="network access to russiansuperglue.com (or pass --data with a local copy)") \
+            from None
+
+
+def check_folder(spec: str | Path | DataSource, tasks: Iterable[str] | None = None) -> list[dict]:
+    """Parse every split of every task; return rows {task, split, file, records, items, labelled, error}."""
+    from rsg_eval.io import read_jsonl
+    from rsg_eval.tasks import parse_records
+
+    src = resolve_data(spec)
+    rows: list[dict] = []
+    for name in (tasks or TASK_NAMES):
+        name = get_task(name).name
+        for split in (("test",) if name == "LiDiRus" else ("train", "val", "test")):
+            row: dict = {"task": name, "split": split, "file": None, "records": 0, "items": 0,
+                         "labelled": 0, "error": None}
+            try:
+                path = src.path(name, split)
+                row["file"] = str(path)
+                recs = read_jsonl(path)
+                items = parse_records(name, split, recs, str(path))
+                row.update(records=len(recs), items=len(items),
+                           labelled=sum(1 for it in items if it.gold is not None))
+            except RSGError as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+    return rows
