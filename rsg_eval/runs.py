@@ -294,18 +294,12 @@ class RunFolder:
             return ZipResult(None, (), missing)
         src = self.path / "predictions" / "test"
         if missing:
-            # Zip only finished tasks: a predictions file whose state is gone may be half redone.
-            import shutil
-            import tempfile
-
-            with tempfile.TemporaryDirectory(dir=self.path, prefix=".zip-") as tmp:
-                for t in done:
-                    shutil.copyfile(src / f"{t}.jsonl", Path(tmp) / f"{t}.jsonl")
-                out = self.path / PARTIAL_ZIP_NAME
-                submission.write_zip(tmp, out)
+            # Only finished tasks: a predictions file whose state is gone may be half redone.
+            out = self.path / PARTIAL_ZIP_NAME
+            submission.write_zip(src, out, tasks=done)
         else:
             out = self.path / ZIP_NAME
-            submission.write_zip(src, out)
+            submission.write_zip(src, out, tasks=done)
             (self.path / PARTIAL_ZIP_NAME).unlink(missing_ok=True)
         return ZipResult(out, tuple(done), missing)
 

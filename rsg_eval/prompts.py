@@ -1,0 +1,357 @@
+"""Prompt templates: Jinja model inputs with their verbalisers, one YAML file per template.
+
+Light module (jinja2 + yaml, no torch). A template lives in `prompts/<task lower>/<name>.yaml`::
+
+    task: TERRa
+    default: true                 # the template used when none is named (one per task)
+    description: Да/нет: следует ли гипотеза из текста
+    prefix: "<LM>"                # put before the rendered input (FRED-T5's denoiser tag); "" for none
+    truncate: premise             # the passage-like field shortened when the input is too long (optional)
+    template: |                   # Jinja, rendered from Item.fields
+      {{ premise }}
+      Вопрос: верно ли, что {{ hypothesis }}? Да или нет?
+      Ответ:
+    choices:                      # label -> answer text (a Jinja template too: PARus "{{ choice1 }}")
+      entailment: Да
+      not_entailment: Нет
+
+Tasks whose labels differ per item (RuCoS: the candidate entities) give one Jinja `choice:` instead of
+`choices:`, rendered once per label with the variable `label` bound to it
+(`{{ query | replace('@placeholder', label) }}`). Boolean labels are written `true`/`false`.
+
+Rendering uses `jinja2.sandbox.SandboxedEnvironment` with `StrictUndefined`: a template cannot reach Python
+internals and an unknown field is an error, not an empty string. Errors name the template file, the line
+(syntax errors) and the field.
+
+API::
+
+    PROMPTS_DIR                       the repo's prompts/ folder ($RSG_PROMPTS_DIR overrides)
+    list_templates(task=None) -> dict[str, list[str]]    {Task: [names]}, default first
+    load_template(task, name=None) -> Template           name: a template name or a path to a .yaml file
+    Template.render(item, tokenizer=None, max_tokens=None, prefix=None) -> Rendered(prompt, choices, truncated)
+    Template.sha256                   of the YAML file's bytes (goes into run fingerprints)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import yaml
+from jinja2 import StrictUndefined, meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from rsg_eval.errors import RSGError
+from rsg_eval.tasks import TASK_NAMES, get_task
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+# Template variables each task's items provide (docs/DESIGN.md, "Template fields per task").
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "TERRa": ("premise", "hypothesis"),
+    "LiDiRus": ("premise", "hypothesis", "sentence1", "sentence2"),
+    "RCB": ("premise", "hypothesis", "verb", "negation", "genre"),
+    "PARus": ("premise", "choice1", "choice2", "question", "question_ru"),
+    "MuSeRC": ("passage", "question", "answer"),
+    "RUSSE": ("word", "sentence1", "sentence2", "form1", "form2"),
+    "RWSD": ("text", "span1_text", "span2_text", "span1_index", "span2_index"),
+    "DaNetQA": ("question", "passage"),
+    "RuCoS": ("passage", "query", "entities"),
+}
+_KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice"}
+ELLIPSIS = " …"
+
+
+def prompts_dir() -> Path:
+    env = os.environ.get("RSG_PROMPTS_DIR")
+    return Path(env) if env else PROMPTS_DIR
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered model input and its answer texts, aligned with `item.labels`."""
+
+    prompt: str
+    choices: list[str]
+    truncated: bool = False
+
+
+def _env() -> SandboxedEnvironment:
+    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+
+
+def _label_key(label: Any) -> str:
+    """Canonical text of a label for matching YAML keys (YAML reads `true:` as a bool, `0:` as an int)."""
+    if isinstance(label, bool):
+        return "true" if label else "false"
+    return str(label).strip().lower() if isinstance(label, str) and label.strip().lower() in ("true", "false") \
+        else str(label)
+
+
+@dataclass
+class Template:
+    """One prompt template with its verbaliser (see the module docstring for the file format)."""
+
+    task: str
+    name: str
+    path: Path
+    source: str
+    prefix: str = ""
+    truncate: str | None = None
+    choices: dict[str, str] | None = None      # _label_key(label) -> Jinja source
+    choice: str | None = None                  # per-label Jinja source (variable `label`)
+    description: str = ""
+    default: bool = False
+    sha256: str = ""
+    lines: dict[str, int] = field(default_factory=dict)   # YAML key -> first line of its value (1-based)
+    _compiled: Any = field(default=None, repr=False)
+    _compiled_choices: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- rendering
+    def render(self, item: Any, tokenizer: Any = None, max_tokens: int | None = None,
+               prefix: str | None = None) -> Rendered:
+        """Prompt and choices for `item`; with a tokenizer and `max_tokens`, shorten only `truncate`'s field.
+
+        The passage is cut at a word boundary (its start is kept, " …" marks the cut) to the longest length
+        at which the whole input fits; the question and the instruction are never touched. When even an
+        empty passage does not fit, the input is returned whole with `truncated=True` (the scorer's own
+        length limit then applies).
+        """
+        fields = dict(item.fields)
+        pre = self.prefix if prefix is None else prefix
+        prompt = pre + self._render_main(fields)
+        choices = self.render_choices(item)
+        if tokenizer is None or not max_tokens or _n_tokens(tokenizer, prompt) <= max_tokens:
+            return Rendered(prompt, choices, False)
+        if not self.truncate:
+            return Rendered(prompt, choices, True)
+        text = str(fields[self.truncate])
+        words = text.split(" ")
+
+        def fits(n: int) -> tuple[bool, str]:
+            f = dict(fields)
+            f[self.truncate] = " ".join(words[:n]).rstrip() + ELLIPSIS if n < len(words) else text
+            p = pre + self._render_main(f)
+            return _n_tokens(tokenizer, p) <= max_tokens, p
+
+        # Binary search for the most words that fit: O(log n) tokenisations of the full input.
+        lo, hi = 0, len(words) - 1
+        best = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ok, p = fits(mid)
+            if ok:
+                best, lo = p, mid + 1
+            else:
+                hi = mid - 1
+        return Rendered(best if best is not None else fits(0)[1], choices, True)
+
+    def render_choices(self, item: Any) -> list[str]:
+        """Answer texts aligned with `item.labels`; an empty one is an error naming the label."""
+        fields = dict(item.fields)
+        out = []
+        for label in item.labels:
+            if self.choice is not None:
+                text = self._render("choice", self.choice, {**fields, "label": label})
+            else:
+                key = _label_key(label)
+                if key not in (self.choices or {}):
+                    raise RSGError(f"no answer text for label {label!r}", file=self.path, field="choices",
+                                   expected=list(self.choices or {}))
+                text = self._render(f"choices.{key}", self.choices[key], fields)
+            if not text.strip():
+                raise RSGError(f"the answer text for label {label!r} renders empty for item {item.key}",
+                               file=self.path, line=self.lines.get("choices", self.lines.get("choice")),
+                               field="choice" if self.choice is not None else f"choices.{_label_key(label)}")
+            out.append(text)
+        return out
+
+    def _render_main(self, fields: Mapping[str, Any]) -> str:
+        return self._render("template", self.source, fields).strip()
+
+    def _render(self, where: str, source: str, fields: Mapping[str, Any]) -> str:
+        try:
+            if where == "template":
+                if self._compiled is None:
+                    self._compiled = _compile(self, "template", source)
+                tpl = self._compiled
+            else:
+                tpl = self._compiled_choices.get(where)
+                if tpl is None:
+                    tpl = self._compiled_choices[where] = _compile(self, where, source)
+            return tpl.render(**fields)
+        except jinja2.UndefinedError as exc:
+            raise RSGError(f"undefined variable in the template: {exc.message}", file=self.path,
+                           field=_undefined_name(exc) or where,
+                           expected=list(TASK_FIELDS.get(self.task, ()))) from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise RSGError(f"the template tried something the sandbox forbids: {exc}", file=self.path,
+                           field=where) from None
+        except jinja2.TemplateError as exc:
+            raise RSGError(f"template error: {exc}", file=self.path, field=where) from None
+
+
+def _undefined_name(exc: jinja2.UndefinedError) -> str | None:
+    msg = exc.message or ""
+    if msg.startswith("'") and "' is undefined" in msg:
+        return msg[1: msg.index("' is undefined")]
+    return None
+
+
+def _n_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text)["input_ids"])
+
+
+def _compile(tpl: Template, where: str, source: str) -> Any:
+    """Compile Jinja source; a syntax error names the YAML file and the line inside it."""
+    env = _env()
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        base = tpl.lines.get(where.split(".")[0])
+        line = base + (exc.lineno or 1) - 1 if base else exc.lineno
+        raise RSGError(f"Jinja syntax error: {exc.message}", file=tpl.path, line=line, field=where) from None
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+def _task_dir(task: str) -> Path:
+    return prompts_dir() / get_task(task).name.lower()
+
+
+def list_templates(task: str | None = None) -> dict[str, list[str]]:
+    """{Task: [template names]} for one task or all nine, the default template first."""
+    tasks = [get_task(task).name] if task else list(TASK_NAMES)
+    out: dict[str, list[str]] = {}
+    for t in tasks:
+        folder = _task_dir(t)
+        names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        default = _default_name(t, names)
+        out[t] = ([default] if default else []) + [n for n in names if n != default]
+    return out
+
+
+def _default_name(task: str, names: Sequence[str]) -> str | None:
+    for n in names:
+        try:
+            raw = yaml.safe_load((_task_dir(task) / f"{n}.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(raw, dict) and raw.get("default") is True:
+            return n
+    return names[0] if names else None
+
+
+def load_template(task: str, name: str | None = None) -> Template:
+    """The template `name` of `task` (its default when None); `name` may also be a path to a .yaml file."""
+    spec = get_task(task)
+    if name and (name.endswith((".yaml", ".yml")) or "/" in name or os.sep in name):
+        path = Path(name)
+        if not path.is_file():
+            raise RSGError("template file not found", file=path, field="template")
+    else:
+        available = list_templates(spec.name)[spec.name]
+        if not available:
+            raise RSGError(f"no templates for {spec.name}", file=_task_dir(spec.name), field="template")
+        if name is None:
+            name = available[0]
+        if name not in available:
+            raise RSGError(f"task {spec.name} has no template {name!r}", field="template", expected=available)
+        path = _task_dir(spec.name) / f"{name}.yaml"
+    return parse_template(path, spec.name)
+
+
+def parse_template(path: Path, task: str) -> Template:
+    """Read and check one template file for `task` (fields, choices, Jinja syntax)."""
+    spec = get_task(task)
+    data = path.read_bytes()
+    text = data.decode("utf-8-sig")
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RSGError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path,
+                       line=mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise RSGError("a template file must be a YAML mapping", file=path, expected=sorted(_KEYS))
+    lines = _value_lines(node)
+    unknown = sorted(set(map(str, raw)) - _KEYS)
+    if unknown:
+        raise RSGError(f"unknown key(s) {', '.join(unknown)}", file=path, line=lines.get(unknown[0]),
+                       field=unknown[0], expected=sorted(_KEYS))
+    if raw.get("task") is not None and get_task(str(raw["task"])).name != spec.name:
+        raise RSGError(f"the template is for {raw['task']}, not {spec.name}", file=path, field="task")
+    source = raw.get("template")
+    if not isinstance(source, str) or not source.strip():
+        raise RSGError("missing or empty", file=path, field="template", expected="a Jinja template string")
+    tpl = Template(task=spec.name, name=path.stem, path=path, source=source,
+                   prefix=str(raw.get("prefix") or ""), truncate=raw.get("truncate") or None,
+                   description=str(raw.get("description") or ""), default=raw.get("default") is True,
+                   sha256=hashlib.sha256(data).hexdigest(), lines=lines)
+    _check_choices(tpl, raw, spec)
+    fields = set(TASK_FIELDS[spec.name])
+    if tpl.truncate is not None and tpl.truncate not in fields:
+        raise RSGError(f"cannot truncate unknown field {tpl.truncate!r}", file=path, line=lines.get("truncate"),
+                       field="truncate", expected=sorted(fields))
+    # Compile everything now and check the variables used, so a typo fails before any model is loaded.
+    _check_vars(tpl, "template", source, fields)
+    for key, src in (tpl.choices or {}).items():
+        _check_vars(tpl, f"choices.{key}", src, fields)
+    if tpl.choice is not None:
+        _check_vars(tpl, "choice", tpl.choice, fields | {"label"})
+    return tpl
+
+
+def _check_choices(tpl: Template, raw: Mapping[str, Any], spec: Any) -> None:
+    has_map, has_one = raw.get("choices") is not None, raw.get("choice") is not None
+    if has_map == has_one:
+        raise RSGError("give exactly one of `choices` (label: text) or `choice` (one Jinja text per label)",
+                       file=tpl.path, field="choices")
+    if has_one:
+        tpl.choice = str(raw["choice"])
+        return
+    if not isinstance(raw["choices"], dict):
+        raise RSGError("must map each label to its answer text", file=tpl.path, line=tpl.lines.get("choices"),
+                       field="choices")
+    tpl.choices = {_label_key(k): str(v) for k, v in raw["choices"].items()}
+    if spec.labels is None:
+        raise RSGError(f"{spec.name} labels differ per item: use `choice` with the variable `label`",
+                       file=tpl.path, field="choices")
+    want = [_label_key(lab) for lab in spec.labels]
+    missing = [w for w in want if w not in tpl.choices]
+    extra = [k for k in tpl.choices if k not in want]
+    if missing or extra:
+        raise RSGError(f"labels {'missing: ' + ', '.join(missing) if missing else ''}"
+                       f"{'; ' if missing and extra else ''}{'unknown: ' + ', '.join(extra) if extra else ''}",
+                       file=tpl.path, line=tpl.lines.get("choices"), field="choices", expected=want)
+
+
+def _check_vars(tpl: Template, where: str, source: str, allowed: set[str]) -> None:
+    compiled = _compile(tpl, where, source)
+    if where == "template":
+        tpl._compiled = compiled
+    else:
+        tpl._compiled_choices[where] = compiled
+    used = meta.find_undeclared_variables(_env().parse(source))
+    unknown = sorted(used - allowed)
+    if unknown:
+        raise RSGError(f"unknown field {unknown[0]!r} used in {where}", file=tpl.path,
+                       line=tpl.lines.get(where.split(".")[0]), field=unknown[0], expected=sorted(allowed))
+
+
+def _value_lines(node: Any) -> dict[str, int]:
+    """YAML key -> 1-based line where its value's text starts (block scalars start one line below `|`)."""
+    out: dict[str, int] = {}
+    if not isinstance(node, yaml.MappingNode):
+        return out
+    for key, value in node.value:
+        line = value.start_mark.line + 1
+        if isinstance(value, yaml.ScalarNode) and value.style in ("|", ">"):
+            line += 1
+        out[str(key.value)] = line
+    return out
