@@ -1,0 +1,30 @@
+"""Small shared CLI helpers (light: rich and typer only)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+DATA_HELP = "RSG data: a folder like the official download (or a zip of it), 'sample' for the bundled sample; " \
+            "default: the download cache ($RSG_DATA_DIR)."
+
+
+def data_option(default: Optional[str] = None) -> typer.models.OptionInfo:
+    return typer.Option(default, "--data", help=DATA_HELP)
+
+
+def tasks_option() -> typer.models.OptionInfo:
+    return typer.Option(None, "--tasks", "-t", help="Tasks (names or comma-separated; default all nine).")
+
+
+def fmt(x: object, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)

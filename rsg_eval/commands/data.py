@@ -1,0 +1,71 @@
+"""`rsg data download` and `rsg data check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rsg_eval.commands._common import console, data_option, tasks_option
+
+data_app = typer.Typer(help="Get and check the official RSG files.", no_args_is_help=True)
+
+
+@data_app.command("download")
+def download_cmd(
+    tasks: Optional[List[str]] = tasks_option(),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where to put the data "
+                                            "(default: $RSG_DATA_DIR or the user cache folder)."),
+    force: bool = typer.Option(False, "--force", help="Download again even if the files are there."),
+) -> None:
+    """Download the official per-task zips, check their sha256 and extract them safely."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from rsg_eval.data import default_data_dir, download
+    from rsg_eval.tasks import resolve_tasks
+
+    names = resolve_tasks(tasks)
+    target = data_dir or default_data_dir()
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console) as prog:
+        bars: dict[str, int] = {}
+
+        def on_progress(name: str, done: int, total: int | None) -> None:
+            if name not in bars:
+                bars[name] = prog.add_task(name, total=total)
+            prog.update(bars[name], completed=done, total=total)
+
+        download(names, target, force=force, on_progress=on_progress)
+    console.print(f"RSG data ready in [bold]{target}[/]")
+
+
+@data_app.command("check")
+def check_cmd(
+    data: Optional[str] = data_option(),
+    tasks: Optional[List[str]] = tasks_option(),
+) -> None:
+    """Validate a data folder: parse every split and print tasks, splits and counts."""
+    from rich.table import Table
+
+    from rsg_eval.data import check_folder, resolve_data
+    from rsg_eval.tasks import resolve_tasks
+
+    src = resolve_data(data)
+    rows = check_folder(src, resolve_tasks(tasks))
+    table = Table(title=f"RSG data: {src}")
+    for col in ("task", "split", "records", "items", "labelled", "status"):
+        table.add_column(col, justify="right" if col in ("records", "items", "labelled") else "left")
+    bad = 0
+    for r in rows:
+        status = "[green]ok[/]" if r["error"] is None else f"[red]{r['error']}[/]"
+        bad += r["error"] is not None
+        table.add_row(r["task"], r["split"], str(r["records"]), str(r["items"]), str(r["labelled"]), status)
+    console.print(table)
+    if bad:
+        console.print(f"[red]{bad} problem(s)[/]")
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")

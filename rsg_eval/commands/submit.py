@@ -1,0 +1,56 @@
+"""`rsg submit check ZIP` and `rsg submit zip FOLDER`: leaderboard zips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rsg_eval.commands._common import console, data_option
+
+submit_app = typer.Typer(help="Build and validate leaderboard submission zips.", no_args_is_help=True)
+
+
+@submit_app.command("check")
+def check_cmd(
+    zip_path: Path = typer.Argument(..., help="The submission zip (or a folder of <Task>.jsonl files)."),
+    data: Optional[str] = data_option(),
+    tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Only check these tasks."),
+    max_problems: int = typer.Option(50, "--max-problems", help="How many problems to print."),
+) -> None:
+    """Validate a zip against the test files: every test idx once, no extras, exact labels, MuSeRC ids."""
+    from rsg_eval.data import resolve_data
+    from rsg_eval.submission import check_zip
+    from rsg_eval.tasks import TASK_NAMES, resolve_tasks
+
+    src = resolve_data(data)
+    names = resolve_tasks(tasks) if tasks else list(TASK_NAMES)
+    problems = check_zip(zip_path, src, names)
+    skipped = [t for t in names if not src.has(t, "test")]
+    if skipped:
+        console.print(f"[yellow]not checked (no test file in {src}): {', '.join(skipped)}[/]")
+    if problems:
+        for p in problems[:max_problems]:
+            console.print(f"[red]✗[/] {p}", highlight=False, soft_wrap=True)
+        more = len(problems) - max_problems
+        console.print(f"[red bold]{len(problems)} problem(s)[/]" + (f" ({more} not shown)" if more > 0 else ""))
+        raise typer.Exit(1)
+    checked = [t for t in names if t not in skipped]
+    console.print(f"[green]✓ {zip_path}: valid for {', '.join(checked)}[/]")
+
+
+@submit_app.command("zip")
+def zip_cmd(
+    folder: Path = typer.Argument(..., help="A folder of <Task>.jsonl files (e.g. a run's predictions/test)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The zip to write."),
+) -> None:
+    """Zip <Task>.jsonl files as submission/<Task>.jsonl, the official sample's layout."""
+    from rsg_eval.submission import write_zip
+
+    write_zip(folder, out)
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(submit_app, name="submit")
