@@ -1,0 +1,17 @@
+"""Label sets of the hierarchical model's heads. Stdlib only."""
+
+from __future__ import annotations
+
+# NEREL's 29 entity types (FREDT5_NOTES.md 4.1), alphabetical. The NER head is a 29-way multi-label sigmoid per
+# token: a token inside nested entities carries several types at once; an "outside" token is all zeros.
+NEREL_TYPES: tuple[str, ...] = (
+    "AGE", "AWARD", "CITY", "COUNTRY", "CRIME", "DATE", "DISEASE", "DISTRICT", "EVENT", "FACILITY", "FAMILY",
+    "IDEOLOGY", "LANGUAGE", "LAW", "LOCATION", "MONEY", "NATIONALITY", "NUMBER", "ORDINAL", "ORGANIZATION",
+    "PENALTY", "PERCENT", "PERSON", "PRODUCT", "PROFESSION", "RELIGION", "STATE_OR_PROVINCE", "TIME",
+    "WORK_OF_ART",
+)
+NLI_LABELS: tuple[str, ...] = ("entailment", "contradiction", "neutral")
+DEFAULT_MC_CLASSES = 17  # the paper's topic head size; the real names come from the corpus' labels.json
+TASKS: tuple[str, ...] = ("ner", "mc", "nli", "paraphrase", "qg", "qa", "summarization", "title")
+CLS_TASKS: tuple[str, ...] = ("ner", "mc", "nli")
+GEN_TASKS: tuple[str, ...] = ("paraphrase", "qg", "qa", "summarization", "title")

@@ -1,0 +1,346 @@
+"""The hierarchical multi-task FRED-T5 (ERNIE-3 style split encoder).
+
+    input ─ embed ─ Block 1 (encoder layers 0..k-1) ─┬─ MC head  (topic, masked mean pool)      early exit
+                                                     ├─ NER head (29-way multi-label per token)  early exit
+                                                     └─ Block 2 (layers k..L-1, final norm) ─┬─ NLI head (3 classes)
+                                                                                             └─ decoder ─ LM head
+
+Each head (MC, NER, NLI, LM) has its own zero-initialised bottleneck adapter, so a freshly built model computes
+exactly what the base model computes. The split is exact: layer 0's relative position bias (which already carries
+the additive attention mask) is forwarded to Block 2, and the encoder's final layer norm runs only after the last
+layer; the Block-1 heads get their own RMSNorm instead (FREDT5_NOTES.md sections 0 and 3.1).
+
+`HierarchicalT5.seq2seq` is a plain `T5ForConditionalGeneration` whose `lm_head` is an `AdaptedLMHead`, so rank
+scoring, generation and fine-tuning use it as a drop-in model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import T5ForConditionalGeneration
+from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+from rsg_eval.errors import RSGError
+from rsg_eval.hmtl.labels import DEFAULT_MC_CLASSES, NEREL_TYPES, NLI_LABELS
+from rsg_eval.models.adapters import AdaptedLMHead, Bottleneck
+
+CONFIG_NAME = "hmtl_config.json"
+HEADS_NAME = "hmtl_heads.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HMTLConfig:
+    """Our part of a hierarchical checkpoint (`hmtl_config.json`); the base T5 config is `config.json`."""
+
+    split_layer: int                      # Block 1 = encoder layers [0, split_layer); 6 for FRED-T5-1.7B (24 layers)
+    num_layers: int                       # encoder layers of the base model
+    d_model: int
+    adapter_dim: int                      # bottleneck size; d_model // 16 by default (96 for 1.7B)
+    adapter_activation: str = "relu"
+    head_dropout: float = 0.1
+    mc_labels: list[str] = field(default_factory=lambda: [f"topic_{i}" for i in range(DEFAULT_MC_CLASSES)])
+    ner_labels: list[str] = field(default_factory=lambda: list(NEREL_TYPES))
+    nli_labels: list[str] = field(default_factory=lambda: list(NLI_LABELS))
+    ner_representation: str = "multilabel-sigmoid"   # per token, one sigmoid per entity type; outside = all zeros
+    base_model: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, file: str | None = None) -> "HMTLConfig":
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k in ("split_layer", "num_layers", "d_model", "adapter_dim") if k not in d]
+        if missing:
+            raise RSGError(f"missing keys {missing}", file=file, field=missing[0])
+        if d.get("format_version", 1) > FORMAT_VERSION:
+            raise RSGError(f"written by a newer rsg-eval (format {d['format_version']})", file=file,
+                           field="format_version", expected=f"<= {FORMAT_VERSION}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_split(spec: int | float | str | None, num_layers: int) -> int:
+    """Number of Block-1 layers from a count (`6`) or a fraction of the encoder (`0.25`, the paper's 6/24).
+
+    None means 0.25. The result is clamped to [1, num_layers - 1] for a fraction, and checked for a count.
+    """
+    if spec is None:
+        spec = 0.25
+    if isinstance(spec, str):
+        try:
+            spec = float(spec) if any(c in spec for c in ".eE") else int(spec)
+        except ValueError:
+            raise RSGError(f"not a number: {spec!r}", field="split", expected="a layer count or a fraction") from None
+    if isinstance(spec, float) and 0 < spec < 1:
+        return min(max(1, round(spec * num_layers)), max(1, num_layers - 1))
+    if isinstance(spec, float) and not spec.is_integer():
+        raise RSGError(f"split {spec} is neither a fraction in (0, 1) nor a layer count", field="split",
+                       expected="a layer count or a fraction")
+    k = int(spec)
+    if not 1 <= k <= num_layers:
+        raise RSGError(f"split {k} outside the encoder's {num_layers} layers", field="split",
+                       expected=f"1..{num_layers}")
+    return k
+
+
+class ClassificationHead(nn.Module):
+    """Norm -> adapter -> (masked mean pool) -> dropout -> linear. `pool=False` keeps one vector per token (NER)."""
+
+    def __init__(self, d_model: int, n_labels: int, adapter: Bottleneck, *, norm: nn.Module | None,
+                 pool: bool, dropout: float) -> None:
+        super().__init__()
+        self.norm = norm if norm is not None else nn.Identity()
+        self.adapter = adapter
+        self.pool = pool
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(d_model, n_labels)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # h: (B, T, d) raw Block-1 stream or normed Block-2 output; attention_mask: (B, T) 1 = token
+        h = self.adapter(self.norm(h))
+        if self.pool:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)                 # (B, T, 1)
+            h = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)         # (B, d)
+        return self.classifier(self.drop(h))                             # (B, n) or (B, T, n)
+
+
+class HierarchicalT5(nn.Module):
+    """Split-encoder multi-task T5: MC and NER heads on Block 1, NLI head and decoder on Block 2."""
+
+    def __init__(self, seq2seq: T5ForConditionalGeneration, config: HMTLConfig) -> None:
+        super().__init__()
+        c = seq2seq.config
+        if config.num_layers != c.num_layers or config.d_model != c.d_model:
+            raise RSGError(f"hmtl config (layers {config.num_layers}, d_model {config.d_model}) does not match the "
+                           f"base model (layers {c.num_layers}, d_model {c.d_model})", field="num_layers")
+        self.config = config
+        d, r, act = config.d_model, config.adapter_dim, config.adapter_activation
+        if not isinstance(seq2seq.lm_head, AdaptedLMHead):
+            seq2seq.lm_head = AdaptedLMHead(seq2seq.lm_head, Bottleneck(d, r, act))
+        self.seq2seq = seq2seq
+        eps = c.layer_norm_epsilon
+
+        def block1_norm() -> T5LayerNorm:
+            # Block 1 emits the raw pre-norm residual stream; each Block-1 head gets its own RMSNorm, started as a
+            # copy of the encoder's final norm (FREDT5_NOTES.md 3.1). Never fed back into layer k.
+            n = T5LayerNorm(d, eps=eps)
+            with torch.no_grad():
+                n.weight.copy_(seq2seq.encoder.final_layer_norm.weight.float())
+            return n
+
+        self.heads = nn.ModuleDict({
+            "mc": ClassificationHead(d, len(config.mc_labels), Bottleneck(d, r, act), norm=block1_norm(),
+                                     pool=True, dropout=config.head_dropout),
+            "ner": ClassificationHead(d, len(config.ner_labels), Bottleneck(d, r, act), norm=block1_norm(),
+                                      pool=False, dropout=config.head_dropout),
+            # Block 2 ends with the encoder's own final_layer_norm, so the NLI head needs no extra norm.
+            "nli": ClassificationHead(d, len(config.nli_labels), Bottleneck(d, r, act), norm=None,
+                                      pool=True, dropout=config.head_dropout),
+        })
+        # New modules follow the base model's device and dtype (e.g. bf16 weights loaded with dtype=...).
+        dt = seq2seq.shared.weight.dtype
+        self.heads.to(device=seq2seq.device, dtype=dt)
+        self.seq2seq.lm_head.adapter.to(device=seq2seq.device, dtype=dt)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, seq2seq: T5ForConditionalGeneration, *, split: int | float | str | None = None,
+                  adapter_dim: int | None = None, adapter_activation: str = "relu", head_dropout: float = 0.1,
+                  mc_labels: list[str] | None = None, ner_labels: list[str] | None = None,
+                  base_model: str | None = None) -> "HierarchicalT5":
+        """Wrap a plain T5 model. Heads and adapters are new; the base weights are used as they are."""
+        c = seq2seq.config
+        cfg = HMTLConfig(
+            split_layer=resolve_split(split, c.num_layers), num_layers=c.num_layers, d_model=c.d_model,
+            adapter_dim=adapter_dim or max(1, c.d_model // 16), adapter_activation=adapter_activation,
+            head_dropout=head_dropout, base_model=base_model,
+        )
+        if mc_labels is not None:
+            cfg.mc_labels = list(mc_labels)
+        if ner_labels is not None:
+            cfg.ner_labels = list(ner_labels)
+        return cls(seq2seq, cfg)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.seq2seq.encoder
+
+    @property
+    def lm_adapter(self) -> Bottleneck:
+        return self.seq2seq.lm_head.adapter
+
+    def block1_layers(self) -> nn.ModuleList:
+        return self.encoder.block[: self.config.split_layer]
+
+    def block2_layers(self) -> nn.ModuleList:
+        return self.encoder.block[self.config.split_layer:]
+
+    # ------------------------------------------------------------------ the split encoder
+    def encode_block1(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Embeddings + layers [0, k). Returns (raw stream (B, T, d), position bias (B|1, H, T, T), additive mask).
+
+        The position bias returned by layer 0 already includes the additive mask; Block 2 must reuse it.
+        """
+        enc = self.encoder
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = enc.embed_tokens(input_ids)                                          # (B, T, d)
+        # Same additive mask as T5Stack: 0 for tokens, finfo.min for padding; (B, 1, 1, T)
+        ext = (1.0 - attention_mask[:, None, None, :].to(embeds.dtype)) * torch.finfo(embeds.dtype).min
+        h = enc.dropout(embeds)
+        bias = None
+        for layer in self.block1_layers():
+            h, bias = self._run_layer(layer, h, ext, bias)
+        return h, bias, ext
+
+    def encode_block2(self, h: torch.Tensor, position_bias: torch.Tensor | None, ext_mask: torch.Tensor
+                      ) -> torch.Tensor:
+        """Layers [k, L) on Block 1's raw stream, then the final layer norm and dropout, as in T5Stack."""
+        enc = self.encoder
+        for layer in self.block2_layers():
+            h, position_bias = self._run_layer(layer, h, ext_mask, position_bias)
+        return enc.dropout(enc.final_layer_norm(h))                                   # (B, T, d)
+
+    @staticmethod
+    def _run_layer(layer: nn.Module, h: torch.Tensor, ext: torch.Tensor, bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Positional arguments like T5Stack does: the gradient-checkpointing wrapper passes only *args through
+        # torch.utils.checkpoint. Encoder layers: no cross-attention, no cache.
+        # cache_position = arange(T) as T5Stack builds it; layer 0 needs it to size the relative bias.
+        pos = torch.arange(h.shape[1], device=h.device)
+        out = layer(h, ext, bias, None, None, None, use_cache=False, output_attentions=False,
+                    return_dict=True, cache_position=pos)
+        return out[0], out[1]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both blocks: (Block-1 raw stream, final encoder output), each (B, T, d)."""
+        h1, bias, ext = self.encode_block1(input_ids, attention_mask)
+        return h1, self.encode_block2(h1, bias, ext)
+
+    # ------------------------------------------------------------------ heads (early exit)
+    def mc_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Topic logits (B, n_mc) from Block 1 only."""
+        h1, _, _ = self.encode_block1(input_ids, attention_mask)
+        return self.heads["mc"](h1, attention_mask)
+
+    def ner_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token entity-type logits (B, T, n_ner) from Block 1 only; sigmoid > 0.5 = the token has that type."""
+        h1, _, _ = self.encode_block1(input_ids, attention_mask)
+        return self.heads["ner"](h1, attention_mask)
+
+    def nli_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Entailment / contradiction / neutral logits (B, 3) from Blocks 1 and 2; the decoder does not run."""
+        _, h2 = self.encode(input_ids, attention_mask)
+        return self.heads["nli"](h2, attention_mask)
+
+    def lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-level cross-entropy of `labels` (B, T'), -100 = ignored, through the whole model."""
+        return self.seq2seq(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                            use_cache=False).loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that is not in the base T5 checkpoint: the three heads and the LM adapter."""
+        sd = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        sd.update({f"lm_adapter.{k}": v for k, v in self.lm_adapter.state_dict().items()})
+        return sd
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> Path:
+        """Write one checkpoint directory atomically: temp dir next to it, then rename over the old one.
+
+        Contents: config.json + model.safetensors (the base T5 with its plain lm_head, loadable by transformers on
+        its own), hmtl_heads.safetensors (heads + LM adapter), hmtl_config.json, and the tokenizer files.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            wrapped = self.seq2seq.lm_head
+            self.seq2seq.lm_head = wrapped.proj          # save the base exactly as transformers expects it
+            try:
+                self.seq2seq.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                self.seq2seq.lm_head = wrapped
+            heads = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
+            save_file(heads, str(tmp / HEADS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.config), ensure_ascii=False, indent=2) + "\n",
+                                           encoding="utf-8")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path`; an existing `path` is moved aside first and removed only after the rename."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_hierarchical_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def read_hmtl_config(path: str | Path) -> HMTLConfig:
+    f = Path(path) / CONFIG_NAME
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RSGError("not a hierarchical checkpoint (no hmtl_config.json)", file=f) from None
+    except json.JSONDecodeError as exc:
+        raise RSGError(f"not valid JSON ({exc.msg})", file=f, line=exc.lineno) from None
+    return HMTLConfig.from_dict(data, file=str(f))
+
+
+def load_hierarchical(path: str | Path, *, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> tuple[HierarchicalT5, Any]:
+    """Load a checkpoint written by `HierarchicalT5.save_pretrained`: (model in eval mode, tokenizer or None)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    cfg = read_hmtl_config(path)
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    seq2seq = T5ForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    model = HierarchicalT5(seq2seq, cfg)
+    heads_file = path / HEADS_NAME
+    if not heads_file.is_file():
+        raise RSGError("hierarchical checkpoint without its heads file", file=heads_file)
+    state = load_file(str(heads_file))
+    own = model.heads_state_dict()
+    if set(state) != set(own):
+        raise RSGError(f"heads file keys do not match the config: missing {sorted(set(own) - set(state))[:3]}, "
+                       f"unexpected {sorted(set(state) - set(own))[:3]}", file=heads_file)
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
