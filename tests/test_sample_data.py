@@ -79,7 +79,7 @@ def all_strings(obj) -> list[str]:
 
 def test_every_file_is_present_and_nothing_else():
     want = {f"{t}/{s}.jsonl" for t in SIMPLE + ("MuSeRC", "RuCoS") for s in SPLITS} | {"LiDiRus/LiDiRus.jsonl"}
-    have = {p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.is_file()}
+    have = {p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert have == want
 
 
