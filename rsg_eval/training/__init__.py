@@ -1,0 +1,1 @@
+"""Fine-tuning internals (torch). Import the submodules directly; `config` alone is torch-free."""

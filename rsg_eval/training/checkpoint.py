@@ -1,0 +1,166 @@
+"""Per-task checkpoints: `best/` (weights + meta) and `last/` (weights, optimizer, scheduler, trainer state,
+RNG states). Weights are safetensors. A checkpoint folder is written as `<name>.new/` and swapped in with
+renames, so a crash or a full disk leaves the previous one whole:
+
+    write <name>.new/ -> rename <name> to <name>.old -> rename <name>.new to <name> -> delete <name>.old
+
+`find` falls back to `<name>.old` when a crash hit between the two renames.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsg_eval.errors import RSGError
+from rsg_eval.io import atomic_write_json
+
+WEIGHTS = "model.safetensors"
+
+
+class SaveError(RSGError):
+    """Saving failed (full disk, permissions); the previous checkpoint is intact."""
+
+
+def find(root: Path, name: str) -> Path | None:
+    """The complete checkpoint folder `name` under root (or its `.old` twin after an interrupted swap)."""
+    for cand in (root / name, root / f"{name}.old"):
+        if (cand / "meta.json").is_file():
+            return cand
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Model weights as safetensors; `save_model` dedups tied tensors (T5's shared embeddings)."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(path))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(path), strict=False)
+    # tied weights are stored once; only a name the model lacks, or a real missing tensor, is a problem
+    if unexpected:
+        raise RSGError(f"checkpoint has tensors this model lacks: {sorted(unexpected)[:5]}", file=path)
+    if missing:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        really = [m for m in missing if m not in params or not _is_tied(model, m)]
+        if really:
+            raise RSGError(f"checkpoint lacks tensors of this model: {sorted(really)[:5]}", file=path)
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    """True when parameter `name` shares storage with another parameter (stored once in the file)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(name)
+    return p is not None and any(q is p for n, q in params.items() if n != name)
+
+
+def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
+                     extra: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `root/name` atomically (see module doc). `extra` objects go to `training.pt`.
+
+    Raises SaveError (an RSGError) on any OSError, after removing the half-written folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    final, new, old = root / name, root / f"{name}.new", root / f"{name}.old"
+    try:
+        if new.exists():
+            shutil.rmtree(new)
+        new.mkdir()
+        save_weights(model, new / WEIGHTS)
+        if extra is not None:
+            tmp = new / "training.pt"
+            with open(tmp, "wb") as fh:
+                torch.save(extra, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        atomic_write_json(new / "meta.json", meta)  # written last: its presence marks a complete folder
+        _fsync_dir(new)
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(new, final)
+        _fsync_dir(root)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(new, ignore_errors=True)
+        prev = find(root, name)
+        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        kept = f"the previous '{name}' checkpoint at {prev} is intact" if prev else "no earlier checkpoint existed"
+        raise SaveError(f"could not save the '{name}' checkpoint: {why}; {kept}, and finished tasks in the run "
+                        f"folder are kept. Free some space and rerun the same command to resume",
+                        file=final) from None
+    return final
+
+
+def read_meta(folder: Path) -> dict:
+    return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+
+
+def load_training(folder: Path) -> dict[str, Any]:
+    """Optimizer and scheduler state dicts written with the checkpoint (tensors and plain values only)."""
+    with open(folder / "training.pt", "rb") as fh:
+        return torch.load(fh, map_location="cpu", weights_only=True)
+
+
+# ---- RNG states as JSON-able values (so they sit in meta.json next to the position they belong to) ----
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and every CUDA device) generator states of this process."""
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": _py_state_to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_py_state_from_json(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
+
+
+def _bytes_tensor(b64: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).clone()
+
+
+def _py_state_to_json(st: tuple) -> list:
+    version, internal, gauss = st
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_json(js: list) -> tuple:
+    return (js[0], tuple(js[1]), js[2])

@@ -1,0 +1,340 @@
+"""`rsg finetune`: per-task text-to-text fine-tuning through the zero-shot prompt templates.
+
+For each training task: render every train item with the task's template (input = prompt, target = the gold
+choice's text + </s>), train with `loop.train`, evaluate val after every epoch by rank classification over the
+item's labels with the task's official metric, keep the best state, and predict val and test with it. LiDiRus
+has no train split: the TERRa model predicts it (as the leaderboard expects), with the TERRa template.
+
+Only rank 0 writes the run folder; every rank trains and scores its shard of val/test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rsg_eval import runs
+from rsg_eval.errors import RSGError
+from rsg_eval.training.config import ConfigSet, FinetuneConfig
+from rsg_eval.training.data import build_pairs
+from rsg_eval.training.dist import Dist, init_from_env
+from rsg_eval.training.loop import Hooks, NoTrainingData, TrainResult, train
+
+CODE_VERSION = "finetune-1"   # bump when training or decoding changes what a finished task would contain
+SPLITS = ("val", "test")
+
+
+@dataclass
+class Reporter:
+    """What the command shows: override the methods (the CLI uses rich); the default prints nothing."""
+
+    def task_start(self, task: str, predicts: list[str], n_pairs: int, total_steps: int, resumed: int | None) -> None: ...
+    def step(self, task: str, state: Any, loss: float) -> None: ...
+    def evaluated(self, task: str, row: dict[str, Any]) -> None: ...
+    def task_done(self, task: str, result: dict[str, Any]) -> None: ...
+    def skipped(self, task: str, why: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class FinetuneOutcome:
+    run: runs.RunFolder
+    trained: list[str] = field(default_factory=list)      # training tasks trained (or resumed) in this call
+    skipped: list[str] = field(default_factory=list)      # finished before: skipped
+    failed: dict[str, str] = field(default_factory=dict)  # task -> message (no train split, NaN, ...)
+    results: dict[str, TrainResult] = field(default_factory=dict)
+    zip: Any = None
+    metrics: dict[str, Any] | None = None
+
+
+def training_units(tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """[(train task, [tasks it predicts])] in leaderboard order of the trained task: LiDiRus rides on TERRa."""
+    from rsg_eval.tasks import TASK_NAMES, get_task
+
+    units: dict[str, list[str]] = {}
+    for t in tasks:
+        src = get_task(t).train_from
+        units.setdefault(src, [])
+        if t not in units[src]:
+            units[src].append(t)
+    order = {n: i for i, n in enumerate(TASK_NAMES)}
+    return [(k, sorted(v, key=lambda n: (n != k, order[n]))) for k, v in sorted(units.items(), key=lambda kv: order[kv[0]])]
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from rsg_eval import __version__
+
+    return {"rsg_eval": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _bf16(cfg: FinetuneConfig, device: torch.device) -> bool:
+    """bf16 autocast only on a CUDA GPU that supports it; never fp16, never on CPU."""
+    if device.type != "cuda":
+        return False
+    if cfg.bf16 is None:
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(cfg.bf16)
+
+
+@dataclass
+class _Prepared:
+    items: list[Any]
+    prompts: list[str]
+    choices: list[list[str]]
+
+
+def _prepare(items: list[Any], template: Any, tokenizer: Any, max_len: int) -> _Prepared:
+    rendered = [template.render(it, tokenizer=tokenizer, max_tokens=max_len) for it in items]
+    return _Prepared(items, [r.prompt for r in rendered], [list(r.choices) for r in rendered])
+
+
+def score_prepared(model: Any, tokenizer: Any, prep: _Prepared, cfg: FinetuneConfig, dist: Dist) -> list[list[float]]:
+    """Rank-classification scores of every item's choices; ranks score whole groups round-robin and gather."""
+    from rsg_eval.scoring import score_choices
+
+    groups: dict[Any, list[int]] = {}
+    for i, it in enumerate(prep.items):
+        groups.setdefault(it.group, []).append(i)
+    mine = [i for g, idx in enumerate(groups.values()) if g % dist.world == dist.rank for i in idx]
+    scores = score_choices(model, tokenizer, [prep.prompts[i] for i in mine], [prep.choices[i] for i in mine],
+                           batch_size=cfg.eval_batch_size, normalize=cfg.normalize) if mine else []
+    out: list[list[float] | None] = [None] * len(prep.items)
+    for part in dist.gather(list(zip(mine, [list(map(float, s)) for s in scores]))):
+        for i, s in part:
+            out[i] = s
+    return out  # type: ignore[return-value]
+
+
+def decide(items: Sequence[Any], scores: Sequence[Sequence[float]]) -> dict[Any, Any]:
+    """{key: the label whose choice scored highest}; the first label wins ties (deterministic)."""
+    preds = {}
+    for it, s in zip(items, scores):
+        best = max(range(len(s)), key=lambda j: (s[j], -j))
+        preds[it.key] = it.labels[best]
+    return preds
+
+
+def val_metrics(task: str, prep: _Prepared, scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    from rsg_eval import metrics
+
+    m = metrics.score_items(task, prep.items, decide(prep.items, scores))
+    return {k: float(v) for k, v in m.items()}
+
+
+def run_finetune(
+    model: str,
+    *,
+    configs: ConfigSet,
+    tasks: Sequence[str] | None = None,
+    data: Any = "sample",
+    run: str | None = None,
+    root: str | Path = "submissions",
+    checkpoint_dir: str | Path | None = None,
+    device: str | None = None,
+    revision: str | None = None,
+    restart: bool = False,
+    reporter: Reporter | None = None,
+    hooks: Callable[[str], Hooks] | None = None,
+    load: Callable[..., Any] | None = None,
+) -> FinetuneOutcome:
+    """Fine-tune `model` on each task and write the run folder. See the module docstring.
+
+    `hooks(task)` gives per-task loop hooks (tests use it to stop a run mid-task); `load` replaces
+    `rsg_eval.models.loading.load_model` (same signature)."""
+    from rsg_eval.data import resolve_data
+    from rsg_eval.prompts import load_template
+    from rsg_eval.tasks import load_items, resolve_tasks
+
+    reporter = reporter or Reporter()
+    dist = init_from_env()
+    if load is None:
+        from rsg_eval.models.loading import load_model as load
+    names = resolve_tasks(list(tasks) if tasks else None)
+    source = resolve_data(data)
+    units = training_units(names)
+
+    made = None
+    if dist.main:  # only rank 0 touches the run folder; the others learn its path
+        made = str(runs.RunFolder.create(run or runs.default_run_name(model, "finetune"), root=root).path)
+    folder = runs.RunFolder(dist.broadcast(made))
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else Path("checkpoints") / folder.path.name
+    dev = torch.device(device) if device else (torch.device("cuda", dist.local_rank) if torch.cuda.is_available()
+                                               else torch.device("cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+
+    templates = {t: load_template(t, configs.for_task(t).template) for t, _ in units}
+    out = FinetuneOutcome(folder)
+    if dist.main:
+        folder.write_config(_run_config(model, revision, names, units, templates, configs, source, dist,
+                                        ckpt_root))
+    epochs_rows = folder.read_epochs() if dist.main else []  # rows of tasks finished by earlier calls
+
+    for train_task, predicts in units:
+        cfg = configs.for_task(train_task)
+        tpl = templates[train_task]
+        fp_parts = {"model": model, "revision": revision, "template": tpl.name, "template_sha256": tpl.sha256,
+                    "code": CODE_VERSION, "train_task": train_task, "config": cfg.to_dict(),
+                    "data": str(source)}
+        fp = runs.fingerprint(fp_parts)
+        if all(folder.is_done(t, s, fp) for t in predicts for s in SPLITS):
+            out.skipped.append(train_task)
+            reporter.skipped(train_task, "finished earlier with the same model, template and settings")
+            continue
+        if not source.has(train_task, "train"):
+            msg = f"{train_task}: no train split in {source}; it cannot be fine-tuned (skipped)"
+            out.failed[train_task] = msg
+            reporter.skipped(train_task, msg)
+            continue
+        task_ckpt = ckpt_root / train_task
+        if restart and dist.main:
+            _discard_unfinished(task_ckpt)
+        dist.barrier()
+        try:
+            result, task_rows = _train_and_predict(
+                model, revision, train_task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts, dev,
+                dist, reporter, hooks(train_task) if hooks else None, load, load_items)
+        except RSGError as exc:
+            if isinstance(exc, NoTrainingData):
+                out.failed[train_task] = str(exc)
+                reporter.skipped(train_task, str(exc))
+                continue
+            raise
+        out.trained.append(train_task)
+        out.results[train_task] = result
+        if dist.main:
+            epochs_rows = [r for r in epochs_rows if r.get("task") != train_task] + task_rows
+            folder.write_epochs(_order_rows(epochs_rows))
+    if dist.main:
+        out.metrics = folder.write_metrics("val")
+        out.zip = folder.build_zip()
+    dist.barrier()
+    return out
+
+
+def _order_rows(rows: list[dict]) -> list[dict]:
+    from rsg_eval.tasks import TASK_NAMES
+
+    order = {n: i for i, n in enumerate(TASK_NAMES)}
+    cols = ["task", "epoch", "step", "train_loss", "acc", "f1", "f1a", "em", "mcc", "score"]
+    out = []
+    for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), float(r["step"]))):
+        out.append({c: r.get(c) for c in cols})
+    return out
+
+
+def _discard_unfinished(task_ckpt: Path) -> None:
+    import shutil
+
+    for name in ("last", "last.old", "last.new", "best", "best.old", "best.new"):
+        shutil.rmtree(task_ckpt / name, ignore_errors=True)
+
+
+def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts,
+                       dev, dist, reporter, hooks, load, load_items) -> tuple[TrainResult, list[dict]]:
+    from rsg_eval.training import checkpoint as ck
+
+    loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
+    net, tok = loaded.model, loaded.tokenizer
+    max_src = min(cfg.max_source_len, int(loaded.info.get("max_input_tokens") or cfg.max_source_len))
+    train_items = load_items(source, task, "train")
+    if cfg.max_train_examples:
+        train_items = train_items[: cfg.max_train_examples]
+    pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
+                        max_src, cfg.max_target_len)
+    val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
+    bf16 = _bf16(cfg, dev)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        if val is None or not val.items:
+            raise RSGError(f"{task}: no val split in {source}; the best state cannot be chosen", field="val")
+        return val_metrics(task, val, score_prepared(m, tok, val, cfg, dist))
+
+    user = hooks or Hooks()
+
+    def on_start(state, total, per_epoch):
+        reporter.task_start(task, predicts, len(pairs), total, state.step or None)
+        if user.on_start:
+            user.on_start(state, total, per_epoch)
+
+    def on_step(state, loss):
+        reporter.step(task, state, loss)
+        if user.on_step:
+            user.on_step(state, loss)
+
+    def on_eval(state, row):
+        reporter.evaluated(task, row)
+        if user.on_eval:
+            user.on_eval(state, row)
+
+    net.train()
+    result = train(net, tok, pairs, cfg, evaluate=evaluate, ckpt_dir=task_ckpt,
+                   fingerprint={"model": model_name, "model_fingerprint": loaded.info.get("fingerprint"),
+                                "template_sha256": tpl.sha256, "task": task, "code": CODE_VERSION},
+                   device=dev, dist=dist, bf16=bf16, hooks=Hooks(on_step, on_eval, on_start), task=task)
+    best = result.best_dir or ck.find(task_ckpt, "best")
+    if best is None:
+        raise RSGError(f"{task}: training finished without a best checkpoint in {task_ckpt}", file=task_ckpt)
+    ck.load_weights(net, best / ck.WEIGHTS)
+    net.eval()
+    best_meta = ck.read_meta(best)
+    for t in predicts:
+        for split in SPLITS:
+            items = load_items(source, t, split) if source.has(t, split) else []
+            if not items:
+                continue
+            prep = _prepare(items, tpl, tok, max_src)  # LiDiRus: the TERRa template, as the model was trained
+            with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()):
+                scores = score_prepared(net, tok, prep, cfg, dist)
+            preds = decide(items, scores)
+            if dist.main:
+                rows = [runs.log_row(it, preds[it.key], prompt=p, choices=c, scores=s)
+                        for it, p, c, s in zip(items, prep.prompts, prep.choices, scores)]
+                folder.write_task(t, split, items, preds, rows, fp, parts=fp_parts,
+                                  extra={"trained_on": task, "best_step": best_meta.get("step"),
+                                         "best_epoch": best_meta.get("epoch"),
+                                         "best_val": best_meta.get("metrics"), "checkpoint": str(best)})
+    dist.barrier()
+    reporter.task_done(task, {"best_step": result.state.best_step, "best_epoch": result.state.best_epoch,
+                              "best_metrics": result.state.best_metrics, "stopped": result.state.stopped})
+    del net
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return result, list(result.state.history)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _run_config(model, revision, names, units, templates, configs: ConfigSet, source, dist: Dist,
+                ckpt_root: Path) -> dict[str, Any]:
+    return {
+        "kind": "finetune",
+        "model": model,
+        "revision": revision,
+        "template": {t: templates[tt].name for tt, ps in units for t in ps},
+        "template_sha256": {t: templates[tt].sha256 for tt, ps in units for t in ps},
+        "versions": _versions(),
+        "seed": configs.for_task(units[0][0]).seed if units else 0,
+        "split": "all",
+        "tasks": list(names),
+        "data": str(source),
+        "trained_on": {t: tt for tt, ps in units for t in ps},
+        "hyperparameters": {tt: configs.for_task(tt).to_dict() for tt, _ in units},
+        "world_size": dist.world,
+        "checkpoint_dir": str(ckpt_root),
+        "code_version": CODE_VERSION,
+        "command": " ".join(sys.argv),
+    }

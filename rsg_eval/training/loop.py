@@ -1,0 +1,349 @@
+"""The fine-tuning loop for one task: AdamW, warm-up + decay, accumulation, clipping, bf16 autocast on GPU,
+val evaluation with best-state tracking, early stopping, exact resume, data parallelism.
+
+Loss normalisation: every optimizer step minimises the mean token NLL over all target tokens of that step (all
+micro-batches, all ranks). Each rank knows the global token count because the batch plan is deterministic, so
+   loss_micro = sum_tokens(nll) / tokens_in_step * world
+gives, after DDP averages gradients over ranks, exactly the gradient of a single process that saw the whole
+global batch. That is what makes a two-process run match a one-process run with twice the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsg_eval.errors import RSGError
+from rsg_eval.training import checkpoint as ck
+from rsg_eval.training.config import FinetuneConfig
+from rsg_eval.training.data import Pair, collate, epoch_plan, rank_slice
+from rsg_eval.training.dist import Dist
+
+# Settings that may change between a run and its resume without breaking exactness of what was done so far.
+RESUME_MAY_CHANGE = ("lr", "max_grad_norm", "early_stopping", "eval_batch_size", "normalize", "save_every")
+
+
+class NoTrainingData(RSGError):
+    """The task has nothing to train on (empty train split, or no item with a gold label)."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors needed to continue a task exactly where it stopped (JSON-able)."""
+
+    epoch: int = 0                    # epoch in progress (0-based)
+    micro: int = 0                    # global micro-batches of this epoch already consumed (a step boundary)
+    step: int = 0                     # optimizer steps done
+    loss_sum: float = 0.0             # summed token NLL since the last evaluation
+    loss_tokens: float = 0.0
+    best_score: float | None = None
+    best_step: int = -1
+    best_epoch: float = 0.0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    evals_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+    stopped: str = ""                 # "", "early_stopping", "max_steps"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(**{k: d[k] for k in (f.name for f in dataclasses.fields(cls)) if k in d})
+
+
+@dataclass
+class Hooks:
+    """Callbacks for progress display and tests. `on_step(state, loss)` runs after every optimizer step and
+    after that step's checkpoint, so raising in it simulates a kill at a step boundary."""
+
+    on_step: Callable[[TrainState, float], None] | None = None
+    on_eval: Callable[[TrainState, dict[str, Any]], None] | None = None
+    on_start: Callable[[TrainState, int, int], None] | None = None   # (state, total_steps, steps_per_epoch)
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    best_dir: Path | None             # best/ checkpoint folder (None when no evaluation ran)
+    resumed_from: int | None          # the step a resume started from, None for a fresh start
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base lr for the update with 0-based index `step`.
+
+    Warm-up: (step + 1) / warmup, so the first update is not wasted at lr 0. Then from 1 at step `warmup`
+    down to 1 / (total - warmup) at the last step (linear), or the cosine of the same progress; never 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)  # 0 at the first decayed step
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if progress < 1 else 0.0
+
+
+def plan_sizes(n_pairs: int, cfg: FinetuneConfig, world: int) -> tuple[int, int, int]:
+    """(micro-batches per epoch, optimizer steps per epoch, total optimizer steps)."""
+    micro = math.ceil(n_pairs / (cfg.batch_size * world))
+    per_epoch = math.ceil(micro / cfg.grad_accum)
+    total = per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return micro, per_epoch, total
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: no decay on biases and layer-norm scales (the usual AdamW practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _set_dropout(model: torch.nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def _trajectory_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for k in RESUME_MAY_CHANGE:
+        d.pop(k, None)
+    return d
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    cfg: FinetuneConfig,
+    *,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    ckpt_dir: Path,
+    fingerprint: dict[str, Any],
+    device: torch.device,
+    dist: Dist = Dist(),
+    bf16: bool = False,
+    hooks: Hooks | None = None,
+    task: str = "task",
+) -> TrainResult:
+    """Train `model` (a seq2seq LM, already on `device`, fp32 master weights) on `pairs`.
+
+    `evaluate(model)` runs on every rank with the unwrapped model in eval mode and returns the val metrics with
+    a "score" key (higher is better). Checkpoints go to ckpt_dir/{last,best}; a `last` with the same
+    fingerprint is resumed, a finished one is returned as is."""
+    hooks = hooks or Hooks()
+    if not pairs:
+        raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",
+                       field="train")
+    net = model
+    seed_everything(cfg.seed)
+    if cfg.dropout is not None:
+        _set_dropout(net, cfg.dropout)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing works with DDP and with frozen inputs; the KV cache is useless in training
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.config.use_cache = False
+    opt = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                            eps=cfg.adam_eps)
+    n_micro, per_epoch, total = plan_sizes(len(pairs), cfg, dist.world)
+    warm = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
+    fp = dict(fingerprint, n_pairs=len(pairs), world=dist.world, config=_trajectory_config(cfg))
+
+    state, resumed = _maybe_resume(net, opt, sched, ckpt_dir, fp, cfg, dist, task)
+    best_dir = ck.find(ckpt_dir, "best")
+    if state.done:
+        return TrainResult(state, best_dir, resumed)
+
+    ddp = net
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lengths = [p.length for p in pairs]
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
+        else contextlib.nullcontext
+    if hooks.on_start:
+        hooks.on_start(state, total, per_epoch)
+
+    def save_last(rng_snapshot: dict[str, Any]) -> None:
+        meta = {"task": task, "state": state.to_json(), "fingerprint": fp,
+                "rng": dist.gather(rng_snapshot), "saved_at": time.time()}
+        extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        _save(dist, ckpt_dir, "last", net, meta, extra)
+
+    def run_eval(epoch_mark: float) -> None:
+        nonlocal best_dir
+        net.eval()
+        with torch.no_grad(), autocast():
+            metrics = evaluate(net)
+        net.train()
+        train_loss = state.loss_sum / state.loss_tokens if state.loss_tokens else float("nan")
+        row = {"task": task, "epoch": epoch_mark, "step": state.step, "train_loss": train_loss, **metrics}
+        state.history.append(row)
+        state.loss_sum = state.loss_tokens = 0.0
+        score = float(metrics["score"])
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_step, state.best_epoch = score, state.step, epoch_mark
+            state.best_metrics = dict(metrics)
+            state.evals_since_best = 0
+            best_dir = _save(dist, ckpt_dir, "best", net,
+                             {"task": task, "step": state.step, "epoch": epoch_mark, "metrics": metrics,
+                              "fingerprint": fp}, None)
+        else:
+            state.evals_since_best += 1
+        if hooks.on_eval:
+            hooks.on_eval(state, row)
+
+    net.train()
+    while state.epoch < cfg.epochs and not state.done:
+        plan = epoch_plan(lengths, cfg.batch_size, cfg.seed, state.epoch,
+                          group_by_length=cfg.group_by_length, world=dist.world)
+        while state.micro < len(plan):
+            snapshot = ck.rng_state()  # the RNG at this step boundary, saved with any checkpoint of it
+            group = plan[state.micro : state.micro + cfg.grad_accum]
+            tokens = sum(len(pairs[i].tgt) for gb in group for i in gb)  # global target tokens of this step
+            local_nll = 0.0
+            for j, gb in enumerate(group):
+                mine, weight = rank_slice(gb, dist.rank, dist.world)
+                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in mine], pad_id).items()}
+                sync = contextlib.nullcontext() if (j == len(group) - 1 or not dist.active) else ddp.no_sync()
+                with sync:
+                    with autocast():
+                        dec_in = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+                        out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  decoder_input_ids=dec_in, use_cache=False)
+                    logits = out.logits.float()  # (B, T, V); the NLL in fp32 even under bf16 autocast
+                    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1),
+                                          ignore_index=-100, reduction="sum") * weight
+                    (nll * (dist.world / tokens)).backward()
+                local_nll += float(nll.detach())
+            step_nll = dist.all_sum(local_nll)
+            step_loss = step_nll / tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                net.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+                opt.zero_grad(set_to_none=True)
+                save_last(snapshot)  # parameters are still those after the last good step
+                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                raise RSGError(
+                    f"{task}: the training {what} became {step_loss if what == 'loss' else float(grad_norm)} at "
+                    f"epoch {state.epoch + 1}, optimizer step {state.step + 1}; training stopped. The last good "
+                    f"state (after step {state.step}) is saved in {ckpt_dir / 'last'}. Lower --lr, raise the "
+                    f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
+                    field="train_loss")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            state.micro += len(group)
+            state.loss_sum += step_nll
+            state.loss_tokens += tokens
+            at_cap = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            end_of_epoch = state.micro >= len(plan)
+            evaluated = False
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or \
+                    (not cfg.eval_every and end_of_epoch) or at_cap or \
+                    (end_of_epoch and state.epoch + 1 >= cfg.epochs):
+                if end_of_epoch:
+                    state.epoch += 1
+                    state.micro = 0
+                    mark = float(state.epoch)
+                else:
+                    mark = round(state.epoch + state.micro / len(plan), 3)
+                run_eval(mark)
+                evaluated = True
+                if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping:
+                    state.done, state.stopped = True, "early_stopping"
+                if at_cap:
+                    state.done, state.stopped = True, state.stopped or "max_steps"
+                if state.epoch >= cfg.epochs:
+                    state.done = True
+            elif end_of_epoch:
+                state.epoch += 1
+                state.micro = 0
+            if evaluated or state.done or (cfg.save_every and state.step % cfg.save_every == 0):
+                save_last(ck.rng_state())
+            if hooks.on_step:
+                hooks.on_step(state, step_loss)
+            if state.done:
+                break
+    if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
+        state.done = True
+        save_last(ck.rng_state())
+    return TrainResult(state, best_dir, resumed)
+
+
+def _save(dist: Dist, root: Path, name: str, net: torch.nn.Module, meta: dict, extra: dict | None) -> Path:
+    """Rank 0 writes; the others learn whether it worked, so every rank raises the same error or none."""
+    err: str | None = None
+    if dist.main:
+        try:
+            ck.write_checkpoint(root, name, net, meta, extra)
+        except ck.SaveError as exc:
+            err = str(exc)
+    err = dist.broadcast(err)
+    if err is not None:
+        raise ck.SaveError(err)
+    return root / name
+
+
+def _maybe_resume(net, opt, sched, ckpt_dir: Path, fp: dict, cfg: FinetuneConfig, dist: Dist,
+                  task: str) -> tuple[TrainState, int | None]:
+    last = ck.find(ckpt_dir, "last")
+    if last is None:
+        return TrainState(), None
+    meta = ck.read_meta(last)
+    old = meta.get("fingerprint", {})
+    diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
+    if diff:
+        k = diff[0]
+        detail = ""
+        if k == "config":
+            ck_keys = [c for c in sorted(set(old.get("config", {})) | set(fp["config"]))
+                       if old.get("config", {}).get(c) != fp["config"].get(c)]
+            detail = f" (setting {ck_keys[0]!r}: {old.get('config', {}).get(ck_keys[0])!r} -> " \
+                     f"{fp['config'].get(ck_keys[0])!r})" if ck_keys else ""
+        raise RSGError(
+            f"{task}: the checkpoint in {last} was made with a different {k}{detail}; rerun with the same "
+            f"settings to resume it, or pass --restart to discard unfinished checkpoints",
+            file=last / "meta.json", field=k)
+    state = TrainState.from_json(meta["state"])
+    ck.load_weights(net, last / ck.WEIGHTS)
+    tr = ck.load_training(last)
+    opt.load_state_dict(tr["optimizer"])
+    sched.load_state_dict(tr["scheduler"])
+    # lr may change on resume (e.g. after a NaN): rescale the schedule's base, keep its position
+    sched.base_lrs = [cfg.lr for _ in sched.base_lrs]
+    for g, f in zip(opt.param_groups, [sched.lr_lambdas[0](sched.last_epoch)] * len(opt.param_groups)):
+        g["lr"] = cfg.lr * f
+        g["initial_lr"] = cfg.lr
+    rngs = meta.get("rng") or []
+    if rngs:
+        ck.set_rng_state(rngs[dist.rank if dist.rank < len(rngs) else 0])
+    return state, state.step
