@@ -321,11 +321,18 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
     if task == "MuSeRC":
         for it in items:
             structure.setdefault(it.doc, {}).setdefault(it.group, []).append(it.key)
-    try:
-        records = list(iter_jsonl_text(text, source))
-    except RSGError as exc:
-        return [Problem(source, exc.line, exc.message)]
+    records: list[tuple[int, dict]] = []
+    for lineno, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:  # one line at a time, so a broken line does not hide the problems after it
+            records.extend((lineno, rec) for _, rec in iter_jsonl_text(raw, source))
+        except RSGError as exc:
+            problems.append(Problem(source, lineno, exc.message))
+            records.append((lineno, {}))
     for lineno, rec in records:
+        if not rec:
+            continue
         top = rec.get("idx")
         if isinstance(top, int) and not isinstance(top, bool):
             lines_idx.append(top)

@@ -1,0 +1,32 @@
+"""Shared test fixtures. The official files in ../shared/rsg are optional: tests that need them skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_rsg_dir() -> Path | None:
+    env = os.environ.get("RSG_SHARED_DIR")
+    cand = Path(env) if env else REPO.parent / "shared" / "rsg"
+    return cand if (cand / "TERRa" / "val.jsonl").is_file() else None
+
+
+@pytest.fixture
+def shared_rsg() -> Path:
+    d = shared_rsg_dir()
+    if d is None:
+        pytest.skip("official RSG files (../shared/rsg) not present")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep every test's download/extract cache out of the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "rsg-cache"
+    monkeypatch.setenv("RSG_DATA_DIR", str(cache / "rsg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
