@@ -1,0 +1,278 @@
+"""`load_model`: one entry point for every model the toolkit evaluates.
+
+Accepted names:
+- `tiny`: the built-in random small T5 with a local tokenizer (rsg_eval.models.tiny), for offline smoke runs;
+- a local directory holding a seq2seq model saved with `save_pretrained` (safetensors preferred);
+- a local hierarchical checkpoint directory (it has `hmtl_config.json`), loaded by rsg_eval.models.hierarchical;
+- a hub id such as `ai-forever/FRED-T5-1.7B` (transformers auto classes, remote code off unless asked for).
+
+Device: cuda when available, else cpu. Dtype: bf16 on a GPU that supports it, else fp32; fp16 is refused for T5
+models (they overflow in fp16: FREDT5_NOTES.md 0.6) unless `allow_fp16=True`.
+Every failure a user can cause (missing path, unreachable hub, bad dtype) is one RSGError, not a library traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rsg_eval.errors import RSGError
+
+log = logging.getLogger(__name__)
+
+TINY_NAME = "tiny"
+HIERARCHICAL_MARKER = "hmtl_config.json"
+DEFAULT_MAX_INPUT_TOKENS = 512  # FRED-T5's tokenizer config has no model_max_length; 512 is its training length
+T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass
+class Loaded:
+    """A model ready for scoring: `model` (eval mode, on `info["device"]`), its tokenizer, and facts about it."""
+
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- device / dtype
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" -> cuda if available else cpu; anything else is checked for existence."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RSGError(f"unknown device {device!r}", field="device", expected="auto, cpu, cuda, cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RSGError("CUDA device requested but torch sees no GPU", field="device", expected="cpu or auto")
+    return dev
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, *, model_type: str | None = None, allow_fp16: bool = False
+) -> torch.dtype:
+    """Pick the dtype: auto = bf16 on a GPU that supports it, fp32 otherwise; never fp16 for T5 unless allowed."""
+    if dtype is None or str(dtype) == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        key = str(dtype).lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise RSGError(f"unknown dtype {dtype!r}", field="dtype", expected="auto, fp32, bf16, fp16")
+        resolved = _DTYPES[key]
+    if resolved == torch.float16 and (model_type or "t5") in T5_FAMILY and not allow_fp16:
+        raise RSGError(
+            f"fp16 is refused for {model_type or 't5'} models: T5 activations overflow in fp16 and give NaN scores; "
+            "use bf16 (a GPU from Ampere on) or fp32, or pass allow_fp16=True to force it",
+            field="dtype",
+            expected="auto, bf16, fp32",
+        )
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_fp16: bool = False,
+) -> Loaded:
+    """Load `tiny`, a local model directory, a hierarchical checkpoint directory or a hub id (see module doc)."""
+    name = str(name_or_path)
+    dev = resolve_device(device)
+    if name == TINY_NAME:
+        return _load_tiny(dev, dtype)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / HIERARCHICAL_MARKER).is_file():
+            return _load_hierarchical(path, dev, dtype, allow_fp16)
+        return _load_transformers(str(path), dev, dtype, revision, trust_remote_code, allow_fp16, local=True)
+    if path.exists():
+        raise RSGError("a model must be a directory (saved with save_pretrained), not a file", file=path)
+    if _looks_like_path(name):
+        raise RSGError("model directory does not exist", file=path,
+                       expected=f"'{TINY_NAME}', an existing model directory, or a hub id such as owner/name")
+    return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything with more slashes, a leading . / ~ or a backslash is a path."""
+    return (
+        name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/") or not name
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def _load_tiny(dev: torch.device, dtype: str | torch.dtype | None) -> Loaded:
+    from rsg_eval.models import tiny
+
+    model, tokenizer = tiny.build_tiny()
+    dt = resolve_dtype(dtype, dev, model_type="t5")
+    model.to(device=dev, dtype=dt)
+    info = _info(model, tokenizer, model_id=TINY_NAME, source="tiny", revision=None, commit_hash=None,
+                 fingerprint=_tiny_fingerprint(model, tokenizer))
+    return Loaded(model, tokenizer, info)
+
+
+def _load_hierarchical(path: Path, dev: torch.device, dtype: str | torch.dtype | None, allow_fp16: bool) -> Loaded:
+    from rsg_eval.models.hierarchical import load_hierarchical  # owned by the hierarchical part
+
+    dt = resolve_dtype(dtype, dev, model_type="t5", allow_fp16=allow_fp16)
+    try:
+        hier, tokenizer = load_hierarchical(path, device=dev, dtype=dt)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RSGError(f"could not load the hierarchical checkpoint: {_short(exc)}", file=path) from exc
+    model = hier.seq2seq
+    model.eval()
+    info = _info(model, tokenizer, model_id=str(path), source="hierarchical", revision=None, commit_hash=None,
+                 fingerprint=_dir_fingerprint(path))
+    info["hierarchical"] = hier
+    return Loaded(model, tokenizer, info)
+
+
+def _load_transformers(
+    name: str, dev: torch.device, dtype: str | torch.dtype | None, revision: str | None,
+    trust_remote_code: bool, allow_fp16: bool, *, local: bool,
+) -> Loaded:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    where = "local directory" if local else "hub id"
+    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+    except (OSError, ValueError, KeyError) as exc:
+        hint = "" if local else " (the hub may be unreachable: download it first, or pass a local directory)"
+        raise RSGError(f"could not load the model config from {where} {name!r}: {_short(exc)}{hint}") from exc
+    if not getattr(config, "is_encoder_decoder", False):
+        raise RSGError(f"{name!r} is not an encoder-decoder model (model_type {config.model_type!r})",
+                       expected="a seq2seq model such as T5 / FRED-T5")
+    dt = resolve_dtype(dtype, dev, model_type=config.model_type, allow_fp16=allow_fp16)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RSGError(f"could not load the tokenizer from {where} {name!r}: {_short(exc)}") from exc
+    model = _from_pretrained(AutoModelForSeq2SeqLM, name, config, dt, common, where)
+    model.to(dev)
+    model.eval()
+    commit = getattr(config, "_commit_hash", None) or getattr(model.config, "_commit_hash", None)
+    fingerprint = _dir_fingerprint(Path(name)) if local else (commit or revision or "unknown")
+    info = _info(model, tokenizer, model_id=name, source="local" if local else "hub", revision=revision,
+                 commit_hash=commit, fingerprint=fingerprint)
+    return Loaded(model, tokenizer, info)
+
+
+def _from_pretrained(auto_cls: Any, name: str, config: Any, dt: torch.dtype, common: dict, where: str) -> Any:
+    """Prefer safetensors; fall back to a pickled checkpoint (with a warning) only when there is none."""
+    try:
+        return auto_cls.from_pretrained(name, config=config, torch_dtype=dt, use_safetensors=True, **common)
+    except (OSError, ValueError) as exc:
+        first = exc
+    log.warning("no safetensors weights for %s; loading the pickled checkpoint", name)
+    try:
+        return auto_cls.from_pretrained(name, config=config, torch_dtype=dt, use_safetensors=False, **common)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RSGError(f"could not load the model weights from {where} {name!r}: {_short(exc)} "
+                       f"(safetensors: {_short(first)})") from exc
+
+
+# ----------------------------------------------------------------------------------------------- info
+
+
+def max_input_tokens(tokenizer: Any, config: Any = None) -> int:
+    """The longest encoder input we feed: the tokenizer's model_max_length when it is real, else 512.
+
+    FRED-T5's tokenizer has no model_max_length (transformers then reports ~1e30), so it gets 512.
+    """
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 100_000:
+        return n
+    n_pos = getattr(config, "n_positions", None) if config is not None else None
+    if isinstance(n_pos, int) and 0 < n_pos < 100_000 and getattr(config, "model_type", "") not in T5_FAMILY:
+        return n_pos
+    return DEFAULT_MAX_INPUT_TOKENS
+
+
+def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: str | None,
+          commit_hash: str | None, fingerprint: str) -> dict[str, Any]:
+    cfg = model.config
+    first = next(model.parameters())
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
+    return {
+        "model": model_id,
+        "source": source,
+        "revision": revision,
+        "commit_hash": commit_hash,
+        "fingerprint": fingerprint,
+        "model_type": cfg.model_type,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(first.device),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "max_input_tokens": max_input_tokens(tokenizer, cfg),
+        "eos_token_id": eos,
+        "decoder_start_token_id": cfg.decoder_start_token_id,
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", True)),
+        "tokenizer_appends_eos": _appends_eos(tokenizer),
+    }
+
+
+def _appends_eos(tokenizer: Any) -> bool:
+    ids = tokenizer("a").input_ids
+    return bool(ids) and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id
+
+
+def _tiny_fingerprint(model: Any, tokenizer: Any) -> str:
+    """Hash of the tiny model's config and tokenizer: changes when tiny.py changes what it builds."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    return "tiny-" + h.hexdigest()[:16]
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Cheap content fingerprint of a model directory: config files in full, weight files by size + head + tail."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= 2 << 20:
+                h.update(fh.read())
+            else:  # weights: first and last MiB are enough to tell checkpoints apart
+                h.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return "dir-" + h.hexdigest()[:16]
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of a library error, without its traceback."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
