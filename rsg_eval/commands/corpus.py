@@ -1,0 +1,61 @@
+"""`rsg build-corpus`: build the multi-task training corpus (readers, cleaning, annotation, leakage guard).
+
+Heavy modules (transformers, torch) load inside the command body, and only when a teacher has work to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rsg_eval.errors import RSGError
+
+
+def _teachers(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        task, sep, model = v.partition("=")
+        if not sep or not task or not model:
+            raise RSGError(f"bad --teacher {v!r}", field="--teacher",
+                           expected="TASK=MODEL, e.g. qa=timpal0l/mdeberta-v3-base-squad2")
+        out[task.strip()] = model.strip()
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build-corpus")
+    def build_corpus_cmd(
+        config: Path = typer.Option(..., "--config", "-c", help="Corpus config (YAML); see configs/corpus_example.yaml."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (train.jsonl, val.jsonl, labels.json, "
+                                 "summary.json, work/). Rerunning into the same folder resumes the annotation."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Read at most N records per source (quick trial)."),
+        teacher: list[str] = typer.Option([], "--teacher", help="TASK=MODEL (hub id or folder) for qa, qg, "
+                                          "summarization, title, paraphrase; repeatable; overrides the config."),
+        rsg_data: Optional[str] = typer.Option(None, "--rsg-data", help="RSG data (DIR, ZIP or 'sample') whose "
+                                               "val/test texts the leakage guard checks against."),
+        strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record or failing teacher "
+                                    "batch instead of skipping and counting it."),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute annotation shards in which a "
+                                          "teacher batch failed."),
+        device: Optional[str] = typer.Option(None, "--device", help="Teacher device: auto (GPU when present), "
+                                             "cpu, cuda:0."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    ) -> None:
+        """Build the multi-task corpus for `rsg train-hmtl` from your sources (see docs/readme/corpus.md)."""
+        from rich.console import Console
+
+        from rsg_eval.corpus.build import BuildOptions, build_corpus, removal_lines, summary_table
+        from rsg_eval.corpus.config import load_config
+
+        console = Console(stderr=True)
+        cfg = load_config(config)
+        opts = BuildOptions(limit=limit, teachers=_teachers(teacher), rsg_data=rsg_data, strict=strict,
+                            retry_failed=retry_failed, device=device, progress=not no_progress,
+                            echo=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+        summary = build_corpus(cfg, out, opts)
+        for line in removal_lines(summary):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        Console().print(summary_table(summary))
+        console.print(f"wrote {out}/train.jsonl, val.jsonl, labels.json, summary.json", highlight=False)

@@ -1,0 +1,79 @@
+"""Corpus record shapes (docs/DESIGN.md "Multi-task corpus") and the collector of bad-input problems. Stdlib only."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rsg_eval.errors import RSGError
+
+# The eight tasks of the hierarchical model and the text fields each record carries.
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "ner": ("text",),
+    "mc": ("text", "label"),
+    "nli": ("premise", "hypothesis", "label"),
+    "paraphrase": ("source", "target"),
+    "qg": ("context", "answer", "question"),
+    "qa": ("context", "question", "answer"),
+    "summarization": ("text", "summary"),
+    "title": ("text", "title"),
+}
+TASKS: tuple[str, ...] = tuple(TASK_FIELDS)
+GEN_TASKS: tuple[str, ...] = ("paraphrase", "qg", "qa", "summarization", "title")
+# Free-text fields (cleaned, checked for leakage); labels are not text.
+TEXT_FIELDS: dict[str, tuple[str, ...]] = {t: tuple(f for f in fs if f != "label") for t, fs in TASK_FIELDS.items()}
+# The field that stands for a record in length statistics.
+MAIN_FIELD: dict[str, str] = {"ner": "text", "mc": "text", "nli": "premise", "paraphrase": "source",
+                              "qg": "context", "qa": "context", "summarization": "text", "title": "text"}
+# Pseudo-task of raw texts waiting for automatic annotation.
+RAW = "text"
+
+# NEREL's 29 entity types (../shared/docs/FREDT5_NOTES.md 4.1), the NER head's classes.
+NEREL_TYPES: tuple[str, ...] = (
+    "AGE", "AWARD", "CITY", "COUNTRY", "CRIME", "DATE", "DISEASE", "DISTRICT", "EVENT", "FACILITY", "FAMILY",
+    "IDEOLOGY", "LANGUAGE", "LAW", "LOCATION", "MONEY", "NATIONALITY", "NUMBER", "ORDINAL", "ORGANIZATION",
+    "PENALTY", "PERCENT", "PERSON", "PRODUCT", "PROFESSION", "RELIGION", "STATE_OR_PROVINCE", "TIME",
+    "WORK_OF_ART",
+)
+NLI_LABELS: tuple[str, ...] = ("entailment", "contradiction", "neutral")
+
+
+def text_fields(rec: dict) -> tuple[str, ...]:
+    """The free-text fields of a record (raw texts: `text`)."""
+    return TEXT_FIELDS.get(rec["task"], ("text",))
+
+
+def make_id(source: str, *parts: Any) -> str:
+    return ":".join([source, *(str(p) for p in parts)])
+
+
+@dataclass
+class Problems:
+    """Collects bad-input problems: each is an RSGError naming the file and line.
+
+    strict=True re-raises the first one (the run stops); otherwise the bad record is skipped, counted per source,
+    and the first `keep` messages are kept for the summary (and echoed through `echo`).
+    """
+
+    strict: bool = False
+    keep: int = 50
+    echo: Callable[[str], None] | None = None
+    counts: Counter = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+
+    def add(self, source: str, err: RSGError) -> None:
+        if self.strict:
+            raise err
+        self.counts[source] += 1
+        if len(self.messages) < self.keep:
+            self.messages.append(str(err))
+            if self.echo is not None:
+                self.echo(f"skipped: {err}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> dict:
+        return {"skipped_per_source": dict(self.counts), "total": self.total, "first_messages": self.messages}
