@@ -52,7 +52,9 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     """Entry point: run the app, turning RSGError into one red line and exit status 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer.Exit(code) comes back as a return value here
+            sys.exit(rc)
     except RSGError as exc:
         from rich.console import Console
 

@@ -341,6 +341,8 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
                 msg, exp = label.args if len(label.args) == 2 else (label.args[0], None)
                 problems.append(Problem(source, lineno, f"field '{fld}': {msg}" + (f" (expected: {_fmt(exp)})"
                                                                                   if exp is not None else "")))
+                if key is not None:  # the id is there, only its label is wrong: don't also call it missing
+                    seen.setdefault(key, lineno)
                 continue
             if key is None:
                 continue
