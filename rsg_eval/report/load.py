@@ -237,7 +237,10 @@ def published_path(name: str) -> Path:
 
 def load_published(name: str) -> list[Run]:
     """The shipped reference rows: "paper" (the hierarchical FRED-T5 paper) or "leaderboard"."""
-    return load_score_file(published_path(name), origin="published")
+    runs = load_score_file(published_path(name), origin="published")
+    for run in runs:  # a machine-independent source, so reports do not depend on where the package lives
+        run.source = f"rsg_eval/published/{PUBLISHED[name]}"
+    return runs
 
 
 def load_any(spec: str | Path, split: str = "val") -> list[Run]:

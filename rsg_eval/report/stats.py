@@ -15,6 +15,7 @@ from `rsg_eval.metrics.score`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -174,8 +175,10 @@ class Bootstrap:
         self.group_ids = [g for g in ids if g in by_group]
         self.order = [by_group[g] for g in self.group_ids]
         self.table, self.info = _features(self.task, self.golds, self.preds, self.order)
-        self.point = {k: float(v) for k, v in self.scorer(self.task, self.golds, self.preds,
-                                                          groups=list(self.groups)).items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            point = self.scorer(self.task, self.golds, self.preds, groups=list(self.groups))
+        self.point = {k: float(v) for k, v in point.items()}
 
     @property
     def n_groups(self) -> int:
@@ -195,7 +198,9 @@ class Bootstrap:
         rows = []
         for r in idx:
             golds, preds, groups = self.replicate(r)
-            rows.append(self.scorer(self.task, golds, preds, groups=groups))
+            with warnings.catch_warnings():  # scikit-learn warns when a replicate holds one label only
+                warnings.simplefilter("ignore")
+                rows.append(self.scorer(self.task, golds, preds, groups=groups))
         return {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0]}
 
     def _fast(self, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,50 @@
+"""`rsg report RUN [RUN ...]`: the paper's tables from your runs, with bootstrap intervals and paired tests.
+
+Torch-free: reports read only run-folder files (docs/DESIGN.md) and score files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _default_out(runs: list[str], against: list[str]) -> Path:
+    names = [Path(r).stem if Path(r).suffix else Path(r).name for r in runs] + list(against)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "-vs-".join(n for n in names if n)).strip("-")[:80] or "report"
+    return Path("reports") / slug
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    def report_cmd(
+        runs: List[str] = typer.Argument(..., help="Run folders (the first is the reference) or score files "
+                                                   "(.yaml/.json with leaderboard numbers)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: reports/<names>]."),
+        formats: str = typer.Option("md,html,csv,json", "--format", help="Comma-separated: md, html, csv, json."),
+        against: List[str] = typer.Option([], "--against", help="Add published reference rows: paper, "
+                                          "leaderboard, or a score file. Repeatable."),
+        split: str = typer.Option("val", "--split", help="Which logs of the run folders to score."),
+        seed: int = typer.Option(0, "--seed", help="Bootstrap seed (same seed, same report)."),
+        bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates."),
+        examples: int = typer.Option(5, "--examples", help="Disagreement examples per task and run."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the tables."),
+    ) -> None:
+        """Compare runs task by task: metrics, 95% bootstrap intervals, gains over the first run with paired
+        tests, totals, charts, LiDiRus diagnostics, confusion matrices and disagreements."""
+        from rich.console import Console
+
+        from rsg_eval.report import make_report, parse_formats, write_report
+        from rsg_eval.report.render import print_rich
+
+        fmts = parse_formats(formats)
+        report = make_report(runs, against=against, split=split, seed=seed, n_boot=bootstrap, n_examples=examples)
+        console = Console()
+        if not quiet:
+            print_rich(report, console)
+        folder = out or _default_out(runs, against)
+        paths = write_report(report, folder, fmts)
+        console.print(f"wrote {len(paths)} files to {folder}/: " + ", ".join(p.name for p in paths), highlight=False)

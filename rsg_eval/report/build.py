@@ -1,0 +1,339 @@
+"""Build a report: every number the renderers print, as one JSON-able dict.
+
+Torch-free. The first run is the reference. Per task: each leaderboard metric of each run, the task score
+with its 95% bootstrap interval, the relative gain over the reference in percent (the paper's Table 3) and a
+paired bootstrap test against the reference; then the totals (Tables 1 and 2). Scores of runs with examples
+are recomputed from their logs through `rsg_eval.metrics.score`; runs without examples (published rows,
+score files, tasks only in metrics.json) show their numbers without intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from rsg_eval.report.load import Run
+from rsg_eval.report.stats import Bootstrap, paired_test, percentile_ci, resample_indices
+
+PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
+
+
+def _rng(seed: int, *parts: int) -> np.random.Generator:
+    """An independent, reproducible stream per (seed, task, purpose): adding a task leaves the others unchanged."""
+    return np.random.default_rng([seed, *parts])
+
+
+def _key(x: Any) -> Any:
+    return tuple(_key(v) for v in x) if isinstance(x, list) else x
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b and type(a) is type(b)
+
+
+def _gain(score: float | None, ref: float | None) -> float | None:
+    if score is None or ref is None or ref == 0 or math.isnan(score) or math.isnan(ref):
+        return None
+    return (score - ref) / abs(ref) * 100.0
+
+
+def _f(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _unique_names(runs: Sequence[Run]) -> None:
+    seen: Counter = Counter()
+    for run in runs:
+        seen[run.name] += 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name}#{seen[run.name]}"
+
+
+class _TaskBoot:
+    """The bootstrap of one task across all runs: the same replicates for runs over the same groups."""
+
+    def __init__(self, task: str, ti: int, runs: Sequence[Run], seed: int, n_boot: int, problems: list[str]):
+        self.task, self.ti, self.seed, self.n_boot = task, ti, seed, n_boot
+        self.boots: dict[int, Bootstrap] = {}
+        self.samples: dict[int, np.ndarray] = {}
+        for r, run in enumerate(runs):
+            rows = run.logs.get(task)
+            if not rows:
+                continue
+            b = Bootstrap(task, [r_["gold"] for r_ in rows], [r_["pred"] for r_ in rows],
+                          [_key(r_["group"]) for r_ in rows])
+            # replicates depend only on (seed, task, number of groups): runs over the same groups are paired
+            idx = resample_indices(b.n_groups, n_boot, _rng(seed, ti))
+            self.boots[r] = b
+            self.samples[r] = b.scores(idx)["score"]
+            if not b.exact:
+                problems.append(f"{run.name} {task}: bootstrap used the exact (slow) scorer on every replicate")
+
+    def paired(self, runs: Sequence[Run], r: int) -> tuple[dict | None, np.ndarray | None, str | None]:
+        """Paired test of run r against run 0 on their shared examples, the diff replicates, and a note."""
+        if 0 not in self.boots or r not in self.boots:
+            return None, None, None
+        ref, run = runs[0], runs[r]
+        if ref.split != run.split:
+            return None, None, f"{self.task}: {run.name} is {run.split}, the reference {ref.split}: not paired"
+        ref_rows = {_key(x["key"]): x for x in ref.logs[self.task]}
+        run_rows = {_key(x["key"]): x for x in run.logs[self.task]}
+        shared = [k for k in ref_rows if k in run_rows]
+        b0, b1 = self.boots[0], self.boots[r]
+        if not shared:
+            return None, None, f"{self.task}: {run.name} and the reference share no examples: not paired"
+        note = None
+        if len(shared) == len(ref_rows) == len(run_rows) and b0.group_ids == b1.group_ids and all(
+                _key(ref_rows[k]["group"]) == _key(run_rows[k]["group"]) for k in shared):
+            diff_s = self.samples[r] - self.samples[0]
+            diff = b1.point["score"] - b0.point["score"]
+            n_groups = b0.n_groups
+        else:
+            # groups from the reference, so MuSeRC questions / RuCoS queries stay whole in both runs
+            groups = [_key(ref_rows[k]["group"]) for k in shared]
+            order = sorted(set(groups), key=lambda g: b0.group_ids.index(g))
+            p0 = Bootstrap(self.task, [ref_rows[k]["gold"] for k in shared], [ref_rows[k]["pred"] for k in shared],
+                           groups, group_order=order)
+            p1 = Bootstrap(self.task, [ref_rows[k]["gold"] for k in shared], [run_rows[k]["pred"] for k in shared],
+                           groups, group_order=order)
+            idx = resample_indices(p0.n_groups, self.n_boot, _rng(self.seed, self.ti, 1))
+            diff_s = p1.scores(idx)["score"] - p0.scores(idx)["score"]
+            diff = p1.point["score"] - p0.point["score"]
+            n_groups = p0.n_groups
+            note = (f"{self.task}: {run.name} paired with the reference on {len(shared)} shared examples "
+                    f"(reference {len(ref_rows)}, run {len(run_rows)})")
+        res = paired_test(diff, diff_s, n_groups=n_groups)
+        return ({"diff": res.diff, "ci": list(res.ci), "p": res.p_value, "significant": res.significant,
+                 "n_groups": res.n_groups}, diff_s, note)
+
+
+def _cell(run: Run, task: str, boot: _TaskBoot, r: int, problems: list[str]) -> dict:
+    """One run's numbers for one task."""
+    from rsg_eval.tasks import get_task
+
+    names = list(get_task(task).metrics)
+    if r in boot.boots:
+        b = boot.boots[r]
+        point = b.point
+        rep = run.reported.get(task)
+        if rep and any(abs(float(rep.get(k, point[k])) - point[k]) > 1e-6 for k in point):
+            problems.append(f"{run.name} {task}: metrics.json disagrees with the logs; the logs are used")
+        lo, hi = percentile_ci(boot.samples[r])
+        return {"status": "ok", "metrics": {m: point[m] for m in names}, "score": point["score"],
+                "ci": [lo, hi], "n": len(b.golds), "groups": b.n_groups, "source": "logs"}
+    rep = run.reported.get(task)
+    if rep is not None:
+        return {"status": "ok", "metrics": {m: _f(rep.get(m)) for m in names}, "score": _f(rep.get("score")),
+                "ci": None, "n": None, "groups": None,
+                "source": "metrics.json" if run.origin == "run" else run.origin}
+    status = "not published" if run.origin == "published" else "missing"
+    return {"status": status, "metrics": {m: None for m in names}, "score": None, "ci": None, "n": None,
+            "groups": None, "source": None}
+
+
+def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]], boots: dict[str, _TaskBoot],
+            diffs: dict[str, dict[int, np.ndarray]]) -> tuple[list[dict], list[str]]:
+    """Official totals (all nine tasks) and, when runs cover different tasks, the mean over the tasks every
+    run with per-task numbers has; intervals where a run has examples for all of them, paired tests likewise."""
+    from rsg_eval.metrics import total
+    from rsg_eval.tasks import TASK_NAMES
+
+    with_tasks = [r for r in range(len(runs)) if any(cells[t][r]["score"] is not None for t in tasks)]
+    common = [t for t in tasks if with_tasks and all(cells[t][r]["score"] is not None for r in with_tasks)]
+    rows: list[dict] = []
+    for r, run in enumerate(runs):
+        scores = {t: cells[t][r]["score"] for t in tasks if cells[t][r]["score"] is not None}
+        tot = total(scores)
+        source = "9 tasks"
+        if tot is None and run.reported_total is not None:
+            tot, source = run.reported_total, "published" if run.origin == "published" else "file"
+        row: dict[str, Any] = {"total": tot, "total_source": source if tot is not None else None,
+                               "n_tasks": len(scores), "total_ci": None, "common": None, "common_ci": None}
+        if tot is not None and all(t in boots and r in boots[t].samples for t in TASK_NAMES):
+            row["total_ci"] = list(percentile_ci(np.mean([boots[t].samples[r] for t in TASK_NAMES], axis=0)))
+        if common and r in with_tasks:
+            row["common"] = float(np.mean([scores[t] for t in common]))
+            if all(r in boots[t].samples for t in common):
+                row["common_ci"] = list(percentile_ci(np.mean([boots[t].samples[r] for t in common], axis=0)))
+        rows.append(row)
+
+    def paired_mean(ts: list[str], r: int, point: float) -> dict | None:
+        if not ts or not all(r in diffs.get(t, {}) for t in ts):
+            return None
+        res = paired_test(point, np.mean([diffs[t][r] for t in ts], axis=0))
+        return {"diff": res.diff, "ci": list(res.ci), "p": res.p_value, "significant": res.significant}
+
+    for r, row in enumerate(rows):
+        row["gain"] = _gain(row["total"], rows[0]["total"])
+        row["common_gain"] = _gain(row["common"], rows[0]["common"])
+        row["paired"] = row["common_paired"] = None
+        if r == 0:
+            continue
+        if row["total"] is not None and rows[0]["total"] is not None:
+            row["paired"] = paired_mean(list(TASK_NAMES), r, row["total"] - rows[0]["total"])
+        if row["common"] is not None and rows[0]["common"] is not None:
+            row["common_paired"] = paired_mean(common, r, row["common"] - rows[0]["common"])
+    # the mean over common tasks adds nothing when every run with per-task numbers has all nine
+    if len(common) == len(TASK_NAMES):
+        common = []
+        for row in rows:
+            row["common"] = row["common_ci"] = row["common_gain"] = row["common_paired"] = None
+    return rows, common
+
+
+def _diagnostics(run: Run) -> dict[str, dict]:
+    """LiDiRus MCC per diagnostic category, recomputed from the log rows' tags, else from metrics.json."""
+    rows = run.logs.get("LiDiRus")
+    if rows and any(x.get("meta") for x in rows):
+        from rsg_eval.metrics import lidirus_diagnostics
+        from rsg_eval.tasks import Item
+
+        items = [Item(task="LiDiRus", split=run.split, key=_key(x["key"]), group=_key(x["group"]),
+                      doc=x.get("doc", x["group"]), fields={}, labels=tuple(x.get("labels") or ()),
+                      gold=x["gold"], meta=dict(x.get("meta") or {})) for x in rows]
+        diag = lidirus_diagnostics(items, {_key(x["key"]): x["pred"] for x in rows})
+        return {k: dict(v) for k, v in diag.items()}
+    out = {}
+    for k, v in (run.diagnostics or {}).items():
+        out[k] = dict(v) if isinstance(v, dict) else {"mcc": v, "n": None}
+    return out
+
+
+def _confusion(task: str, rows: list[dict]) -> dict:
+    from rsg_eval.tasks import get_task
+
+    fixed = [str(x) for x in (get_task(task).labels or ())]
+    seen = sorted({str(x["gold"]) for x in rows} | {str(x["pred"]) for x in rows})
+    labels = fixed + [x for x in seen if x not in fixed]
+    pos = {lab: i for i, lab in enumerate(labels)}
+    m = [[0] * len(labels) for _ in labels]
+    for x in rows:
+        m[pos[str(x["gold"])]][pos[str(x["pred"])]] += 1
+    return {"labels": labels, "matrix": m}
+
+
+def _cut(text: Any) -> str:
+    s = "" if text is None else str(text)
+    return s if len(s) <= PROMPT_CHARS else s[:PROMPT_CHARS] + " …"
+
+
+def _disagreements(runs: Sequence[Run], task: str, ti: int, seed: int, n: int) -> list[dict]:
+    """A seeded sample of examples where a run and the reference predict differently."""
+    out: list[dict] = []
+    ref = runs[0]
+    if task not in ref.logs:
+        return out
+    ref_rows = {_key(x["key"]): x for x in ref.logs[task]}
+    for r, run in enumerate(runs[1:], start=1):
+        if task not in run.logs or run.split != ref.split:
+            continue
+        shared = [(k, x) for k, x in ((_key(x["key"]), x) for x in run.logs[task]) if k in ref_rows]
+        diff = [(k, x) for k, x in shared if not _same(_key(ref_rows[k]["pred"]), _key(x["pred"]))]
+        if not diff:
+            continue
+        pick = sorted(_rng(seed, ti, 2, r).choice(len(diff), size=min(n, len(diff)), replace=False).tolist())
+        for i in pick:
+            k, x = diff[i]
+            a = ref_rows[k]
+            out.append({"run": run.name, "key": x["key"], "gold": a["gold"], "ref_pred": a["pred"],
+                        "run_pred": x["pred"], "ref_right": _same(_key(a["pred"]), _key(a["gold"])),
+                        "run_right": _same(_key(x["pred"]), _key(x["gold"])), "prompt": _cut(a.get("prompt")),
+                        "run_prompt": None if x.get("prompt") == a.get("prompt") else _cut(x.get("prompt")),
+                        "n_disagree": len(diff), "n_shared": len(shared)})
+    return out
+
+
+def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]]) -> list[dict]:
+    """For a model run with several templates: the scores per template and their spread, per task."""
+    by_model: dict[str, list[int]] = {}
+    for r, run in enumerate(runs):
+        model, template = run.config.get("model"), run.config.get("template")
+        if run.origin == "run" and model and template:
+            by_model.setdefault(str(model), []).append(r)
+    out = []
+    for model, idx in by_model.items():
+        templates = [str(runs[r].config.get("template")) for r in idx]
+        if len(set(templates)) < 2:
+            continue
+        per_task = []
+        for t in tasks:
+            vals = [(runs[r].name, templates[j], cells[t][r]["score"]) for j, r in enumerate(idx)
+                    if cells[t][r]["score"] is not None]
+            if len(vals) < 2:
+                continue
+            s = np.array([v[2] for v in vals])
+            best = vals[int(np.argmax(s))]
+            per_task.append({"task": t, "n": len(vals), "min": float(s.min()), "max": float(s.max()),
+                             "mean": float(s.mean()), "std": float(s.std(ddof=1)),
+                             "spread": float(s.max() - s.min()), "best_template": best[1],
+                             "scores": {v[1]: v[2] for v in vals}})
+        out.append({"model": model, "runs": [runs[r].name for r in idx], "templates": templates,
+                    "tasks": per_task})
+    return out
+
+
+def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_examples: int = 5,
+                 problems: Sequence[str] = ()) -> dict:
+    """All numbers of a report of `runs` (the first is the reference) as a JSON-able dict."""
+    from rsg_eval.tasks import TASK_NAMES, get_task
+
+    runs = list(runs)
+    _unique_names(runs)
+    problems = list(problems)
+    for run in runs:
+        problems += [f"{run.name}: {n}" for n in run.notes]
+    splits = sorted({run.split for run in runs if run.origin == "run"})
+    if len(splits) > 1:
+        problems.append(f"the runs cover different splits ({', '.join(splits)}): runs on different splits are "
+                        "not paired")
+    tasks = [t for t in TASK_NAMES if any(t in run.logs or t in run.reported for run in runs)]
+    cells: dict[str, list[dict]] = {}
+    boots: dict[str, _TaskBoot] = {}
+    diffs: dict[str, dict[int, np.ndarray]] = {}
+    task_rows = []
+    for t in tasks:
+        ti = TASK_NAMES.index(t)
+        boot = _TaskBoot(t, ti, runs, seed, n_boot, problems)
+        boots[t] = boot
+        cells[t] = [_cell(run, t, boot, r, problems) for r, run in enumerate(runs)]
+        diffs[t] = {}
+        for r, cell in enumerate(cells[t]):
+            cell["gain"] = _gain(cell["score"], cells[t][0]["score"]) if r else None
+            cell["paired"] = None
+            if r:
+                paired, d, note = boot.paired(runs, r)
+                cell["paired"] = paired
+                if d is not None:
+                    diffs[t][r] = d
+                if note:
+                    problems.append(note)
+        for r, run in enumerate(runs):
+            if cells[t][r]["status"] == "missing" and run.origin != "published":
+                problems.append(f"{run.name}: no {t} results (marked missing)")
+        task_rows.append({"task": t, "metrics": list(get_task(t).metrics), "cells": cells[t]})
+    totals, common = _totals(runs, tasks, cells, boots, diffs)
+    return {
+        "seed": seed, "n_boot": n_boot, "level": 0.95, "alpha": 0.05,
+        "reference": runs[0].name,
+        "runs": [{"name": run.name, "title": run.title, "split": run.split, "where": run.where,
+                  "origin": run.origin, "source": run.source, "has_examples": run.has_examples,
+                  "kind": run.config.get("kind"), "model": run.config.get("model"),
+                  "template": run.config.get("template"), "notes": list(run.notes)} for run in runs],
+        "tasks": task_rows,
+        # runs shown in the per-task table: the reference and every run with at least one task score
+        "task_columns": [r for r in range(len(runs))
+                         if r == 0 or any(cells[t][r]["score"] is not None for t in tasks)],
+        "totals": totals,
+        "common_tasks": common,
+        "diagnostics": {run.name: d for run in runs if (d := _diagnostics(run))},
+        "confusion": {t: {run.name: _confusion(t, run.logs[t]) for run in runs if t in run.logs}
+                      for t in tasks if get_task(t).labels is not None and any(t in run.logs for run in runs)},
+        "disagreements": {t: d for t in tasks if (d := _disagreements(runs, t, TASK_NAMES.index(t), seed,
+                                                                          n_examples))},
+        "template_spread": _template_spread(runs, tasks, cells),
+        "epochs": {run.name: run.epochs for run in runs if run.epochs},
+        "problems": problems,
+    }

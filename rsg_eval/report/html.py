@@ -1,0 +1,73 @@
+"""The self-contained HTML page of a report: Jinja template in a sandbox, charts inlined as data URIs.
+
+Torch-free. The template (templates/report.html.j2) is rendered by a `SandboxedEnvironment` with
+autoescape on and `StrictUndefined`, so run names, prompts and predictions (user data) are escaped and a
+misspelt variable fails loudly. The page loads nothing from outside: no scripts, fonts or images by URL.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from rsg_eval.report.render import (MARK, num, task_table_header, task_table_rows, totals_header,
+                                    totals_only_note, totals_rows)
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
+CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch"}
+
+
+def _cls(text: str, col: int) -> str:
+    if col < 2:
+        return ""
+    if text in ("missing", "n/p"):
+        return "num missing"
+    if text.endswith(MARK):
+        return "num sig neg" if text.lstrip().startswith(("-", "Δ -")) else "num sig"
+    return "num"
+
+
+def _cells(rows: list[list[str]]) -> list[list[dict]]:
+    return [[{"text": t, "cls": _cls(t, i)} for i, t in enumerate(row)] for row in rows]
+
+
+def _context(report: dict, charts: dict[str, bytes]) -> dict:
+    from rsg_eval import __version__
+
+    diag = report["diagnostics"]
+    cats = list(dict.fromkeys(k for d in diag.values() for k in d))
+    return {
+        "title": "Russian SuperGLUE comparison report",
+        "reference": report["runs"][0], "runs": report["runs"], "n_boot": report["n_boot"],
+        "seed": report["seed"], "mark": MARK, "version": __version__,
+        "task_head": task_table_header(report), "task_rows": _cells(task_table_rows(report)),
+        "totals_head": totals_header(report), "totals_rows": _cells(totals_rows(report)),
+        "common_tasks": report["common_tasks"], "totals_only_note": totals_only_note(report),
+        "charts": [(name, "data:image/png;base64," + base64.b64encode(png).decode("ascii"))
+                   for name, png in charts.items()],
+        "chart_titles": CHART_TITLES,
+        "diagnostics": bool(diag),
+        "diag_head": ["Category"] + [f"{n} (n)" for n in diag],
+        "diag_rows": [[{"text": c, "cls": ""}] + [{"text": f"{num(d[c]['mcc'])} ({d[c].get('n', '–')})"
+                                                   if c in d else "–", "cls": "num"} for d in diag.values()]
+                      for c in cats],
+        "confusion": [(task, [(name, {"labels": cm["labels"], "rows": list(zip(cm["labels"], cm["matrix"]))})
+                              for name, cm in per_run.items()]) for task, per_run in report["confusion"].items()],
+        "disagreements": list(report["disagreements"].items()),
+        "spread_head": ["Task", "n", "min", "max", "spread", "std", "best template"],
+        "template_spread": [{"model": s["model"], "runs": s["runs"], "templates": s["templates"],
+                             "rows": _cells([[t["task"], str(t["n"]), num(t["min"]), num(t["max"]),
+                                              num(t["spread"]), num(t["std"]), t["best_template"]]
+                                             for t in s["tasks"]])} for s in report["template_spread"]],
+        "problems": report["problems"],
+    }
+
+
+def to_html(report: dict, charts: dict[str, bytes] | None = None) -> str:
+    """The report as one HTML page with every chart embedded."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(TEMPLATE.read_text(encoding="utf-8"))
+    return template.render(**_context(report, charts or {}))

@@ -1,0 +1,281 @@
+"""Render a built report (rsg_eval.report.build) as Markdown, CSV, a rich terminal table and JSON.
+
+Torch-free. The HTML page lives in html.py, the charts in charts.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+MARK = "*"  # beside a gain when the paired test says the difference is significant
+
+
+def num(x: Any, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{nd}f}"
+
+
+def ci_text(ci: Any, nd: int = 3) -> str:
+    if not ci or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return ""
+    return f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def gain_text(gain: Any, paired: dict | None) -> str:
+    if gain is None:
+        return "–" if paired is None else f"Δ {paired['diff']:+.3f}" + (f" {MARK}" if paired["significant"] else "")
+    return f"{gain:+.1f}%" + (f" {MARK}" if paired and paired["significant"] else "")
+
+
+def p_text(p: dict | None, n_boot: int) -> str:
+    """The paired test's p-value; 0 replicates on the other side reads "< 2/B", the resolution of B replicates."""
+    if not p:
+        return ""
+    return f"<{2 / n_boot:.3g}" if p["p"] == 0 else num(p["p"])
+
+
+def status_text(cell: dict) -> str:
+    return {"missing": "missing", "not published": "n/p"}.get(cell["status"], "–")
+
+
+def metric_label(name: str) -> str:
+    return {"mcc": "MCC", "f1": "F1", "acc": "Acc", "f1a": "F1a", "em": "EM"}.get(name, name)
+
+
+def run_header(run: dict) -> str:
+    return f"{run['name']} ({run['where']})"
+
+
+def task_table_rows(report: dict, sep: str = " ") -> list[list[str]]:
+    """Rows of the per-task table: task, metric, then per run its value and (after the reference) its gain.
+
+    Only the runs in report["task_columns"] (those with per-task numbers) get columns."""
+    cols = report["task_columns"]
+    rows: list[list[str]] = []
+    for tr in report["tasks"]:
+        cells, names = tr["cells"], tr["metrics"]
+        if len(names) > 1:
+            row = [tr["task"], " / ".join(metric_label(m) for m in names)]
+            for r in cols:
+                c = cells[r]
+                row.append(" / ".join(num(c["metrics"][m]) for m in names) if c["status"] == "ok"
+                           else status_text(c))
+                if r:
+                    row.append("")
+            rows.append(row)
+        row = ["" if len(names) > 1 else tr["task"], "score" if len(names) > 1 else metric_label(names[0])]
+        for r in cols:
+            c = cells[r]
+            row.append((num(c["score"]) + (sep + ci_text(c["ci"]) if c["ci"] else "")).strip()
+                       if c["status"] == "ok" else status_text(c))
+            if r:
+                row.append(gain_text(c["gain"], c["paired"]) if c["status"] == "ok" else "")
+        rows.append(row)
+    return rows
+
+
+def task_table_header(report: dict) -> list[str]:
+    head = ["Task", "Metric"]
+    for r in report["task_columns"]:
+        run = report["runs"][r]
+        head.append(run_header(run) + (" [ref]" if r == 0 else ""))
+        if r:
+            head.append(f"Δ% {run['name']}")
+    return head
+
+
+def totals_only_note(report: dict) -> str:
+    """Which runs appear only in the totals (no per-task numbers)."""
+    names = [run["name"] for r, run in enumerate(report["runs"]) if r not in report["task_columns"]]
+    return ("Only in the totals (no per-task numbers): " + ", ".join(names) + ".") if names else ""
+
+
+def totals_rows(report: dict) -> list[list[str]]:
+    rows = []
+    n_common = len(report["common_tasks"])
+    for r, (run, t) in enumerate(zip(report["runs"], report["totals"])):
+        tot = num(t["total"]) + (" " + ci_text(t["total_ci"]) if t["total_ci"] else "")
+        if t["total"] is not None and t["total_source"] in ("published", "file"):
+            tot += f" ({t['total_source']})"
+        elif t["total"] is None:
+            tot = f"– ({t['n_tasks']}/9 tasks)"
+        row = [run["name"], run["where"], tot, "" if r == 0 else gain_text(t["gain"], t["paired"]),
+               "" if r == 0 else p_text(t["paired"], report["n_boot"])]
+        if n_common:
+            row += [num(t["common"]) + (" " + ci_text(t["common_ci"]) if t["common_ci"] else ""),
+                    "" if r == 0 else gain_text(t["common_gain"], t["common_paired"]),
+                    "" if r == 0 else p_text(t["common_paired"], report["n_boot"])]
+        rows.append(row)
+    return rows
+
+
+def totals_header(report: dict) -> list[str]:
+    head = ["Run", "Numbers", "Total [95% CI]", "Δ% total", "p"]
+    if report["common_tasks"]:
+        head += [f"Mean of {len(report['common_tasks'])} common tasks [95% CI]", "Δ% mean", "p"]
+    return head
+
+
+# --------------------------------------------------------------------------------------------------- markdown
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    def esc(s: Any) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _md_quote(text: str) -> str:
+    return "\n".join("> " + line if line else ">" for line in str(text).splitlines()) or ">"
+
+
+def intro_lines(report: dict) -> list[str]:
+    ref = report["runs"][0]
+    return [
+        f"Reference: **{ref['name']}** ({ref['where']}). Numbers marked *val, local* were scored here on the "
+        "validation split; *test, leaderboard* and *test, published* are the leaderboard's test-set numbers.",
+        f"Intervals: 95% percentile bootstrap, {report['n_boot']} replicates, seed {report['seed']}; MuSeRC "
+        "questions and RuCoS queries are resampled whole. Δ% is the gain over the reference relative to its "
+        f"score (Table 3 style); {MARK} = paired bootstrap test against the reference on the same examples, "
+        "p < 0.05. Runs without examples (published rows, score files) have no intervals and no tests.",
+    ]
+
+
+def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
+    """The whole report as GitHub Markdown; `figures` maps a chart name to its path relative to the file."""
+    figures = figures or {}
+    out = ["# Russian SuperGLUE comparison report", ""] + [x for line in intro_lines(report) for x in (line, "")]
+    out += ["## Runs", "", _md_table(
+        ["#", "Run", "Numbers", "Kind", "Model", "Template", "Examples", "Source"],
+        [[str(i), r["name"] + (f" — {r['title']}" if r["title"] else ""), r["where"], r["kind"] or r["origin"],
+          r["model"] or "", r["template"] or "", "yes" if r["has_examples"] else "no", r["source"]]
+         for i, r in enumerate(report["runs"])]), ""]
+    out += ["## Per task (Table 3 style)", "", _md_table(task_table_header(report), task_table_rows(report)), ""]
+    out += ["n/p = not published for this reference row; missing = the run has no result for the task. "
+            + totals_only_note(report), ""]
+    out += ["## Totals (Tables 1 and 2 style)", "", _md_table(totals_header(report), totals_rows(report)), ""]
+    if report["common_tasks"]:
+        out += ["Total = mean of all nine task scores (leaderboard rule); the mean over common tasks covers "
+                f"{', '.join(report['common_tasks'])}.", ""]
+    if figures:
+        out += ["## Charts", ""] + [f"![{name}]({path})" for name, path in figures.items()] + [""]
+    out += _md_inside(report)
+    if report["problems"]:
+        out += ["## Notes and problems", ""] + [f"- {p}" for p in report["problems"]] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md_inside(report: dict) -> list[str]:
+    out: list[str] = []
+    diag = report["diagnostics"]
+    if diag:
+        cats = list(dict.fromkeys(k for d in diag.values() for k in d))
+        out += ["## LiDiRus diagnostics (MCC per category)", "", _md_table(
+            ["Category"] + [f"{n} (n)" for n in diag],
+            [[c] + [f"{num(d[c]['mcc'])} ({d[c].get('n', '–')})" if c in d else "–" for d in diag.values()]
+             for c in cats]), ""]
+    if report["confusion"]:
+        out += ["## Confusion matrices (rows: gold, columns: predicted)", ""]
+        for task, per_run in report["confusion"].items():
+            for name, cm in per_run.items():
+                out += [f"**{task} — {name}**", "", _md_table(["gold \\ pred"] + cm["labels"],
+                        [[lab] + [str(v) for v in row] for lab, row in zip(cm["labels"], cm["matrix"])]), ""]
+    if report["disagreements"]:
+        out += [f"## Where runs disagree with the reference ({report['reference']})", ""]
+        for task, items in report["disagreements"].items():
+            for ex in items:
+                mark = lambda ok: "right" if ok else "wrong"  # noqa: E731
+                out += [f"**{task}** key {ex['key']} ({ex['n_disagree']} of {ex['n_shared']} differ for "
+                        f"{ex['run']}): gold `{ex['gold']}`; {report['reference']} `{ex['ref_pred']}` "
+                        f"({mark(ex['ref_right'])}), {ex['run']} `{ex['run_pred']}` ({mark(ex['run_right'])})",
+                        "", _md_quote(ex["prompt"]), ""]
+                if ex["run_prompt"]:
+                    out += [f"{ex['run']}'s prompt:", "", _md_quote(ex["run_prompt"]), ""]
+    for spread in report["template_spread"]:
+        out += [f"## Template spread: {spread['model']}", "",
+                "Runs: " + ", ".join(f"{n} ({t})" for n, t in zip(spread["runs"], spread["templates"])), "",
+                _md_table(["Task", "n", "min", "max", "spread", "std", "best template"],
+                          [[t["task"], str(t["n"]), num(t["min"]), num(t["max"]), num(t["spread"]), num(t["std"]),
+                            t["best_template"]] for t in spread["tasks"]]), ""]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- csv / json
+
+CSV_COLUMNS = ["run", "numbers", "task", "metric", "value", "ci_low", "ci_high", "gain_pct", "diff_vs_ref",
+               "diff_ci_low", "diff_ci_high", "p_value", "significant", "n_items", "source", "status"]
+
+
+def to_csv(report: dict) -> str:
+    """Long format: one line per run, task and metric (and 'score'), then the totals."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+
+    def row(run: dict, task: str, metric: str, value: Any, **kw: Any) -> None:
+        d = {k: "" for k in CSV_COLUMNS}
+        d.update(run=run["name"], numbers=run["where"], task=task, metric=metric,
+                 value="" if value is None else repr(float(value)))
+        for k, v in kw.items():
+            d[k] = "" if v is None else (repr(float(v)) if isinstance(v, float) else v)
+        w.writerow(d)
+
+    def paired_kw(p: dict | None) -> dict:
+        if not p:
+            return {}
+        return {"diff_vs_ref": p["diff"], "diff_ci_low": p["ci"][0], "diff_ci_high": p["ci"][1],
+                "p_value": p["p"], "significant": str(bool(p["significant"])).lower()}
+
+    for tr in report["tasks"]:
+        for run, c in zip(report["runs"], tr["cells"]):
+            for m in tr["metrics"]:
+                row(run, tr["task"], m, c["metrics"][m], source=c["source"], status=c["status"])
+            ci = c["ci"] or [None, None]
+            row(run, tr["task"], "score", c["score"], ci_low=ci[0], ci_high=ci[1], gain_pct=c["gain"],
+                n_items=c["n"], source=c["source"], status=c["status"], **paired_kw(c["paired"]))
+    for run, t in zip(report["runs"], report["totals"]):
+        ci = t["total_ci"] or [None, None]
+        row(run, "total", "total", t["total"], ci_low=ci[0], ci_high=ci[1], gain_pct=t["gain"],
+            source=t["total_source"], status="ok" if t["total"] is not None else "incomplete",
+            **paired_kw(t["paired"]))
+        if report["common_tasks"]:
+            ci = t["common_ci"] or [None, None]
+            row(run, "mean:" + "+".join(report["common_tasks"]), "mean", t["common"], ci_low=ci[0], ci_high=ci[1],
+                gain_pct=t["common_gain"], status="ok", **paired_kw(t["common_paired"]))
+    return buf.getvalue()
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, ensure_ascii=False, indent=1, default=str) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- terminal
+
+def print_rich(report: dict, console: Any = None) -> None:
+    """The per-task and totals tables in the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for line in intro_lines(report):
+        console.print(line.replace("**", ""), highlight=False)
+    for title, head, rows in (("Per task (Table 3 style)", task_table_header(report),
+                               task_table_rows(report, sep="\n")),
+                              ("Totals (Tables 1-2 style)", totals_header(report), totals_rows(report))):
+        table = Table(title=title, show_lines=False)
+        for i, h in enumerate(head):
+            table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+    if totals_only_note(report):
+        console.print(totals_only_note(report), highlight=False)
+    for p in report["problems"]:
+        console.print(f"[yellow]note:[/] {p}", highlight=False, soft_wrap=True)
