@@ -244,7 +244,7 @@ def make_units(texts: Sequence[dict], spec: TeacherSpec) -> list[Unit]:
     for rec in texts:
         for k, u in enumerate(units(rec["text"], spec)):
             uid = rec["id"] if spec.unit == "text" else f"{rec['id']}#s{k}"
-            out.append(Unit(uid, rec.get("_group", rec["id"]), rec["source"], u))
+            out.append(Unit(uid, rec.get("_group", rec["id"]), rec["_src"], u))
     return out
 
 
@@ -262,7 +262,7 @@ def run_batch(job: str, batch: Sequence[Unit], teachers: dict[str, Any], stats: 
         if why:
             stats[f"{job}: {why}"] += 1
             continue
-        recs.append({"task": job, field_in: u.text, field_out: o, "source": u.source, "id": f"{u.id}#{job}",
+        recs.append({"task": job, field_in: u.text, field_out: o, "_src": u.source, "id": f"{u.id}#{job}",
                      "_group": u.group})
     return recs
 
@@ -291,7 +291,7 @@ def _run_qa(batch: Sequence[Unit], qg: Generator, qa: Answerer, stats: Counter) 
         if degenerate(ans) == "repeated":
             stats["qa: repeated"] += 1
             continue
-        base = {"context": u.text, "source": u.source, "_group": u.group}
+        base = {"context": u.text, "_src": u.source, "_group": u.group}
         recs.append({"task": "qa", **base, "question": q, "answer": ans, "id": f"{u.id}#qa",
                      "teacher_score": round(score, 4)})
         recs.append({"task": "qg", **base, "answer": ans, "question": q, "id": f"{u.id}#qg"})

@@ -61,8 +61,8 @@ def parse_ann_line(line: str, path: Path, lineno: int) -> Entity | None:
             raise RSGError(f"bad offsets {head[1]!r}", file=path, line=lineno,
                            expected="<start> <end>[;<start> <end>...]")
         s, e = int(m.group(1)), int(m.group(2))
-        if e < s:
-            raise RSGError(f"end {e} before start {s}", file=path, line=lineno)
+        if e <= s:
+            raise RSGError(f"end {e} not after start {s}", file=path, line=lineno)
         spans.append((s, e))
     return Entity(head[0], tuple(spans), "\t".join(parts[2:]), lineno)
 
@@ -188,5 +188,5 @@ def iter_brat(folder: Path, *, types: tuple[str, ...] | None, type_map: dict[str
         rel = txt.relative_to(folder).with_suffix("").as_posix()
         for off, piece, ents in chunk_doc(doc[0], doc[1], max_chars):
             rid = make_id(source, rel) if off == 0 and len(piece) == len(doc[0]) else make_id(source, rel, off)
-            yield {"task": "ner", "text": piece, "entities": ents, "source": source, "id": rid,
+            yield {"task": "ner", "text": piece, "entities": ents, "_src": source, "id": rid,
                    "_group": make_id(source, rel)}

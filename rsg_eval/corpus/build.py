@@ -100,7 +100,11 @@ def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, v
 
 
 def _public(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if not k.startswith("_")}
+    """The record as written: internal `_` keys dropped; the source name goes to `source`, except for paraphrase,
+    whose `source` field is its input text (DESIGN.md), so there it goes to `origin`."""
+    out = {k: v for k, v in rec.items() if not k.startswith("_")}
+    out["origin" if rec["task"] == "paraphrase" else "source"] = rec["_src"]
+    return out
 
 
 def _leakage_index(cfg: CorpusConfig, opts: BuildOptions) -> tuple[LeakageGuard | None, dict]:
@@ -207,7 +211,7 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
         val += va
         per_task[task] = {"train": len(tr), "val": len(va),
                           "chars": percentiles([len(r[MAIN_FIELD[task]]) for r in recs]),
-                          "sources": dict(Counter(r["source"] for r in recs))}
+                          "sources": dict(Counter(r["_src"] for r in recs))}
     if not train:
         raise RSGError("the corpus is empty after reading, cleaning and filtering (see the counts above)",
                        file=out)

@@ -144,11 +144,11 @@ def iter_texts(path: Path, *, text_field: str = "text", id_field: str | None = N
                 problems.add(source, RSGError("empty file", file=file))
                 continue
             rid = make_id(source, file.relative_to(path).as_posix())
-            yield {"task": "text", "text": text, "source": source, "id": rid, "_group": rid}
+            yield {"task": "text", "text": text, "_src": source, "id": rid, "_group": rid}
         return
     if path.is_file() and _suffix(path) == ".txt":
         text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
-        yield {"task": "text", "text": text, "source": source, "id": make_id(source, path.name),
+        yield {"task": "text", "text": text, "_src": source, "id": make_id(source, path.name),
                "_group": make_id(source, path.name)}
         return
     for file, line, row in iter_rows(path, problems, source):
@@ -158,7 +158,7 @@ def iter_texts(path: Path, *, text_field: str = "text", id_field: str | None = N
             problems.add(source, err)
             continue
         rid = _rid(source, path, file, line, row, id_field)
-        yield {"task": "text", "text": text, "source": source, "id": rid, "_group": rid}
+        yield {"task": "text", "text": text, "_src": source, "id": rid, "_group": rid}
 
 
 def _map_label(raw: Any, label_map: dict[str, Any] | None, allowed: tuple[str, ...] | None, file: Path,
@@ -195,7 +195,7 @@ def iter_topics(path: Path, *, text_field: str = "text", label_field: str = "lab
             dropped["label mapped to null"] = dropped.get("label mapped to null", 0) + 1
             continue
         rid = _rid(source, path, file, line, row, id_field)
-        yield {"task": "mc", "text": text, "label": label, "source": source, "id": rid, "_group": rid}
+        yield {"task": "mc", "text": text, "label": label, "_src": source, "id": rid, "_group": rid}
 
 
 def iter_nli(path: Path, *, premise_field: str = "premise", hypothesis_field: str = "hypothesis",
@@ -214,7 +214,7 @@ def iter_nli(path: Path, *, premise_field: str = "premise", hypothesis_field: st
             dropped["label mapped to null"] = dropped.get("label mapped to null", 0) + 1
             continue
         rid = _rid(source, path, file, line, row, id_field)
-        yield {"task": "nli", "premise": premise, "hypothesis": hypothesis, "label": label, "source": source,
+        yield {"task": "nli", "premise": premise, "hypothesis": hypothesis, "label": label, "_src": source,
                "id": rid, "_group": rid}
 
 
@@ -241,4 +241,4 @@ def iter_pairs(path: Path, *, task: str, fields: dict[str, str], group_field: st
         rid = _rid(source, path, file, line, row, id_field)
         group = str(row.get(group_field)) if group_field else rec[want[0]]
         gid = hashlib.blake2b(group.encode("utf-8"), digest_size=8).hexdigest()
-        yield {"task": task, **rec, "source": source, "id": rid, "_group": make_id(source, "g", gid)}
+        yield {"task": task, **rec, "_src": source, "id": rid, "_group": make_id(source, "g", gid)}
