@@ -80,7 +80,7 @@ def score_choices(
     """
     return _score(model, tokenizer, prompts, choices, batch_size=batch_size, normalize=normalize,
                   calibrate=calibrate, calibration_prompts=calibration_prompts,
-                  max_input_tokens=max_input_tokens, progress=progress, naive=False)
+                  max_input_tokens=max_input_tokens, progress=progress, mode="fast")
 
 
 def score_choices_naive(
@@ -99,7 +99,7 @@ def score_choices_naive(
     """The reference: same contract as `score_choices`, one full encoder + decoder pass per (prompt, choice)."""
     return _score(model, tokenizer, prompts, choices, batch_size=batch_size, normalize=normalize,
                   calibrate=calibrate, calibration_prompts=calibration_prompts,
-                  max_input_tokens=max_input_tokens, progress=progress, naive=True)
+                  max_input_tokens=max_input_tokens, progress=progress, mode="naive")
 
 
 def predict(scores: Sequence[Sequence[float]]) -> list[int]:
@@ -111,18 +111,20 @@ def predict(scores: Sequence[Sequence[float]]) -> list[int]:
 
 
 def _score(model, tokenizer, prompts, choices, *, batch_size, normalize, calibrate, calibration_prompts,
-           max_input_tokens, progress, naive) -> list[list[float]]:
+           max_input_tokens, progress, mode: str = "fast") -> list[list[float]]:
+    """mode: "fast" (encoder and cross-attention K/V once per prompt), "encoder_once" (encoder once per prompt,
+    the decoder recomputes K/V per choice; kept for the benchmark's breakdown) or "naive" (full pass per choice)."""
     prompts, choices = list(prompts), [list(c) for c in choices]
     _check_args(prompts, choices, normalize, batch_size)
     if not prompts:
         return []
     limit = max_input_tokens or _default_max_tokens(model, tokenizer)
     enc = _encode(tokenizer, prompts, choices, limit, _eos_id(model, tokenizer))
-    raw = _run(model, enc, batch_size, progress, naive)
+    raw = _run(model, enc, batch_size, progress, mode)
     scores = _normalize(raw, enc.choices, choices, normalize)
     if calibrate:
         base = _calibration_scores(model, tokenizer, prompts, choices, calibration_prompts,
-                                   batch_size=batch_size, normalize=normalize, limit=limit, naive=naive)
+                                   batch_size=batch_size, normalize=normalize, limit=limit, mode=mode)
         scores = [[s - b for s, b in zip(row, brow)] for row, brow in zip(scores, base)]
     return scores
 
@@ -140,7 +142,7 @@ def _check_args(prompts: list[str], choices: list[list[str]], normalize: str, ba
 
 
 def _calibration_scores(model, tokenizer, prompts, choices, calibration_prompts, *, batch_size, normalize, limit,
-                        naive) -> list[list[float]]:
+                        mode) -> list[list[float]]:
     """Scores under the content-free prompts, each distinct (prompt, choices) pair scored once."""
     if calibration_prompts is None or isinstance(calibration_prompts, str):
         cal = [calibration_prompts or DEFAULT_CALIBRATION_PROMPT] * len(prompts)
@@ -151,7 +153,7 @@ def _calibration_scores(model, tokenizer, prompts, choices, calibration_prompts,
     keys = [(p, tuple(c)) for p, c in zip(cal, choices)]
     unique = list(dict.fromkeys(keys))
     enc = _encode(tokenizer, [k[0] for k in unique], [list(k[1]) for k in unique], limit, _eos_id(model, tokenizer))
-    raw = _run(model, enc, batch_size, None, naive)
+    raw = _run(model, enc, batch_size, None, mode)
     normed = _normalize(raw, enc.choices, [list(k[1]) for k in unique], normalize)
     by_key = dict(zip(unique, normed))
     return [by_key[k] for k in keys]
@@ -179,7 +181,7 @@ def _default_max_tokens(model: Any, tokenizer: Any) -> int:
 
 
 def _encode(tokenizer: Any, prompts: list[str], choices: list[list[str]], limit: int, eos: int) -> _Encoded:
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
     special = set(getattr(tokenizer, "all_special_ids", []))
     too_long = 0
     for i, ids in enumerate(prompt_ids):
@@ -193,7 +195,7 @@ def _encode(tokenizer: Any, prompts: list[str], choices: list[list[str]], limit:
             stacklevel=4,
         )
     flat = [c for row in choices for c in row]
-    flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    flat_ids = tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
     out: list[list[list[int]]] = []
     k = 0
     for i, row in enumerate(choices):
@@ -256,7 +258,7 @@ def _free_memory() -> None:
 
 
 def _run(model: Any, enc: _Encoded, batch_size: int | str, progress: Progress | None,
-         naive: bool) -> list[list[tuple[float, int]]]:
+         mode: str) -> list[list[tuple[float, int]]]:
     """Score every (prompt, choice); returns (sum log-likelihood, token count) per choice, in input order.
 
     Prompts go longest first, so with "auto" an out-of-memory shows up on the first batch. On OOM the batch
@@ -271,8 +273,7 @@ def _run(model: Any, enc: _Encoded, batch_size: int | str, progress: Progress | 
         idx = order[pos:pos + bs]
         try:
             with torch.inference_mode():
-                part = (_naive_batch if naive else _fast_batch)(model, [enc.prompts[i] for i in idx],
-                                                                [enc.choices[i] for i in idx], bs)
+                part = _BATCH_FNS[mode](model, [enc.prompts[i] for i in idx], [enc.choices[i] for i in idx], bs)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not _is_oom(exc):
                 raise
@@ -381,14 +382,14 @@ def _cross_attention_layers(model: Any) -> list[Any] | None:
     return layers
 
 
-def _fast_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]],
-                bs: int) -> list[list[tuple[float, int]]]:
+def _fast_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]], bs: int,
+                cache_kv: bool = True) -> list[list[tuple[float, int]]]:
     """Encoder once per prompt, cross-attention K/V once per prompt, then the decoder over choice batches."""
     dev = _device(model)
     pad = model.config.pad_token_id or 0
     input_ids, attn = _pad(prompts, pad, dev)  # (B, S)
     enc = model.get_encoder()(input_ids=input_ids, attention_mask=attn).last_hidden_state  # (B, S, d)
-    cross = _cross_attention_layers(model)
+    cross = _cross_attention_layers(model) if cache_kv else None
     kv = None
     if cross is not None:
         # Per decoder layer: k, v of shape (B, H, S, d_kv), exactly what T5Attention computes from the encoder output.
@@ -439,3 +440,11 @@ def _decode_with_cached_kv(model: Any, enc: torch.Tensor, attn: torch.Tensor,
         return_dict=True,
     )
     return out.last_hidden_state
+
+
+def _encoder_once_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]],
+                        bs: int) -> list[list[tuple[float, int]]]:
+    return _fast_batch(model, prompts, choices, bs, cache_kv=False)
+
+
+_BATCH_FNS = {"fast": _fast_batch, "encoder_once": _encoder_once_batch, "naive": _naive_batch}
