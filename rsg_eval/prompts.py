@@ -29,6 +29,7 @@ API::
     list_templates(task=None) -> dict[str, list[str]]    {Task: [names]}, default first
     load_template(task, name=None) -> Template           name: a template name or a path to a .yaml file
     Template.render(item, tokenizer=None, max_tokens=None, prefix=None) -> Rendered(prompt, choices, truncated)
+    Template.render_content_free(item, prefix=None) -> str   text fields -> "N/A" (for --calibrate)
     Template.sha256                   of the YAML file's bytes (goes into run fingerprints)
 """
 
@@ -64,6 +65,7 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
 }
 _KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice"}
 ELLIPSIS = " …"
+CONTENT_FREE = "N/A"
 
 
 def prompts_dir() -> Path:
@@ -149,6 +151,16 @@ class Template:
             else:
                 hi = mid - 1
         return Rendered(best if best is not None else fits(0)[1], choices, True)
+
+    def render_content_free(self, item: Any, prefix: str | None = None) -> str:
+        """The prompt with every text field replaced by "N/A" (for calibration against a content-free input).
+
+        Structural fields keep their values (PARus `question` picks the template branch; indices, lists).
+        """
+        keep = {"question"} if self.task == "PARus" else set()
+        fields = {k: (CONTENT_FREE if isinstance(v, str) and k not in keep else v) for k, v in item.fields.items()}
+        pre = self.prefix if prefix is None else prefix
+        return pre + self._render_main(fields)
 
     def render_choices(self, item: Any) -> list[str]:
         """Answer texts aligned with `item.labels`; an empty one is an error naming the label."""

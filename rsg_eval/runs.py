@@ -23,8 +23,10 @@ API::
     log_row(item, pred, *, prompt=None, choices=None, scores=None) -> dict
         one per-item log line: key, group, doc, prompt, choices, labels, scores, pred, gold, meta.
 
-    RunFolder.create(name=None, *, model=None, kind="zeroshot", tags=(), root="submissions") -> RunFolder
+    run_path(name=None, *, model=None, kind="zeroshot", tags=(), root="submissions") -> Path
         `name` may be a bare run name (under `root`) or a path (contains a "/" or is absolute).
+    RunFolder.create(name=None, *, model=None, kind="zeroshot", tags=(), root="submissions") -> RunFolder
+        mkdir of run_path(...); RunFolder(path) alone creates nothing (writes create what they need).
     RunFolder.open(path) -> RunFolder               an existing run folder (needs config.json) else RSGError
     run.write_config(config) / run.read_config() -> dict | None
     run.is_done(task, split, fingerprint) -> bool   finished with this fingerprint, files all present
@@ -49,6 +51,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -116,6 +119,21 @@ def log_row(item: Any, pred: Any, *, prompt: str | None = None, choices: Sequenc
     }
 
 
+def run_path(name: str | None = None, *, model: str | None = None, kind: str = "zeroshot",
+             tags: Iterable[str] = (), root: str | Path = DEFAULT_ROOT) -> Path:
+    """Where a run folder goes, without creating it: `name` under `root` (a name with a "/" or an absolute one
+    is a path of its own); without `name`, `default_run_name(model, kind, tags)`."""
+    if not name:
+        if not model:
+            raise RSGError("a run needs a name or a model to name it after", field="run")
+        name = default_run_name(model, kind, tags)
+    text = str(name)
+    path = Path(text) if ("/" in text or "\\" in text or Path(text).is_absolute()) else Path(root) / text
+    if path.exists() and not path.is_dir():
+        raise RSGError("exists and is not a folder", file=path, field="run")
+    return path
+
+
 @dataclass(frozen=True)
 class ZipResult:
     """What `RunFolder.build_zip` did: the zip written (None when no test task is finished), tasks in it,
@@ -144,15 +162,8 @@ class RunFolder:
     @classmethod
     def create(cls, name: str | None = None, *, model: str | None = None, kind: str = "zeroshot",
                tags: Iterable[str] = (), root: str | Path = DEFAULT_ROOT) -> "RunFolder":
-        """Create (or reuse) a run folder. Without `name`, the name comes from `default_run_name`."""
-        if not name:
-            if not model:
-                raise RSGError("a run needs a name or a model to name it after", field="run")
-            name = default_run_name(model, kind, tags)
-        text = str(name)
-        path = Path(text) if ("/" in text or "\\" in text or Path(text).is_absolute()) else Path(root) / text
-        if path.exists() and not path.is_dir():
-            raise RSGError("exists and is not a folder", file=path, field="run")
+        """Create (or reuse) a run folder at `run_path(...)`."""
+        path = run_path(name, model=model, kind=kind, tags=tags, root=root)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 
@@ -253,6 +264,13 @@ class RunFolder:
     # -- metrics
     def compute_metrics(self, split: str = "val") -> dict:
         """Metrics of every finished task of `split` that has gold labels, recomputed from the logs."""
+        # scikit-learn warns about subsets holding a single label (small LiDiRus categories, tiny samples);
+        # the metrics define those cases (MCC 0), so the warnings are noise here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return self._compute_metrics(split)
+
+    def _compute_metrics(self, split: str) -> dict:
         from rsg_eval import metrics
 
         tasks: dict[str, dict] = {}

@@ -1,0 +1,114 @@
+"""`rsg zeroshot --model M`: zero-shot rank classification on all nine tasks into a run folder.
+
+Heavy modules (torch, transformers) are imported inside the command body only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rsg_eval.commands._common import console, fmt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("zeroshot")
+    def zeroshot_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
+                                                             "as ai-forever/FRED-T5-1.7B, or a local model folder."),
+        data: Optional[str] = typer.Option(None, "--data", help="RSG data: a folder like the official download, "
+                                                                "a zip of it, or 'sample'; default: the download "
+                                                                "cache ($RSG_DATA_DIR)."),
+        tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Tasks (names or comma-separated; "
+                                                                              "default all nine)."),
+        split: str = typer.Option("val", "--split", help="val (scored locally), test (for the leaderboard zip) or "
+                                                         "all (both)."),
+        template: Optional[str] = typer.Option(None, "--template", help="Template name for every task (see `rsg "
+                                                                        "prompts list`) or a .yaml path; default: "
+                                                                        "each task's default."),
+        batch_size: str = typer.Option("16", "--batch-size", "-b", help="Prompts per batch, or 'auto' (halves on "
+                                                                        "out-of-memory). Results do not depend on "
+                                                                        "it."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N groups per task and split (a "
+                                                                  "MuSeRC question or RuCoS query stays whole)."),
+        run: Optional[str] = typer.Option(None, "--run", help="Run name under --root, or a folder path; default "
+                                                              "<model>-zeroshot[-settings]-<date>. Rerunning "
+                                                              "with the same name resumes."),
+        root: Path = typer.Option(Path("submissions"), "--root", help="Folder that holds run folders."),
+        normalize: str = typer.Option("sum", "--normalize", help="Choice score: sum (total log-likelihood), "
+                                                                 "token (per token) or byte (per UTF-8 byte)."),
+        calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
+                                                                  "content-free input (text fields -> 'N/A')."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default: bf16 on a GPU that has it, "
+                                                                  "else fp32), bf16, fp32. fp16 is refused for "
+                                                                  "T5."),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+        prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the templates' prefix (FRED-T5 "
+                                                                    "'<LM>' by default); '' for none."),
+        nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
+                                                                "and LiDiRus with the NLI head instead of "
+                                                                "prompts."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
+                                                         help="Further task names after --tasks."),
+    ) -> None:
+        """Zero-shot evaluation: score each answer choice by its log-likelihood and pick the best.
+
+        Writes submissions/<run>/ (config.json, metrics.json, predictions/, logs/, state/, submission.zip) and
+        resumes an interrupted run: finished tasks with unchanged settings are skipped.
+        """
+        from rsg_eval.errors import RSGError
+        from rsg_eval.zeroshot import ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot
+
+        if more_tasks:  # `--tasks TERRa RCB`: typer options take one value, the rest arrive as arguments
+            if not tasks:
+                raise RSGError(f"unexpected argument(s) {' '.join(more_tasks)}", expected="task names after --tasks")
+            tasks = list(tasks) + list(more_tasks)
+
+        if nli_head:
+            run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
+                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console)
+            return
+        opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
+                               batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
+                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix)
+        result = run_zeroshot(opts, console=console, show_progress=not quiet)
+        print_summary(result)
+        if result.interrupted:
+            raise typer.Exit(130)
+
+
+def print_summary(result: object) -> None:
+    """Final rich table of val metrics, then where the run folder and zip are."""
+    from rich.table import Table
+
+    from rsg_eval.tasks import get_task
+
+    res = result  # rsg_eval.zeroshot.ZeroShotResult
+    m = res.metrics
+    if m and m.get("tasks"):
+        table = Table(title=f"val metrics ({res.run.path})")
+        for col, just in (("task", "left"), ("metrics", "left"), ("score", "right"), ("items", "right")):
+            table.add_column(col, justify=just)
+        for name, vals in m["tasks"].items():
+            ms = " / ".join(f"{k} {vals[k]:.4f}" for k in get_task(name).metrics)
+            table.add_row(name, ms, f"{vals['score']:.4f}", str(m.get("counts", {}).get(name, "")))
+        total = m.get("total")
+        table.add_row("[bold]total[/]", "mean of the nine task scores" if total is not None
+                      else "needs all nine tasks", fmt(total, 4), "")
+        console.print(table)
+    done = sum(o.status == "done" for o in res.outcomes)
+    skipped = sum(o.status == "skipped" for o in res.outcomes)
+    truncated = sum(o.n_truncated for o in res.outcomes)
+    console.print(f"run folder: [bold]{res.run.path}[/] ({done} task splits evaluated, {skipped} skipped as "
+                  f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})")
+    z = res.zip
+    if z is not None and z.path is not None:
+        if z.complete:
+            console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)")
+        else:
+            console.print(f"[yellow]partial zip[/] {z.path}: {len(z.tasks)} of 9 tasks; missing "
+                          f"{', '.join(z.missing)} (run them with --split test to complete submission.zip)")
