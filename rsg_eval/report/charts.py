@@ -41,8 +41,12 @@ def scores_chart(report: dict) -> bytes | None:
     runs = [report["runs"][r] for r in cols]
     labels = [t["task"] for t in tasks]
     common = report["common_tasks"]
+    extra = []  # summary groups after the tasks: (label, totals key, interval key)
     if common and len(tasks) > 1:
-        labels.append(f"mean ({len(common)})")
+        extra.append((f"mean ({len(common)})", "common", "common_ci"))
+    if any(report["totals"][r]["total"] is not None for r in cols):
+        extra.append(("Total", "total", "total_ci"))
+    labels += [e[0] for e in extra]
     n = len(runs)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * len(labels) * max(1, n) ** 0.5), 3.8))
@@ -54,12 +58,12 @@ def scores_chart(report: dict) -> bytes | None:
             ci = c["ci"]
             lo.append(0.0 if not ci else max(0.0, c["score"] - ci[0]))
             hi.append(0.0 if not ci else max(0.0, ci[1] - c["score"]))
-        if len(labels) > len(tasks):
-            tot = report["totals"][r]
-            ys.append(math.nan if tot["common"] is None else tot["common"])
-            ci = tot["common_ci"]
-            lo.append(0.0 if not ci else max(0.0, tot["common"] - ci[0]))
-            hi.append(0.0 if not ci else max(0.0, ci[1] - tot["common"]))
+        tot = report["totals"][r]
+        for _, key, ci_key in extra:
+            ys.append(math.nan if tot[key] is None else tot[key])
+            ci = tot[ci_key]
+            lo.append(0.0 if not ci else max(0.0, tot[key] - ci[0]))
+            hi.append(0.0 if not ci else max(0.0, ci[1] - tot[key]))
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
         has_ci = any(v > 0 for v in lo + hi)
         ax.bar(xs, ys, width, label=f"{run['name']} ({run['where']})", color=_COLORS[r % len(_COLORS)],
@@ -86,6 +90,8 @@ def epochs_chart(report: dict) -> bytes | None:
     if not series:
         return None
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     tasks = sorted(series, key=lambda t: [x["task"] for x in report["tasks"]].index(t)
                    if t in [x["task"] for x in report["tasks"]] else 99)
     cols = min(3, len(tasks))
@@ -99,6 +105,7 @@ def epochs_chart(report: dict) -> bytes | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name,
                     color=_COLORS[names.index(name) % len(_COLORS)] if name in names else None)
         ax.set_title(task, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("val score", fontsize=8)
         ax.grid(linewidth=0.3)

@@ -1,0 +1,277 @@
+"""`rsg report` on small run folders written as docs/DESIGN.md fixes them: numbers, formats, bad input."""
+
+from __future__ import annotations
+
+import csv
+import html.parser
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rsg_eval import metrics
+from rsg_eval.errors import RSGError
+from rsg_eval.report import make_report, parse_formats, write_report
+from rsg_eval.report.load import load_published, load_score_file
+from tests._report_utils import all_tasks, make_rows, row, write_run
+
+NLI = ["entailment", "not_entailment"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _terra_rows(n_right: int, n: int = 40, prompt: str = "") -> list[dict]:
+    out = []
+    for i in range(n):
+        gold = NLI[i % 2]
+        pred = gold if i < n_right else NLI[1 - i % 2]
+        out.append(row(i, i, gold, pred, NLI, prompt or f"Посылка {i}. Гипотеза {i}?"))
+    return out
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = write_run(tmp_path, "base", all_tasks(0.55, seed=0), epochs=[
+        {"task": "TERRa", "epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "acc": 0.5 + e / 20, "score": 0.5 + e / 20}
+        for e in (1, 2, 3)])
+    b = write_run(tmp_path, "better", all_tasks(0.9, seed=1), config={"template": "alt"})
+    return a, b
+
+
+def test_task_scores_gains_and_totals_match_metrics(two_runs):
+    a, b = two_runs
+    rep = make_report([a, b], n_boot=200)
+    assert [r["name"] for r in rep["runs"]] == ["base", "better"]
+    assert rep["reference"] == "base"
+    scores = {}
+    for tr in rep["tasks"]:
+        ca, cb = tr["cells"]
+        rows_a = [json.loads(x) for x in (a / "logs" / "val" / f"{tr['task']}.jsonl").read_text().splitlines()]
+        expect = metrics.score(tr["task"], [r["gold"] for r in rows_a], [r["pred"] for r in rows_a],
+                               groups=[r["group"] for r in rows_a])
+        assert ca["score"] == expect["score"]
+        assert ca["metrics"] == {m: expect[m] for m in tr["metrics"]}
+        assert ca["ci"][0] <= ca["score"] <= ca["ci"][1]
+        assert cb["gain"] == pytest.approx((cb["score"] - ca["score"]) / abs(ca["score"]) * 100)
+        scores[tr["task"]] = (ca["score"], cb["score"])
+    tot_a, tot_b = rep["totals"]
+    assert tot_a["total"] == pytest.approx(sum(s[0] for s in scores.values()) / 9)
+    assert tot_b["total"] == pytest.approx(sum(s[1] for s in scores.values()) / 9)
+    assert tot_a["total_ci"][0] < tot_a["total"] < tot_a["total_ci"][1]
+    # 55% against 90% right on the same 9 x 40 items: the total gain is significant
+    assert tot_b["paired"]["significant"] and tot_b["paired"]["diff"] == pytest.approx(tot_b["total"] - tot_a["total"])
+    assert rep["common_tasks"] == []  # every run has all nine: no separate "common" mean
+
+
+def test_hand_worked_terra_gain_and_significance(tmp_path):
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20)})   # 0.5
+    b = write_run(tmp_path, "b", {"TERRa": _terra_rows(38)})   # 0.95
+    c = write_run(tmp_path, "c", {"TERRa": _terra_rows(20)})   # identical to a
+    rep = make_report([a, b, c], n_boot=500)
+    ca, cb, cc = rep["tasks"][0]["cells"]
+    assert (ca["score"], cb["score"]) == (0.5, 0.95)
+    assert cb["gain"] == pytest.approx(90.0)
+    assert cb["paired"]["significant"] and cb["paired"]["p"] < 0.01
+    assert cc["gain"] == 0.0 and cc["paired"]["p"] == 1.0 and not cc["paired"]["significant"]
+    md = write_and_read(rep, tmp_path / "out", "md")["report.md"]
+    assert "+90.0% *" in md and "+0.0% *" not in md
+
+
+def write_and_read(rep: dict, out: Path, fmts: str) -> dict[str, str]:
+    paths = write_report(rep, out, parse_formats(fmts))
+    return {p.name: p.read_text(encoding="utf-8") for p in paths if p.suffix != ".png"}
+
+
+def test_same_seed_gives_the_same_report_bytes(two_runs, tmp_path):
+    a, b = two_runs
+    files = []
+    for i, seed in enumerate((3, 3, 4)):
+        rep = make_report([a, b], seed=seed, n_boot=200)
+        out = tmp_path / f"r{i}"
+        write_report(rep, out, ("md", "html", "csv", "json"))
+        files.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert files[0] == files[1]
+    assert set(files[0]) == {"report.md", "report.html", "report.csv", "report.json", "figures/scores.png",
+                             "figures/epochs.png"}
+    assert files[0]["report.json"] != files[2]["report.json"]  # another seed moves the intervals
+
+
+def test_html_is_self_contained_and_escapes_user_text(tmp_path):
+    evil = '<script>alert("x")</script> & <img src="http://example.com/a.png">'
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20, prompt=evil)})
+    b = write_run(tmp_path, "b<i>", {"TERRa": _terra_rows(30, prompt=evil)})
+    page = write_and_read(make_report([a, b], n_boot=100), tmp_path / "out", "html")["report.html"]
+
+    class Collect(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[str] = []
+            self.links: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.links += [v for k, v in attrs if k in ("src", "href") and v]
+
+    p = Collect()
+    p.feed(page)
+    assert "script" not in p.tags and "link" not in p.tags
+    assert p.links and all(x.startswith("data:image/png;base64,") for x in p.links)
+    assert "&lt;script&gt;" in page and "b&lt;i&gt;" in page
+    assert page.count("<img") == 1  # the chart; the prompt's <img> is text
+
+
+def test_csv_long_format(two_runs, tmp_path):
+    a, b = two_runs
+    rep = make_report([a, b], n_boot=100)
+    text = write_and_read(rep, tmp_path / "out", "csv")["report.csv"]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    rcb = {(r["run"], r["metric"]): r for r in rows if r["task"] == "RCB"}
+    assert set(rcb) == {(n, m) for n in ("base", "better") for m in ("f1", "acc", "score")}
+    cell = rep["tasks"][1]["cells"][1]
+    assert float(rcb[("better", "score")]["value"]) == cell["score"]
+    assert float(rcb[("better", "score")]["gain_pct"]) == pytest.approx(cell["gain"])
+    assert rcb[("better", "score")]["numbers"] == "val, local"
+    assert [r["run"] for r in rows if r["task"] == "total"] == ["base", "better"]
+
+
+def test_against_paper_and_leaderboard(two_runs, tmp_path):
+    a, _ = two_runs
+    rep = make_report([a], against=["paper", "leaderboard"], n_boot=100)
+    names = [r["name"] for r in rep["runs"]]
+    assert names[:3] == ["base", "zero_fredt5", "20_fredt5"] and "human-benchmark" in names
+    tot = {r["name"]: t for r, t in zip(rep["runs"], rep["totals"])}
+    assert tot["20_mfredt5_2bln"]["total"] == 0.637 and tot["20_mfredt5_2bln"]["total_ci"] is None
+    assert tot["human-benchmark"]["total"] == pytest.approx(0.8113, abs=1e-4)  # recomputed from its tasks
+    assert tot["tfidf-baseline"]["total"] == pytest.approx(0.434, abs=1e-3)
+    # paper rows have totals only: they get no per-task column
+    assert names.index("zero_fredt5") not in rep["task_columns"]
+    assert names.index("human-benchmark") in rep["task_columns"]
+    where = {r["name"]: r["where"] for r in rep["runs"]}
+    assert where["base"] == "val, local" and where["human-benchmark"] == "test, published"
+    md = write_and_read(rep, tmp_path / "o", "md")["report.md"]
+    assert "Only in the totals (no per-task numbers): zero_fredt5" in md
+
+
+def test_published_numbers_are_shipped():
+    paper = {r.name: r.reported_total for r in load_published("paper")}
+    assert paper == {"zero_fredt5": 0.432, "20_fredt5": 0.504, "zero_mfredt5": 0.506, "20_mfredt5": 0.518,
+                     "zero_mfredt5_2bln": 0.551, "20_mfredt5_2bln": 0.637}
+    lb = {r.name: r for r in load_published("leaderboard")}
+    human = lb["human-benchmark"]
+    assert human.reported["RCB"] == {"f1": 0.68, "acc": 0.702, "score": pytest.approx(0.691)}
+    assert human.reported["LiDiRus"] == {"mcc": 0.626, "score": 0.626}
+    for run in lb.values():  # every printed total agrees with the nine task scores to the site's rounding
+        if run.reported_total is not None:
+            assert metrics.total({t: m["score"] for t, m in run.reported.items()}) == pytest.approx(
+                run.reported_total, abs=1.5e-3)
+
+
+def test_user_score_file(tmp_path, two_runs):
+    a, _ = two_runs
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: my-test\nsplit: test\ntasks:\n  terra: 0.7\n  RCB: '0.417 / 0.484'\n"
+                 "  MuSeRC: {f1a: 0.729, em: 0.333}\n", encoding="utf-8")
+    [run] = load_score_file(f)
+    assert run.reported["TERRa"]["score"] == 0.7
+    assert run.reported["RCB"] == {"f1": 0.417, "acc": 0.484, "score": pytest.approx(0.4505)}
+    rep = make_report([a, f], n_boot=100)
+    cell = {tr["task"]: tr["cells"][1] for tr in rep["tasks"]}
+    assert cell["TERRa"]["score"] == 0.7 and cell["TERRa"]["ci"] is None and cell["TERRa"]["paired"] is None
+    assert cell["PARus"]["status"] == "missing"
+    assert rep["runs"][1]["where"] == "test, leaderboard"
+    assert any("different" not in p and "my-test: no PARus" in p for p in rep["problems"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks:\n  TERRa: 62.6\n", encoding="utf-8")
+    with pytest.raises(RSGError, match="outside"):
+        load_score_file(bad)
+    bad.write_text("tasks:\n  TERA: 0.6\n", encoding="utf-8")
+    with pytest.raises(RSGError, match="unknown task"):
+        load_score_file(bad)
+
+
+def test_bad_input_still_renders_what_can_be_compared(tmp_path):
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20), "RCB": make_rows("RCB", 20, 0.5)})
+    b = write_run(tmp_path, "b", {"TERRa": _terra_rows(30)})                       # no RCB
+    c = write_run(tmp_path, "c", {"TERRa": _terra_rows(25)}, split="test")        # another split
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("hello")
+    rep = make_report([a, b, junk, tmp_path / "nope", c], n_boot=100)
+    text = "\n".join(rep["problems"])
+    assert "not a run folder" in text and "no such run folder" in text
+    assert "b: no RCB results (marked missing)" in text
+    assert [r["name"] for r in rep["runs"]] == ["a", "b", "c"]
+    rcb = next(t for t in rep["tasks"] if t["task"] == "RCB")
+    assert [c_["status"] for c_ in rcb["cells"]] == ["ok", "missing", "missing"]
+    assert "c: no scored val results (it has logs for: test)" in text
+    terra = next(t for t in rep["tasks"] if t["task"] == "TERRa")
+    assert terra["cells"][1]["paired"] is not None and terra["cells"][2]["status"] == "missing"
+    # totals need all nine tasks; the mean over the tasks every run has is given instead
+    assert rep["totals"][0]["total"] is None and rep["common_tasks"] == ["TERRa"]
+    assert rep["totals"][1]["common_paired"]["significant"]
+    md = write_and_read(rep, tmp_path / "o", "md,html")["report.md"]
+    assert "| missing |" in md and "Mean of 1 common tasks" in md
+    with pytest.raises(RSGError, match="nothing to report"):
+        make_report([junk])
+
+
+def test_different_splits_are_not_paired(tmp_path):
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20)})
+    f = tmp_path / "lb.json"
+    f.write_text(json.dumps({"name": "lb", "tasks": {"TERRa": 0.9}}), encoding="utf-8")
+    rep = make_report([a, f], n_boot=100)
+    cell = rep["tasks"][0]["cells"][1]
+    assert cell["paired"] is None and cell["gain"] == pytest.approx(80.0)
+
+
+def test_looking_inside(tmp_path):
+    rows_a = make_rows("LiDiRus", 60, 0.6, seed=0)
+    rows_b = make_rows("LiDiRus", 60, 0.8, seed=1)
+    terra_a, terra_b = _terra_rows(20), _terra_rows(30)
+    a = write_run(tmp_path, "a", {"LiDiRus": rows_a, "TERRa": terra_a}, config={"template": "t1"})
+    b = write_run(tmp_path, "b", {"LiDiRus": rows_b, "TERRa": terra_b}, config={"template": "t2"})
+    rep = make_report([a, b], n_boot=100, n_examples=3)
+    # LiDiRus diagnostics recomputed from the logged tags equal metrics.lidirus_diagnostics
+    from rsg_eval.runs import _item_from_row
+    items = [_item_from_row("LiDiRus", "val", r) for r in rows_a]
+    expect = metrics.lidirus_diagnostics(items, {r["key"]: r["pred"] for r in rows_a})
+    assert rep["diagnostics"]["a"] == expect and "logic/Negation" in expect
+    # confusion matrix of TERRa for b: gold alternates; items 0..29 right, 30..39 wrong (5 of each gold)
+    cm = rep["confusion"]["TERRa"]["b"]
+    assert cm == {"labels": NLI, "matrix": [[15, 5], [5, 15]]}
+    # disagreements: a and b differ exactly on items 20..29
+    ex = rep["disagreements"]["TERRa"]
+    assert len(ex) == 3 and all(20 <= e["key"] < 30 and e["n_disagree"] == 10 and e["n_shared"] == 40 for e in ex)
+    assert all(e["run_right"] and not e["ref_right"] for e in ex)
+    # same model, two templates: the spread across templates
+    [spread] = rep["template_spread"]
+    t = next(x for x in spread["tasks"] if x["task"] == "TERRa")
+    assert (t["min"], t["max"], t["spread"], t["best_template"]) == (0.5, 0.75, 0.25, "t2")
+
+
+def test_cli_writes_every_format(two_runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    a, b = two_runs
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(out), "--bootstrap", "100",
+                                   "--against", "paper", "--format", "md,csv"])
+    assert res.exit_code == 0, res.output
+    assert "Per task (Table 3 style)" in res.output and "20_mfredt5_2bln" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "report.csv", "report.md"]
+
+
+def test_cli_errors_exit_2_and_stay_torch_free(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    code = ("import sys; from rsg_eval.cli import main; sys.argv = ['rsg', 'report', %r, '--format', 'pdf']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert 'torch' not in sys.modules; raise\n") % str(junk)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and "unknown format 'pdf'" in p.stderr and "Traceback" not in p.stderr
+    code = code.replace("'--format', 'pdf'", "'--format', 'md'")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
