@@ -46,6 +46,7 @@ _MARKUP = re.compile(
     re.S,
 )
 _KEEP_CONTROL = {"\n", "\t", "\r"}
+DEFAULT_ALLOW = "№°§©®™€$£₽"  # symbols (Unicode So/Sc) common in Russian news text
 _CYR = re.compile(r"[\u0400-\u04FF]")
 _SPACES = re.compile(r"[ \u00A0]{2,}")
 
@@ -65,7 +66,7 @@ def _is_special(ch: str, allow: str) -> bool:
     return unicodedata.category(ch) in ("So", "Co", "Cn", "Cs") or ch == "\ufffd"
 
 
-def find(rule: str, text: str, allow: str = "") -> bool:
+def find(rule: str, text: str, allow: str = DEFAULT_ALLOW) -> bool:
     """Does `rule` match anywhere in `text`?"""
     if rule == "control":
         return any(_is_control(c) for c in text)
@@ -78,7 +79,7 @@ def find(rule: str, text: str, allow: str = "") -> bool:
     raise ValueError(rule)
 
 
-def strip(rule: str, text: str, allow: str = "") -> str:
+def strip(rule: str, text: str, allow: str = DEFAULT_ALLOW) -> str:
     """`text` without what `rule` matches (markup: entities decoded, tags removed; runs of spaces collapsed)."""
     if rule == "control":
         out = "".join(c for c in text if not _is_control(c))
@@ -103,7 +104,7 @@ def cyrillic_share(text: str) -> float:
 class CleanConfig:
     actions: dict[str, str] = field(default_factory=lambda: {"control": "strip", "markup": "strip",
                                                              "emoji": "drop", "special": "drop"})
-    special_allow: str = "№°§©®™€$£₽"
+    special_allow: str = DEFAULT_ALLOW
     length: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_LENGTH))
     min_cyrillic: float = 0.5
     exact_dedup: bool = True

@@ -1,0 +1,153 @@
+"""Cleaning rules (each counted), MinHash deduplication, degenerate-output filters, and the leakage guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rsg_eval.corpus.annotate import cut, degenerate, sentences
+from rsg_eval.corpus.cleaning import CleanConfig, Cleaner, Deduper, cyrillic_share, find, strip
+from rsg_eval.corpus.config import load_config
+from rsg_eval.corpus.leakage import LeakageGuard, NgramIndex, build_rsg_index
+from rsg_eval.errors import RSGError
+
+LONG = ("Учёные Новосибирского университета опубликовали статью о климате Арктики. По их данным, площадь льда "
+        "летом сокращается быстрее, чем предсказывали модели десять лет назад.")
+
+
+def _rec(text: str, task: str = "text") -> dict:
+    return {"task": task, "text": text, "_src": "s", "id": "x"}
+
+
+def test_rules_find_and_strip() -> None:
+    assert find("emoji", "привет 🔥") and not find("emoji", "привет — «мир» №5, 20°C")
+    assert find("control", "а\u200bб") and find("control", "а\u0007б") and not find("control", "а\tб\nв\r\n")
+    assert strip("control", "кол\u200bлекция\u0007") == "коллекция"
+    assert find("markup", "<b>жирный</b>") and find("markup", "a&nbsp;b") and find("markup", "[[ссылка]]")
+    assert not find("markup", "3 < 5 и 7 > 2")
+    assert strip("markup", "<p>Текст <b>мэрии</b>&nbsp;города</p>") == "Текст мэрии города"  # tag -> space, &nbsp; -> U+00A0, runs collapsed
+    assert find("special", "рамка ╔══╗") and find("special", "\ue000") and find("special", "\ufffd")
+    assert not find("special", "№ 5, 20°, © 2024, 100 ₽")  # the allowed symbols
+    assert strip("special", "рамка ╔══╗ вокруг") == "рамка вокруг"
+
+
+def test_cyrillic_share_by_hand() -> None:
+    assert cyrillic_share("абв") == 1.0
+    assert cyrillic_share("аб cd") == 0.5
+    assert cyrillic_share("123 !") == 1.0  # no letters: the length rule decides
+
+
+def test_cleaner_counts_per_rule() -> None:
+    c = Cleaner(CleanConfig.from_dict({"length": {"text": [50, 1000]}}))
+    kept = [c.clean(_rec(t)) for t in (
+        LONG,                                   # kept
+        LONG + " 🔥",                            # emoji: drop
+        LONG.replace("статью", "ста\u200bтью"),  # control: stripped, kept
+        "<i>" + LONG + "</i>",                  # markup: stripped, kept
+        LONG + " ╔╗",                           # special: drop
+        "Коротко.",                             # length
+        "English text only, " * 5 + "и чуть-чуть.",  # cyrillic share
+    )]
+    assert [k is not None for k in kept] == [True, False, True, True, False, False, False]
+    assert kept[2]["text"] == LONG and kept[3]["text"] == LONG
+    assert dict(c.counts["text"]) == {"emoji": 1, "control:stripped": 1, "markup:stripped": 1, "special": 1,
+                                      "length": 1, "cyrillic": 1}
+
+
+def test_cleaner_strip_on_ner_drops_instead_of_moving_offsets() -> None:
+    c = Cleaner(CleanConfig.from_dict({"length": {"ner": [1, 1000]}}))
+    rec = {"task": "ner", "text": "<b>Москва</b>", "entities": [{"start": 3, "end": 9, "type": "CITY"}]}
+    assert c.clean(rec) is None and c.counts["ner"]["markup"] == 1
+    c2 = Cleaner(CleanConfig.from_dict({"emoji": "off", "length": {"text": [1, 1000]}}))
+    assert c2.clean(_rec("Привет 🔥")) is not None
+
+
+def test_clean_config_errors() -> None:
+    with pytest.raises(RSGError, match="unknown action 'zap'"):
+        CleanConfig.from_dict({"emoji": "zap"})
+    with pytest.raises(RSGError, match="unknown cleaning keys"):
+        CleanConfig.from_dict({"emojis": "drop"})
+    with pytest.raises(RSGError, match="bad length bounds"):
+        CleanConfig.from_dict({"length": {"text": [1]}})
+
+
+def test_dedup_exact_and_near_per_task() -> None:
+    d = Deduper(CleanConfig())
+    near = LONG.replace("десять лет назад", "десять лет тому назад")
+    other = "Городские власти Екатеринбурга объявили о ремонте трамвайных путей на центральных улицах в мае."
+    keep = [d.keep(_rec(t)) for t in (LONG, "  " + LONG.upper(), near, other)]
+    assert keep == [True, False, False, True]
+    assert dict(d.counts["text"]) == {"exact duplicate": 1, "near duplicate": 1}
+    # the same text under another task is not a duplicate (dedup is per task)
+    assert d.keep({"task": "mc", "text": LONG, "label": "наука"})
+    # qa records about one context differ by question
+    q1 = {"task": "qa", "context": LONG, "question": "Что опубликовали учёные университета?", "answer": "статью"}
+    q2 = dict(q1, question="Какая площадь сокращается летом по их данным?", answer="площадь льда")
+    assert d.keep(q1) and d.keep(q2) and not d.keep(dict(q1))
+
+
+def test_degenerate_outputs() -> None:
+    assert degenerate("") == "empty" and degenerate(" ... ") == "empty"
+    assert degenerate("да да да нет") == "repeated"
+    assert degenerate("ааааааааааа") == "repeated" and degenerate("абабабабабаб") == "repeated"
+    assert degenerate("и в и в и в и в") == "repeated"  # 2 distinct of 8
+    assert degenerate("Учёные  опубликовали статью.", "учёные опубликовали статью") == "copy"
+    assert degenerate("Учёные написали статью о льде.", LONG) is None
+
+
+def test_sentences_and_cut() -> None:
+    s = sentences("Первое предложение. Второе! «Третье» тут? 4 марта — дата. конец")
+    assert s == ["Первое предложение.", "Второе!", "«Третье» тут?", "4 марта — дата. конец"]
+    assert cut("Раз два. Три четыре. Пять.", 20) == "Раз два. Три четыре."
+    assert cut("Оченьдлинноеслово", 5) == "Очень"
+
+
+def test_ngram_index_matches_only_long_shared_runs() -> None:
+    idx = NgramIndex(n=5)
+    idx.add(["Один два три четыре пять шесть семь.", "Один два три четыре пять шесть семь."], "ref/val")
+    idx.freeze()
+    assert len(idx) == 3  # the duplicate reference text is indexed once: 7 words -> 3 five-grams
+    assert idx.match("ноль ОДИН, два — три четыре пять!") == "ref/val"  # case and punctuation ignored
+    assert idx.match("один два три четыре шесть семь") is None
+    assert idx.match("два три") is None
+
+
+def test_leakage_guard_drops_copy_of_a_sample_passage() -> None:
+    from rsg_eval.tasks import load_items
+
+    index, seen = build_rsg_index("sample", n=13)
+    assert seen["DaNetQA/val"] >= 1 and "DaNetQA/train" not in seen
+    passage = load_items("sample", "DaNetQA", "val")[0].fields["passage"]
+    words = passage.split()
+    leak = "Вступление от редакции. " + " ".join(words[:14]) + " И ещё немного своего текста."
+    short = "Вступление. " + " ".join(words[:12]) + " Своё."  # only 12 shared words: kept
+    guard = LeakageGuard(index)
+    assert not guard.keep(_rec(leak))
+    assert guard.keep(_rec(short))
+    assert guard.keep(_rec(LONG))
+    qa = {"task": "qa", "context": LONG, "question": "Что это?", "answer": " ".join(words[:14])}
+    assert not guard.keep(qa)  # every text field is checked
+    assert guard.to_json()["dropped_per_task"] == {"text": 1, "qa": 1}
+    assert guard.to_json()["matched_rsg"]["text"] == {"DaNetQA/val": 1}
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    def cfg(text: str) -> Path:
+        p = tmp_path / "c.yaml"
+        p.write_text(text, encoding="utf-8")
+        return p
+
+    with pytest.raises(RSGError, match=r"c\.yaml: field 'sources\[0\]\.kind': unknown source kind 'html'"):
+        load_config(cfg("sources:\n  - {kind: html, path: x}\n"))
+    with pytest.raises(RSGError, match=r"unknown keys \['colour'\] for a text source"):
+        load_config(cfg("sources:\n  - {kind: text, path: x, colour: red}\n"))
+    with pytest.raises(RSGError, match="unknown top-level keys"):
+        load_config(cfg("sourcez: []\n"))
+    with pytest.raises(RSGError, match=r"c\.yaml:2: not valid YAML"):
+        load_config(cfg("seed: 1\nsources: a: b\n"))
+    with pytest.raises(RSGError, match="pairs need a generation task"):
+        load_config(cfg("sources:\n  - {kind: pairs, task: ner, path: x, fields: {}}\n"))
+    with pytest.raises(RSGError, match="unknown teacher options"):
+        load_config(cfg("sources:\n  - {kind: text, path: x}\nteachers:\n  qa: {model: m, temperature: 1}\n")
+                    ).teacher_specs()
