@@ -110,9 +110,10 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(new, ignore_errors=True)
-        prev = find(root, name)
+        prev = [n for n in ("last", "best") if find(root, n) is not None]
         why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        kept = f"the previous '{name}' checkpoint at {prev} is intact" if prev else "no earlier checkpoint existed"
+        kept = (f"the earlier {' and '.join(repr(n) for n in prev)} checkpoint{'s' if len(prev) > 1 else ''} in "
+                f"{root} {'are' if len(prev) > 1 else 'is'} intact") if prev else "no earlier checkpoint existed"
         raise SaveError(f"could not save the '{name}' checkpoint: {why}; {kept}, and finished tasks in the run "
                         f"folder are kept. Free some space and rerun the same command to resume",
                         file=final) from None

@@ -35,7 +35,7 @@ class FinetuneConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0     # 0 = no clipping
     max_source_len: int = 512      # encoder tokens; the template truncates the passage to fit
-    max_target_len: int = 64       # decoder tokens including the explicit </s>
+    max_target_len: int = 128      # decoder tokens incl. the explicit </s> (RuCoS answers are whole sentences)
     eval_every: int = 0            # optimizer steps between val evaluations; 0 = after every epoch
     eval_batch_size: int = 16
     normalize: str = "sum"         # rank-classification normalisation for val/test decoding

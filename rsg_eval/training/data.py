@@ -20,6 +20,7 @@ class Pair:
     src: tuple[int, ...]     # encoder input ids (prompt, truncated by the template to max_source_len)
     tgt: tuple[int, ...]     # decoder target ids: the gold choice's tokens then </s>
     key: Any = None          # the item's key, for error messages and debugging
+    cut: bool = False        # the target was longer than max_target_len and lost its tail
 
     @property
     def length(self) -> int:
@@ -80,7 +81,9 @@ def build_pairs(
         src = tuple(encode_source(tokenizer, rendered.prompt, max_source_len))
         for g in targets:
             text = rendered.choices[list(item.labels).index(g)]
-            pairs.append(Pair(src, tuple(encode_target(tokenizer, text, max_target_len)), item.key))
+            full = encode_target(tokenizer, text, 1 << 30)
+            tgt = full if len(full) <= max_target_len else full[: max_target_len - 1] + full[-1:]
+            pairs.append(Pair(src, tuple(tgt), item.key, len(full) > max_target_len))
     return pairs
 
 

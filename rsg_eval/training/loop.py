@@ -291,8 +291,8 @@ def train(
                 save_last(ck.rng_state())
             if hooks.on_step:
                 hooks.on_step(state, step_loss)
-            if state.done:
-                break
+            if state.done or end_of_epoch:
+                break  # a new epoch needs its own plan (the outer loop builds it)
     if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
         state.done = True
         save_last(ck.rng_state())
