@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -255,11 +255,13 @@ class HierarchicalT5(nn.Module):
         sd.update({f"lm_adapter.{k}": v for k, v in self.lm_adapter.state_dict().items()})
         return sd
 
-    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> Path:
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None,
+                        extra: Callable[[Path], None] | None = None) -> Path:
         """Write one checkpoint directory atomically: temp dir next to it, then rename over the old one.
 
         Contents: config.json + model.safetensors (the base T5 with its plain lm_head, loadable by transformers on
         its own), hmtl_heads.safetensors (heads + LM adapter), hmtl_config.json, and the tokenizer files.
+        `extra(tmp_dir)` may add files (the trainer's resume state) before the directory is renamed into place.
         """
         from safetensors.torch import save_file
 
@@ -279,6 +281,8 @@ class HierarchicalT5(nn.Module):
                                            encoding="utf-8")
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            if extra is not None:
+                extra(tmp)
             _replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

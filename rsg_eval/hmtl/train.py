@@ -1,0 +1,501 @@
+"""`rsg train-hmtl`: multi-task training of the hierarchical FRED-T5 with the paper's recipe as defaults.
+
+Every optimizer step sees a batch of every task in the corpus: for each of `grad_accum` micro-steps, one batch of
+`batch_size` examples per task is run forward and backward on its own (the gradients add up exactly as for one
+summed loss, but only one task's activations are alive at a time), weighted by the task weight and divided by
+`grad_accum`. Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once.
+
+An epoch is one pass over the LARGEST task; smaller tasks are cycled (fresh shuffles) so that each step still has all
+of them. The order of every task's stream depends only on (seed, epoch, task); together with the saved RNG,
+optimizer and schedule state this makes a resumed run reproduce the uninterrupted one exactly.
+
+Output folder:
+    run.json                 the training config (resume refuses a different one) and whether training finished
+    train.log                the log, including the schedule warning
+    losses.csv / losses.png  train and val loss per task and total, per epoch (like the paper's Figures 2 and 3)
+    epoch-N/                 a hierarchical checkpoint after each epoch (`--model out/epoch-N` everywhere)
+    final/                   the last epoch's checkpoint (hard links, no extra disk)
+    last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-steps)
+    cache/                   the tokenised corpus (datasets, memory-mapped)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from rsg_eval.errors import RSGError
+from rsg_eval.hmtl import schedules
+from rsg_eval.hmtl.corpus import open_corpus
+from rsg_eval.hmtl.dataset import TASK_INDEX, build_split, collate, stream_positions, task_indices
+from rsg_eval.hmtl.labels import TASKS
+from rsg_eval.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from rsg_eval.models.hierarchical import HierarchicalT5, is_hierarchical_dir, load_hierarchical
+
+STATE_NAME = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    corpus: str
+    out: str
+    epochs: int = 4
+    batch_size: int = 12                 # physical batch, per task and per micro-step
+    grad_accum: int = 2
+    max_length: int = 512
+    max_target_length: int = 512
+    schedule: str = "paper"              # paper | cycle-gamma | cosine
+    lr_min: float = 1e-6
+    lr_max: float = 1e-4
+    gamma: float = 0.9                   # paper: per optimizer step (exp_range); cycle-gamma: per cycle
+    step_size_up: int | None = None      # paper: 2000 (torch default); cycle-gamma: half an epoch
+    warmup_steps: int | None = None      # cosine: 6 % of all steps
+    weight_decay: float = 0.01           # torch AdamW default
+    clip_norm: float = 1.0
+    task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    split: str = "0.25"                  # Block 1 = a quarter of the encoder (6 of 24 for FRED-T5-1.7B)
+    adapter_dim: int | None = None       # d_model // 16
+    adapter_activation: str = "relu"
+    head_dropout: float = 0.1
+    bf16: str = "auto"                   # auto = bf16 autocast on a GPU that supports it
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    max_steps_per_epoch: int | None = None   # cap (smoke runs)
+    save_steps: int = 0                  # also save a resume point every N optimizer steps (0 = per epoch only)
+    lm_prefix: str = "auto"              # "<LM>" when the tokenizer has it (FRED), else ""
+    val_batch_size: int | None = None
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("out", "save_steps", "val_batch_size"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    final: Path | None
+    history: list[dict[str, Any]]
+    finished: bool
+    steps: int
+
+
+def parse_task_weights(spec: str | None) -> dict[str, float]:
+    """"ner=1,mc=0.5" -> full weight dict (unnamed tasks keep 1.0)."""
+    weights = {t: 1.0 for t in TASKS}
+    if not spec:
+        return weights
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, _, val = part.partition("=")
+        name = name.strip()
+        if name not in weights:
+            raise RSGError(f"unknown task {name!r}", field="task-weights", expected=list(TASKS))
+        try:
+            weights[name] = float(val)
+        except ValueError:
+            raise RSGError(f"not a number: {val!r}", field=f"task-weights {name}") from None
+        if weights[name] < 0:
+            raise RSGError("weights must be >= 0", field=f"task-weights {name}")
+    return weights
+
+
+# ---------------------------------------------------------------------------- small pieces
+class _Log:
+    def __init__(self, path: Path | None, console: Any, main: bool) -> None:
+        self.path, self.console, self.main = path, console, main
+
+    def __call__(self, msg: str, level: str = "INFO") -> None:
+        if not self.main:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {msg}"
+        if self.console is not None:
+            style = {"WARN": "bold yellow", "ERROR": "bold red"}.get(level, "")
+            self.console.print(f"[{style}]{level}[/] {msg}" if style else msg, highlight=False, soft_wrap=True)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+
+def task_loss(model: HierarchicalT5, batch: Any) -> torch.Tensor:
+    """One task's loss on one batch. Losses are computed in fp32 even under bf16 autocast."""
+    ids, mask, y = batch.input_ids, batch.attention_mask, batch.target
+    if batch.task == "mc":
+        return F.cross_entropy(model.mc_logits(ids, mask).float(), y)
+    if batch.task == "nli":
+        return F.cross_entropy(model.nli_logits(ids, mask).float(), y)
+    if batch.task == "ner":
+        # 29-way multi-label: one binary cross-entropy per (token, type), averaged over real tokens and types.
+        logits = model.ner_logits(ids, mask).float()                         # (B, T, n)
+        per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        m = mask.unsqueeze(-1).to(per.dtype)
+        return (per * m).sum() / (m.sum() * per.shape[-1]).clamp(min=1.0)
+    return model.lm_loss(ids, mask, y)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _use_bf16(setting: str, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return setting in ("true", "yes", "1", "on")
+
+
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _link_or_copy_dir(src: Path, dst: Path) -> None:
+    """dst = a copy of src made of hard links where the filesystem allows (no extra disk for big weights)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def write_losses(out: Path, history: list[dict[str, Any]], tasks: list[str]) -> None:
+    """losses.csv (epoch, split, total, one column per task) and losses.png (train and val panels)."""
+    cols = ["epoch", "split", "total"] + tasks
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(out / "losses.csv", buf.getvalue())
+    plot_losses(history, tasks, out / "losses.png")
+
+
+def plot_losses(history: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, split in zip(axes, ("train", "val")):
+        rows = [r for r in history if r["split"] == split]
+        if rows:
+            ep = [r["epoch"] for r in rows]
+            for t in tasks:
+                ys = [r.get(t) for r in rows]
+                if any(y is not None for y in ys):
+                    ax.plot(ep, [y if y is not None else math.nan for y in ys], marker="o", label=t)
+            ax.plot(ep, [r["total"] for r in rows], marker="s", color="black", linewidth=2.5, label="total")
+        ax.set_title(f"{split} loss per task")
+        ax.set_yscale("log")     # generation losses are an order of magnitude above the head losses
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------- model setup
+def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log) -> tuple[HierarchicalT5, Any]:
+    if is_hierarchical_dir(cfg.model):
+        model, tokenizer = load_hierarchical(cfg.model)
+        if list(model.config.mc_labels) != list(labels.mc) or list(model.config.ner_labels) != list(labels.ner):
+            raise RSGError("the checkpoint's topic or entity labels differ from the corpus labels", file=cfg.model,
+                           field="mc_labels", expected=list(labels.mc))
+        log(f"continuing from the hierarchical checkpoint {cfg.model}")
+    else:
+        from rsg_eval.models.loading import load_model
+
+        loaded = load_model(cfg.model, device="cpu", dtype=torch.float32)
+        tokenizer = loaded.tokenizer
+        # Heads and adapters start from a fixed seed, so every process (and a resumed run) builds the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = HierarchicalT5.from_base(
+                loaded.model, split=cfg.split, adapter_dim=cfg.adapter_dim,
+                adapter_activation=cfg.adapter_activation, head_dropout=cfg.head_dropout,
+                mc_labels=list(labels.mc), ner_labels=list(labels.ner), base_model=cfg.model)
+    if tokenizer is None:
+        raise RSGError("the model has no tokenizer files", file=cfg.model)
+    model.to(device)
+    return model, tokenizer
+
+
+def _load_weights(model: HierarchicalT5, path: Path) -> None:
+    src, _ = load_hierarchical(path)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=True)
+    del src
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train (or resume) into cfg.out. `on_step(global_step)` runs after each optimizer step (tests use it to
+    simulate an interruption)."""
+    from accelerate import PartialState
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    state = PartialState()
+    device = state.device
+    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    out = Path(cfg.out)
+    if cfg.schedule not in schedules.SCHEDULES:
+        raise RSGError(f"unknown schedule {cfg.schedule!r}", field="schedule", expected=list(schedules.SCHEDULES))
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise RSGError("epochs, batch size and gradient accumulation must be >= 1", field="epochs")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    if console is None and progress and main:
+        from rich.console import Console
+        console = Console(stderr=True)
+    log = _Log(out / "train.log", console, main)
+
+    run_file = out / "run.json"
+    fp = cfg.fingerprint_dict()
+    prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
+        changed = sorted(k for k in fp if prior.get("config", {}).get(k) != json.loads(json.dumps(fp.get(k))))
+        raise RSGError(f"the output folder holds a run with different settings ({', '.join(changed)}); use another "
+                       f"--out or delete it", file=run_file, field=changed[0] if changed else None)
+    if prior is not None and prior.get("finished"):
+        log(f"{out} already holds a finished run; nothing to do")
+        hist = prior.get("history", [])
+        return TrainResult(out, out / "final", hist, True, prior.get("steps", 0))
+
+    corpus = open_corpus(cfg.corpus)
+    model, tokenizer = _build_model(cfg, corpus.labels, device, log)
+    lm_prefix = cfg.lm_prefix
+    if lm_prefix == "auto":
+        lm_prefix = "<LM>" if "<LM>" in tokenizer.get_vocab() else ""
+
+    cache = out / "cache"
+    if main:   # tokenise once on the main process; the others then read the cache
+        train_ds, hit = build_split(corpus, "train", tokenizer, cache_dir=cache, max_length=cfg.max_length,
+                                    max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
+        log(f"train data: {'tokenised cache' if hit else 'tokenised'} ({len(train_ds)} examples)")
+    state.wait_for_everyone()
+    train_ds, _ = build_split(corpus, "train", tokenizer, cache_dir=cache, max_length=cfg.max_length,
+                              max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
+    val_ds, _ = build_split(corpus, "val", tokenizer, cache_dir=cache, max_length=cfg.max_length,
+                            max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
+    tidx = task_indices(train_ds)
+    tasks = [t for t in TASKS if t in tidx and cfg.task_weights.get(t, 1.0) > 0]
+    if not tasks:
+        raise RSGError("the corpus has no training examples of any weighted task", file=corpus.root)
+    missing = [t for t in TASKS if t not in tidx]
+    if missing:
+        log(f"the corpus has no examples of {', '.join(missing)}; training the other tasks", "WARN")
+    vidx = task_indices(val_ds) if val_ds is not None else {}
+    if val_ds is None:
+        log("the corpus has no val split: only train losses are reported", "WARN")
+
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = math.ceil(max(len(tidx[t]) for t in tasks) / per_step)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    log(f"{len(tasks)} tasks, {steps_per_epoch} optimizer steps per epoch x {cfg.epochs} epochs; each step: "
+        f"{cfg.grad_accum} x {cfg.batch_size} examples of every task on {world} process(es)")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
+    scheduler = schedules.build_scheduler(
+        optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr_max, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, gamma=cfg.gamma, step_size_up=cfg.step_size_up,
+        warmup_steps=cfg.warmup_steps)
+    if cfg.schedule == "paper":
+        up = cfg.step_size_up or schedules.TORCH_DEFAULT_STEP_SIZE_UP
+        log(schedules.paper_warning(cfg.lr_min, cfg.lr_max, up, cfg.gamma), "WARN")
+    bf16 = _use_bf16(cfg.bf16, device)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach every trainable part even when inputs need no grad.
+        model.seq2seq.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.seq2seq.config.use_cache = False
+
+    # ---- resume
+    epoch, step, global_step = 0, 0, 0
+    sums: dict[str, list[float]] = {t: [0.0, 0] for t in tasks}
+    history: list[dict[str, Any]] = []
+    last = out / "last"
+    if (last / STATE_NAME).is_file():
+        st = torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
+        _load_weights(model, last)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        epoch, step, global_step = st["epoch"], st["step"], st["global_step"]
+        sums, history = st["sums"], st["history"]
+        _set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
+        log(f"resuming at epoch {epoch + 1}, step {step} (global step {global_step})")
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    if main:
+        atomic_write_json(run_file, {"config": fp, "finished": False, "history": history, "steps": global_step})
+
+    def save_resume_point(e: int, s: int) -> None:
+        rng = _rng_state()
+        gathered = [rng]
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, rng)
+        if main:
+            blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": e,
+                    "step": s, "global_step": global_step, "sums": sums, "history": history, "rng": gathered}
+
+            def extra(tmp: Path) -> None:
+                torch.save(blob, tmp / STATE_NAME)
+            model.save_pretrained(last, tokenizer=tokenizer, extra=extra)
+        state.wait_for_everyone()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_ner = len(model.config.ner_labels)
+    prog = None
+    if progress and main:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
+        prog.start()
+    try:
+        while epoch < cfg.epochs:
+            bar = prog.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=step,
+                                info="") if prog else None
+            model.train()
+            while step < steps_per_epoch:
+                for micro in range(cfg.grad_accum):
+                    start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+                    for t in tasks:
+                        pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
+                                               start=start, count=cfg.batch_size)
+                        rows = train_ds[tidx[t][pos].tolist()]
+                        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device)
+                        with _autocast(device, bf16):
+                            loss = task_loss(model, batch)
+                        (loss * (cfg.task_weights.get(t, 1.0) / cfg.grad_accum)).backward()
+                        sums[t][0] += float(loss.detach())
+                        sums[t][1] += 1
+                if world > 1:
+                    for p in trainable:
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad.div_(world)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                global_step += 1
+                if prog:
+                    cur = {t: sums[t][0] / max(1, sums[t][1]) for t in tasks}
+                    tot = sum(cfg.task_weights.get(t, 1.0) * v for t, v in cur.items())
+                    prog.update(bar, completed=step,
+                                info=f"loss {tot:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}")
+                if cfg.save_steps and global_step % cfg.save_steps == 0 and step < steps_per_epoch:
+                    save_resume_point(epoch, step)
+                if on_step is not None:
+                    on_step(global_step)
+            # ---- end of epoch: losses, checkpoint, resume point
+            train_row = _loss_row(epoch + 1, "train", {t: sums[t][0] / max(1, sums[t][1]) for t in tasks},
+                                  cfg.task_weights)
+            history.append(train_row)
+            if val_ds is not None and vidx:
+                val = evaluate_losses(model, val_ds, vidx, tasks, batch_size=cfg.val_batch_size or cfg.batch_size,
+                                      pad_id=pad_id, n_ner=n_ner, device=device, bf16=bf16)
+                history.append(_loss_row(epoch + 1, "val", val, cfg.task_weights))
+            log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
+            epoch += 1
+            step = 0
+            sums = {t: [0.0, 0] for t in tasks}
+            if main:
+                write_losses(out, history, tasks)
+                model.save_pretrained(out / f"epoch-{epoch}", tokenizer=tokenizer)
+            save_resume_point(epoch, 0)
+            if main:
+                atomic_write_json(run_file, {"config": fp, "finished": False, "history": history,
+                                             "steps": global_step})
+            if prog and bar is not None:
+                prog.remove_task(bar)
+    finally:
+        if prog:
+            prog.stop()
+    final = out / "final"
+    if main:
+        _link_or_copy_dir(out / f"epoch-{cfg.epochs}", final)
+        atomic_write_json(run_file, {"config": fp, "finished": True, "history": history, "steps": global_step})
+        log(f"done: {global_step} optimizer steps; final checkpoint {final}; losses in {out / 'losses.csv'}")
+    state.wait_for_everyone()
+    return TrainResult(out, final, history, True, global_step)
+
+
+def _loss_row(epoch: int, split: str, losses: dict[str, float], weights: dict[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"epoch": epoch, "split": split}
+    row.update(losses)
+    row["total"] = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+    return row
+
+
+def _describe(rows: list[dict[str, Any]]) -> str:
+    parts = []
+    for r in rows:
+        per = " ".join(f"{t}={r[t]:.3f}" for t in TASKS if t in r)
+        parts.append(f"epoch {r['epoch']} {r['split']}: total {r['total']:.4f} ({per})")
+    return "; ".join(parts)
+
+
+@torch.no_grad()
+def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: list[str], *, batch_size: int,
+                    pad_id: int, n_ner: int, device: torch.device, bf16: bool) -> dict[str, float]:
+    """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode."""
+    was = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for t in tasks:
+        rows_idx = idx.get(t)
+        if rows_idx is None or not len(rows_idx):
+            continue
+        total, n = 0.0, 0
+        for i in range(0, len(rows_idx), batch_size):
+            chunk = rows_idx[i:i + batch_size].tolist()
+            batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device)
+            with _autocast(device, bf16):
+                loss = task_loss(model, batch)
+            total += float(loss) * len(chunk)
+            n += len(chunk)
+        out[t] = total / n
+    model.train(was)
+    return out
