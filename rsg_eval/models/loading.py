@@ -109,6 +109,9 @@ def load_model(
     if path.is_dir():
         if (path / HIERARCHICAL_MARKER).is_file():
             return _load_hierarchical(path, dev, dtype, allow_fp16)
+        if not (path / "config.json").is_file():
+            # Without this check transformers guesses a model type from the folder name ("empty" -> "mpt").
+            raise RSGError("not a model directory: no config.json (save models with save_pretrained)", file=path)
         return _load_transformers(str(path), dev, dtype, revision, trust_remote_code, allow_fp16, local=True)
     if path.exists():
         raise RSGError("a model must be a directory (saved with save_pretrained), not a file", file=path)
@@ -147,6 +150,8 @@ def _load_hierarchical(path: Path, dev: torch.device, dtype: str | torch.dtype |
         hier, tokenizer = load_hierarchical(path, device=dev, dtype=dt)
     except (OSError, ValueError, KeyError) as exc:
         raise RSGError(f"could not load the hierarchical checkpoint: {_short(exc)}", file=path) from exc
+    if tokenizer is None:
+        raise RSGError("hierarchical checkpoint without tokenizer files (save it with its tokenizer)", file=path)
     model = hier.seq2seq
     model.eval()
     info = _info(model, tokenizer, model_id=str(path), source="hierarchical", revision=None, commit_hash=None,
@@ -188,13 +193,17 @@ def _load_transformers(
 
 def _from_pretrained(auto_cls: Any, name: str, config: Any, dt: torch.dtype, common: dict, where: str) -> Any:
     """Prefer safetensors; fall back to a pickled checkpoint (with a warning) only when there is none."""
+    import transformers
+
+    # transformers renamed torch_dtype to dtype in 4.56; keep both ends of our pinned range quiet.
+    dkw = {"dtype": dt} if _version_tuple(transformers.__version__) >= (4, 56) else {"torch_dtype": dt}
     try:
-        return auto_cls.from_pretrained(name, config=config, torch_dtype=dt, use_safetensors=True, **common)
+        return auto_cls.from_pretrained(name, config=config, use_safetensors=True, **dkw, **common)
     except (OSError, ValueError) as exc:
         first = exc
     log.warning("no safetensors weights for %s; loading the pickled checkpoint", name)
     try:
-        return auto_cls.from_pretrained(name, config=config, torch_dtype=dt, use_safetensors=False, **common)
+        return auto_cls.from_pretrained(name, config=config, use_safetensors=False, **dkw, **common)
     except (OSError, ValueError, KeyError) as exc:
         raise RSGError(f"could not load the model weights from {where} {name!r}: {_short(exc)} "
                        f"(safetensors: {_short(first)})") from exc
@@ -270,6 +279,14 @@ def _dir_fingerprint(path: Path) -> str:
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read(1 << 20))
     return "dir-" + h.hexdigest()[:16]
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
 
 
 def _short(exc: BaseException) -> str:

@@ -95,6 +95,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         mask_token="<mask>",
         model_max_length=MAX_INPUT_TOKENS,
         padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],  # T5 takes no token_type_ids
     )
     extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
     fast.add_special_tokens({"additional_special_tokens": extra + list(PREFIX_TOKENS)})

@@ -1,0 +1,186 @@
+"""load_model and the built-in tiny model: untied heads survive save/load, FRED-like tokenizer facts, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from rsg_eval.errors import RSGError
+from rsg_eval.models.loading import load_model, max_input_tokens, resolve_dtype
+from rsg_eval.models.tiny import build_tiny, build_tiny_tokenizer
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- tiny
+
+
+def test_tiny_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1).item()
+    torch.manual_seed(123)
+    m1, t1 = build_tiny()
+    after = torch.rand(1).item()
+    m2, t2 = build_tiny()
+    assert before == after  # building forks the RNG
+    assert _weights_hash(m1) == _weights_hash(m2)
+    assert t1.backend_tokenizer.to_str() == t2.backend_tokenizer.to_str()
+    m3, _ = build_tiny(seed=1)
+    assert _weights_hash(m3) != _weights_hash(m1)
+
+
+def test_tiny_tokenizer_has_fred_like_special_tokens_and_appends_no_eos():
+    tok = build_tiny_tokenizer()
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    ids = tok("<LM>Мальчик уронил стакан.").input_ids
+    assert ids[0] == tok.convert_tokens_to_ids("<LM>")  # a prefix is one token
+    assert 2 not in ids  # no </s> appended, like FRED's GPT2 tokenizer
+    assert tok.decode(ids) == "<LM>Мальчик уронил стакан."  # byte-level: lossless round trip
+    for t in ["<SC1>", "<SC6>", "<extra_id_0>", "<extra_id_99>"]:
+        assert len(tok(t).input_ids) == 1
+    # Any text, including characters never seen in training, encodes without <unk> (byte fallback).
+    assert 3 not in tok("漢字 ½ ẞ").input_ids
+    assert max_input_tokens(tok) == 512
+
+
+def test_tiny_model_is_t5_v11_with_untied_head():
+    model, tok = build_tiny()
+    cfg = model.config
+    assert cfg.feed_forward_proj == "gated-gelu" and not cfg.tie_word_embeddings
+    assert cfg.decoder_start_token_id == 0 and cfg.eos_token_id == 2
+    assert cfg.vocab_size == len(tok)
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert not torch.equal(model.lm_head.weight, model.shared.weight)
+    big, _ = build_tiny(d_model=128, num_layers=3)
+    assert big.config.d_model == 128 and big.config.num_decoder_layers == 3
+
+
+def test_load_tiny_info():
+    loaded = load_model("tiny", device="cpu")
+    info = loaded.info
+    assert info["model"] == "tiny" and info["source"] == "tiny"
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters())
+    assert info["max_input_tokens"] == 512 and info["eos_token_id"] == 2
+    assert info["tokenizer_appends_eos"] is False and info["tie_word_embeddings"] is False
+    assert info["fingerprint"] == load_model("tiny").info["fingerprint"]
+    assert not loaded.model.training
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+
+
+def test_untied_head_survives_save_and_load(tmp_path):
+    model, tok = build_tiny(seed=7)
+    with torch.no_grad():  # make the head unmistakably its own
+        model.lm_head.weight.mul_(-0.5).add_(0.25)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+
+    loaded = load_model(str(tmp_path), device="cpu")
+    m2 = loaded.model
+    assert torch.equal(m2.lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(m2.lm_head.weight, m2.shared.weight)
+    ids = tok(["<LM>Девочка открыла окно.", "Вопрос: да или нет?"], padding=True, return_tensors="pt")
+    dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+    with torch.no_grad():
+        a = model(**ids, decoder_input_ids=dec).logits
+        b = m2(**ids, decoder_input_ids=dec).logits
+    assert torch.equal(a, b)
+    assert loaded.info["source"] == "local" and loaded.info["fingerprint"].startswith("dir-")
+    assert loaded.tokenizer("<LM>x").input_ids == tok("<LM>x").input_ids
+
+
+def test_local_dir_dtype_override(tmp_path):
+    model, tok = build_tiny()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, dtype="bf16")
+    assert loaded.model.shared.weight.dtype == torch.bfloat16 and loaded.info["dtype"] == "bfloat16"
+
+
+def test_hierarchical_dir_goes_through_load_hierarchical(tmp_path):
+    from rsg_eval.models.adapters import AdaptedLMHead
+    from rsg_eval.models.hierarchical import HierarchicalT5
+
+    base, tok = build_tiny()
+    hier = HierarchicalT5.from_base(base, split=1)
+    with torch.no_grad():  # a non-zero LM adapter, so the head differs from the base head
+        for p in hier.lm_adapter.parameters():
+            p.add_(0.05)
+    hier.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    loaded = load_model(tmp_path / "ckpt")
+    assert isinstance(loaded.model.lm_head, AdaptedLMHead)
+    assert loaded.info["source"] == "hierarchical"
+    assert isinstance(loaded.info["hierarchical"], HierarchicalT5)
+    ids = tok(["<LM>Утром пошёл дождь."], return_tensors="pt")
+    dec = torch.tensor([[0, 5, 6]])
+    with torch.no_grad():
+        want = hier.seq2seq(**ids, decoder_input_ids=dec).logits
+        got = loaded.model(**ids, decoder_input_ids=dec).logits
+    assert torch.allclose(want, got, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_path_is_one_clear_error(tmp_path):
+    with pytest.raises(RSGError, match="does not exist"):
+        load_model(str(tmp_path / "no" / "such" / "model"))
+    with pytest.raises(RSGError, match="does not exist"):
+        load_model("./not-here")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(RSGError, match="directory"):
+        load_model(str(f))
+
+
+def test_dir_without_model_files_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RSGError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(RSGError, match="could not load the model config"):
+        load_model(bad)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying the network
+    with pytest.raises(RSGError, match="could not load .* hub id 'nobody-here/no-such-model-xyz'"):
+        load_model("nobody-here/no-such-model-xyz")
+
+
+def test_dtype_rules():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype(torch.float32, cpu) == torch.float32
+    with pytest.raises(RSGError, match="fp16 is refused"):
+        resolve_dtype("fp16", cpu, model_type="t5")
+    with pytest.raises(RSGError, match="fp16 is refused"):
+        load_model("tiny", dtype="float16")
+    assert resolve_dtype("fp16", cpu, model_type="t5", allow_fp16=True) == torch.float16
+    assert resolve_dtype("fp16", cpu, model_type="bart") == torch.float16
+    with pytest.raises(RSGError, match="unknown dtype"):
+        resolve_dtype("fp8", cpu)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(RSGError, match="no GPU"):
+        load_model("tiny", device="cuda")
