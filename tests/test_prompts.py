@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
@@ -191,16 +190,19 @@ def test_sha256_changes_with_content(tmp_path):
     assert parse_template(a, "TERRa").sha256 != sha_a
 
 
-def test_cli_show_and_errors():
+def test_cli_show_and_errors(monkeypatch, capsys):
     from typer.testing import CliRunner
 
-    from rsg_eval.cli import app
+    from rsg_eval.cli import app, main
 
     res = CliRunner().invoke(app, ["prompts", "show", "parus", "-n", "2"])
     assert res.exit_code == 0, res.output
     assert "Что было причиной?" in res.output and "<- gold" in res.output and res.output.count("PARus val key") == 2
     res = CliRunner().invoke(app, ["prompts", "list"])
     assert res.exit_code == 0 and "connective" in res.output
-    bad = subprocess.run([sys.executable, "-m", "rsg_eval", "prompts", "show", "terra", "--template", "zzz"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "has no template 'zzz'" in bad.stderr and "Traceback" not in bad.stderr
+    # Through the real entry point: one red line on stderr, exit status 2, no traceback.
+    monkeypatch.setattr(sys, "argv", ["rsg", "prompts", "show", "terra", "--template", "zzz"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "has no template 'zzz'" in err and "Traceback" not in err

@@ -1,0 +1,214 @@
+"""The zero-shot runner end to end on the tiny model: run folder, metrics, zip, resume, --limit, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rsg_eval import metrics, submission, zeroshot  # noqa: E402
+from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.runs import RunFolder  # noqa: E402
+from rsg_eval.tasks import TASK_NAMES, load_items  # noqa: E402
+from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from rsg_eval.models.loading import load_model
+
+    torch.set_num_threads(1)
+    return load_model("tiny", device="cpu")
+
+
+def _run(tmp_path, loaded, **kw):
+    opts = ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run=kw.pop("run", "r"), **kw)
+    return run_zeroshot(opts, show_progress=False, loaded=loaded)
+
+
+def _no_model_load(monkeypatch):
+    import rsg_eval.models.loading as loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not be loaded when every task is finished")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+@pytest.mark.slow
+def test_all_nine_tasks_end_to_end_then_skip(tmp_path, tiny, monkeypatch):
+    res = _run(tmp_path, tiny, split="all")
+    run = res.run
+    assert [o.status for o in res.outcomes] == ["done"] * 18
+    cfg = run.read_config()
+    assert cfg["model"] == "tiny" and cfg["kind"] == "zeroshot" and cfg["seed"] == 0 and cfg["split"] == "all"
+    assert set(cfg["template_sha256"]) == set(TASK_NAMES) and cfg["versions"]["torch"] == torch.__version__
+    assert cfg["model_info"]["fingerprint"].startswith("tiny-")
+    m = json.loads(run.metrics_path.read_text())
+    assert set(m["tasks"]) == set(TASK_NAMES) and isinstance(m["total"], float)
+    assert m["total"] == pytest.approx(sum(v["score"] for v in m["tasks"].values()) / 9)
+    # Metrics recomputed independently from the prediction files and the data agree with metrics.json.
+    for t in TASK_NAMES:
+        items = load_items("sample", t, "val")
+        preds = run.read_predictions(t, "val")
+        assert preds.keys() == {it.key for it in items}
+        assert metrics.score_items(t, items, preds)["score"] == pytest.approx(m["tasks"][t]["score"])
+        logs = run.read_logs(t, "val")
+        assert len(logs) == len(items)
+        for row in logs:  # the prediction is the argmax of the logged scores, mapped into the labels
+            best = max(range(len(row["scores"])), key=lambda j: (row["scores"][j], -j))
+            assert row["pred"] == row["labels"][best] and len(row["choices"]) == len(row["labels"])
+    assert res.zip.complete and submission.check_zip(res.zip.path, "sample") == []
+    # Same command again: everything skipped, the model never loaded, results untouched.
+    before = {p: p.read_bytes() for p in (run.path / "predictions").rglob("*.jsonl")}
+    _no_model_load(monkeypatch)
+    again = run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="r", split="all"),
+                         show_progress=False)
+    assert [o.status for o in again.outcomes] == ["skipped"] * 18
+    assert before == {p: p.read_bytes() for p in (run.path / "predictions").rglob("*.jsonl")}
+    assert again.metrics == m and again.zip.complete
+
+
+def test_subset_then_all_resumes(tmp_path, tiny):
+    first = _run(tmp_path, tiny, tasks=["TERRa", "rcb"])
+    assert [(o.task, o.status) for o in first.outcomes] == [("TERRa", "done"), ("RCB", "done")]
+    assert first.metrics["total"] is None and set(first.metrics["tasks"]) == {"RCB", "TERRa"}
+    state = first.run.read_state("TERRa", "val")
+    second = _run(tmp_path, tiny, tasks=["TERRa", "RCB", "PARus"])
+    assert {o.task: o.status for o in second.outcomes} == {"RCB": "skipped", "TERRa": "skipped", "PARus": "done"}
+    assert second.run.read_state("TERRa", "val") == state  # not rewritten
+    assert set(second.metrics["tasks"]) == {"RCB", "TERRa", "PARus"}
+    assert second.run.read_config()["tasks"] == ["RCB", "PARus", "TERRa"]
+    # A setting that changes results (normalisation) redoes the task in the same folder.
+    third = _run(tmp_path, tiny, tasks=["TERRa"], normalize="token")
+    assert [o.status for o in third.outcomes] == ["done"]
+    assert third.run.read_state("TERRa", "val")["parts"]["normalize"] == "token"
+
+
+def test_interrupt_keeps_finished_tasks(tmp_path, tiny, monkeypatch):
+    real = zeroshot._score_job
+    seen = []
+
+    def interrupt_on_third(job, *a, **k):
+        seen.append(job.task)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(zeroshot, "_score_job", interrupt_on_third)
+    res = _run(tmp_path, tiny, tasks=["TERRa", "RCB", "PARus", "RWSD"])
+    assert seen == ["TERRa", "RCB", "PARus"]  # the user's task order
+    assert res.interrupted and res.run.finished("val") == ["RCB", "TERRa"]
+    assert set(json.loads(res.run.metrics_path.read_text())["tasks"]) == {"RCB", "TERRa"}
+    monkeypatch.setattr(zeroshot, "_score_job", real)
+    again = _run(tmp_path, tiny, tasks=["TERRa", "RCB", "PARus", "RWSD"])
+    assert {o.task: o.status for o in again.outcomes} == {"RCB": "skipped", "TERRa": "skipped", "PARus": "done",
+                                                          "RWSD": "done"}
+
+
+def test_limit_keeps_whole_groups_and_batch_size_does_not_matter(tmp_path, tiny):
+    a = _run(tmp_path, tiny, tasks=["MuSeRC", "RuCoS", "TERRa"], limit=1, batch_size=1, run="a")
+    b = _run(tmp_path, tiny, tasks=["MuSeRC", "RuCoS", "TERRa"], limit=1, batch_size="auto", run="b")
+    for t in ("MuSeRC", "RuCoS", "TERRa"):
+        assert a.run.read_predictions(t, "val") == b.run.read_predictions(t, "val")
+        for ra, rb in zip(a.run.read_logs(t, "val"), b.run.read_logs(t, "val")):
+            assert ra["scores"] == pytest.approx(rb["scores"], abs=1e-4)
+    muserc = load_items("sample", "MuSeRC", "val")
+    first_q = [it.key for it in muserc if it.group == muserc[0].group]
+    assert [r["key"] for r in a.run.read_logs("MuSeRC", "val")] == first_q and len(first_q) > 1
+    assert len(a.run.read_logs("RuCoS", "val")) == 1 and len(a.run.read_logs("TERRa", "val")) == 1
+
+
+def test_calibrate_and_template_choice(tmp_path, tiny):
+    res = _run(tmp_path, tiny, tasks=["PARus"], template="connective", calibrate=True, normalize="byte")
+    cfg = res.run.read_config()
+    assert cfg["templates"]["PARus"] == "connective" and cfg["calibrate"] is True
+    row = res.run.read_logs("PARus", "val")[0]
+    assert row["prompt"].endswith(("потому что", "поэтому")) and row["choices"][0][0].islower()
+
+
+def test_long_passage_is_shortened_to_the_model_length(tmp_path, tiny):
+    from rsg_eval.models.loading import Loaded
+
+    short = Loaded(tiny.model, tiny.tokenizer, {**tiny.info, "max_input_tokens": 64})
+    res = _run(tmp_path, short, tasks=["DaNetQA"])
+    assert res.outcomes[0].n_truncated > 0
+    rows = res.run.read_logs("DaNetQA", "val")
+    assert sum("…" in r["prompt"] for r in rows) == res.outcomes[0].n_truncated
+    for row, it in zip(rows, load_items("sample", "DaNetQA", "val")):
+        assert len(tiny.tokenizer(row["prompt"])["input_ids"]) <= 64
+        assert row["prompt"].endswith(f"Вопрос: {it.fields['question']}\nОтвет (да или нет):")  # kept whole
+
+
+def test_bad_input(tmp_path, tiny):
+    with pytest.raises(RSGError) as exc:
+        _run(tmp_path, tiny, tasks=["nope"])
+    assert all(t in str(exc.value) for t in TASK_NAMES)
+    with pytest.raises(RSGError, match="unknown split"):
+        _run(tmp_path, tiny, split="train")
+    with pytest.raises(RSGError, match="batch size"):
+        _run(tmp_path, tiny, batch_size="many")
+    with pytest.raises(RSGError, match="no template 'zzz'"):
+        _run(tmp_path, tiny, template="zzz")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(textwrap.dedent("""\
+        task: TERRa
+        template: "{{ premise }} {% if %}"
+        choices: {entailment: Да, not_entailment: Нет}
+        """), encoding="utf-8")
+    with pytest.raises(RSGError) as exc:
+        _run(tmp_path, tiny, tasks=["TERRa"], template=str(broken))
+    assert exc.value.file == str(broken) and exc.value.line == 2
+    # A model that does not exist: a clear error, and no run folder left behind.
+    with pytest.raises(RSGError, match="does not exist"):
+        run_zeroshot(ZeroShotOptions(model=str(tmp_path / "no-model"), data="sample", root=tmp_path, run="x",
+                                     tasks=["TERRa"]), show_progress=False)
+    assert not (tmp_path / "x").exists()
+    # A run folder of another model is not reused.
+    _run(tmp_path, tiny, tasks=["TERRa"], run="mine")
+    with pytest.raises(RSGError, match="pick another --run"):
+        run_zeroshot(ZeroShotOptions(model="other/model", data="sample", root=tmp_path, run="mine",
+                                     tasks=["TERRa"]), show_progress=False)
+
+
+def test_nli_head_flag_without_module_is_clear():
+    import importlib.util
+
+    if importlib.util.find_spec("rsg_eval.hmtl.nli_eval") is not None:
+        pytest.skip("the NLI-head evaluator is installed; its own tests cover it")
+    with pytest.raises(RSGError, match="nli_eval"):
+        zeroshot.run_nli_head(model="x")
+
+
+def test_shared_rsg_terra_rcb_limit(tmp_path, tiny, shared_rsg):
+    res = run_zeroshot(ZeroShotOptions(model="tiny", data=str(shared_rsg), root=tmp_path, run="s",
+                                       tasks=["TERRa", "RCB"], limit=20, split="all"), show_progress=False, loaded=tiny)
+    m = res.metrics
+    assert m["counts"] == {"RCB": 20, "TERRa": 20} and m["total"] is None
+    assert len(res.run.read_predictions("TERRa", "test")) == 20
+    assert not res.zip.complete and res.zip.tasks == ("RCB", "TERRa")
+
+
+def test_cli_smoke_and_usage_error(tmp_path, tiny, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    import rsg_eval.models.loading as loading
+    from rsg_eval.cli import app, main
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: tiny)  # reuse the module's tiny model
+    res = CliRunner().invoke(app, ["zeroshot", "--model", "tiny", "--data", "sample", "--tasks", "TERRa", "PARus",
+                                   "--root", str(tmp_path), "--run", "cli", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "TERRa" in res.output and "PARus" in res.output and "needs all nine tasks" in res.output
+    assert (tmp_path / "cli" / "metrics.json").is_file()
+    # Through the real entry point: one red line on stderr, exit status 2, no traceback.
+    monkeypatch.setattr(sys, "argv", ["rsg", "zeroshot", "--model", "tiny", "--data", "sample", "--split", "train",
+                                      "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown split 'train'" in err and "Traceback" not in err
