@@ -66,6 +66,7 @@ class TeacherSpec:
     min_score: float = 0.3           # qa: the teacher's answer score threshold
     max_answer_len: int = 30         # qa: tokens
     dtype: str | None = None         # e.g. bfloat16 on a GPU; None = the model's default (float32)
+    filter: bool = True              # drop empty / broken / repeated / copied outputs (off: inspect a teacher)
 
     @classmethod
     def make(cls, task: str, opts: dict[str, Any]) -> TeacherSpec:
@@ -96,6 +97,8 @@ def degenerate(output: str, source: str | None = None) -> str | None:
     out = output.strip()
     if not out or not any(c.isalnum() for c in out):
         return "empty"
+    if "\ufffd" in out:
+        return "broken"  # undecodable bytes: a byte-level tokenizer produced half a character
     toks = out.split()
     run = 1
     for a, b in zip(toks, toks[1:]):
@@ -258,7 +261,7 @@ def run_batch(job: str, batch: Sequence[Unit], teachers: dict[str, Any], stats: 
     recs = []
     for u, o in zip(batch, outs):
         o = o.strip()
-        why = degenerate(o, u.text)
+        why = degenerate(o, u.text) if teachers[job].spec.filter else (None if o else "empty")
         if why:
             stats[f"{job}: {why}"] += 1
             continue
@@ -271,7 +274,7 @@ def _run_qa(batch: Sequence[Unit], qg: Generator, qa: Answerer, stats: Counter) 
     questions = [q.strip() for q in qg([u.text for u in batch])]
     ok = []
     for u, q in zip(batch, questions):
-        why = degenerate(q, u.text)
+        why = degenerate(q, u.text) if qg.spec.filter else (None if q else "empty")
         if why:
             stats[f"qg: {why}"] += 1
         else:
@@ -288,8 +291,8 @@ def _run_qa(batch: Sequence[Unit], qg: Generator, qa: Answerer, stats: Counter) 
         if score < qa.spec.min_score:
             stats["qa: low score"] += 1
             continue
-        if degenerate(ans) == "repeated":
-            stats["qa: repeated"] += 1
+        if qa.spec.filter and degenerate(ans) in ("repeated", "broken"):
+            stats["qa: degenerate"] += 1
             continue
         base = {"context": u.text, "_src": u.source, "_group": u.group}
         recs.append({"task": "qa", **base, "question": q, "answer": ans, "id": f"{u.id}#qa",
@@ -414,23 +417,20 @@ def annotate_job(job: str, texts: Sequence[dict], specs: dict[str, TeacherSpec],
     return out
 
 
-def assign_jobs(texts: Sequence[dict], shares: dict[str, float], seed: int) -> dict[str, list[dict]]:
-    """Give every raw text to exactly one job, by a seeded hash of its id weighted by `shares`
-    (so adding texts does not move the others between jobs)."""
+def assign_jobs(texts: Sequence[dict], shares: dict[str, float], seed: int = 0) -> dict[str, list[dict]]:
+    """Give every raw text to exactly one job, in proportion to `shares`.
+
+    Text i goes to the job furthest below its share after texts 0..i-1 (ties: the order of `shares`), so the
+    proportions are exact up to one text, and the assignment of a prefix (a `--limit` trial) is the prefix of the
+    full run's assignment. `seed` is unused: the split is deterministic by position.
+    """
     jobs = [j for j, w in shares.items() if w > 0]
     out: dict[str, list[dict]] = {j: [] for j in jobs}
     if not jobs:
         return out
     total = sum(shares[j] for j in jobs)
-    bounds, acc = [], 0.0
-    for j in jobs:
-        acc += shares[j] / total
-        bounds.append(acc)
-    for rec in texts:
-        h = hashlib.blake2b(f"{seed}:{rec['id']}".encode(), digest_size=8).digest()
-        x = int.from_bytes(h, "little") / 2**64
-        for j, b in zip(jobs, bounds):
-            if x < b or j == jobs[-1]:
-                out[j].append(rec)
-                break
+    for i, rec in enumerate(texts):
+        # deficit of job j after i texts: i * share_j - assigned_j; the largest deficit + share takes text i
+        j = max(jobs, key=lambda k: ((i + 1) * shares[k] / total - len(out[k]), -jobs.index(k)))
+        out[j].append(rec)
     return out
