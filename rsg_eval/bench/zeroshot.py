@@ -140,8 +140,19 @@ def run_bench(*, docs: int = 16, parus_docs: int | None = None, device: str = "c
               passage_words: int = 200, candidates: int = 15,
               on_step: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run both cases on one model; returns a JSON-able report (model facts, per-case results)."""
+    old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run_bench(docs=docs, parus_docs=parus_docs, device=device, batch_size=batch_size, repeats=repeats,
+                          model_overrides=model_overrides, passage_words=passage_words, candidates=candidates,
+                          on_step=on_step)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_bench(*, docs, parus_docs, device, batch_size, repeats, model_overrides, passage_words, candidates,
+               on_step) -> dict[str, Any]:
     overrides = dict(BENCH_MODEL)
     overrides.update(model_overrides or {})
     model, tokenizer = build_tiny(**overrides)
