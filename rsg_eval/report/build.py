@@ -10,6 +10,7 @@ score files, tasks only in metrics.json) show their numbers without intervals.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from typing import Any, Sequence
 
@@ -220,8 +221,18 @@ def _cut(text: Any) -> str:
     return s if len(s) <= PROMPT_CHARS else s[:PROMPT_CHARS] + " …"
 
 
+def _right(task: str, gold: Any, pred: Any) -> bool:
+    """Is one prediction right? RuCoS: an exact match with a gold answer after normalisation."""
+    if task == "RuCoS":
+        from rsg_eval.metrics import rucos_f1_em
+
+        gold = list(gold) if isinstance(gold, (list, tuple)) else [gold]
+        return rucos_f1_em([gold], [pred])[1] == 1.0
+    return _same(_key(pred), _key(gold))
+
+
 def _disagreements(runs: Sequence[Run], task: str, ti: int, seed: int, n: int) -> list[dict]:
-    """A seeded sample of examples where a run and the reference predict differently."""
+    """Per run: how many shared examples it predicts differently from the reference, and a seeded sample."""
     out: list[dict] = []
     ref = runs[0]
     if task not in ref.logs:
@@ -235,43 +246,51 @@ def _disagreements(runs: Sequence[Run], task: str, ti: int, seed: int, n: int) -
         if not diff:
             continue
         pick = sorted(_rng(seed, ti, 2, r).choice(len(diff), size=min(n, len(diff)), replace=False).tolist())
+        examples = []
         for i in pick:
             k, x = diff[i]
             a = ref_rows[k]
-            out.append({"run": run.name, "key": x["key"], "gold": a["gold"], "ref_pred": a["pred"],
-                        "run_pred": x["pred"], "ref_right": _same(_key(a["pred"]), _key(a["gold"])),
-                        "run_right": _same(_key(x["pred"]), _key(x["gold"])), "prompt": _cut(a.get("prompt")),
-                        "run_prompt": None if x.get("prompt") == a.get("prompt") else _cut(x.get("prompt")),
-                        "n_disagree": len(diff), "n_shared": len(shared)})
+            examples.append({"key": x["key"], "gold": a["gold"], "ref_pred": a["pred"], "run_pred": x["pred"],
+                             "ref_right": _right(task, a["gold"], a["pred"]),
+                             "run_right": _right(task, a["gold"], x["pred"]), "prompt": _cut(a.get("prompt")),
+                             "run_prompt": None if x.get("prompt") == a.get("prompt") else _cut(x.get("prompt"))})
+        out.append({"run": run.name, "n_disagree": len(diff), "n_shared": len(shared), "examples": examples})
     return out
 
 
+def _template_of(run: Run, task: str) -> str | None:
+    """The template a run used for a task: config "templates" per task, else its one "template"."""
+    per_task = run.config.get("templates")
+    if isinstance(per_task, dict) and per_task.get(task):
+        return str(per_task[task])
+    t = run.config.get("template")
+    return None if t is None else str(t)
+
+
 def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]]) -> list[dict]:
-    """For a model run with several templates: the scores per template and their spread, per task."""
+    """Where one model was run with several templates (same config model, different template for a task):
+    the score per template and the spread (max - min, standard deviation) per task."""
     by_model: dict[str, list[int]] = {}
     for r, run in enumerate(runs):
-        model, template = run.config.get("model"), run.config.get("template")
-        if run.origin == "run" and model and template:
-            by_model.setdefault(str(model), []).append(r)
+        if run.origin == "run" and run.config.get("model"):
+            by_model.setdefault(str(run.config["model"]), []).append(r)
     out = []
     for model, idx in by_model.items():
-        templates = [str(runs[r].config.get("template")) for r in idx]
-        if len(set(templates)) < 2:
-            continue
         per_task = []
         for t in tasks:
-            vals = [(runs[r].name, templates[j], cells[t][r]["score"]) for j, r in enumerate(idx)
-                    if cells[t][r]["score"] is not None]
-            if len(vals) < 2:
+            vals = [(runs[r].name, _template_of(runs[r], t), cells[t][r]["score"]) for r in idx
+                    if cells[t][r]["score"] is not None and _template_of(runs[r], t) is not None]
+            if len({v[1] for v in vals}) < 2:
                 continue
             s = np.array([v[2] for v in vals])
             best = vals[int(np.argmax(s))]
             per_task.append({"task": t, "n": len(vals), "min": float(s.min()), "max": float(s.max()),
                              "mean": float(s.mean()), "std": float(s.std(ddof=1)),
                              "spread": float(s.max() - s.min()), "best_template": best[1],
-                             "scores": {v[1]: v[2] for v in vals}})
-        out.append({"model": model, "runs": [runs[r].name for r in idx], "templates": templates,
-                    "tasks": per_task})
+                             "scores": [{"run": v[0], "template": v[1], "score": v[2]} for v in vals]})
+        if per_task:
+            out.append({"model": model, "runs": [runs[r].name for r in idx],
+                        "templates": [str(runs[r].config.get("template")) for r in idx], "tasks": per_task})
     return out
 
 
@@ -283,8 +302,11 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
     runs = list(runs)
     _unique_names(runs)
     problems = list(problems)
+    by_note: dict[str, list[str]] = {}  # one line per note, naming every run it applies to
     for run in runs:
-        problems += [f"{run.name}: {n}" for n in run.notes]
+        for n in run.notes:
+            by_note.setdefault(n, []).append(run.name)
+    problems += [f"{', '.join(names)}: {n}" for n, names in by_note.items()]
     splits = sorted({run.split for run in runs if run.origin == "run"})
     if len(splits) > 1:
         problems.append(f"the runs cover different splits ({', '.join(splits)}): runs on different splits are "
@@ -315,6 +337,9 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
                 problems.append(f"{run.name}: no {t} results (marked missing)")
         task_rows.append({"task": t, "metrics": list(get_task(t).metrics), "cells": cells[t]})
     totals, common = _totals(runs, tasks, cells, boots, diffs)
+    with warnings.catch_warnings():  # scikit-learn warns on categories whose items hold one label only
+        warnings.simplefilter("ignore")
+        diagnostics = {run.name: d for run in runs if (d := _diagnostics(run))}
     return {
         "seed": seed, "n_boot": n_boot, "level": 0.95, "alpha": 0.05,
         "reference": runs[0].name,
@@ -328,7 +353,7 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
                          if r == 0 or any(cells[t][r]["score"] is not None for t in tasks)],
         "totals": totals,
         "common_tasks": common,
-        "diagnostics": {run.name: d for run in runs if (d := _diagnostics(run))},
+        "diagnostics": diagnostics,
         "confusion": {t: {run.name: _confusion(t, run.logs[t]) for run in runs if t in run.logs}
                       for t in tasks if get_task(t).labels is not None and any(t in run.logs for run in runs)},
         "disagreements": {t: d for t in tasks if (d := _disagreements(runs, t, TASK_NAMES.index(t), seed,

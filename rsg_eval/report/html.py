@@ -11,7 +11,7 @@ import base64
 from pathlib import Path
 
 from rsg_eval.report.render import (MARK, num, task_table_header, task_table_rows, totals_header,
-                                    totals_only_note, totals_rows)
+                                    totals_only_note, totals_rows, SPREAD_HEAD, spread_rows)
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
 CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch"}
@@ -54,11 +54,9 @@ def _context(report: dict, charts: dict[str, bytes]) -> dict:
         "confusion": [(task, [(name, {"labels": cm["labels"], "rows": list(zip(cm["labels"], cm["matrix"]))})
                               for name, cm in per_run.items()]) for task, per_run in report["confusion"].items()],
         "disagreements": list(report["disagreements"].items()),
-        "spread_head": ["Task", "n", "min", "max", "spread", "std", "best template"],
+        "spread_head": SPREAD_HEAD,
         "template_spread": [{"model": s["model"], "runs": s["runs"], "templates": s["templates"],
-                             "rows": _cells([[t["task"], str(t["n"]), num(t["min"]), num(t["max"]),
-                                              num(t["spread"]), num(t["std"]), t["best_template"]]
-                                             for t in s["tasks"]])} for s in report["template_spread"]],
+                             "rows": _cells(spread_rows(s))} for s in report["template_spread"]],
         "problems": report["problems"],
     }
 

@@ -132,6 +132,10 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _rw(ok: bool) -> str:
+    return "right" if ok else "wrong"
+
+
 def _md_quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in str(text).splitlines()) or ">"
 
@@ -188,23 +192,32 @@ def _md_inside(report: dict) -> list[str]:
                 out += [f"**{task} — {name}**", "", _md_table(["gold \\ pred"] + cm["labels"],
                         [[lab] + [str(v) for v in row] for lab, row in zip(cm["labels"], cm["matrix"])]), ""]
     if report["disagreements"]:
-        out += [f"## Where runs disagree with the reference ({report['reference']})", ""]
-        for task, items in report["disagreements"].items():
-            for ex in items:
-                mark = lambda ok: "right" if ok else "wrong"  # noqa: E731
-                out += [f"**{task}** key {ex['key']} ({ex['n_disagree']} of {ex['n_shared']} differ for "
-                        f"{ex['run']}): gold `{ex['gold']}`; {report['reference']} `{ex['ref_pred']}` "
-                        f"({mark(ex['ref_right'])}), {ex['run']} `{ex['run_pred']}` ({mark(ex['run_right'])})",
-                        "", _md_quote(ex["prompt"]), ""]
-                if ex["run_prompt"]:
-                    out += [f"{ex['run']}'s prompt:", "", _md_quote(ex["run_prompt"]), ""]
+        ref = report["reference"]
+        out += [f"## Where runs disagree with the reference ({ref})", ""]
+        for task, per_run in report["disagreements"].items():
+            for d in per_run:
+                out += [f"### {task}: {d['run']} vs {ref} — {d['n_disagree']} of {d['n_shared']} predictions "
+                        f"differ (sample of {len(d['examples'])})", ""]
+                for ex in d["examples"]:
+                    out += [f"key {ex['key']}: gold `{ex['gold']}`; {ref} `{ex['ref_pred']}` "
+                            f"({_rw(ex['ref_right'])}), {d['run']} `{ex['run_pred']}` ({_rw(ex['run_right'])})",
+                            "", _md_quote(ex["prompt"]), ""]
+                    if ex["run_prompt"]:
+                        out += [f"{d['run']}'s prompt:", "", _md_quote(ex["run_prompt"]), ""]
     for spread in report["template_spread"]:
         out += [f"## Template spread: {spread['model']}", "",
-                "Runs: " + ", ".join(f"{n} ({t})" for n, t in zip(spread["runs"], spread["templates"])), "",
-                _md_table(["Task", "n", "min", "max", "spread", "std", "best template"],
-                          [[t["task"], str(t["n"]), num(t["min"]), num(t["max"]), num(t["spread"]), num(t["std"]),
-                            t["best_template"]] for t in spread["tasks"]]), ""]
+                "Runs: " + ", ".join(spread["runs"]), "",
+                _md_table(SPREAD_HEAD, spread_rows(spread)), ""]
     return out
+
+
+SPREAD_HEAD = ["Task", "Scores (template: score)", "min", "max", "spread", "std", "best template"]
+
+
+def spread_rows(spread: dict) -> list[list[str]]:
+    return [[t["task"], ", ".join(f"{x['template']} ({x['run']}): {num(x['score'])}" for x in t["scores"]),
+             num(t["min"]), num(t["max"]), num(t["spread"]), num(t["std"]), t["best_template"]]
+            for t in spread["tasks"]]
 
 
 # --------------------------------------------------------------------------------------------------- csv / json
