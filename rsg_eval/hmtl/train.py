@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
     if main:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    if console is None and progress and main:
+    if console is None and main:
         from rich.console import Console
         console = Console(stderr=True)
     log = _Log(out / "train.log", console, main)
