@@ -151,3 +151,12 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(RSGError, match="unknown teacher options"):
         load_config(cfg("sources:\n  - {kind: text, path: x}\nteachers:\n  qa: {model: m, temperature: 1}\n")
                     ).teacher_specs()
+
+
+def test_example_config_parses() -> None:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "corpus_example.yaml")
+    assert len(cfg.mc_classes or ()) == 17 and cfg.shares["qa"] == 0.4
+    assert cfg.teacher_specs()["qa"].model == "timpal0l/mdeberta-v3-base-squad2"
+    lenta = next(s for s in cfg.sources if s.name == "lenta")
+    mapped = {v for v in lenta.opts["label_map"].values() if v is not None}
+    assert mapped <= set(cfg.mc_classes or ())  # every mapped topic is one of the 17 classes

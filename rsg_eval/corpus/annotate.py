@@ -190,12 +190,15 @@ class Text2TextTeacher:
         except OSError as exc:
             raise RSGError(f"cannot load teacher {spec.task}={spec.model}: {exc}".splitlines()[0],
                            field="--teacher", expected="a hub id (reachable) or a local model folder") from None
+        # FRED-T5's tokenizer has no model_max_length, so truncation=True alone would not cut long passages
+        tok = self.pipe.tokenizer
+        tok.model_max_length = min(int(getattr(tok, "model_max_length", spec.max_input_tokens)),
+                                   spec.max_input_tokens)
 
     def __call__(self, texts: Sequence[str]) -> list[str]:
         prompts = [self.spec.prompt.replace("{text}", t) for t in texts]
         outs = self.pipe(prompts, batch_size=len(prompts), max_new_tokens=self.spec.max_new_tokens,
-                         num_beams=self.spec.num_beams, do_sample=False, truncation=True,
-                         max_length=None)
+                         num_beams=self.spec.num_beams, do_sample=False, truncation=True)
         return [(o[0] if isinstance(o, list) else o)["generated_text"] for o in outs]
 
 
