@@ -90,8 +90,8 @@ def _label_key(label: Any) -> str:
     """Canonical text of a label for matching YAML keys (YAML reads `true:` as a bool, `0:` as an int)."""
     if isinstance(label, bool):
         return "true" if label else "false"
-    return str(label).strip().lower() if isinstance(label, str) and label.strip().lower() in ("true", "false") \
-        else str(label)
+    text = str(label)
+    return text.strip().lower() if text.strip().lower() in ("true", "false") else text
 
 
 @dataclass
