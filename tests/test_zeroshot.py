@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 
 from rsg_eval import metrics, submission, zeroshot  # noqa: E402
 from rsg_eval.errors import RSGError  # noqa: E402
-from rsg_eval.runs import RunFolder  # noqa: E402
 from rsg_eval.tasks import TASK_NAMES, load_items  # noqa: E402
 from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot  # noqa: E402
 
