@@ -282,3 +282,20 @@ def test_failing_batch_skipped_counted_or_stops(teachers: dict, tmp_path: Path) 
     events.clear()
     build_corpus(cfg, tmp_path / "skip", _opts(teachers, on_shard=events.append, retry_failed=True))
     assert [(e.index, e.reused) for e in events if e.job == "title"] == [(0, True), (1, False)]
+
+
+@pytest.mark.slow
+def test_built_corpus_trains_with_train_hmtl(annotated: tuple[Path, dict], tmp_path: Path) -> None:
+    import math
+
+    from rsg_eval.hmtl.train import TrainConfig, train
+
+    out, s = annotated
+    res = train(TrainConfig(model="tiny", corpus=str(out), out=str(tmp_path / "hmtl"), epochs=1, batch_size=2,
+                            grad_accum=1, max_steps_per_epoch=1, max_length=64, max_target_length=16,
+                            gradient_checkpointing=False), progress=False)
+    assert res.finished and res.steps == 1 and res.final is not None and res.final.is_dir()
+    val = [row for row in res.history if row["split"] == "val"][-1]
+    present = [t for t in s["tasks"] if s["tasks"][t]["val"] > 0]
+    assert {"ner", "mc", "nli", "paraphrase"} <= set(present)
+    assert all(math.isfinite(val[t]) for t in present if t in val) and sum(t in val for t in present) >= 4
