@@ -310,11 +310,14 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
             torch.manual_seed(opts.seed)
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
+                same_input: dict[str, tuple] = {}  # LiDiRus val and test read one file: score it once
                 for job in pending:
                     bar = progress.add_task(f"{job.task}/{job.split}", total=len(job.items))
                     t0 = time.perf_counter()
-                    preds, rows, n_trunc = _score_job(job, loaded, opts,
-                                                      lambda n, bar=bar: progress.advance(bar, n))
+                    key = fingerprint({k: v for k, v in job.parts.items() if k != "split"})
+                    if key not in same_input:
+                        same_input[key] = _score_job(job, loaded, opts, lambda n, bar=bar: progress.advance(bar, n))
+                    preds, rows, n_trunc = same_input[key]
                     run.write_task(job.task, job.split, job.items, preds, rows, job.fingerprint, parts=job.parts,
                                    extra={"template": job.template.name, "n_truncated": n_trunc,
                                           "seconds": round(time.perf_counter() - t0, 3),

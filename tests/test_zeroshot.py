@@ -62,6 +62,9 @@ def test_all_nine_tasks_end_to_end_then_skip(tmp_path, tiny, monkeypatch):
             best = max(range(len(row["scores"])), key=lambda j: (row["scores"][j], -j))
             assert row["pred"] == row["labels"][best] and len(row["choices"]) == len(row["labels"])
     assert res.zip.complete and submission.check_zip(res.zip.path, "sample") == []
+    # LiDiRus val and test are the same labelled file: scored once, the same predictions in both.
+    assert run.read_predictions("LiDiRus", "val") == run.read_predictions("LiDiRus", "test")
+    assert run.read_logs("LiDiRus", "val") == run.read_logs("LiDiRus", "test")
     # Same command again: everything skipped, the model never loaded, results untouched.
     before = {p: p.read_bytes() for p in (run.path / "predictions").rglob("*.jsonl")}
     _no_model_load(monkeypatch)
