@@ -84,6 +84,11 @@ class FinetuneConfig:
 
 FIELD_NAMES = tuple(f.name for f in fields(FinetuneConfig))
 
+# Defaults for the built-in random `tiny` model when no --config is given: the offline smoke path must be fast,
+# and its scores are meaningless anyway (same values as configs/finetune_tiny.yaml).
+TINY_DEFAULTS: dict[str, Any] = {"batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "max_source_len": 128,
+                                 "max_target_len": 48, "eval_batch_size": 32}
+
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type; unknown field -> RSGError listing the valid ones."""
@@ -139,11 +144,14 @@ class ConfigSet:
         return dataclasses.replace(FinetuneConfig(), **merged).validate(self.source)
 
 
-def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = None) -> ConfigSet:
-    """Read a YAML config (`defaults:` and `tasks:` blocks; a flat mapping counts as `defaults`)."""
+def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = None,
+                    base: Mapping[str, Any] | None = None) -> ConfigSet:
+    """Read a YAML config (`defaults:` and `tasks:` blocks; a flat mapping counts as `defaults`). `base` is used
+    as the `defaults:` block when there is no file (the command passes TINY_DEFAULTS for `--model tiny`)."""
     cli_vals = {k: _coerce(k, v, "command line") for k, v in (cli or {}).items() if v is not None}
     if path is None:
-        cs = ConfigSet(cli=cli_vals, source="command line")
+        cs = ConfigSet(yaml_defaults={k: _coerce(k, v, "defaults") for k, v in (base or {}).items()},
+                       cli=cli_vals, source="command line")
         cs.for_task("TERRa")  # validate early
         return cs
     import yaml

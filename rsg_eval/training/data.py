@@ -42,10 +42,17 @@ def gold_targets(item: Any) -> list[Any]:
 
 
 def encode_source(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
-    """Encoder ids for a prompt exactly as rank classification encodes it (the tokenizer's own special tokens:
-    T5's SentencePiece appends </s>, FRED's GPT2 tokenizer appends nothing), cut to `max_len`."""
-    ids = tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
-    return list(ids)
+    """Encoder ids for a prompt exactly as rank classification (rsg_eval.scoring) encodes it: the tokenizer's
+    own special tokens (T5's SentencePiece appends </s>, FRED's GPT2 tokenizer appends nothing); an input
+    longer than `max_len` keeps its end (the question) and a leading special prefix such as `<LM>`. The
+    templates shorten the passage first, so this cut is rare."""
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if len(ids) <= max_len:
+        return ids
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    if max_len >= 2 and ids[0] in special:
+        return [ids[0]] + ids[len(ids) - (max_len - 1):]
+    return ids[len(ids) - max_len:]
 
 
 def encode_target(tokenizer: Any, text: str, max_len: int) -> list[int]:

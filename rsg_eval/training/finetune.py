@@ -97,7 +97,8 @@ def _prepare(items: list[Any], template: Any, tokenizer: Any, max_len: int) -> _
     return _Prepared(items, [r.prompt for r in rendered], [list(r.choices) for r in rendered])
 
 
-def score_prepared(model: Any, tokenizer: Any, prep: _Prepared, cfg: FinetuneConfig, dist: Dist) -> list[list[float]]:
+def score_prepared(model: Any, tokenizer: Any, prep: _Prepared, cfg: FinetuneConfig, dist: Dist,
+                   max_len: int) -> list[list[float]]:
     """Rank-classification scores of every item's choices; ranks score whole groups round-robin and gather."""
     from rsg_eval.scoring import score_choices
 
@@ -106,7 +107,8 @@ def score_prepared(model: Any, tokenizer: Any, prep: _Prepared, cfg: FinetuneCon
         groups.setdefault(it.group, []).append(i)
     mine = [i for g, idx in enumerate(groups.values()) if g % dist.world == dist.rank for i in idx]
     scores = score_choices(model, tokenizer, [prep.prompts[i] for i in mine], [prep.choices[i] for i in mine],
-                           batch_size=cfg.eval_batch_size, normalize=cfg.normalize) if mine else []
+                           batch_size=cfg.eval_batch_size, normalize=cfg.normalize,
+                           max_input_tokens=max_len) if mine else []
     out: list[list[float] | None] = [None] * len(prep.items)
     for part in dist.gather(list(zip(mine, [list(map(float, s)) for s in scores]))):
         for i, s in part:
@@ -135,7 +137,7 @@ def run_finetune(
     *,
     configs: ConfigSet,
     tasks: Sequence[str] | None = None,
-    data: Any = "sample",
+    data: Any = None,
     run: str | None = None,
     root: str | Path = "submissions",
     checkpoint_dir: str | Path | None = None,
@@ -257,7 +259,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         if val is None or not val.items:
             raise RSGError(f"{task}: no val split in {source}; the best state cannot be chosen", field="val")
-        return val_metrics(task, val, score_prepared(m, tok, val, cfg, dist))
+        return val_metrics(task, val, score_prepared(m, tok, val, cfg, dist, max_src))
 
     user = hooks or Hooks()
 
@@ -294,7 +296,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
                 continue
             prep = _prepare(items, tpl, tok, max_src)  # LiDiRus: the TERRa template, as the model was trained
             with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()):
-                scores = score_prepared(net, tok, prep, cfg, dist)
+                scores = score_prepared(net, tok, prep, cfg, dist, max_src)
             preds = decide(items, scores)
             if dist.main:
                 rows = [runs.log_row(it, preds[it.key], prompt=p, choices=c, scores=s)
