@@ -149,7 +149,8 @@ def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]],
         scores = {t: cells[t][r]["score"] for t in tasks if cells[t][r]["score"] is not None}
         tot = total(scores)
         source = "9 tasks"
-        if tot is None and run.reported_total is not None:
+        # a printed total wins for published rows and score files: the site averages unrounded task scores
+        if run.origin != "run" and run.reported_total is not None:
             tot, source = run.reported_total, "published" if run.origin == "published" else "file"
         row: dict[str, Any] = {"total": tot, "total_source": source if tot is not None else None,
                                "n_tasks": len(scores), "total_ci": None, "common": None, "common_ci": None}
@@ -348,9 +349,10 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
                   "kind": run.config.get("kind"), "model": run.config.get("model"),
                   "template": run.config.get("template"), "notes": list(run.notes)} for run in runs],
         "tasks": task_rows,
-        # runs shown in the per-task table: the reference and every run with at least one task score
-        "task_columns": [r for r in range(len(runs))
-                         if r == 0 or any(cells[t][r]["score"] is not None for t in tasks)],
+        # columns of the per-task (Table 3) table: the reference and every run with a task score that is not a
+        # published reference row (those go to the leaderboard-layout table, one row each)
+        "task_columns": [r for r in range(len(runs)) if r == 0 or (
+            runs[r].origin != "published" and any(cells[t][r]["score"] is not None for t in tasks))],
         "totals": totals,
         "common_tasks": common,
         "diagnostics": diagnostics,

@@ -11,7 +11,8 @@ import base64
 from pathlib import Path
 
 from rsg_eval.report.render import (MARK, num, task_table_header, task_table_rows, totals_header,
-                                    totals_only_note, totals_rows, SPREAD_HEAD, spread_rows)
+                                    totals_only_note, totals_rows, SPREAD_HEAD, spread_rows,
+                                    board_header, board_rows, has_board)
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
 CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch"}
@@ -42,6 +43,7 @@ def _context(report: dict, charts: dict[str, bytes]) -> dict:
         "seed": report["seed"], "mark": MARK, "version": __version__,
         "task_head": task_table_header(report), "task_rows": _cells(task_table_rows(report)),
         "totals_head": totals_header(report), "totals_rows": _cells(totals_rows(report)),
+        "board": has_board(report), "board_head": board_header(report), "board_rows": _cells(board_rows(report)),
         "common_tasks": report["common_tasks"], "totals_only_note": totals_only_note(report),
         "charts": [(name, "data:image/png;base64," + base64.b64encode(png).decode("ascii"))
                    for name, png in charts.items()],

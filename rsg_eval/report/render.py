@@ -90,9 +90,32 @@ def task_table_header(report: dict) -> list[str]:
 
 
 def totals_only_note(report: dict) -> str:
-    """Which runs appear only in the totals (no per-task numbers)."""
+    """Which runs are not columns of the per-task table, and where they are instead."""
     names = [run["name"] for r, run in enumerate(report["runs"]) if r not in report["task_columns"]]
-    return ("Only in the totals (no per-task numbers): " + ", ".join(names) + ".") if names else ""
+    return ("Published reference rows are in the leaderboard-layout table and the totals: " + ", ".join(names)
+            + ".") if names else ""
+
+
+def board_header(report: dict) -> list[str]:
+    return ["Run", "Numbers", "Total"] + [f"{t['task']} {'/'.join(metric_label(m) for m in t['metrics'])}"
+                                          for t in report["tasks"]]
+
+
+def board_rows(report: dict) -> list[list[str]]:
+    """The leaderboard's own layout: one row per run, the total, then each task's metrics as the site prints them."""
+    rows = []
+    for r, (run, tot) in enumerate(zip(report["runs"], report["totals"])):
+        row = [run["name"], run["where"], num(tot["total"])]
+        for t in report["tasks"]:
+            c = t["cells"][r]
+            row.append(" / ".join(num(c["metrics"][m]) for m in t["metrics"]) if c["status"] == "ok"
+                       else status_text(c))
+        rows.append(row)
+    return rows
+
+
+def has_board(report: dict) -> bool:
+    return len(report["task_columns"]) < len(report["runs"])
 
 
 def totals_rows(report: dict) -> list[list[str]]:
@@ -164,6 +187,10 @@ def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
     out += ["## Per task (Table 3 style)", "", _md_table(task_table_header(report), task_table_rows(report)), ""]
     out += ["n/p = not published for this reference row; missing = the run has no result for the task. "
             + totals_only_note(report), ""]
+    if has_board(report):
+        out += ["## Leaderboard layout", "", _md_table(board_header(report), board_rows(report)), "",
+                "Metrics as the leaderboard prints them; val rows were scored locally, test rows are leaderboard "
+                "numbers, so the two are not the same examples.", ""]
     out += ["## Totals (Tables 1 and 2 style)", "", _md_table(totals_header(report), totals_rows(report)), ""]
     if report["common_tasks"]:
         out += ["Total = mean of all nine task scores (leaderboard rule); the mean over common tasks covers "
