@@ -327,7 +327,9 @@ def load_hierarchical(path: str | Path, *, device: str | torch.device | None = N
     cfg = read_hmtl_config(path)
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        import transformers
+        new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
+        kwargs["dtype" if new else "torch_dtype"] = dtype     # `torch_dtype` is deprecated from 4.56 on
     seq2seq = T5ForConditionalGeneration.from_pretrained(str(path), **kwargs)
     model = HierarchicalT5(seq2seq, cfg)
     heads_file = path / HEADS_NAME

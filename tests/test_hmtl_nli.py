@@ -1,0 +1,78 @@
+"""`--nli-head` evaluation: TERRa / LiDiRus / RCB through the NLI head into a normal run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rsg_eval.errors import RSGError
+from rsg_eval.hmtl.nli_eval import decide, nli_probabilities, run_nli_head_eval
+
+HEAD = ("entailment", "contradiction", "neutral")
+
+
+def test_decide_by_hand():
+    p = torch.tensor([0.4, 0.35, 0.25])
+    # two classes: 0.4 < 0.6 = contradiction + neutral -> not_entailment
+    label, scores = decide("TERRa", p, HEAD, ("entailment", "not_entailment"))
+    assert label == "not_entailment" and scores == pytest.approx([math.log(0.4), math.log(0.6)])
+    assert decide("LiDiRus", torch.tensor([0.6, 0.3, 0.1]), HEAD, ("entailment", "not_entailment"))[0] == "entailment"
+    # three classes: argmax, in the item's label order even when the head's order differs
+    label, scores = decide("RCB", p, HEAD, ("neutral", "entailment", "contradiction"))
+    assert label == "entailment" and scores == pytest.approx([math.log(0.25), math.log(0.4), math.log(0.35)])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from rsg_eval.models.hierarchical import HierarchicalT5
+    from rsg_eval.models.tiny import build_tiny
+
+    base, tok = build_tiny(num_layers=4)
+    torch.manual_seed(3)
+    hier = HierarchicalT5.from_base(base, split=1)
+    with torch.no_grad():      # a head that is not uniform, so predictions differ between items
+        hier.heads["nli"].classifier.weight.normal_(0, 2.0)
+    out = tmp_path_factory.mktemp("nli") / "ckpt"
+    hier.save_pretrained(out, tokenizer=tok)
+    return out
+
+
+def test_run_folder_and_predictions(ckpt, tmp_path):
+    from rsg_eval.models.loading import load_model
+    from rsg_eval.runs import RunFolder
+    from rsg_eval.tasks import load_items
+
+    run_dir = tmp_path / "run"
+    res = run_nli_head_eval(ckpt, data="sample", tasks=None, split="all", run_dir=run_dir, batch_size=4)
+    assert sorted(res.done) == sorted((t, s) for t in ("LiDiRus", "RCB", "TERRa") for s in ("val", "test"))
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert cfg["kind"] == "nli-head" and cfg["tasks"] == ["LiDiRus", "RCB", "TERRa"]
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["tasks"]) == {"LiDiRus", "RCB", "TERRa"}
+    # Every logged prediction equals the head's answer for that item alone (batch 4 vs batch 1).
+    loaded = load_model(str(ckpt))
+    hier = loaded.info["hierarchical"]
+    folder = RunFolder.open(run_dir)
+    for task in ("RCB", "TERRa"):
+        items = load_items("sample", task, "val")
+        logs = folder.read_logs(task, "val")
+        assert len(logs) == len(items)
+        for it, row in zip(items, logs):
+            p = nli_probabilities(hier, loaded.tokenizer, [(it.fields["premise"], it.fields["hypothesis"])],
+                                  batch_size=1)[0]
+            assert row["pred"] == decide(task, p, HEAD, it.labels)[0]
+            assert row["scores"] == pytest.approx(decide(task, p, HEAD, it.labels)[1], abs=1e-5)
+    assert len({r["pred"] for r in folder.read_logs("RCB", "val")}) >= 1
+    # A rerun skips finished tasks; only entailment tasks are accepted.
+    again = run_nli_head_eval(ckpt, data="sample", split="val", run_dir=run_dir)
+    assert not again.done and len(again.skipped) == 3
+    with pytest.raises(RSGError, match="only entailment tasks"):
+        run_nli_head_eval(ckpt, data="sample", tasks=["PARus"], run_dir=tmp_path / "x")
+
+
+def test_plain_model_is_refused(tmp_path):
+    with pytest.raises(RSGError, match="hierarchical checkpoint"):
+        run_nli_head_eval("tiny", data="sample", run_dir=tmp_path / "r")
