@@ -304,7 +304,8 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
 
         console.print(f"loading model [bold]{opts.model}[/] ...")
         loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, revision=opts.revision)
-    _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
+    if pending or run.read_config() is None:  # a rerun that only skips leaves config.json as it was
+        _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
     try:
         if pending:
             torch.manual_seed(opts.seed)

@@ -67,11 +67,12 @@ def test_all_nine_tasks_end_to_end_then_skip(tmp_path, tiny, monkeypatch):
     assert run.read_logs("LiDiRus", "val") == run.read_logs("LiDiRus", "test")
     # Same command again: everything skipped, the model never loaded, results untouched.
     before = {p: p.read_bytes() for p in (run.path / "predictions").rglob("*.jsonl")}
+    before[run.config_path] = run.config_path.read_bytes()
     _no_model_load(monkeypatch)
     again = run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="r", split="all"),
                          show_progress=False)
     assert [o.status for o in again.outcomes] == ["skipped"] * 18
-    assert before == {p: p.read_bytes() for p in (run.path / "predictions").rglob("*.jsonl")}
+    assert before == {p: p.read_bytes() for p in [*(run.path / "predictions").rglob("*.jsonl"), run.config_path]}
     assert again.metrics == m and again.zip.complete
 
 
