@@ -237,9 +237,25 @@ def test_interrupt_then_resume_redoes_nothing(teachers: dict, annotated: tuple[P
     for f in ("train.jsonl", "val.jsonl", "labels.json"):
         assert (out / f).read_bytes() == (full / f).read_bytes()
     events.clear()
-    build_corpus(raw, out, _opts(teachers, objects={}, on_shard=events.append))  # no teacher needed: all reused
+
+    def no_loading(*a, **k):
+        raise AssertionError("a teacher was loaded although every shard was finished")
+
+    import rsg_eval.corpus.annotate as annotate_mod
+
+    real_load, annotate_mod.load_teachers = annotate_mod.load_teachers, no_loading
+    try:
+        build_corpus(raw, out, _opts(teachers, objects={}, on_shard=events.append))
+    finally:
+        annotate_mod.load_teachers = real_load
     assert all(e.reused for e in events) and len(events) == len(done)
     assert (out / "train.jsonl").read_bytes() == (full / "train.jsonl").read_bytes()
+    # other teacher settings make other annotations: that job's shards are recomputed, the rest reused
+    raw.teachers["title"]["max_new_tokens"] = 5
+    events.clear()
+    build_corpus(raw, out, _opts(teachers, objects=None, on_shard=events.append))
+    assert {(e.job, e.reused) for e in events} == {("title", False), ("qa", True), ("summarization", True),
+                                                   ("paraphrase", True)}
 
 
 class _FailOnCall:
