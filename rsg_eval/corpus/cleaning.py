@@ -20,6 +20,7 @@ MinHash LSH from `datasketch` over word shingles; the first record of a cluster 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import re
@@ -47,7 +48,8 @@ _MARKUP = re.compile(
 )
 _KEEP_CONTROL = {"\n", "\t", "\r"}
 DEFAULT_ALLOW = "№°§©®™€$£₽"  # symbols (Unicode So/Sc) common in Russian news text
-_CYR = re.compile(r"[\u0400-\u04FF]")
+_CYR = re.compile(r"[\u0400-\u04FF]+")
+_DIGIT_US = re.compile(r"[\d_]+")
 _SPACES = re.compile(r"[ \u00A0]{2,}")
 
 DEFAULT_LENGTH: dict[str, tuple[int, int]] = {RAW: (200, 20000), "ner": (20, 20000), "mc": (20, 20000),
@@ -66,29 +68,41 @@ def _is_special(ch: str, allow: str) -> bool:
     return unicodedata.category(ch) in ("So", "Co", "Cn", "Cs") or ch == "\ufffd"
 
 
+_PLAIN = re.compile(r"[\w ]+")  # letters, digits, "_" and the space: never control or special
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _char_hit(rule: str, ch: str, allow: str) -> bool:
+    return _is_control(ch) if rule == "control" else _is_special(ch, allow)
+
+
+def _hits(rule: str, text: str, allow: str) -> set[str]:
+    """The distinct characters of `text` that `rule` matches. Only what is left after removing word characters and
+    spaces is looked at, one cached test per distinct character (a per-character loop over whole texts costs
+    ~10 ms per 3 KB text, hours on RULM)."""
+    return {c for c in set(_PLAIN.sub("", text)) if _char_hit(rule, c, allow)}
+
+
 def find(rule: str, text: str, allow: str = DEFAULT_ALLOW) -> bool:
     """Does `rule` match anywhere in `text`?"""
-    if rule == "control":
-        return any(_is_control(c) for c in text)
+    if rule in ("control", "special"):
+        return bool(_hits(rule, text, allow))
     if rule == "markup":
         return _MARKUP.search(text) is not None
     if rule == "emoji":
         return _EMOJI.search(text) is not None
-    if rule == "special":
-        return any(_is_special(c, allow) for c in text)
     raise ValueError(rule)
 
 
 def strip(rule: str, text: str, allow: str = DEFAULT_ALLOW) -> str:
     """`text` without what `rule` matches (markup: entities decoded, tags removed; runs of spaces collapsed)."""
-    if rule == "control":
-        out = "".join(c for c in text if not _is_control(c))
+    if rule in ("control", "special"):
+        hits = _hits(rule, text, allow)
+        out = re.sub("[" + "".join(re.escape(c) for c in sorted(hits)) + "]", "", text) if hits else text
     elif rule == "markup":
         out = _MARKUP.sub(lambda m: html.unescape(m.group(0)) if m.group(0).startswith("&") else " ", text)
     elif rule == "emoji":
         out = _EMOJI.sub("", text)
-    elif rule == "special":
-        out = "".join(c for c in text if not _is_special(c, allow))
     else:
         raise ValueError(rule)
     return _SPACES.sub(" ", out).strip() if out != text else out
@@ -96,8 +110,9 @@ def strip(rule: str, text: str, allow: str = DEFAULT_ALLOW) -> str:
 
 def cyrillic_share(text: str) -> float:
     """Cyrillic letters / all letters (1.0 for a text without letters, which the length rule handles)."""
-    letters = sum(1 for c in text if c.isalpha())
-    return len(_CYR.findall(text)) / letters if letters else 1.0
+    # letters = word characters - digits - "_", counted by deletion (fast runs; no per-character Python loop)
+    letters = len(_DIGIT_US.sub("", text)) - len(_WORD.sub("", text))
+    return (len(text) - len(_CYR.sub("", text))) / letters if letters else 1.0
 
 
 @dataclass
