@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
+
 from rsg_eval.errors import RSGError
 from rsg_eval.models.hierarchical import HierarchicalT5, load_hierarchical, resolve_split
 from rsg_eval.models.tiny import build_tiny

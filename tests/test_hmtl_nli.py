@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
+
 from rsg_eval.errors import RSGError
 from rsg_eval.hmtl.nli_eval import decide, nli_probabilities, run_nli_head_eval
 
@@ -57,15 +59,14 @@ def test_run_folder_and_predictions(ckpt, tmp_path):
     hier = loaded.info["hierarchical"]
     folder = RunFolder.open(run_dir)
     for task in ("RCB", "TERRa"):
-        items = load_items("sample", task, "val")
+        items = load_items("sample", task, "val")[:4]
         logs = folder.read_logs(task, "val")
-        assert len(logs) == len(items)
+        assert len(logs) == len(load_items("sample", task, "val"))
         for it, row in zip(items, logs):
             p = nli_probabilities(hier, loaded.tokenizer, [(it.fields["premise"], it.fields["hypothesis"])],
                                   batch_size=1)[0]
             assert row["pred"] == decide(task, p, HEAD, it.labels)[0]
             assert row["scores"] == pytest.approx(decide(task, p, HEAD, it.labels)[1], abs=1e-5)
-    assert len({r["pred"] for r in folder.read_logs("RCB", "val")}) >= 1
     # A rerun skips finished tasks; only entailment tasks are accepted.
     again = run_nli_head_eval(ckpt, data="sample", split="val", run_dir=run_dir)
     assert not again.done and len(again.skipped) == 3

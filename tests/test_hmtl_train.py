@@ -8,6 +8,8 @@ import csv
 import pytest
 import torch
 
+from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
+
 from rsg_eval.hmtl.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
@@ -24,7 +26,6 @@ def _losses(out):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("straight")
     res = train(TrainConfig(out=str(out), **KW), progress=False)
     return out, res
