@@ -1,0 +1,172 @@
+"""`rsg finetune` end to end on the tiny model: learning on a learnable fixture, the offline smoke path with a
+valid zip, skipping finished tasks, LiDiRus from the TERRa model, no train split, full disk, two processes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rsg_eval.training.config import load_config_set  # noqa: E402
+
+from tests._finetune_utils import learnable_terra  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_len=64, max_target_len=8,
+             eval_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def learn_run(tmp_path_factory):
+    """One single-process run on the learnable TERRa fixture (shared by the learning and two-process tests)."""
+    from rsg_eval.training.finetune import run_finetune
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("learn")
+    learnable_terra(d / "data")
+    out = run_finetune("tiny", configs=load_config_set(None, LEARN), tasks=["TERRa"], data=d / "data",
+                       run=str(d / "run"), checkpoint_dir=d / "ck")
+    return d, out
+
+
+def test_loss_falls_and_val_accuracy_rises_on_a_learnable_fixture(learn_run):
+    d, out = learn_run
+    hist = out.results["TERRa"].state.history
+    assert [r["epoch"] for r in hist] == [1.0, 2.0, 3.0, 4.0]
+    losses = [r["train_loss"] for r in hist]
+    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] / 10
+    assert hist[0]["acc"] <= 0.6 and max(r["acc"] for r in hist) >= 0.9  # chance -> learned
+    # val/test were predicted with the best state: the val log's accuracy is the best epoch's
+    metrics = json.loads((d / "run" / "metrics.json").read_text())
+    best = out.results["TERRa"].state
+    assert metrics["tasks"]["TERRa"]["acc"] == pytest.approx(best.best_metrics["acc"])
+    state = json.loads((d / "run" / "state" / "TERRa.test.json").read_text())
+    assert state["best_step"] == best.best_step and state["trained_on"] == "TERRa"
+    from rsg_eval.runs import RunFolder
+
+    assert (d / "run" / "epochs.csv").read_text().startswith("task,epoch,step,train_loss,acc")
+    csv_rows = RunFolder(d / "run").read_epochs()
+    assert [(r["epoch"], r["step"], r["acc"]) for r in csv_rows] == [(r["epoch"], r["step"], r["acc"]) for r in hist]
+    assert [r["train_loss"] for r in csv_rows] == pytest.approx(losses)
+    cfg = json.loads((d / "run" / "config.json").read_text())
+    assert cfg["kind"] == "finetune" and cfg["hyperparameters"]["TERRa"]["lr"] == LEARN["lr"]
+    # only best and last per task, outside the run folder
+    assert sorted(p.name for p in (d / "ck" / "TERRa").iterdir()) == ["best", "last"]
+
+
+def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
+    """`rsg finetune --model tiny --data sample --epochs 2` trains every task and writes a valid zip; a rerun
+    skips everything; a full disk while RuCoS saves keeps the eight finished tasks and says how to go on."""
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+    from rsg_eval.data import resolve_data
+    from rsg_eval.errors import RSGError
+    from rsg_eval.runs import RunFolder
+    from rsg_eval.submission import check_zip
+    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.training import checkpoint as ck
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke",
+                              "-q"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    run = RunFolder(tmp_path / "submissions" / "smoke")
+    assert (run.path / "submission.zip").is_file()
+    assert check_zip(run.path / "submission.zip", resolve_data("sample")) == []
+    assert run.finished("val") == list(TASK_NAMES) == run.finished("test")
+    epochs = run.read_epochs()
+    trained = [t for t in TASK_NAMES if t != "LiDiRus"]
+    assert sorted({r["task"] for r in epochs}) == sorted(trained)
+    assert all(len([r for r in epochs if r["task"] == t]) == 2 for t in trained)
+    # LiDiRus is predicted by the TERRa model with the TERRa template
+    lid = run.read_state("LiDiRus", "test")
+    assert lid["trained_on"] == "TERRa" and "/TERRa/best" in lid["checkpoint"].replace("\\", "/")
+    assert run.read_config()["template"]["LiDiRus"] == run.read_config()["template"]["TERRa"]
+    assert not (tmp_path / "checkpoints" / "smoke" / "LiDiRus").exists()
+
+    # a rerun with the same settings skips every finished task
+    res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke"])
+    assert res.exit_code == 0 and "8 skipped" in res.output.replace("\n", " ")
+
+    # RuCoS unfinished + a full disk at its first save: the others stay finished, the message says what to do
+    for split in ("val", "test"):
+        run.state_path("RuCoS", split).unlink()
+    shutil.rmtree(tmp_path / "checkpoints" / "smoke" / "RuCoS")
+    real = ck.save_weights
+
+    def full(model, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_weights", full)
+    res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke"])
+    assert isinstance(res.exception, RSGError) and "disk is full" in str(res.exception)
+    assert run.finished("test") == [t for t in TASK_NAMES if t != "RuCoS"]
+    monkeypatch.setattr(ck, "save_weights", real)
+    res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke",
+                              "-q"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert check_zip(run.path / "submission.zip", resolve_data("sample")) == []
+
+
+def test_task_without_a_train_split_is_reported_and_others_go_on(tmp_path):
+    from rsg_eval.errors import RSGError
+    from rsg_eval.training.finetune import run_finetune, training_units
+
+    assert training_units(["LiDiRus", "RCB", "TERRa"]) == [("RCB", ["RCB"]), ("TERRa", ["TERRa", "LiDiRus"])]
+    assert training_units(["LiDiRus"]) == [("TERRa", ["LiDiRus"])]
+    learnable_terra(tmp_path / "data", n_train=4, n_val=4, n_test=2)
+    (tmp_path / "data" / "TERRa" / "train.jsonl").unlink()
+    out = run_finetune("tiny", configs=load_config_set(None, LEARN), tasks=["LiDiRus"], data=tmp_path / "data",
+                       run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck")
+    assert "no train split" in out.failed["TERRa"] and not out.trained
+    # an empty train split: reported the same way, nothing half-written
+    (tmp_path / "data" / "TERRa" / "train.jsonl").write_text("", encoding="utf-8")
+    out = run_finetune("tiny", configs=load_config_set(None, LEARN), tasks=["TERRa"], data=tmp_path / "data",
+                       run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck")
+    assert "no training examples" in out.failed["TERRa"]
+    assert not (tmp_path / "run" / "state").exists()
+    with pytest.raises(RSGError):
+        load_config_set(None, {"epochs": 0})
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(learn_run, tmp_path):
+    """torchrun with two CPU processes (gloo), batch 4 each = the single run's batch 8: it completes, writes one
+    run folder (rank 0 only), and its val metrics and losses match the single-process run."""
+    d, single = learn_run
+    args = ["finetune", "--model", "tiny", "--data", str(d / "data"), "--tasks", "TERRa", "--epochs",
+            str(LEARN["epochs"]), "--batch-size", "4", "--lr", str(LEARN["lr"]), "--warmup-ratio", "0",
+            "--max-source-len", "64", "--max-target-len", "8", "--run", str(tmp_path / "run2"),
+            "--checkpoint-dir", str(tmp_path / "ck2"), "-q"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # `--` keeps torchrun's own parser away from our flags (it would read --run as its --run-path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rsg_eval.cli", "--", *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck2", "run2"]  # one run folder, nothing else
+    from rsg_eval.runs import RunFolder
+
+    two = RunFolder(tmp_path / "run2")
+    assert json.loads((two.path / "config.json").read_text())["world_size"] == 2
+    rows2 = two.read_epochs()
+    rows1 = single.results["TERRa"].state.history
+    assert [r["step"] for r in rows2] == [r["step"] for r in rows1]
+    for a, b in zip(rows1, rows2):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["acc"] == pytest.approx(a["acc"], abs=1e-6)
+    m1 = json.loads((d / "run" / "metrics.json").read_text())["tasks"]["TERRa"]
+    m2 = two.read_metrics()["tasks"]["TERRa"]
+    assert m2 == pytest.approx(m1)
