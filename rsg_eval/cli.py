@@ -67,7 +67,10 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # click usage errors and the like
-        import click
+        try:
+            import click
+        except ImportError:  # newer typer vendors click as typer._click
+            from typer import _click as click  # type: ignore[no-redef]
 
         if isinstance(exc, click.ClickException):
             exc.show()

@@ -73,3 +73,9 @@ def test_submit_check_and_zip(tmp_path):
 def test_data_check_sample():
     out = rsg("data", "check", "--data", "sample")
     assert out.returncode == 0 and "RuCoS" in out.stdout
+
+
+def test_usage_errors_exit_2_without_traceback():
+    out = rsg("score")
+    assert out.returncode == 2 and "Missing argument" in (out.stderr + out.stdout)
+    assert "Traceback" not in out.stderr

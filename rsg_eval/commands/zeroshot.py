@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
                                                                 "cache ($RSG_DATA_DIR)."),
         tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Tasks (names or comma-separated; "
                                                                               "default all nine)."),
-        split: str = typer.Option("val", "--split", help="val (scored locally), test (for the leaderboard zip) or "
+        split: str = typer.Option("all", "--split", help="val (scored locally), test (for the leaderboard zip) or "
                                                          "all (both)."),
         template: Optional[str] = typer.Option(None, "--template", help="Template name for every task (see `rsg "
                                                                         "prompts list`) or a .yaml path; default: "
