@@ -56,6 +56,7 @@ def test_counts_by_hand(plain: tuple[Path, dict]) -> None:
     assert s["tasks"]["ner"]["chars"]["max"] == len((FIXTURES / "brat" / "doc1.txt").read_text(encoding="utf-8"))
     assert s["leakage"]["applied"] and s["leakage"]["dropped_per_task"] == {}
     assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == s
+    assert (out / "problems.txt").read_text(encoding="utf-8").splitlines() == s["problems"]["first_messages"]
 
 
 def test_output_loads_with_the_trainers_reader(plain: tuple[Path, dict]) -> None:

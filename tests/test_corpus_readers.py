@@ -184,3 +184,18 @@ def test_pairs_rusimplesenteval_layout_groups_references() -> None:
     with pytest.raises(RSGError, match="no column given for"):
         list(iter_pairs(FX / "simple.csv", task="qa", fields={"context": "INPUT:source"}, problems=problems,
                         source="rsse"))
+
+
+def test_brat_crlf_text_with_offsets_counted_on_lf(tmp_path: Path) -> None:
+    text = "Первая строка.\r\nВ Москве снег.\r\n"
+    i = text.replace("\r\n", "\n").index("Москве")  # a tool that read the file with universal newlines
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-8"))
+    (tmp_path / "a.ann").write_bytes(f"T1\tCITY {i} {i + 6}\tМоскве\r\n".encode("utf-8"))
+    recs, problems = _brat(tmp_path)
+    assert problems.total == 0
+    assert recs[0]["text"] == "Первая строка.\nВ Москве снег.\n" and _surface(recs[0], recs[0]["entities"][0]) == "Москве"
+    # offsets counted on the CRLF text keep the CRLF text
+    j = text.index("Москве")
+    (tmp_path / "a.ann").write_text(f"T1\tCITY {j} {j + 6}\tМоскве\n", encoding="utf-8")
+    recs, _ = _brat(tmp_path)
+    assert recs[0]["text"] == text and recs[0]["entities"][0]["start"] == j

@@ -218,11 +218,13 @@ class ExtractiveQATeacher:
         except OSError as exc:
             raise RSGError(f"cannot load teacher qa={spec.model}: {exc}".splitlines()[0],
                            field="--teacher", expected="a hub id (reachable) or a local model folder") from None
+        # never more tokens than the model has positions for (a BERT-style model: model_max_length)
+        self.max_seq_len = min(spec.max_input_tokens, int(getattr(self.pipe.tokenizer, "model_max_length", 10**9)))
 
     def __call__(self, contexts: Sequence[str], questions: Sequence[str]) -> list[tuple[str, float, int]]:
         outs = self.pipe(question=list(questions), context=list(contexts), batch_size=len(contexts),
                          handle_impossible_answer=True, max_answer_len=self.spec.max_answer_len,
-                         max_seq_len=self.spec.max_input_tokens)
+                         max_seq_len=self.max_seq_len)
         if isinstance(outs, dict):
             outs = [outs]
         return [(o["answer"], float(o["score"]), int(o["start"])) for o in outs]

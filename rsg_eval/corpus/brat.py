@@ -8,7 +8,8 @@ Discontinuous entities (`s1 e1;s2 e2`) become, by the `discontinuous` option: `s
 s1..e_last that also carries `fragments: [[s1, e1], [s2, e2]]`; `fragments` one entity per fragment; `drop` none.
 
 Some NEREL .txt files start with a byte-order mark. Whether a tool counted it in the offsets differs, so the BOM is
-removed from the text and the offsets are shifted by one when that (and only that) makes the surface texts match.
+removed from the text and the offsets are shifted by one when that makes more surface texts match; likewise a
+text with CRLF line ends is read with LF when the offsets were counted that way.
 """
 
 from __future__ import annotations
@@ -100,9 +101,16 @@ def read_brat_doc(txt: Path, ann: Path, *, types: tuple[str, ...] | None, type_m
             return None
         if ent is not None:
             ents.append(ent)
-    shift = 0
-    if had_bom and ents and sum(_matches(text, e, 1) for e in ents) > sum(_matches(text, e, 0) for e in ents):
-        shift = 1  # the offsets counted the BOM as character 0
+    # Readings of the offsets: with or without the BOM as character 0, with CRLF line ends as two characters or
+    # as one (a tool that read the file with universal newlines). The first reading that matches the most surface
+    # texts wins; ties keep the plain one.
+    readings = [(text, 0)] + ([(text, 1)] if had_bom else [])
+    if "\r\n" in text:
+        readings += [(text.replace("\r\n", "\n"), sh) for _, sh in list(readings)]
+    if ents and len(readings) > 1:
+        text, shift = max(readings, key=lambda r: sum(_matches(r[0], e, r[1]) for e in ents))
+    else:
+        shift = 0
     out: list[dict] = []
     for ent in ents:
         etype = type_map.get(ent.type, ent.type) if type_map else ent.type

@@ -5,6 +5,7 @@ Output folder:
   train.jsonl, val.jsonl   one record per line, `task` + that task's fields (+ `id`, `source`), shuffled (seeded)
   labels.json              {"mc": [topic classes], "ner": [entity types]}
   summary.json             examples per task and split, length percentiles, sources, and what every stage removed
+  problems.txt             every skipped bad record, file:line: message (only when there were any)
   work/annotate/<job>/     annotation shards (resumable; safe to delete once the corpus is written)
 """
 
@@ -223,6 +224,8 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
     atomic_write_text(out / "train.jsonl", dumps_jsonl([_public(r) for r in train]))
     atomic_write_text(out / "val.jsonl", dumps_jsonl([_public(r) for r in val]))
     atomic_write_json(out / "labels.json", labels)
+    if problems.all_messages:
+        atomic_write_text(out / "problems.txt", "".join(m + "\n" for m in problems.all_messages))
     summary = {
         "tasks": per_task,
         "total": {"train": len(train), "val": len(val)},

@@ -61,11 +61,18 @@ class Problems:
     echo: Callable[[str], None] | None = None
     counts: Counter = field(default_factory=Counter)
     messages: list[str] = field(default_factory=list)
+    all_messages: list[str] = field(default_factory=list)   # up to 100 000, written to problems.txt
+    echoed_note: bool = False
 
     def add(self, source: str, err: RSGError) -> None:
         if self.strict:
             raise err
         self.counts[source] += 1
+        if len(self.all_messages) < 100_000:
+            self.all_messages.append(str(err))
+        if len(self.messages) == self.keep and not self.echoed_note and self.echo is not None:
+            self.echoed_note = True
+            self.echo("(more bad records are skipped silently; all of them are listed in problems.txt)")
         if len(self.messages) < self.keep:
             self.messages.append(str(err))
             if self.echo is not None:
