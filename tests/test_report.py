@@ -183,7 +183,7 @@ def test_user_score_file(tmp_path, two_runs):
     assert cell["TERRa"]["score"] == 0.7 and cell["TERRa"]["ci"] is None and cell["TERRa"]["paired"] is None
     assert cell["PARus"]["status"] == "missing"
     assert rep["runs"][1]["where"] == "test, leaderboard"
-    assert any("different" not in p and "my-test: no PARus" in p for p in rep["problems"])
+    assert "my-test: no results for LiDiRus, PARus, RUSSE, RWSD, DaNetQA, RuCoS (marked missing)" in rep["problems"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks:\n  TERRa: 62.6\n", encoding="utf-8")
     with pytest.raises(RSGError, match="outside"):
@@ -203,7 +203,7 @@ def test_bad_input_still_renders_what_can_be_compared(tmp_path):
     rep = make_report([a, b, junk, tmp_path / "nope", c], n_boot=100)
     text = "\n".join(rep["problems"])
     assert "not a run folder" in text and "no such run folder" in text
-    assert "b: no RCB results (marked missing)" in text
+    assert "b: no results for RCB (marked missing)" in text
     assert [r["name"] for r in rep["runs"]] == ["a", "b", "c"]
     rcb = next(t for t in rep["tasks"] if t["task"] == "RCB")
     assert [c_["status"] for c_ in rcb["cells"]] == ["ok", "missing", "missing"]
@@ -249,6 +249,7 @@ def test_looking_inside(tmp_path):
     assert all(20 <= e["key"] < 30 and e["run_right"] and not e["ref_right"] for e in d["examples"])
     # same model, two templates: the spread across templates
     [spread] = rep["template_spread"]
+    assert spread["model"] == "tiny (zeroshot)"
     t = next(x for x in spread["tasks"] if x["task"] == "TERRa")
     assert (t["min"], t["max"], t["spread"], t["best_template"]) == (0.5, 0.75, 0.25, "t2")
 

@@ -260,21 +260,30 @@ def _disagreements(runs: Sequence[Run], task: str, ti: int, seed: int, n: int) -
 
 
 def _template_of(run: Run, task: str) -> str | None:
-    """The template a run used for a task: config "templates" per task, else its one "template"."""
-    per_task = run.config.get("templates")
-    if isinstance(per_task, dict) and per_task.get(task):
-        return str(per_task[task])
+    """The template a run used for a task: config "templates" (or a per-task "template" mapping), else its one
+    "template"."""
+    for per_task in (run.config.get("templates"), run.config.get("template")):
+        if isinstance(per_task, dict) and per_task.get(task):
+            return str(per_task[task])
     t = run.config.get("template")
+    return None if t is None or isinstance(t, dict) else str(t)
+
+
+def _template_label(config: dict) -> str | None:
+    t = config.get("template")
+    if isinstance(t, dict):
+        return ", ".join(f"{k}: {v}" for k, v in t.items())
     return None if t is None else str(t)
 
 
 def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]]) -> list[dict]:
-    """Where one model was run with several templates (same config model, different template for a task):
-    the score per template and the spread (max - min, standard deviation) per task."""
+    """Where one model was run with several templates (same config model and kind, different template for a
+    task): the score per template and the spread (max - min, standard deviation) per task."""
     by_model: dict[str, list[int]] = {}
     for r, run in enumerate(runs):
         if run.origin == "run" and run.config.get("model"):
-            by_model.setdefault(str(run.config["model"]), []).append(r)
+            kind = run.config.get("kind")
+            by_model.setdefault(str(run.config["model"]) + (f" ({kind})" if kind else ""), []).append(r)
     out = []
     for model, idx in by_model.items():
         per_task = []
@@ -291,7 +300,7 @@ def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, lis
                              "scores": [{"run": v[0], "template": v[1], "score": v[2]} for v in vals]})
         if per_task:
             out.append({"model": model, "runs": [runs[r].name for r in idx],
-                        "templates": [str(runs[r].config.get("template")) for r in idx], "tasks": per_task})
+                        "templates": [_template_label(runs[r].config) for r in idx], "tasks": per_task})
     return out
 
 
@@ -333,10 +342,11 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
                     diffs[t][r] = d
                 if note:
                     problems.append(note)
-        for r, run in enumerate(runs):
-            if cells[t][r]["status"] == "missing" and run.origin != "published":
-                problems.append(f"{run.name}: no {t} results (marked missing)")
         task_rows.append({"task": t, "metrics": list(get_task(t).metrics), "cells": cells[t]})
+    for r, run in enumerate(runs):
+        missing = [t for t in tasks if cells[t][r]["status"] == "missing"]
+        if missing and run.origin != "published":
+            problems.append(f"{run.name}: no results for {', '.join(missing)} (marked missing)")
     totals, common = _totals(runs, tasks, cells, boots, diffs)
     with warnings.catch_warnings():  # scikit-learn warns on categories whose items hold one label only
         warnings.simplefilter("ignore")
@@ -347,7 +357,7 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         "runs": [{"name": run.name, "title": run.title, "split": run.split, "where": run.where,
                   "origin": run.origin, "source": run.source, "has_examples": run.has_examples,
                   "kind": run.config.get("kind"), "model": run.config.get("model"),
-                  "template": run.config.get("template"), "notes": list(run.notes)} for run in runs],
+                  "template": _template_label(run.config), "notes": list(run.notes)} for run in runs],
         "tasks": task_rows,
         # columns of the per-task (Table 3) table: the reference and every run with a task score that is not a
         # published reference row (those go to the leaderboard-layout table, one row each)
