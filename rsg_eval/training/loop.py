@@ -234,15 +234,8 @@ def train(
                 batch = {k: v.to(device) for k, v in collate([pairs[i] for i in mine], pad_id).items()}
                 sync = contextlib.nullcontext() if (j == len(group) - 1 or not dist.active) else ddp.no_sync()
                 with sync:
-                    with autocast():
-                        dec_in = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-                        out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  decoder_input_ids=dec_in, use_cache=False)
-                    logits = out.logits.float()  # (B, T, V); the NLL in fp32 even under bf16 autocast
-                    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1),
-                                          ignore_index=-100, reduction="sum") * weight
-                    (nll * (dist.world / tokens)).backward()
-                local_nll += float(nll.detach())
+                    nll = forward_backward(ddp, net, batch, weight * dist.world / tokens, autocast)
+                local_nll += nll * weight
             step_nll = dist.all_sum(local_nll)
             step_loss = step_nll / tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -297,6 +290,23 @@ def train(
         state.done = True
         save_last(ck.rng_state())
     return TrainResult(state, best_dir, resumed)
+
+
+def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str, torch.Tensor], scale: float,
+                     autocast: Callable[[], Any] = contextlib.nullcontext) -> float:
+    """One micro-batch: forward (under `autocast`), summed token NLL, backward of NLL * scale.
+
+    batch: input_ids/attention_mask (B, S), labels (B, T) with -100 at padding. Returns the summed NLL.
+    `ddp` is what runs the forward (the DDP wrapper or the model itself); `net` is the bare model."""
+    with autocast():
+        dec_in = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])  # (B, T), starts with pad
+        out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in,
+                  use_cache=False)
+    logits = out.logits.float()  # (B, T, V): the NLL in fp32 even under bf16 autocast
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100,
+                          reduction="sum")
+    (nll * scale).backward()
+    return float(nll.detach())
 
 
 def _save(dist: Dist, root: Path, name: str, net: torch.nn.Module, meta: dict, extra: dict | None) -> Path:

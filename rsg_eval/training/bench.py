@@ -1,0 +1,174 @@
+"""Training-throughput benchmark behind `rsg bench finetune`.
+
+One optimizer step is what `loop.train` does (same `forward_backward`, AdamW, clipping), on synthetic
+examples whose lengths mix short inputs (TERRa/RCB/PARus-like, 30-120 tokens) and long ones (DaNetQA/MuSeRC/
+RuCoS-like, 200-512), with short targets. Each configuration runs one epoch over the same example pool, so
+grouped and ungrouped batching see the same examples; tokens/s counts real (non-padding) tokens.
+
+Peak memory: on GPU `torch.cuda.max_memory_allocated` after a reset; on CPU the peak resident set size
+(sampled every 5 ms from /proc/self/statm by a thread) above the level before the configuration started,
+with the allocator trimmed in between (`malloc_trim`), since tracemalloc does not see torch's allocations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsg_eval.training.data import Pair, collate, epoch_plan
+from rsg_eval.training.loop import _param_groups, forward_backward
+
+# d_model 256, 4+4 layers: the "small" model of the zero-shot benchmark too
+SMALL = dict(d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=4, num_decoder_layers=4)
+# FRED-T5-1.7B's shape (FREDT5_NOTES.md 1.1), random weights
+FRED_1_7B = dict(d_model=1536, d_ff=4096, num_heads=24, d_kv=64, num_layers=24, num_decoder_layers=24,
+                 vocab_size=50364, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0)
+
+
+@dataclass
+class BenchRow:
+    model: str
+    grouped: bool
+    examples: int
+    steps: int
+    seconds: float
+    tokens: int            # real (non-pad) source + target tokens processed
+    padded_tokens: int     # positions computed, padding included
+    peak_mb: float
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def synthetic_pairs(n: int, vocab: int, max_src: int, max_tgt: int, seed: int = 0,
+                    fixed: bool = False) -> list[Pair]:
+    """`n` random-token pairs. fixed=True: every source max_src and target max_tgt long (a worst-case step)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        if fixed:
+            s, t = max_src, max_tgt
+        else:
+            s = int(rng.integers(30, 121)) if i % 2 == 0 else int(rng.integers(200, 513))
+            s, t = min(s, max_src), min(int(rng.integers(2, 21)), max_tgt)
+        pairs.append(Pair(tuple(int(x) for x in rng.integers(5, vocab, size=s)),
+                          tuple(int(x) for x in rng.integers(5, vocab, size=t - 1)) + (2,)))
+    return pairs
+
+
+class _RssPeak:
+    """Peak RSS (bytes) of this process while the context is open, sampled from /proc/self/statm."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self.page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.every)
+
+    def __enter__(self) -> "_RssPeak":
+        self.base = self.rss()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """(random model in train mode on device, vocab size): tiny, small (d256 4+4) or fredt5-1.7b."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from rsg_eval.models.tiny import build_tiny
+
+    if name == "tiny":
+        model, tok = build_tiny()
+    elif name == "small":
+        model, tok = build_tiny(**SMALL)
+    elif name == "fredt5-1.7b":
+        with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            model = T5ForConditionalGeneration(T5Config(**FRED_1_7B))
+        return model.to(device).train(), FRED_1_7B["vocab_size"]
+    else:
+        raise ValueError(name)
+    return model.to(device).train(), len(tok)
+
+
+def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, grouped: bool, device: torch.device, *,
+               name: str, bf16: bool = False, warmup: int = 1, max_steps: int = 0) -> BenchRow:
+    """`warmup` untimed steps, then one timed epoch (or `max_steps` steps) of real optimizer steps over `pairs`."""
+    opt = torch.optim.AdamW(_param_groups(model, 0.0), lr=1e-5)
+    plan = epoch_plan([p.length for p in pairs], batch_size, seed=0, epoch=0, group_by_length=grouped)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
+        else contextlib.nullcontext
+
+    def step(batch_idx: list[int]) -> tuple[int, int]:
+        chosen = [pairs[i] for i in batch_idx]
+        b = {k: v.to(device) for k, v in collate(chosen, 0).items()}
+        tokens = sum(len(p.tgt) for p in chosen)
+        forward_backward(model, model, b, 1.0 / tokens, autocast)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return (sum(p.length for p in chosen),
+                b["input_ids"].numel() + b["labels"].numel())
+
+    # warm-up (allocator, kernels), not timed: the same first examples for every configuration, so the timed
+    # epoch below covers exactly the same examples with and without grouping
+    for w in range(warmup):
+        step(list(range(w * batch_size, (w + 1) * batch_size)))
+    timed = plan[:max_steps] if max_steps else plan
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    tok = pad = ex = 0
+    with _RssPeak() as mem:
+        t0 = time.perf_counter()
+        for idx in timed:
+            a, b = step(idx)
+            tok, pad, ex = tok + a, pad + b, ex + len(idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (mem.peak - mem.base) / 2**20
+    del opt
+    _trim()
+    return BenchRow(name, grouped, ex, len(timed), secs, tok, pad, peak)
