@@ -316,3 +316,14 @@ def test_built_corpus_trains_with_train_hmtl(annotated: tuple[Path, dict], tmp_p
     present = [t for t in s["tasks"] if s["tasks"][t]["val"] > 0]
     assert {"ner", "mc", "nli", "paraphrase"} <= set(present)
     assert all(math.isfinite(val[t]) for t in present if t in val) and sum(t in val for t in present) >= 4
+
+
+@pytest.mark.slow
+def test_wrong_teacher_is_one_clear_error(teachers: dict, tmp_path: Path) -> None:
+    cfg = load_config(CONFIG)
+    models = dict(teachers["models"], title=teachers["models"]["qa"])  # an extractive QA model as a title teacher
+    with pytest.raises(RSGError, match=r"cannot load teacher title=.* as a text2text-generation pipeline"):
+        build_corpus(cfg, tmp_path, BuildOptions(teachers=models, teacher_objects=None, **QUIET))
+    with pytest.raises(RSGError, match=r"cannot load teacher qa=.*missing-model"):
+        build_corpus(cfg, tmp_path / "b", BuildOptions(teachers=dict(models, qa=str(tmp_path / "missing-model")),
+                                                       **QUIET))

@@ -183,12 +183,13 @@ class Text2TextTeacher:
         self.spec = spec
         kw: dict[str, Any] = {"trust_remote_code": False}
         if spec.dtype:
-            kw["torch_dtype"] = _dtype(spec.dtype)
+            kw["dtype"] = _dtype(spec.dtype)
         try:
             self.pipe = pipeline("text2text-generation", model=spec.model, tokenizer=spec.model,
                                  revision=spec.revision, device=pick_device(device), **kw)
-        except OSError as exc:
-            raise RSGError(f"cannot load teacher {spec.task}={spec.model}: {exc}".splitlines()[0],
+        except Exception as exc:  # hub unreachable, not a seq2seq model, ...: one clear line, no traceback
+            raise RSGError(f"cannot load teacher {spec.task}={spec.model} as a text2text-generation pipeline: "
+                           f"{type(exc).__name__}: {exc}".splitlines()[0],
                            field="--teacher", expected="a hub id (reachable) or a local model folder") from None
         # FRED-T5's tokenizer has no model_max_length, so truncation=True alone would not cut long passages
         tok = self.pipe.tokenizer
@@ -211,12 +212,13 @@ class ExtractiveQATeacher:
         self.spec = spec
         kw: dict[str, Any] = {"trust_remote_code": False}
         if spec.dtype:
-            kw["torch_dtype"] = _dtype(spec.dtype)
+            kw["dtype"] = _dtype(spec.dtype)
         try:
             self.pipe = pipeline("question-answering", model=spec.model, tokenizer=spec.model,
                                  revision=spec.revision, device=pick_device(device), **kw)
-        except OSError as exc:
-            raise RSGError(f"cannot load teacher qa={spec.model}: {exc}".splitlines()[0],
+        except Exception as exc:  # hub unreachable, not an extractive QA model, ...
+            raise RSGError(f"cannot load teacher qa={spec.model} as a question-answering pipeline: "
+                           f"{type(exc).__name__}: {exc}".splitlines()[0],
                            field="--teacher", expected="a hub id (reachable) or a local model folder") from None
         # never more tokens than the model has positions for (a BERT-style model: model_max_length)
         self.max_seq_len = min(spec.max_input_tokens, int(getattr(self.pipe.tokenizer, "model_max_length", 10**9)))

@@ -146,6 +146,18 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
     specs = cfg.teacher_specs(opts.teachers)
     guard, leak_info = _leakage_index(cfg, opts)
 
+    prog = _progress(opts.progress)
+    if prog is not None:
+        prog.start()
+    try:
+        return _build(cfg, out, opts, problems, cleaner, deduper, specs, guard, leak_info, prog)
+    finally:
+        if prog is not None:
+            prog.stop()
+
+
+def _build(cfg: CorpusConfig, out: Path, opts: BuildOptions, problems: Problems, cleaner: Cleaner, deduper: Deduper,
+           specs: dict, guard: LeakageGuard | None, leak_info: dict, prog: Any) -> dict:
     # 1. read -> clean -> dedup -> leakage, per source, streaming.
     by_task: dict[str, list[dict]] = {t: [] for t in (RAW, *TASKS)}
     read_counts: dict[str, dict[str, int]] = {}
@@ -153,10 +165,14 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
     for src in cfg.sources:
         counts = read_counts.setdefault(src.name, Counter())
         recs = read_source(src, cfg, problems, label_dropped)
-        if opts.limit is not None or src.limit is not None:
-            recs = itertools.islice(recs, min(x for x in (opts.limit, src.limit) if x is not None))
+        limit = min((x for x in (opts.limit, src.limit) if x is not None), default=None)
+        if limit is not None:
+            recs = itertools.islice(recs, limit)
+        bar = prog.add_task(f"read {src.name}", total=limit) if prog is not None else None
         for rec in recs:
             counts["read"] += 1
+            if bar is not None and counts["read"] % 256 == 0:
+                prog.update(bar, completed=counts["read"])
             if src.clean:
                 rec = cleaner.clean(rec)
                 if rec is None:
@@ -167,6 +183,8 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
                 continue
             counts["kept"] += 1
             by_task[rec["task"]].append(rec)
+        if bar is not None:
+            prog.update(bar, completed=counts["read"], total=counts["read"])
 
     # 2. annotate the raw texts.
     texts = by_task.pop(RAW)
@@ -180,26 +198,19 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
         if not runnable:
             opts.echo(f"warning: {len(texts)} raw texts were read but no teacher model was given; they are unused")
         assigned = ann.assign_jobs(texts, runnable, cfg.seed)
-        prog = _progress(opts.progress)
-        if prog is not None:
-            prog.start()
-        try:
-            for job, job_texts in assigned.items():
-                recs = ann.annotate_job(job, job_texts, specs, opts.teacher_objects, out / "work",
-                                        shard_size=cfg.shard_size,
-                                        on_error="stop" if opts.strict else cfg.on_error, report=report,
-                                        device=opts.device or cfg.device, retry_failed=opts.retry_failed,
-                                        echo=opts.echo, on_shard=opts.on_shard, progress=prog)
-                for rec in recs:
-                    # generated text can repeat memorised evaluation text, so it is checked too
-                    if guard is not None and not guard.keep(rec):
-                        continue
-                    if not deduper.keep(rec):
-                        continue
-                    by_task[rec["task"]].append(rec)
-        finally:
-            if prog is not None:
-                prog.stop()
+        for job, job_texts in assigned.items():
+            recs = ann.annotate_job(job, job_texts, specs, opts.teacher_objects, out / "work",
+                                    shard_size=cfg.shard_size,
+                                    on_error="stop" if opts.strict else cfg.on_error, report=report,
+                                    device=opts.device or cfg.device, retry_failed=opts.retry_failed,
+                                    echo=opts.echo, on_shard=opts.on_shard, progress=prog)
+            for rec in recs:
+                # generated text can repeat memorised evaluation text, so it is checked too
+                if guard is not None and not guard.keep(rec):
+                    continue
+                if not deduper.keep(rec):
+                    continue
+                by_task[rec["task"]].append(rec)
 
     # 3. split and write.
     train, val, per_task = [], [], {}
