@@ -251,6 +251,11 @@ def test_interrupt_then_resume_redoes_nothing(teachers: dict, annotated: tuple[P
         annotate_mod.load_teachers = real_load
     assert all(e.reused for e in events) and len(events) == len(done)
     assert (out / "train.jsonl").read_bytes() == (full / "train.jsonl").read_bytes()
+    # a smaller batch (after an out-of-memory error) keeps every finished shard
+    raw.teachers["title"]["batch_size"] = 1
+    events.clear()
+    build_corpus(raw, out, _opts(teachers, objects={}, on_shard=events.append))
+    assert all(e.reused for e in events) and len(events) == len(done)
     # other teacher settings make other annotations: that job's shards are recomputed, the rest reused
     raw.teachers["title"]["max_new_tokens"] = 5
     events.clear()

@@ -332,8 +332,9 @@ class AnnotateReport:
 
 def _fingerprint(job: str, specs: dict[str, TeacherSpec], units_: Sequence[Unit]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "job": job,
-                         "teachers": {t: asdict(specs[t]) for t in JOBS[job]}}, sort_keys=True).encode())
+    # batch_size is left out: lowering it after an out-of-memory error must not throw away finished shards
+    teachers = {t: {k: v for k, v in asdict(specs[t]).items() if k != "batch_size"} for t in JOBS[job]}
+    h.update(json.dumps({"v": FORMAT_VERSION, "job": job, "teachers": teachers}, sort_keys=True).encode())
     for u in units_:
         h.update(u.id.encode() + b"\0" + u.text.encode() + b"\0")
     return h.hexdigest()
