@@ -170,3 +170,24 @@ def test_two_processes_match_one(learn_run, tmp_path):
     m1 = json.loads((d / "run" / "metrics.json").read_text())["tasks"]["TERRa"]
     m2 = two.read_metrics()["tasks"]["TERRa"]
     assert m2 == pytest.approx(m1)
+
+
+def test_a_hierarchical_checkpoint_can_be_fine_tuned(tmp_path):
+    """--model may be a hierarchical checkpoint folder: load_model gives its seq2seq model (LM adapter inside
+    lm_head), which trains, checkpoints and predicts like any T5."""
+    from rsg_eval.models.hierarchical import HierarchicalT5
+    from rsg_eval.models.tiny import build_tiny
+    from rsg_eval.training.finetune import run_finetune
+
+    torch.set_num_threads(1)
+    model, tok = build_tiny()
+    HierarchicalT5.from_base(model).save_pretrained(tmp_path / "hier", tokenizer=tok)
+    learnable_terra(tmp_path / "data", n_train=8, n_val=4, n_test=2)
+    out = run_finetune(str(tmp_path / "hier"), configs=load_config_set(None, dict(LEARN, epochs=1)),
+                       tasks=["TERRa"], data=tmp_path / "data", run=str(tmp_path / "run"),
+                       checkpoint_dir=tmp_path / "ck")
+    assert out.trained == ["TERRa"] and out.results["TERRa"].state.step == 1
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ck" / "TERRa" / "best" / "model.safetensors"))
+    assert any("adapter" in k for k in saved)  # the LM adapter is part of what is fine-tuned and saved

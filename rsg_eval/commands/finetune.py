@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
                                                                                     "evaluations without "
                                                                                     "improvement (0 = off)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap optimizer steps per task."),
+        save_every: Optional[int] = typer.Option(None, "--save-every", help="Also save last/ every N optimizer "
+                                                                            "steps (default: at each "
+                                                                            "evaluation), bounding what a kill "
+                                                                            "loses."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for everything (default 0)."),
         template: Optional[str] = typer.Option(None, "--template", help="Template name for every task; default: "
                                                                         "each task's default."),
@@ -83,7 +87,7 @@ def register(app: typer.Typer) -> None:
         flags = {"epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                  "schedule": schedule, "warmup_ratio": warmup_ratio, "max_source_len": max_source_len,
                  "max_target_len": max_target_len, "eval_every": eval_every, "early_stopping": early_stopping,
-                 "max_steps": max_steps, "seed": seed, "template": template,
+                 "max_steps": max_steps, "save_every": save_every, "seed": seed, "template": template,
                  "gradient_checkpointing": gradient_checkpointing, "bf16": bf16, "group_by_length": group_by_length}
         configs = load_config_set(config, {k: v for k, v in flags.items() if v is not None},
                                   base=TINY_DEFAULTS if model == "tiny" else None)

@@ -253,6 +253,10 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         train_items = train_items[: cfg.max_train_examples]
     pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
                         max_src, cfg.max_target_len)
+    n_cut = sum(p.cut for p in pairs)
+    if n_cut:
+        reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_len "
+                      f"{cfg.max_target_len} and were cut (raise --max-target-len)")
     val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
     bf16 = _bf16(cfg, dev)
 
