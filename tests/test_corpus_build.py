@@ -332,3 +332,18 @@ def test_wrong_teacher_is_one_clear_error(teachers: dict, tmp_path: Path) -> Non
     with pytest.raises(RSGError, match=r"cannot load teacher qa=.*missing-model"):
         build_corpus(cfg, tmp_path / "b", BuildOptions(teachers=dict(models, qa=str(tmp_path / "missing-model")),
                                                        **QUIET))
+
+
+@pytest.mark.slow
+def test_teacher_outputs_do_not_depend_on_batch_size(teachers: dict) -> None:
+    """Why batch_size may stay out of a shard's fingerprint: batching (with padding) changes no output."""
+    rows = (FIXTURES / "simple.csv").read_text(encoding="utf-8").splitlines()[1:]
+    texts = [r.split('"')[1] + " Текст." * i for i, r in enumerate(rows)]  # different lengths -> padding
+    gen, qa = teachers["objects"]["summarization"], teachers["objects"]["qa"]
+    one = [gen([t])[0] for t in texts]
+    assert gen(texts) == one and len(set(one)) > 1
+    questions = ["Что случилось?"] * len(texts)
+    single = [qa([t], [q])[0] for t, q in zip(texts, questions)]
+    batched = qa(texts, questions)
+    assert [(a, s) for a, _, s in batched] == [(a, s) for a, _, s in single]  # same answers at the same offsets
+    assert [b[1] for b in batched] == pytest.approx([x[1] for x in single], rel=1e-4)
