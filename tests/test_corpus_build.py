@@ -347,3 +347,19 @@ def test_teacher_outputs_do_not_depend_on_batch_size(teachers: dict) -> None:
     batched = qa(texts, questions)
     assert [(a, s) for a, _, s in batched] == [(a, s) for a, _, s in single]  # same answers at the same offsets
     assert [b[1] for b in batched] == pytest.approx([x[1] for x in single], rel=1e-4)
+
+
+def test_cli_success_prints_removals_and_table(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    res = CliRunner().invoke(app, ["build-corpus", "-c", str(CONFIG), "-o", str(tmp_path), "--rsg-data", "sample",
+                                   "--limit", "5", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    # --limit counts accepted records: the bad news lines (15, 16) are never reached, the bad NLI line 5 is
+    assert "leakage guard (13-grams" in out and "bad records skipped: {'xnli': 1}" in out
+    assert "│ ner " in out.replace("┃", "│") and "total" in out
+    s = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert s["limit"] == 5 and all(v["read"] <= 5 for v in s["sources"].values())
