@@ -268,15 +268,29 @@ def test_cli_writes_every_format(two_runs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.csv", "report.md"]
 
 
-def test_cli_errors_exit_2_and_stay_torch_free(tmp_path):
+def _rsg(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`rsg ARGS` in a fresh interpreter that fails if anything imported torch."""
+    code = ("import sys\nfrom rsg_eval.cli import main\nsys.argv = ['rsg'] + %r\n"
+            "try:\n    main()\n    rc = 0\nexcept SystemExit as e:\n    rc = e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)\n") % (args,)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+
+
+def test_format_option_is_checked():
+    assert parse_formats("md, HTML") == ["md", "html"]
+    with pytest.raises(RSGError, match="unknown format 'pdf'"):
+        parse_formats("md,pdf")
+
+
+def test_cli_stays_torch_free_and_errors_exit_2(tmp_path):
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20)})
+    p = _rsg(["report", str(a), "--out", str(tmp_path / "o"), "--bootstrap", "50", "--format", "md,html", "-q"],
+             tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "o" / "report.html").is_file()
     junk = tmp_path / "junk"
     junk.mkdir()
-    code = ("import sys; from rsg_eval.cli import main; sys.argv = ['rsg', 'report', %r, '--format', 'pdf']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert 'torch' not in sys.modules; raise\n") % str(junk)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert p.returncode == 2 and "unknown format 'pdf'" in p.stderr and "Traceback" not in p.stderr
-    code = code.replace("'--format', 'pdf'", "'--format', 'md'")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    p = _rsg(["report", str(junk)], tmp_path)
     assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
 
 
