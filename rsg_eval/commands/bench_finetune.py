@@ -26,6 +26,9 @@ def register(bench_app: typer.Typer) -> None:
                                                                     "random FRED-T5-1.7B-sized model (needs a "
                                                                     "GPU): batch 12, length 512, bf16, gradient "
                                                                     "checkpointing."),
+        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped this many times per model and "
+                                                       "keep each one's fastest epoch (load on a shared machine "
+                                                       "only ever slows a run down)."),
         steps: int = typer.Option(5, "--steps", help="Timed steps for --preset (after 2 warm-up steps)."),
         tgt_len: int = typer.Option(512, "--tgt-len", help="Target length for --preset."),
         no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing",
@@ -53,11 +56,20 @@ def register(bench_app: typer.Typer) -> None:
             model, vocab = bench.build_model(name, device)
             n = examples or (256 if name == "tiny" else 64)
             pairs = bench.synthetic_pairs(n, vocab, max_src, 32)
-            for grouped in (False, True):
-                row = bench.run_config(model, pairs, batch_size, grouped, device, name=name)
-                rows.append(row)
-                console.print(f"{name} grouped={grouped}: {row.examples_per_s:.2f} ex/s, {row.tokens_per_s:.0f} "
-                              f"tok/s, peak {row.peak_mb:.1f} MiB")
+            best: dict[bool, Any] = {}
+            for r in range(rounds):
+                for grouped in (False, True):
+                    row = bench.run_config(model, pairs, batch_size, grouped, device, name=name)
+                    console.print(f"{name} round {r + 1} grouped={grouped}: {row.examples_per_s:.2f} ex/s "
+                                  f"({row.examples_per_cpu_s:.2f} per CPU-second), {row.tokens_per_s:.0f} tok/s, "
+                                  f"peak {row.peak_mb:.1f} MiB")
+                    if grouped not in best or row.seconds < best[grouped].seconds:
+                        peak = max(row.peak_mb, best[grouped].peak_mb) if grouped in best else row.peak_mb
+                        best[grouped] = row
+                        row.peak_mb = peak
+                    else:
+                        best[grouped].peak_mb = max(best[grouped].peak_mb, row.peak_mb)
+            rows += [best[False], best[True]]
             del model
         _table(rows, device, batch_size, threads or torch.get_num_threads())
 
@@ -66,17 +78,19 @@ def _table(rows: list[Any], device: Any, batch_size: int, threads: int) -> None:
     from rich.table import Table
 
     t = Table(title=f"fine-tuning throughput on {device} (batch {batch_size}, {threads} threads, one epoch over "
-                    "the same examples per row)")
-    for col in ("model", "batches", "examples/s", "tokens/s", "padding share", "peak MiB", "speed-up",
-                "memory ratio"):
+                    "the same examples per row, fastest of the rounds; peak memory: highest of the rounds)")
+    for col in ("model", "batches", "examples/s", "tokens/s", "ex/CPU-s", "padding share", "peak MiB",
+                "speed-up (wall)", "speed-up (CPU)", "memory ratio"):
         t.add_column(col, justify="left" if col in ("model", "batches") else "right")
     plain = {r.model: r for r in rows if not r.grouped}
     for r in rows:
         base = plain.get(r.model)
         speed = f"{r.examples_per_s / base.examples_per_s:.2f}x" if base and r.grouped else "1.00x"
+        cpu = f"{r.examples_per_cpu_s / base.examples_per_cpu_s:.2f}x" if base and r.grouped else "1.00x"
         mem = f"{r.peak_mb / base.peak_mb:.2f}" if base and r.grouped and base.peak_mb > 0 else "1.00"
         t.add_row(r.model, "length-grouped" if r.grouped else "shuffled", f"{r.examples_per_s:.2f}",
-                  f"{r.tokens_per_s:.0f}", f"{1 - r.tokens / r.padded_tokens:.1%}", f"{r.peak_mb:.1f}", speed, mem)
+                  f"{r.tokens_per_s:.0f}", f"{r.examples_per_cpu_s:.2f}", f"{1 - r.tokens / r.padded_tokens:.1%}",
+                  f"{r.peak_mb:.1f}", speed, cpu, mem)
     from rich.console import Console
 
     Console(width=max(console.width, 130)).print(t)

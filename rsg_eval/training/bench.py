@@ -42,7 +42,8 @@ class BenchRow:
     grouped: bool
     examples: int
     steps: int
-    seconds: float
+    seconds: float         # wall clock
+    cpu_seconds: float     # process CPU time: robust to other load on a shared machine (CPU runs only)
     tokens: int            # real (non-pad) source + target tokens processed
     padded_tokens: int     # positions computed, padding included
     peak_mb: float
@@ -54,6 +55,10 @@ class BenchRow:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def examples_per_cpu_s(self) -> float:
+        return self.examples / self.cpu_seconds
 
 
 def synthetic_pairs(n: int, vocab: int, max_src: int, max_tgt: int, seed: int = 0,
@@ -161,14 +166,14 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
         torch.cuda.reset_peak_memory_stats()
     tok = pad = ex = 0
     with _RssPeak() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for idx in timed:
             a, b = step(idx)
             tok, pad, ex = tok + a, pad + b, ex + len(idx)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (mem.peak - mem.base) / 2**20
     del opt
     _trim()
-    return BenchRow(name, grouped, ex, len(timed), secs, tok, pad, peak)
+    return BenchRow(name, grouped, ex, len(timed), secs, cpu, tok, pad, peak)
