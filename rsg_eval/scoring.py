@@ -423,25 +423,76 @@ def _decode_with_cached_kv(model: Any, enc: torch.Tensor, attn: torch.Tensor,
     """Run the T5 decoder for P pairs with the cross-attention K/V taken from `kv` (gathered by `rows`).
 
     A pre-filled EncoderDecoderCache marks every layer's cross-attention as "already updated", so T5Attention
-    reads K/V from it instead of projecting `encoder_hidden_states`. The decoder still needs an
-    `encoder_hidden_states` of shape (P, S, d) for the mask bookkeeping only: a stride-0 expand, no copy.
+    reads K/V from it instead of projecting `encoder_hidden_states`. The cache layers hold the gathered tensors
+    as they are (DynamicLayer would copy them through torch.cat) and the self-attention side stores nothing
+    (one full pass over the choice, nothing to extend). `encoder_hidden_states` is still passed, gathered: T5Stack
+    needs its shape, and should a transformers version ignore the cache, the result stays correct (only slower).
     Returns the decoder's last hidden state (P, T, d).
     """
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.cache_utils import EncoderDecoderCache
 
     P = rows.shape[0]
-    _, S, d = enc.shape
-    cross = DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv])
-    cache = EncoderDecoderCache(DynamicCache(), cross)  # is_updated is True for every layer
+    cross = _FrozenCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv])  # (P, H, S, d_kv)
+    cache = EncoderDecoderCache(_NoStoreCache(), cross)  # is_updated is True for every layer
     out = model.get_decoder()(
         input_ids=dec_in,
-        encoder_hidden_states=enc[:1, :1].expand(P, S, d),
+        encoder_hidden_states=enc.index_select(0, rows),  # (P, S, d)
         encoder_attention_mask=attn.index_select(0, rows),
         past_key_values=cache,
         use_cache=False,
         return_dict=True,
     )
     return out.last_hidden_state
+
+
+def _cache_classes() -> tuple[type, type]:
+    """Two small Cache subclasses, built lazily so importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class _FrozenLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys, self.values = keys, values
+            self.is_initialized = True
+
+    class _PassThroughLayer(DynamicLayer):
+        def update(self, key_states, value_states, cache_kwargs=None):  # noqa: ANN001 - transformers' signature
+            return key_states, value_states
+
+    class FrozenCache(DynamicCache):
+        """Cross-attention K/V given up front, one (keys, values) pair per decoder layer."""
+
+        def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            super().__init__()
+            self.layers = [_FrozenLayer(k, v) for k, v in kv]
+
+    class NoStoreCache(DynamicCache):
+        """Self-attention cache that keeps nothing: the whole choice is decoded in one pass."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer_class_to_replicate = _PassThroughLayer
+
+    return FrozenCache, NoStoreCache
+
+
+def _FrozenCache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:  # noqa: N802 - reads like a class
+    return _CACHE_CLASSES()[0](kv)
+
+
+def _NoStoreCache() -> Any:  # noqa: N802
+    return _CACHE_CLASSES()[1]()
+
+
+_cache_cls: tuple[type, type] | None = None
+
+
+def _CACHE_CLASSES() -> tuple[type, type]:  # noqa: N802
+    global _cache_cls
+    if _cache_cls is None:
+        _cache_cls = _cache_classes()
+    return _cache_cls
 
 
 def _encoder_once_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]],
