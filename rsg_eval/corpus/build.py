@@ -12,7 +12,10 @@ Output folder:
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from rsg_eval.corpus.leakage import LeakageGuard, build_rsg_index
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import MAIN_FIELD, RAW, TASKS, Problems
 from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, atomic_write_text, dumps_jsonl
+from rsg_eval.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -98,6 +101,23 @@ def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, v
         else:
             train.append(k)
     return [r for k in train for r in groups[k]], [r for k in val for r in groups[k]]
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
+    """Stream JSON lines into a temporary file next to `path`, fsync, then rename (like rsg_eval.io's atomic
+    writers, without holding the whole file in memory: a full corpus is a few GB of text)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _public(rec: dict) -> dict:
@@ -232,11 +252,13 @@ def _build(cfg: CorpusConfig, out: Path, opts: BuildOptions, problems: Problems,
     rng.shuffle(val)
     mc = cfg.mc_classes or tuple(sorted({r["label"] for r in by_task["mc"]}))
     labels = {"mc": list(mc), "ner": list(cfg.ner_types)} if mc else {"ner": list(cfg.ner_types)}
-    atomic_write_text(out / "train.jsonl", dumps_jsonl([_public(r) for r in train]))
-    atomic_write_text(out / "val.jsonl", dumps_jsonl([_public(r) for r in val]))
+    write_jsonl_atomic(out / "train.jsonl", (_public(r) for r in train))
+    write_jsonl_atomic(out / "val.jsonl", (_public(r) for r in val))
     atomic_write_json(out / "labels.json", labels)
     if problems.all_messages:
         atomic_write_text(out / "problems.txt", "".join(m + "\n" for m in problems.all_messages))
+    else:
+        (out / "problems.txt").unlink(missing_ok=True)  # left by an earlier run
     summary = {
         "tasks": per_task,
         "total": {"train": len(train), "val": len(val)},
