@@ -43,13 +43,13 @@ def scores_chart(report: dict) -> bytes | None:
     common = report["common_tasks"]
     extra = []  # summary groups after the tasks: (label, totals key, interval key)
     if common and len(tasks) > 1:
-        extra.append((f"mean ({len(common)})", "common", "common_ci"))
+        extra.append((f"mean of {len(common)} common", "common", "common_ci"))
     if any(report["totals"][r]["total"] is not None for r in cols):
         extra.append(("Total", "total", "total_ci"))
     labels += [e[0] for e in extra]
     n = len(runs)
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * len(labels) * max(1, n) ** 0.5), 3.8))
+    fig, ax = plt.subplots(figsize=(min(13.0, max(6.0, 2.0 + 0.55 * len(labels) * max(1, n) ** 0.5)), 4.2))
     for j, (r, run) in enumerate(zip(cols, runs)):
         ys, lo, hi = [], [], []
         for t in tasks:
