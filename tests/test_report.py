@@ -74,6 +74,8 @@ def test_hand_worked_terra_gain_and_significance(tmp_path):
     assert (ca["score"], cb["score"]) == (0.5, 0.95)
     assert cb["gain"] == pytest.approx(90.0)
     assert cb["paired"]["significant"] and cb["paired"]["p"] < 0.01
+    # McNemar cross-check: 18 items only b gets right, none only a: p = 2 * 2^-18
+    assert cb["paired"]["mcnemar"] == {"only_ref_right": 0, "only_run_right": 18, "p": 2 / 2 ** 18}
     assert cc["gain"] == 0.0 and cc["paired"]["p"] == 1.0 and not cc["paired"]["significant"]
     md = write_and_read(rep, tmp_path / "out", "md")["report.md"]
     assert "+90.0% *" in md and "+0.0% *" not in md

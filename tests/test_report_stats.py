@@ -121,3 +121,13 @@ def test_same_seed_same_replicates():
     a2 = b.scores(resample_indices(100, 300, np.random.default_rng([7, 4])))["score"]
     a3 = b.scores(resample_indices(100, 300, np.random.default_rng([8, 4])))["score"]
     assert np.array_equal(a1, a2) and not np.array_equal(a1, a3)
+
+
+def test_mcnemar_exact_by_hand():
+    from rsg_eval.report.stats import mcnemar_exact
+
+    # 10 items only the run gets right, none only the reference: p = 2 * (1/2)^10 = 0.001953125
+    assert mcnemar_exact([False] * 10 + [True] * 5, [True] * 15) == (0, 10, 2 / 1024)
+    # b = 1, c = 3: p = 2 * (C(4,0) + C(4,1)) / 16 = 0.625
+    assert mcnemar_exact([True, False, False, False], [False, True, True, True]) == (1, 3, 0.625)
+    assert mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)

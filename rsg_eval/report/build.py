@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rsg_eval.report.load import Run
-from rsg_eval.report.stats import Bootstrap, paired_test, percentile_ci, resample_indices
+from rsg_eval.report.stats import Bootstrap, mcnemar_exact, paired_test, percentile_ci, resample_indices
 
 PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
 
@@ -107,8 +107,15 @@ class _TaskBoot:
             note = (f"{self.task}: {run.name} paired with the reference on {len(shared)} shared examples "
                     f"(reference {len(ref_rows)}, run {len(run_rows)})")
         res = paired_test(diff, diff_s, n_groups=n_groups)
-        return ({"diff": res.diff, "ci": list(res.ci), "p": res.p_value, "significant": res.significant,
-                 "n_groups": res.n_groups}, diff_s, note)
+        out = {"diff": res.diff, "ci": list(res.ci), "p": res.p_value, "significant": res.significant,
+               "n_groups": res.n_groups, "mcnemar": None}
+        from rsg_eval.tasks import get_task
+
+        if get_task(self.task).metrics == ("acc",):  # one item per group: McNemar applies as a cross-check
+            b, c, p = mcnemar_exact([_right(self.task, ref_rows[k]["gold"], ref_rows[k]["pred"]) for k in shared],
+                                    [_right(self.task, ref_rows[k]["gold"], run_rows[k]["pred"]) for k in shared])
+            out["mcnemar"] = {"only_ref_right": b, "only_run_right": c, "p": p}
+        return out, diff_s, note
 
 
 def _cell(run: Run, task: str, boot: _TaskBoot, r: int, problems: list[str]) -> dict:

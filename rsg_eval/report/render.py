@@ -250,7 +250,7 @@ def spread_rows(spread: dict) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------------- csv / json
 
 CSV_COLUMNS = ["run", "numbers", "task", "metric", "value", "ci_low", "ci_high", "gain_pct", "diff_vs_ref",
-               "diff_ci_low", "diff_ci_high", "p_value", "significant", "n_items", "source", "status"]
+               "diff_ci_low", "diff_ci_high", "p_value", "significant", "mcnemar_p", "n_items", "source", "status"]
 
 
 def to_csv(report: dict) -> str:
@@ -270,8 +270,11 @@ def to_csv(report: dict) -> str:
     def paired_kw(p: dict | None) -> dict:
         if not p:
             return {}
-        return {"diff_vs_ref": p["diff"], "diff_ci_low": p["ci"][0], "diff_ci_high": p["ci"][1],
-                "p_value": p["p"], "significant": str(bool(p["significant"])).lower()}
+        out = {"diff_vs_ref": p["diff"], "diff_ci_low": p["ci"][0], "diff_ci_high": p["ci"][1],
+               "p_value": p["p"], "significant": str(bool(p["significant"])).lower()}
+        if p.get("mcnemar"):
+            out["mcnemar_p"] = float(p["mcnemar"]["p"])
+        return out
 
     for tr in report["tasks"]:
         for run, c in zip(report["runs"], tr["cells"]):

@@ -260,3 +260,18 @@ def paired_test(diff_point: float, diff_samples: np.ndarray, *, alpha: float = 0
         return PairedResult(diff_point, (float("nan"), float("nan")), float("nan"), False, n_groups)
     p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
     return PairedResult(float(diff_point), percentile_ci(d, 1 - alpha), p, p < alpha, n_groups)
+
+
+def mcnemar_exact(ref_right: Sequence[bool], run_right: Sequence[bool]) -> tuple[int, int, float]:
+    """Exact McNemar test for two classifiers on the same items (accuracy tasks): a cross-check of the
+    paired bootstrap. Returns (b, c, p): b = items only the reference gets right, c = only the run; under
+    "no difference" b ~ Binomial(b + c, 1/2), and p = min(1, 2 * P(X <= min(b, c)))."""
+    from math import comb
+
+    b = sum(1 for x, y in zip(ref_right, run_right) if x and not y)
+    c = sum(1 for x, y in zip(ref_right, run_right) if y and not x)
+    n = b + c
+    if n == 0:
+        return b, c, 1.0
+    tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return b, c, min(1.0, 2 * tail)
