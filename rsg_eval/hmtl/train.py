@@ -147,6 +147,41 @@ def task_loss(model: HierarchicalT5, batch: Any) -> torch.Tensor:
     return model.lm_loss(ids, mask, y)
 
 
+@dataclass
+class _DistState:
+    """Process layout from the launcher's environment (`accelerate launch` and `torchrun` both set WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT). Gradients are averaged by hand (all_reduce) after the accumulation steps, so the
+    model is never wrapped in DDP: each task's backward touches a different part of the network."""
+
+    device: torch.device
+    num_processes: int = 1
+    process_index: int = 0
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @classmethod
+    def setup(cls) -> "_DistState":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo")
+            return cls(device, dist.get_world_size(), dist.get_rank())
+        return cls(device)
+
+    def wait_for_everyone(self) -> None:
+        if self.num_processes > 1:
+            torch.distributed.barrier()
+
+
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -266,12 +301,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train (or resume) into cfg.out. `on_step(global_step)` runs after each optimizer step (tests use it to
     simulate an interruption)."""
-    from accelerate import PartialState
-
     import datasets
 
     datasets.disable_progress_bars()
-    state = PartialState()
+    state = _DistState.setup()
     device = state.device
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     out = Path(cfg.out)
@@ -306,15 +339,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         lm_prefix = "<LM>" if "<LM>" in tokenizer.get_vocab() else ""
 
     cache = out / "cache"
-    if main:   # tokenise once on the main process; the others then read the cache
-        train_ds, hit = build_split(corpus, "train", tokenizer, cache_dir=cache, max_length=cfg.max_length,
-                                    max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
-        log(f"train data: {'tokenised cache' if hit else 'tokenised'} ({len(train_ds)} examples)")
+    def build(split: str) -> tuple[Any, bool]:
+        return build_split(corpus, split, tokenizer, cache_dir=cache, max_length=cfg.max_length,
+                           max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
+
+    if main:   # tokenise once on the main process; the others then open the cache
+        for split in ("train", "val"):
+            ds, hit = build(split)
+            if ds is not None:
+                log(f"{split} data: {'tokenised cache' if hit else 'tokenised'} ({len(ds)} examples)")
     state.wait_for_everyone()
-    train_ds, _ = build_split(corpus, "train", tokenizer, cache_dir=cache, max_length=cfg.max_length,
-                              max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
-    val_ds, _ = build_split(corpus, "val", tokenizer, cache_dir=cache, max_length=cfg.max_length,
-                            max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
+    train_ds, _ = build("train")
+    val_ds, _ = build("val")
     tidx = task_indices(train_ds)
     tasks = [t for t in TASKS if t in tidx and cfg.task_weights.get(t, 1.0) > 0]
     if not tasks:
@@ -396,6 +432,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
             bar = prog.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=step,
                                 info="") if prog else None
             model.train()
+            step_loss = {t: 0.0 for t in tasks}
             while step < steps_per_epoch:
                 for micro in range(cfg.grad_accum):
                     start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
@@ -407,13 +444,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
                         with _autocast(device, bf16):
                             loss = task_loss(model, batch)
                         (loss * (cfg.task_weights.get(t, 1.0) / cfg.grad_accum)).backward()
-                        sums[t][0] += float(loss.detach())
-                        sums[t][1] += 1
+                        step_loss[t] += float(loss.detach())
                 if world > 1:
                     for p in trainable:
                         if p.grad is not None:
                             torch.distributed.all_reduce(p.grad)
                             p.grad.div_(world)
+                    # Loss bookkeeping over all processes, so every rank logs (and saves) the same numbers.
+                    vec = torch.tensor([step_loss[t] for t in tasks], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(vec)
+                    step_loss = dict(zip(tasks, vec.tolist()))
+                for t in tasks:
+                    sums[t][0] += step_loss[t]
+                    sums[t][1] += cfg.grad_accum * world
+                    step_loss[t] = 0.0
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
                 optimizer.step()
                 scheduler.step()
