@@ -217,8 +217,13 @@ def test_bad_input_still_renders_what_can_be_compared(tmp_path):
     assert rep["totals"][1]["common_paired"]["significant"]
     md = write_and_read(rep, tmp_path / "o", "md,html")["report.md"]
     assert "| missing |" in md and "Mean of 1 common tasks" in md
+    assert "the first run could not be read" not in text
+    rep = make_report([junk, a], n_boot=50)
+    assert rep["reference"] == "a" and "the first run could not be read: a is the reference" in rep["problems"]
     with pytest.raises(RSGError, match="nothing to report"):
         make_report([junk])
+    with pytest.raises(RSGError, match="unknown reference 'papr'"):
+        make_report([a], against=["papr"])
 
 
 def test_different_splits_are_not_paired(tmp_path):

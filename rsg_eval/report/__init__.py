@@ -24,16 +24,20 @@ def load_runs(specs: Sequence[str | Path], *, against: Iterable[str] = (), split
     from rsg_eval.report.load import load_any
 
     runs, problems = [], []
-    for spec in list(specs) + list(against):
+    first_ok = True
+    for i, spec in enumerate(specs):
         try:
             runs += load_any(spec, split)
-        except RSGError as exc:
+        except RSGError as exc:  # a bad RUN is skipped: the report shows what can be compared
             problems.append(f"skipped {spec}: {exc}")
+            first_ok = first_ok and i > 0
+    for spec in against:  # a typo in --against is an error, not a silent skip
+        runs += load_any(spec, split, against=True)
     if not runs:
         raise RSGError("nothing to report: " + "; ".join(problems or ["no runs given"]),
                        expected="run folders written by `rsg zeroshot`/`rsg finetune`, score files (.yaml/.json), "
                                 "or --against paper|leaderboard")
-    if problems and specs and runs[0].source != str(specs[0]):
+    if not first_ok:
         problems.append(f"the first run could not be read: {runs[0].name} is the reference")
     return runs, problems
 

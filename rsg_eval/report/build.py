@@ -95,7 +95,8 @@ class _TaskBoot:
         else:
             # groups from the reference, so MuSeRC questions / RuCoS queries stay whole in both runs
             groups = [_key(ref_rows[k]["group"]) for k in shared]
-            order = sorted(set(groups), key=lambda g: b0.group_ids.index(g))
+            pos = {g: i for i, g in enumerate(b0.group_ids)}
+            order = sorted(set(groups), key=pos.__getitem__)
             p0 = Bootstrap(self.task, [ref_rows[k]["gold"] for k in shared], [ref_rows[k]["pred"] for k in shared],
                            groups, group_order=order)
             p1 = Bootstrap(self.task, [ref_rows[k]["gold"] for k in shared], [run_rows[k]["pred"] for k in shared],

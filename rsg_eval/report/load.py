@@ -243,12 +243,15 @@ def load_published(name: str) -> list[Run]:
     return runs
 
 
-def load_any(spec: str | Path, split: str = "val") -> list[Run]:
+def load_any(spec: str | Path, split: str = "val", *, against: bool = False) -> list[Run]:
     """A run folder, a score file, or a published set name ("paper", "leaderboard")."""
     text = str(spec)
     if text in PUBLISHED and not Path(text).exists():
         return load_published(text)
     path = Path(text)
+    if against and not path.exists():
+        raise RSGError(f"unknown reference {text!r}: neither a published set nor a file", field="--against",
+                       expected=list(PUBLISHED) + ["a score file (.yaml/.json)", "a run folder"])
     if path.suffix.lower() in SCORE_FILE_SUFFIXES and not path.is_dir():
         return load_score_file(path)
     return [load_run_folder(path, split)]
