@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     def report_cmd(
         runs: List[str] = typer.Argument(..., help="Run folders (the first is the reference) or score files "
                                                    "(.yaml/.json with leaderboard numbers)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: reports/<names>]."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: reports/<run names joined by -vs->)."),
         formats: str = typer.Option("md,html,csv,json", "--format", help="Comma-separated: md, html, csv, json."),
         against: List[str] = typer.Option([], "--against", help="Add published reference rows: paper, "
                                           "leaderboard, or a score file. Repeatable."),
