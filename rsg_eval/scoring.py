@@ -385,8 +385,12 @@ def _cross_attention_layers(model: Any) -> list[Any] | None:
 
 
 def _fast_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]], bs: int,
-                cache_kv: bool = True) -> list[list[tuple[float, int]]]:
-    """Encoder once per prompt, cross-attention K/V once per prompt, then the decoder over choice batches."""
+                cache_kv: bool = True, share_prefix: bool = True) -> list[list[tuple[float, int]]]:
+    """Encoder once per prompt, cross-attention K/V once per prompt, then the decoder over choice batches.
+
+    When the choices of a prompt share a long token prefix (RuCoS: the query sentence with each entity filled
+    in), that prefix is decoded once per prompt too and its self-attention K/V reused (`_decode_shared_prefix`).
+    """
     dev = _device(model)
     pad = model.config.pad_token_id or 0
     input_ids, attn = _pad(prompts, pad, dev)  # (B, S)
@@ -398,6 +402,10 @@ def _fast_batch(model: Any, prompts: list[list[int]], choices: list[list[list[in
         B, S, _ = enc.shape
         kv = [(a.k(enc).view(B, S, a.n_heads, a.key_value_proj_dim).transpose(1, 2),
                a.v(enc).view(B, S, a.n_heads, a.key_value_proj_dim).transpose(1, 2)) for a in cross]
+    if kv is not None and share_prefix:
+        shared = [_shared_prefix_len(row) for row in choices]
+        if _prefix_worth_it(shared, choices):
+            return _decode_shared_prefix(model, enc, attn, kv, choices, shared, bs)
     pairs = [(p, j) for p in range(len(prompts)) for j in range(len(choices[p]))]
     flat: list[tuple[float, int]] = []
     for start in range(0, len(pairs), bs):
@@ -493,6 +501,91 @@ def _CACHE_CLASSES() -> tuple[type, type]:  # noqa: N802
     if _cache_cls is None:
         _cache_cls = _cache_classes()
     return _cache_cls
+
+
+def _shared_prefix_len(row: list[list[int]]) -> int:
+    """Tokens all choices of one prompt share at the start, capped so each choice keeps at least one own token."""
+    if len(row) < 2:
+        return 0
+    n = 0
+    shortest = min(len(c) for c in row)
+    while n < shortest - 1 and all(c[n] == row[0][n] for c in row):
+        n += 1
+    return n
+
+
+def _prefix_worth_it(shared: list[int], choices: list[list[list[int]]]) -> bool:
+    """Use the shared-prefix path when it saves at least a fifth of the decoder tokens (it costs one more pass)."""
+    saved = sum(L * (len(row) - 1) for L, row in zip(shared, choices))
+    total = sum(len(c) for row in choices for c in row)
+    return saved * 5 >= total and saved > 0
+
+
+def _decode_shared_prefix(model: Any, enc: torch.Tensor, attn: torch.Tensor,
+                          kv: list[tuple[torch.Tensor, torch.Tensor]], choices: list[list[list[int]]],
+                          shared: list[int], bs: int) -> list[list[tuple[float, int]]]:
+    """Decode each prompt's common choice prefix once, then only each choice's own tail.
+
+    With choice tokens y_0..y_{n-1} (ending in </s>) and L = shared[b] tokens common to all choices of prompt b,
+    the decoder inputs x_0 = start, x_t = y_{t-1} are common for t <= L, so (causal decoder) are the states at
+    positions 0..L: one pass over them per prompt gives log p(y_t) for t < L (common), the distribution of y_L
+    (read per choice), and the self-attention K/V of positions 0..L. The tail pass feeds x_{L+1}..x_{n-1} with
+    those K/V as its past (T5's relative positions follow from the cache length), grouped so that all pairs in
+    one call share the same L (so the past needs no padding).
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    dev = enc.device
+    cfg = model.config
+    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    decoder = model.get_decoder()
+    B = len(choices)
+
+    # 1) Shared pass, one row per prompt: inputs x_0..x_L, right-padded to (B, Lmax + 1).
+    ids, _ = _pad([[start] + choices[b][0][:shared[b]] for b in range(B)], pad, dev)
+    self_cache = DynamicCache()
+    out = decoder(input_ids=ids, encoder_hidden_states=enc, encoder_attention_mask=attn,
+                  past_key_values=EncoderDecoderCache(self_cache, _FrozenCache(kv)), use_cache=True,
+                  return_dict=True)
+    logp = torch.log_softmax(_lm_logits(model, out.last_hidden_state).float(), dim=-1)  # (B, Lmax + 1, V)
+    self_kv = [(layer.keys, layer.values) for layer in self_cache.layers]  # each (B, H, Lmax + 1, d_kv)
+    common = []
+    for b in range(B):
+        L = shared[b]
+        y = torch.tensor(choices[b][0][:L], device=dev, dtype=torch.long)
+        common.append(float(logp[b, :L].gather(-1, y.unsqueeze(-1)).sum()) if L else 0.0)
+
+    # 2) Tails, grouped by L so one call's past has one length.
+    pairs = sorted(((shared[b], b, j) for b in range(B) for j in range(len(choices[b]))))
+    results: dict[tuple[int, int], tuple[float, int]] = {}
+    k = 0
+    while k < len(pairs):
+        L = pairs[k][0]
+        chunk = [pairs[k]]
+        k += 1
+        while k < len(pairs) and pairs[k][0] == L and len(chunk) < bs:
+            chunk.append(pairs[k])
+            k += 1
+        rows = torch.tensor([b for _, b, _ in chunk], device=dev)
+        first = [float(logp[b, L, choices[b][j][L]]) for _, b, j in chunk]  # log p(y_L): position L's output
+        tails = [choices[b][j][L:] for _, b, j in chunk]  # y_L..y_{n-1}: inputs y_L..y_{n-2}, labels y_{L+1}..
+        tail_sums = [0.0] * len(chunk)
+        if max(len(t) for t in tails) > 1:
+            labels, lmask = _pad([t[1:] or [pad] for t in tails], pad, dev)
+            lmask = lmask * torch.tensor([[1] if len(t) > 1 else [0] for t in tails], device=dev)
+            dec_in, _ = _pad([t[:-1] or [pad] for t in tails], pad, dev)  # (P, m)
+            past = [(sk.index_select(0, rows)[:, :, :L + 1], sv.index_select(0, rows)[:, :, :L + 1])
+                    for sk, sv in self_kv]
+            cross = [(ck.index_select(0, rows), cv.index_select(0, rows)) for ck, cv in kv]
+            out = decoder(input_ids=dec_in, encoder_hidden_states=enc.index_select(0, rows),
+                          encoder_attention_mask=attn.index_select(0, rows),
+                          past_key_values=EncoderDecoderCache(_FrozenCache(past), _FrozenCache(cross)),
+                          use_cache=True, return_dict=True)
+            tail_sums = [s for s, _ in _sum_logprobs(_lm_logits(model, out.last_hidden_state), labels, lmask)]
+        for (_, b, j), f, t in zip(chunk, first, tail_sums):
+            results[(b, j)] = (common[b] + f + t, len(choices[b][j]))
+    return [[results[(b, j)] for j in range(len(choices[b]))] for b in range(B)]
 
 
 def _encoder_once_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]],

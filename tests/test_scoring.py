@@ -201,3 +201,28 @@ def test_hierarchical_seq2seq_fast_equals_naive(tiny):
     fast = score_choices(hier.seq2seq, tok, PROMPTS, CHOICES)
     naive = score_choices_naive(hier.seq2seq, tok, PROMPTS, CHOICES)
     _close(fast, naive)
+
+
+def test_shared_prefix_path_matches_naive(tiny):
+    """RuCoS-style choices (one query, different entities) take the shared-prefix path; edge cases included:
+    duplicate choices, a choice that is a prefix of another, one-token choices, several prefix lengths."""
+    from rsg_eval.scoring import _encode, _prefix_worth_it, _shared_prefix_len
+
+    model, tok = tiny
+    query = "Журналисты задали вопросы министру {} о поддержке науки в России."
+    prompts = [PROMPTS[4], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    choices = [
+        [query.format(e) for e in ("Иванову", "Петрову", "Сидорову", "Иванову")],  # a duplicate
+        ["Стакан разбился на мелкие осколки", "Стакан разбился на мелкие осколки и звенел", "Стакан разбился"],
+        ["Учёные из университета опубликовали статью", "Учёные из университета опубликовали книгу"],
+        ["да", "нет"],  # nothing shared: still scored through the same call
+    ]
+    enc = _encode(tok, prompts, choices, 512, 2)
+    shared = [_shared_prefix_len(r) for r in enc.choices]
+    assert shared[0] > 5 and shared[3] == 0 and len(set(shared)) >= 3
+    assert _prefix_worth_it(shared, enc.choices)
+    naive = score_choices_naive(model, tok, prompts, choices)
+    for bs in (1, 3, 16):
+        _close(score_choices(model, tok, prompts, choices, batch_size=bs), naive)
+    fast = score_choices(model, tok, prompts, choices)
+    assert fast[0][0] == pytest.approx(fast[0][3], abs=1e-5)  # duplicates score the same
