@@ -16,7 +16,7 @@ from rsg_eval import metrics
 from rsg_eval.errors import RSGError
 from rsg_eval.report import make_report, parse_formats, write_report
 from rsg_eval.report.load import load_published, load_score_file
-from tests._report_utils import all_tasks, make_rows, row, write_run
+from _report_utils import all_tasks, make_rows, row, write_run
 
 NLI = ["entailment", "not_entailment"]
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 
 from rsg_eval import metrics
 from rsg_eval.report.stats import Bootstrap, paired_test, percentile_ci, resample_indices
-from tests._report_utils import make_rows
+from _report_utils import make_rows
 
 NLI = ["entailment", "not_entailment"]
 
