@@ -31,7 +31,7 @@ def test_bench_reports_identical_predictions():
     for c in report["cases"]:
         assert c["same_predictions"] is True
         assert c["max_abs_diff"] < 1e-3
-        assert set(c["seconds"]) == {"naive", "encoder_once", "fast"}
+        assert set(c["seconds"]) == {"naive", "encoder_once", "kv_once", "fast"}
         assert c["ratio_vs_naive"]["naive"] == 1.0
         assert all(v > 0 for v in c["docs_per_s"].values())
     assert report["cases"][0]["choices_per_doc"] == 15

@@ -53,10 +53,11 @@ def test_fast_equals_naive_and_transformers_loss(tiny):
     model, tok = tiny
     fast = score_choices(model, tok, PROMPTS, CHOICES)
     naive = score_choices_naive(model, tok, PROMPTS, CHOICES)
-    enc_once = _score(model, tok, PROMPTS, CHOICES, batch_size=16, normalize="sum", calibrate=False,
-                      calibration_prompts=None, max_input_tokens=None, progress=None, mode="encoder_once")
     _close(fast, naive)
-    _close(enc_once, naive)
+    for mode in ("encoder_once", "kv_once"):
+        other = _score(model, tok, PROMPTS, CHOICES, batch_size=16, normalize="sum", calibrate=False,
+                       calibration_prompts=None, max_input_tokens=None, progress=None, mode=mode)
+        _close(other, naive)
     assert predict(fast) == predict(naive)
     assert [len(r) for r in fast] == [len(c) for c in CHOICES]
     for i, j in [(0, 0), (1, 2), (2, 3), (4, 1)]:

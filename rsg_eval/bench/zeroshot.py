@@ -1,11 +1,12 @@
 """`rsg bench zeroshot`: examples per second of our rank classification against naive per-choice scoring.
 
 One randomly initialised T5 (default d_model 256, 4 encoder + 4 decoder layers, gated-GELU, untied head; built by
-`rsg_eval.models.tiny.build_tiny` with overrides) and, in the same run, three ways of scoring the same inputs:
+`rsg_eval.models.tiny.build_tiny` with overrides) and, in the same run, four ways of scoring the same inputs:
 
 - naive:        one full encoder + decoder pass per (prompt, choice), as lm-evaluation-harness does for seq2seq;
-- encoder-once: the encoder once per prompt, the decoder recomputing its cross-attention K/V for every choice;
-- ours:         the encoder AND the decoder's cross-attention K/V once per prompt (`score_choices`).
+- encoder_once: the encoder once per prompt, the decoder recomputing its cross-attention K/V for every choice;
+- kv_once:      the encoder AND the decoder's cross-attention K/V once per prompt;
+- fast (ours):  as kv_once, and the choices' common token prefix decoded once per prompt (`score_choices`).
 
 Inputs are synthetic but shaped like the real tasks, made from a fixed seed:
 - RuCoS-like: a passage of several hundred tokens; 15 candidate entities, each choice = the query sentence with
@@ -27,7 +28,7 @@ from rsg_eval.models.tiny import _CORPUS, build_tiny
 from rsg_eval.scoring import _score, predict
 
 BENCH_MODEL = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4)
-MODES = ("naive", "encoder_once", "fast")
+MODES = ("naive", "encoder_once", "kv_once", "fast")
 
 _WORDS = sorted({w.strip(".,?!:;«»—()") for w in _CORPUS.split()} - {""})
 _NAME_PARTS = ("Ива", "Пет", "Сер", "Ник", "Ол", "Ан", "Мар", "Кир", "Вол", "Лев", "Сок", "Мор", "Бел", "Гор")

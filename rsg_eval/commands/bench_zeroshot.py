@@ -13,7 +13,8 @@ import typer
 from rsg_eval.commands._common import console, fmt
 
 
-WAYS = (("naive", "naive"), ("encoder_once", "encoder once"), ("fast", "ours"))
+WAYS = (("naive", "naive"), ("encoder_once", "encoder once"), ("kv_once", "+ cross K/V once"),
+        ("fast", "ours: + shared prefix"))
 
 
 def register(bench_app: typer.Typer) -> None:
@@ -32,7 +33,7 @@ def zeroshot_cmd(
     layers: int = typer.Option(4, "--layers", min=1, help="Encoder layers = decoder layers."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
-    """Examples/s of our scoring (encoder and cross-attention K/V once per prompt) vs naive per-choice scoring.
+    """Examples/s of our scoring (encoder, cross-attention K/V, shared prefix once per prompt) vs naive scoring.
 
     One random T5 (default d_model 256, 4+4 layers), RuCoS-like inputs (passage of several hundred tokens,
     15 candidates) and PARus-like inputs (short, 2 choices). Fails (exit 1) if the predictions differ.
@@ -70,8 +71,9 @@ def zeroshot_cmd(
                           fmt(c["ratio_vs_naive"][mode], 1) + "x", fmt(c["cpu_ratio_vs_naive"][mode], 1) + "x",
                           ("yes" if c["same_predictions"] else "[red]NO[/]") if i == 0 else "",
                           f"{c['max_abs_diff']:.1e}" if i == 0 else "", end_section=i == len(WAYS) - 1)
-    table.caption = "naive = one encoder+decoder pass per (prompt, choice), as lm-evaluation-harness; encoder " \
-                    "once = encoder once per prompt; ours = encoder and cross-attention K/V once per prompt; " \
+    table.caption = "naive = one encoder+decoder pass per (prompt, choice), as lm-evaluation-harness; then " \
+                    "the encoder once per prompt; + the decoder's cross-attention K/V once per prompt; ours: + " \
+                    "the choices' common token prefix decoded once per prompt; " \
                     "ratios by wall time and by this process's CPU time (fairer on a shared machine)\n" + \
                     "\n".join(shapes)
     console.print(table)
