@@ -189,3 +189,21 @@ def test_schedule_values_by_hand():
     assert math.isclose(schedules.warmup_cosine_lr(50, 0.1, 1.0, 4, 44), 0.1)
     w = schedules.paper_warning(1e-6, 1e-4, 2000, 0.9)
     assert "step 9" in w and "step 73" in w and "cycle-gamma" in w
+
+
+def test_ner_spans_round_trip_through_token_bits():
+    # Gold spans -> per-token bitmasks (training) -> spans again (inference): nested entities survive.
+    from rsg_eval.hmtl.dataset import ner_bits_for
+    from rsg_eval.hmtl.infer import _strip_space, decode_spans
+    from rsg_eval.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    text = "В 2019 году Московский государственный университет открыл новый корпус."
+    gold = [("2019 году", "DATE"), ("Московский государственный университет", "ORGANIZATION"),
+            ("Московский", "CITY")]
+    spans = [(text.index(s), text.index(s) + len(s), NEREL_TYPES.index(t)) for s, t in gold]
+    offsets = [tuple(o) for o in tok(text, return_offsets_mapping=True)["offset_mapping"]]
+    bits = ner_bits_for(offsets, spans)
+    active = [[bool(b >> t & 1) for t in range(29)] for b in bits]
+    got = [_strip_space(text, sp) for sp in decode_spans(offsets, active, NEREL_TYPES)]
+    assert sorted((g["text"], g["type"]) for g in got) == sorted(gold)

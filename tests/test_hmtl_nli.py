@@ -77,3 +77,33 @@ def test_run_folder_and_predictions(ckpt, tmp_path):
 def test_plain_model_is_refused(tmp_path):
     with pytest.raises(RSGError, match="hierarchical checkpoint"):
         run_nli_head_eval("tiny", data="sample", run_dir=tmp_path / "r")
+
+
+def test_zeroshot_cli_dispatches_to_the_nli_head(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    run_dir = tmp_path / "cli-run"
+    r = CliRunner().invoke(app, ["zeroshot", "--model", str(ckpt), "--data", "sample", "--nli-head", "--tasks",
+                                 "RCB", "--limit", "2", "--run", str(run_dir), "--quiet"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert cfg["kind"] == "nli-head" and cfg["tasks"] == ["RCB"] and cfg["limit"] == 2
+    assert len((run_dir / "logs" / "val" / "RCB.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_block1_predictions_batch_invariant(ckpt):
+    from rsg_eval.hmtl.infer import predict_entities, predict_topics
+    from rsg_eval.models.hierarchical import load_hierarchical
+
+    hier, tok = load_hierarchical(ckpt)
+    with torch.no_grad():
+        hier.heads["ner"].classifier.bias.fill_(0.3)      # some tokens cross the 0.5 threshold
+    texts = ["Анна Петрова работает врачом в Новосибирске.", "Да.", "Поезд опоздал на сорок минут."]
+    topics = predict_topics(hier, tok, texts)
+    ents = predict_entities(hier, tok, texts)
+    assert all(t in hier.config.mc_labels for t in topics)
+    assert [predict_topics(hier, tok, [t])[0] for t in texts] == topics
+    assert [predict_entities(hier, tok, [t])[0] for t in texts] == ents
+    assert any(ents) and all(e["text"] == texts[i][e["start"]:e["end"]] for i, es in enumerate(ents) for e in es)
