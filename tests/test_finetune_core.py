@@ -294,3 +294,18 @@ def test_tiny_or_empty_train_split(tiny, terra_pairs, tmp_path):
         _run(tiny, [], tok, _cfg(), tmp_path / "empty")
     _, res = _run(tiny, pairs[:1], tok, _cfg(epochs=2, grad_accum=4), tmp_path / "one")
     assert res.state.step == 2 and len(res.state.history) == 2  # one step per epoch, one eval per epoch
+
+
+def test_bench_counts_the_same_examples_with_and_without_grouping(tiny):
+    """The benchmark's two configurations run one epoch over the same examples: equal example and real-token
+    counts, less padding when grouped."""
+    from rsg_eval.training import bench
+
+    model, tok = tiny()
+    model.train()
+    pairs = bench.synthetic_pairs(16, len(tok), 96, 8, seed=1)
+    rows = [bench.run_config(model, pairs, 4, g, torch.device("cpu"), name="tiny") for g in (False, True)]
+    assert rows[0].examples == rows[1].examples == 16
+    assert rows[0].tokens == rows[1].tokens == sum(p.length for p in pairs)
+    assert rows[1].padded_tokens < rows[0].padded_tokens
+    assert all(r.seconds > 0 and r.peak_mb >= 0 for r in rows)

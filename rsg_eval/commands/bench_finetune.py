@@ -88,7 +88,7 @@ def _table(rows: list[Any], device: Any, batch_size: int, threads: int) -> None:
         speed = f"{r.examples_per_s / base.examples_per_s:.2f}x" if base and r.grouped else "1.00x"
         cpu = f"{r.examples_per_cpu_s / base.examples_per_cpu_s:.2f}x" if base and r.grouped else "1.00x"
         mem = f"{r.peak_mb / base.peak_mb:.2f}" if base and r.grouped and base.peak_mb > 0 else "1.00"
-        t.add_row(r.model, "length-grouped" if r.grouped else "shuffled", f"{r.examples_per_s:.2f}",
+        t.add_row(r.model, "grouped" if r.grouped else "shuffled", f"{r.examples_per_s:.2f}",
                   f"{r.tokens_per_s:.0f}", f"{r.examples_per_cpu_s:.2f}", f"{1 - r.tokens / r.padded_tokens:.1%}",
                   f"{r.peak_mb:.1f}", speed, cpu, mem)
     from rich.console import Console

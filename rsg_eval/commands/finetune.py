@@ -73,6 +73,8 @@ def register(app: typer.Typer) -> None:
                                                                     "process's GPU, else CPU)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+        more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
+                                                         help="Further task names after --tasks."),
     ) -> None:
         """Fine-tune on each task (input: the rendered prompt; target: the gold answer + </s>), keep the best
         epoch by the task's val metric, and predict val and test by rank classification.
@@ -91,6 +93,10 @@ def register(app: typer.Typer) -> None:
                  "gradient_checkpointing": gradient_checkpointing, "bf16": bf16, "group_by_length": group_by_length}
         configs = load_config_set(config, {k: v for k, v in flags.items() if v is not None},
                                   base=TINY_DEFAULTS if model == "tiny" else None)
+        if more_tasks:  # `--tasks TERRa RCB`: typer options take one value, the rest arrive as arguments
+            if not tasks:
+                raise RSGError(f"unexpected argument(s) {' '.join(more_tasks)}", expected="task names after --tasks")
+            tasks = list(tasks) + list(more_tasks)
         task_list = [t.strip() for spec in (tasks or []) for t in spec.split(",") if t.strip()] or None
         reporter = _RichReporter(quiet)
         try:
