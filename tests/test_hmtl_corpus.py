@@ -207,3 +207,17 @@ def test_ner_spans_round_trip_through_token_bits():
     active = [[bool(b >> t & 1) for t in range(29)] for b in bits]
     got = [_strip_space(text, sp) for sp in decode_spans(offsets, active, NEREL_TYPES)]
     assert sorted((g["text"], g["type"]) for g in got) == sorted(gold)
+
+
+def test_bad_record_surfaces_through_datasets(tmp_path):
+    # The datasets builder wraps generator errors; the user still gets our file:line:field message.
+    from rsg_eval.hmtl.dataset import build_split
+    from rsg_eval.models.tiny import build_tiny_tokenizer
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    corpus = open_corpus(_write(folder, GOOD + [{"task": "nli", "premise": "a", "hypothesis": "b", "label": "maybe"}],
+                                labels={"mc": ["спорт"]}))
+    with pytest.raises(RSGError, match=r"train.jsonl:9: field 'label': unknown label 'maybe'"):
+        build_split(corpus, "train", build_tiny_tokenizer(), cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.arrow"))      # nothing half-built is left to be reused

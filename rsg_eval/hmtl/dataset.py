@@ -142,8 +142,19 @@ def build_split(corpus: Corpus, split: str, tokenizer: Any, *, cache_dir: str | 
         "ent_end": datasets.Sequence(datasets.Value("int32")), "ent_type": datasets.Sequence(datasets.Value("int32")),
     })
     # Validation happens inside the generator: the first bad record stops the build with its file and line.
-    raw = datasets.Dataset.from_generator(_raw_rows, gen_kwargs={"corpus": corpus, "split": split}, features=feats,
-                                          cache_dir=str(work / "raw"), fingerprint=fp + "-raw")
+    import shutil
+
+    try:
+        raw = datasets.Dataset.from_generator(_raw_rows, gen_kwargs={"corpus": corpus, "split": split},
+                                              features=feats, cache_dir=str(work / "raw"), fingerprint=fp + "-raw")
+    except Exception as exc:   # datasets wraps errors raised in the generator; surface our RSGError as it is
+        shutil.rmtree(work, ignore_errors=True)
+        cause = exc
+        while cause is not None and not isinstance(cause, RSGError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
     out_feats = datasets.Features({
         "task": datasets.Value("int8"), "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")), "cls": datasets.Value("int32"),
@@ -156,7 +167,6 @@ def build_split(corpus: Corpus, split: str, tokenizer: Any, *, cache_dir: str | 
                   features=out_feats, new_fingerprint=fp + "-tok", cache_file_name=str(work / "tok.arrow"),
                   desc=f"tokenising {split}")
     tmp = target.with_name(f".{split}.tmp")
-    import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_to_disk(str(tmp))
     if target.exists():
