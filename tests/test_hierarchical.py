@@ -188,6 +188,12 @@ def test_checkpoint_round_trip(tiny4, tmp_path):
         assert torch.equal(m.seq2seq(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits,
                            m2.seq2seq(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits)
     assert tok2(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
+    # Loading in bf16 puts the heads and adapters in bf16 too; results stay close to fp32.
+    m3, _ = load_hierarchical(out, dtype=torch.bfloat16)
+    assert m3.heads["mc"].classifier.weight.dtype == torch.bfloat16
+    assert m3.lm_adapter.up.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(m3.nli_logits(ids, mask).float(), m.nli_logits(ids, mask), atol=0.1, rtol=0.05)
     # The base weights stay a plain transformers checkpoint (no adapter inside).
     from transformers import T5ForConditionalGeneration
     plain = T5ForConditionalGeneration.from_pretrained(out)
