@@ -113,6 +113,9 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
     res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke"])
     assert isinstance(res.exception, RSGError) and "disk is full" in str(res.exception)
     assert run.finished("test") == [t for t in TASK_NAMES if t != "RuCoS"]
+    # metrics.json and the partial zip were rewritten for the eight finished tasks despite the error
+    assert sorted(run.read_metrics()["tasks"]) == sorted(t for t in TASK_NAMES if t != "RuCoS")
+    assert (run.path / "submission-partial.zip").is_file()
     monkeypatch.setattr(ck, "save_weights", real)
     res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke",
                               "-q"])

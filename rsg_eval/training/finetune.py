@@ -169,8 +169,15 @@ def run_finetune(
         made = str(runs.RunFolder.create(run or runs.default_run_name(model, "finetune"), root=root).path)
     folder = runs.RunFolder(dist.broadcast(made))
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else Path("checkpoints") / folder.path.name
-    dev = torch.device(device) if device else (torch.device("cuda", dist.local_rank) if torch.cuda.is_available()
-                                               else torch.device("cpu"))
+    try:
+        dev = torch.device(device) if device else (torch.device("cuda", dist.local_rank)
+                                                   if torch.cuda.is_available() else torch.device("cpu"))
+    except RuntimeError:
+        raise RSGError(f"unknown device {device!r}", field="device", expected="cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RSGError("CUDA device requested but torch sees no GPU", field="device", expected="cpu")
+    if dev.type == "cuda" and dev.index is None:  # "cuda" under a launcher: this process's own GPU
+        dev = torch.device("cuda", dist.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
@@ -181,44 +188,50 @@ def run_finetune(
                                         ckpt_root))
     epochs_rows = folder.read_epochs() if dist.main else []  # rows of tasks finished by earlier calls
 
-    for train_task, predicts in units:
-        cfg = configs.for_task(train_task)
-        tpl = templates[train_task]
-        fp_parts = {"model": model, "revision": revision, "template": tpl.name, "template_sha256": tpl.sha256,
-                    "code": CODE_VERSION, "train_task": train_task, "config": cfg.to_dict(),
-                    "data": str(source)}
-        fp = runs.fingerprint(fp_parts)
-        if all(folder.is_done(t, s, fp) for t in predicts for s in SPLITS):
-            out.skipped.append(train_task)
-            reporter.skipped(train_task, "finished earlier with the same model, template and settings")
-            continue
-        if not source.has(train_task, "train"):
-            msg = f"{train_task}: no train split in {source}; it cannot be fine-tuned (skipped)"
-            out.failed[train_task] = msg
-            reporter.skipped(train_task, msg)
-            continue
-        task_ckpt = ckpt_root / train_task
-        if restart and dist.main:
-            _discard_unfinished(task_ckpt)
-        dist.barrier()
-        try:
-            result, task_rows = _train_and_predict(
-                model, revision, train_task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts, dev,
-                dist, reporter, hooks(train_task) if hooks else None, load, load_items)
-        except RSGError as exc:
-            if isinstance(exc, NoTrainingData):
-                out.failed[train_task] = str(exc)
-                reporter.skipped(train_task, str(exc))
+    try:
+        for train_task, predicts in units:
+            cfg = configs.for_task(train_task)
+            tpl = templates[train_task]
+            fp_parts = {"model": model, "revision": revision, "template": tpl.name, "template_sha256": tpl.sha256,
+                        "code": CODE_VERSION, "train_task": train_task, "config": cfg.to_dict(),
+                        "data": str(source)}
+            fp = runs.fingerprint(fp_parts)
+            if all(folder.is_done(t, s, fp) for t in predicts for s in SPLITS):
+                out.skipped.append(train_task)
+                reporter.skipped(train_task, "finished earlier with the same model, template and settings")
                 continue
-            raise
-        out.trained.append(train_task)
-        out.results[train_task] = result
+            if not source.has(train_task, "train"):
+                msg = f"{train_task}: no train split in {source}; it cannot be fine-tuned (skipped)"
+                out.failed[train_task] = msg
+                reporter.skipped(train_task, msg)
+                continue
+            task_ckpt = ckpt_root / train_task
+            if restart and dist.main:
+                _discard_unfinished(task_ckpt)
+            dist.barrier()
+            try:
+                result, task_rows = _train_and_predict(
+                    model, revision, train_task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts, dev,
+                    dist, reporter, hooks(train_task) if hooks else None, load, load_items)
+            except RSGError as exc:
+                if isinstance(exc, NoTrainingData):
+                    out.failed[train_task] = str(exc)
+                    reporter.skipped(train_task, str(exc))
+                    continue
+                raise
+            out.trained.append(train_task)
+            out.results[train_task] = result
+            if dist.main:
+                epochs_rows = [r for r in epochs_rows if r.get("task") != train_task] + task_rows
+                folder.write_epochs(_order_rows(epochs_rows))
+    finally:
+        # also after an error or Ctrl-C: metrics.json and the zip reflect every task finished so far
         if dist.main:
-            epochs_rows = [r for r in epochs_rows if r.get("task") != train_task] + task_rows
-            folder.write_epochs(_order_rows(epochs_rows))
-    if dist.main:
-        out.metrics = folder.write_metrics("val")
-        out.zip = folder.build_zip()
+            try:
+                out.metrics = folder.write_metrics("val")
+                out.zip = folder.build_zip()
+            except (OSError, RSGError):
+                pass  # a full disk here must not hide the error that stopped the run
     dist.barrier()
     return out
 
