@@ -312,6 +312,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         raise RSGError(f"unknown schedule {cfg.schedule!r}", field="schedule", expected=list(schedules.SCHEDULES))
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise RSGError("epochs, batch size and gradient accumulation must be >= 1", field="epochs")
+    corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
@@ -332,7 +333,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         hist = prior.get("history", [])
         return TrainResult(out, out / "final", hist, True, prior.get("steps", 0))
 
-    corpus = open_corpus(cfg.corpus)
     model, tokenizer = _build_model(cfg, corpus.labels, device, log)
     lm_prefix = cfg.lm_prefix
     if lm_prefix == "auto":
