@@ -242,7 +242,9 @@ def _normalize(raw: list[list[tuple[float, int]]], choice_ids: list[list[list[in
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # CUDA/MPS say "out of memory"; the CPU allocator says "can't allocate memory".
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _start_batch_size(model: Any, batch_size: int | str) -> int:
