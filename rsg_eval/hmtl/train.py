@@ -291,9 +291,9 @@ def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log)
 
 
 def _load_weights(model: HierarchicalT5, path: Path) -> None:
+    """Copy a saved checkpoint's weights into the model being trained (strict: same structure)."""
     src, _ = load_hierarchical(path)
-    missing, unexpected = model.load_state_dict(src.state_dict(), strict=True)
-    del src
+    model.load_state_dict(src.state_dict(), strict=True)
 
 
 # ---------------------------------------------------------------------------- the loop
