@@ -20,11 +20,19 @@ from rsg_eval.training.loop import Hooks, lr_factor, plan_sizes, train  # noqa: 
 from tests._finetune_utils import mean_nll  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread in these tests (2 shared cores); the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from rsg_eval.models.tiny import build_tiny
 
-    torch.set_num_threads(1)
     return build_tiny
 
 

@@ -24,12 +24,20 @@ LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_len=6
              eval_batch_size=64)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread in these tests (2 shared cores); the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def learn_run(tmp_path_factory):
     """One single-process run on the learnable TERRa fixture (shared by the learning and two-process tests)."""
     from rsg_eval.training.finetune import run_finetune
 
-    torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("learn")
     learnable_terra(d / "data")
     out = run_finetune("tiny", configs=load_config_set(None, LEARN), tasks=["TERRa"], data=d / "data",
@@ -76,7 +84,6 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
     from rsg_eval.tasks import TASK_NAMES
     from rsg_eval.training import checkpoint as ck
 
-    torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke",
@@ -182,7 +189,6 @@ def test_a_hierarchical_checkpoint_can_be_fine_tuned(tmp_path):
     from rsg_eval.models.tiny import build_tiny
     from rsg_eval.training.finetune import run_finetune
 
-    torch.set_num_threads(1)
     model, tok = build_tiny()
     HierarchicalT5.from_base(model).save_pretrained(tmp_path / "hier", tokenizer=tok)
     learnable_terra(tmp_path / "data", n_train=8, n_val=4, n_test=2)
