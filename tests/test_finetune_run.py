@@ -117,12 +117,14 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck, "save_weights", full)
+    rows_before = [r for r in run.read_epochs() if r["task"] != "RuCoS"]
     res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke"])
     assert isinstance(res.exception, RSGError) and "disk is full" in str(res.exception)
     assert run.finished("test") == [t for t in TASK_NAMES if t != "RuCoS"]
     # metrics.json and the partial zip were rewritten for the eight finished tasks despite the error
     assert sorted(run.read_metrics()["tasks"]) == sorted(t for t in TASK_NAMES if t != "RuCoS")
     assert (run.path / "submission-partial.zip").is_file()
+    assert [r for r in run.read_epochs() if r["task"] != "RuCoS"] == rows_before  # other curves untouched
     monkeypatch.setattr(ck, "save_weights", real)
     res = runner.invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--epochs", "2", "--run", "smoke",
                               "-q"])
@@ -200,3 +202,36 @@ def test_a_hierarchical_checkpoint_can_be_fine_tuned(tmp_path):
 
     saved = load_file(str(tmp_path / "ck" / "TERRa" / "best" / "model.safetensors"))
     assert any("adapter" in k for k in saved)  # the LM adapter is part of what is fine-tuned and saved
+
+
+def test_nan_mid_task_stops_the_run_and_keeps_its_curve(tmp_path):
+    """The LM head starts to emit NaN in training after epoch 1: the run stops with a message naming the step,
+    epochs.csv keeps the epoch-1 row, and `last/` holds the state to resume from."""
+    from rsg_eval.errors import RSGError
+    from rsg_eval.models.loading import load_model
+    from rsg_eval.runs import RunFolder
+    from rsg_eval.training import checkpoint as ck
+    from rsg_eval.training.finetune import run_finetune
+
+    learnable_terra(tmp_path / "data", n_train=16, n_val=4, n_test=2)
+    calls = {"train_forwards": 0}
+
+    def load_poisoned(*a, **kw):
+        loaded = load_model(*a, **kw)
+
+        def hook(mod, inp, out):
+            if mod.training:  # scoring runs in eval mode and stays finite
+                calls["train_forwards"] += 1
+                if calls["train_forwards"] > 2:  # epoch 1 = 2 steps of batch 8
+                    return out * float("nan")
+            return None
+
+        loaded.model.lm_head.register_forward_hook(hook)
+        return loaded
+
+    with pytest.raises(RSGError, match="loss became nan at epoch 2, optimizer step 3"):
+        run_finetune("tiny", configs=load_config_set(None, LEARN), tasks=["TERRa"], data=tmp_path / "data",
+                     run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck", load=load_poisoned)
+    rows = RunFolder(tmp_path / "run").read_epochs()
+    assert [(r["task"], r["epoch"], r["step"]) for r in rows] == [("TERRa", 1.0, 2)]
+    assert ck.read_meta(ck.find(tmp_path / "ck" / "TERRa", "last"))["state"]["step"] == 2

@@ -188,6 +188,7 @@ def run_finetune(
                                         ckpt_root))
     epochs_rows = folder.read_epochs() if dist.main else []  # rows of tasks finished by earlier calls
 
+    current: tuple[str, Path] | None = None  # the task being trained, for its partial history on failure
     try:
         for train_task, predicts in units:
             cfg = configs.for_task(train_task)
@@ -209,6 +210,7 @@ def run_finetune(
             if restart and dist.main:
                 _discard_unfinished(task_ckpt)
             dist.barrier()
+            current = (train_task, task_ckpt)
             try:
                 result, task_rows = _train_and_predict(
                     model, revision, train_task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts, dev,
@@ -219,6 +221,7 @@ def run_finetune(
                     reporter.skipped(train_task, str(exc))
                     continue
                 raise
+            current = None
             out.trained.append(train_task)
             out.results[train_task] = result
             if dist.main:
@@ -228,6 +231,11 @@ def run_finetune(
         # also after an error or Ctrl-C: metrics.json and the zip reflect every task finished so far
         if dist.main:
             try:
+                if current is not None:  # stopped mid-task (NaN, full disk, Ctrl-C): keep its curve so far
+                    rows = _saved_history(current[1])
+                    if rows:
+                        epochs_rows = [r for r in epochs_rows if r.get("task") != current[0]] + rows
+                        folder.write_epochs(_order_rows(epochs_rows))
                 out.metrics = folder.write_metrics("val")
                 out.zip = folder.build_zip()
             except (OSError, RSGError):
@@ -245,6 +253,19 @@ def _order_rows(rows: list[dict]) -> list[dict]:
     for r in sorted(rows, key=lambda r: (order.get(r["task"], 99), float(r["step"]))):
         out.append({c: r.get(c) for c in cols})
     return out
+
+
+def _saved_history(task_ckpt: Path) -> list[dict]:
+    """The val history stored in a task's `last` checkpoint ([] when there is none)."""
+    from rsg_eval.training import checkpoint as ck
+
+    last = ck.find(task_ckpt, "last")
+    if last is None:
+        return []
+    try:
+        return list(ck.read_meta(last).get("state", {}).get("history", []))
+    except (OSError, ValueError):
+        return []
 
 
 def _discard_unfinished(task_ckpt: Path) -> None:
