@@ -338,3 +338,25 @@ def test_accumulation_and_checkpointing_do_not_change_the_update(tiny, terra_pai
         w, h = runs[name]
         assert h["train_loss"] == pytest.approx(ref_h["train_loss"], rel=1e-5), name
         assert all(torch.allclose(ref_w[k], w[k], atol=1e-5) for k in ref_w), name
+
+
+def test_ctrl_c_saves_at_the_next_step_boundary_and_resumes_exactly(tiny, terra_pairs, tmp_path):
+    """SIGINT (Ctrl-C; SIGTERM from a scheduler likewise) during step 2 of 6, with no periodic saving: the loop
+    saves `last` at that step boundary and stops; the rerun ends exactly where an undisturbed run does."""
+    import signal
+
+    tok, pairs = terra_pairs
+    cfg = _cfg(epochs=3, save_every=0)
+    full, _ = _run(tiny, pairs, tok, cfg, tmp_path / "a")
+
+    def interrupt(state, loss):
+        if state.step == 1:  # the signal arrives while step 2 would be next; honoured at a boundary
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 1"):
+        _run(tiny, pairs, tok, cfg, tmp_path / "b", Hooks(on_step=interrupt))
+    assert ck.read_meta(ck.find(tmp_path / "b", "last"))["state"]["step"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed, res = _run(tiny, pairs, tok, cfg, tmp_path / "b")
+    assert res.resumed_from == 1
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))

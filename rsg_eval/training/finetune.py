@@ -34,7 +34,8 @@ SPLITS = ("val", "test")
 class Reporter:
     """What the command shows: override the methods (the CLI uses rich); the default prints nothing."""
 
-    def task_start(self, task: str, predicts: list[str], n_pairs: int, total_steps: int, resumed: int | None) -> None: ...
+    def task_start(self, task: str, predicts: list[str], n_pairs: int, total_steps: int,
+                   resumed: int | None) -> None: ...
     def step(self, task: str, state: Any, loss: float) -> None: ...
     def evaluated(self, task: str, row: dict[str, Any]) -> None: ...
     def task_done(self, task: str, result: dict[str, Any]) -> None: ...
@@ -64,7 +65,8 @@ def training_units(tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
         if t not in units[src]:
             units[src].append(t)
     order = {n: i for i, n in enumerate(TASK_NAMES)}
-    return [(k, sorted(v, key=lambda n: (n != k, order[n]))) for k, v in sorted(units.items(), key=lambda kv: order[kv[0]])]
+    ordered = sorted(units.items(), key=lambda kv: order[kv[0]])
+    return [(k, sorted(v, key=lambda n: (n != k, order[n]))) for k, v in ordered]
 
 
 def _versions() -> dict[str, str]:

@@ -221,75 +221,112 @@ def train(
             hooks.on_eval(state, row)
 
     net.train()
-    while state.epoch < cfg.epochs and not state.done:
-        plan = epoch_plan(lengths, cfg.batch_size, cfg.seed, state.epoch,
-                          group_by_length=cfg.group_by_length, world=dist.world)
-        while state.micro < len(plan):
-            snapshot = ck.rng_state()  # the RNG at this step boundary, saved with any checkpoint of it
-            group = plan[state.micro : state.micro + cfg.grad_accum]
-            tokens = sum(len(pairs[i].tgt) for gb in group for i in gb)  # global target tokens of this step
-            local_nll = 0.0
-            for j, gb in enumerate(group):
-                mine, weight = rank_slice(gb, dist.rank, dist.world)
-                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in mine], pad_id).items()}
-                sync = contextlib.nullcontext() if (j == len(group) - 1 or not dist.active) else ddp.no_sync()
-                with sync:
-                    nll = forward_backward(ddp, net, batch, weight * dist.world / tokens, autocast)
-                local_nll += nll * weight
-            step_nll = dist.all_sum(local_nll)
-            step_loss = step_nll / tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                net.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+    with _StopRequest() as stop:
+        while state.epoch < cfg.epochs and not state.done:
+            plan = epoch_plan(lengths, cfg.batch_size, cfg.seed, state.epoch,
+                              group_by_length=cfg.group_by_length, world=dist.world)
+            while state.micro < len(plan):
+                snapshot = ck.rng_state()  # the RNG at this step boundary, saved with any checkpoint of it
+                group = plan[state.micro : state.micro + cfg.grad_accum]
+                tokens = sum(len(pairs[i].tgt) for gb in group for i in gb)  # global target tokens of this step
+                local_nll = 0.0
+                for j, gb in enumerate(group):
+                    mine, weight = rank_slice(gb, dist.rank, dist.world)
+                    batch = {k: v.to(device) for k, v in collate([pairs[i] for i in mine], pad_id).items()}
+                    sync = contextlib.nullcontext() if (j == len(group) - 1 or not dist.active) else ddp.no_sync()
+                    with sync:
+                        nll = forward_backward(ddp, net, batch, weight * dist.world / tokens, autocast)
+                    local_nll += nll * weight
+                step_nll = dist.all_sum(local_nll)
+                step_loss = step_nll / tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    net.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+                    opt.zero_grad(set_to_none=True)
+                    save_last(snapshot)  # parameters are still those after the last good step
+                    what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                    raise RSGError(
+                        f"{task}: the training {what} became {step_loss if what == 'loss' else float(grad_norm)} at "
+                        f"epoch {state.epoch + 1}, optimizer step {state.step + 1}; training stopped. The last good "
+                        f"state (after step {state.step}) is saved in {ckpt_dir / 'last'}. Lower --lr, raise the "
+                        f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
+                        field="train_loss")
+                opt.step()
+                sched.step()
                 opt.zero_grad(set_to_none=True)
-                save_last(snapshot)  # parameters are still those after the last good step
-                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                raise RSGError(
-                    f"{task}: the training {what} became {step_loss if what == 'loss' else float(grad_norm)} at "
-                    f"epoch {state.epoch + 1}, optimizer step {state.step + 1}; training stopped. The last good "
-                    f"state (after step {state.step}) is saved in {ckpt_dir / 'last'}. Lower --lr, raise the "
-                    f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
-                    field="train_loss")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state.step += 1
-            state.micro += len(group)
-            state.loss_sum += step_nll
-            state.loss_tokens += tokens
-            at_cap = bool(cfg.max_steps) and state.step >= cfg.max_steps
-            end_of_epoch = state.micro >= len(plan)
-            evaluated = False
-            if (cfg.eval_every and state.step % cfg.eval_every == 0) or \
-                    (not cfg.eval_every and end_of_epoch) or at_cap or \
-                    (end_of_epoch and state.epoch + 1 >= cfg.epochs):
-                if end_of_epoch:
+                state.step += 1
+                state.micro += len(group)
+                state.loss_sum += step_nll
+                state.loss_tokens += tokens
+                at_cap = bool(cfg.max_steps) and state.step >= cfg.max_steps
+                end_of_epoch = state.micro >= len(plan)
+                evaluated = False
+                if (cfg.eval_every and state.step % cfg.eval_every == 0) or \
+                        (not cfg.eval_every and end_of_epoch) or at_cap or \
+                        (end_of_epoch and state.epoch + 1 >= cfg.epochs):
+                    if end_of_epoch:
+                        state.epoch += 1
+                        state.micro = 0
+                        mark = float(state.epoch)
+                    else:
+                        mark = round(state.epoch + state.micro / len(plan), 3)
+                    run_eval(mark)
+                    evaluated = True
+                    if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping:
+                        state.done, state.stopped = True, "early_stopping"
+                    if at_cap:
+                        state.done, state.stopped = True, state.stopped or "max_steps"
+                    if state.epoch >= cfg.epochs:
+                        state.done = True
+                elif end_of_epoch:
                     state.epoch += 1
                     state.micro = 0
-                    mark = float(state.epoch)
-                else:
-                    mark = round(state.epoch + state.micro / len(plan), 3)
-                run_eval(mark)
-                evaluated = True
-                if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping:
-                    state.done, state.stopped = True, "early_stopping"
-                if at_cap:
-                    state.done, state.stopped = True, state.stopped or "max_steps"
-                if state.epoch >= cfg.epochs:
-                    state.done = True
-            elif end_of_epoch:
-                state.epoch += 1
-                state.micro = 0
-            if evaluated or state.done or (cfg.save_every and state.step % cfg.save_every == 0):
-                save_last(ck.rng_state())
-            if hooks.on_step:
-                hooks.on_step(state, step_loss)
-            if state.done or end_of_epoch:
-                break  # a new epoch needs its own plan (the outer loop builds it)
-    if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
-        state.done = True
-        save_last(ck.rng_state())
-    return TrainResult(state, best_dir, resumed)
+                saved = evaluated or state.done or bool(cfg.save_every and state.step % cfg.save_every == 0)
+                if saved:
+                    save_last(ck.rng_state())
+                if hooks.on_step:
+                    hooks.on_step(state, step_loss)
+                # Ctrl-C / SIGTERM: every rank agrees (a sum over ranks) and stops at this same step boundary
+                if dist.all_sum(1.0 if stop.requested else 0.0) > 0:
+                    if not saved and not state.done:
+                        save_last(ck.rng_state())
+                    raise KeyboardInterrupt(f"{task}: stopped at step {state.step}; its state is saved in "
+                                            f"{ckpt_dir / 'last'}")
+                if state.done or end_of_epoch:
+                    break  # a new epoch needs its own plan (the outer loop builds it)
+        if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
+            state.done = True
+            save_last(ck.rng_state())
+        return TrainResult(state, best_dir, resumed)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handler for the training loop: the first signal asks the loop to save `last` at the next
+    step boundary and stop (a preempted cluster job or Ctrl-C loses nothing); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._prev[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
 
 
 def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str, torch.Tensor], scale: float,
