@@ -92,7 +92,8 @@ def register(app: typer.Typer) -> None:
         flags = {"epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                  "schedule": schedule, "warmup_ratio": warmup_ratio, "max_source_len": max_source_len,
                  "max_target_len": max_target_len, "eval_every": eval_every, "early_stopping": early_stopping,
-                 "max_steps": max_steps, "save_every": save_every, "seed": seed, "normalize": normalize, "template": template,
+                 "max_steps": max_steps, "save_every": save_every, "seed": seed, "normalize": normalize,
+                 "template": template,
                  "gradient_checkpointing": gradient_checkpointing, "bf16": bf16, "group_by_length": group_by_length}
         configs = load_config_set(config, {k: v for k, v in flags.items() if v is not None},
                                   base=TINY_DEFAULTS if model == "tiny" else None)
