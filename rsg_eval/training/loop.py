@@ -158,7 +158,7 @@ def train(
     hooks = hooks or Hooks()
     if not pairs:
         raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",
-                       field="train")
+                             field="train")
     net = model
     seed_everything(cfg.seed)
     if cfg.dropout is not None:
@@ -169,7 +169,7 @@ def train(
         net.config.use_cache = False
     opt = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                             eps=cfg.adam_eps)
-    n_micro, per_epoch, total = plan_sizes(len(pairs), cfg, dist.world)
+    _, per_epoch, total = plan_sizes(len(pairs), cfg, dist.world)
     warm = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
     fp = dict(fingerprint, n_pairs=len(pairs), world=dist.world, config=_trajectory_config(cfg))
