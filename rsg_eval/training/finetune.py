@@ -348,7 +348,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     dist.barrier()
     reporter.task_done(task, {"best_step": result.state.best_step, "best_epoch": result.state.best_epoch,
                               "best_metrics": result.state.best_metrics, "stopped": result.state.stopped})
-    del net
+    del net, loaded  # the next task loads fresh base weights; free this model's memory first
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return result, list(result.state.history)
