@@ -235,3 +235,36 @@ def test_nan_mid_task_stops_the_run_and_keeps_its_curve(tmp_path):
     rows = RunFolder(tmp_path / "run").read_epochs()
     assert [(r["task"], r["epoch"], r["step"]) for r in rows] == [("TERRa", 1.0, 2)]
     assert ck.read_meta(ck.find(tmp_path / "ck" / "TERRa", "last"))["state"]["step"] == 2
+
+
+def test_a_run_killed_mid_task_resumes_to_the_same_results(tmp_path):
+    """Through the runner: kill TERRa after step 3 of 4, rerun the same call: the same epochs.csv, val metrics
+    and test predictions as a run that was never interrupted."""
+    from rsg_eval.runs import RunFolder
+    from rsg_eval.training.finetune import run_finetune
+    from rsg_eval.training.loop import Hooks
+
+    learnable_terra(tmp_path / "data", n_train=16, n_val=4, n_test=2)
+    cfg = load_config_set(None, dict(LEARN, epochs=2, save_every=1))
+
+    class Killed(Exception):
+        pass
+
+    def kill(state, loss):
+        if state.step == 3:
+            raise Killed
+
+    def call(name, hooks=None):
+        return run_finetune("tiny", configs=cfg, tasks=["TERRa"], data=tmp_path / "data", run=str(tmp_path / name),
+                            checkpoint_dir=tmp_path / f"ck-{name}", hooks=hooks)
+
+    call("clean")
+    with pytest.raises(Killed):
+        call("killed", lambda task: Hooks(on_step=kill))
+    assert not RunFolder(tmp_path / "killed").finished("test")
+    out = call("killed")
+    assert out.results["TERRa"].resumed_from == 3
+    a, b = RunFolder(tmp_path / "clean"), RunFolder(tmp_path / "killed")
+    assert a.read_epochs() == b.read_epochs()
+    assert a.read_metrics()["tasks"] == b.read_metrics()["tasks"]
+    assert a.read_logs("TERRa", "test") == b.read_logs("TERRa", "test")
