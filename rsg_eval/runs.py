@@ -315,6 +315,8 @@ class RunFolder:
             # Only finished tasks: a predictions file whose state is gone may be half redone.
             out = self.path / PARTIAL_ZIP_NAME
             submission.write_zip(src, out, tasks=done)
+            # A complete zip from before is stale now that a task is being redone: never leave it to upload.
+            (self.path / ZIP_NAME).unlink(missing_ok=True)
         else:
             out = self.path / ZIP_NAME
             submission.write_zip(src, out, tasks=done)

@@ -169,6 +169,10 @@ def test_zip_partial_then_complete_passes_validator(tmp_path):
     assert submission.check_zip(res.path, "sample") == []
     with zipfile.ZipFile(res.path) as zf:
         assert sorted(zf.namelist()) == sorted(f"submission/{t}.jsonl" for t in TASK_NAMES)
+    # a task being redone (its state removed first): the old complete zip must not stay around to upload
+    run.state_path("RuCoS", "test").unlink()
+    res = run.build_zip()
+    assert not res.complete and not (run.path / "submission.zip").exists()
 
 
 def test_epochs_csv_round_trip(tmp_path):
