@@ -121,12 +121,17 @@ def _score(model, tokenizer, prompts, choices, *, batch_size, normalize, calibra
         return []
     limit = max_input_tokens or _default_max_tokens(model, tokenizer)
     enc = _encode(tokenizer, prompts, choices, limit, _eos_id(model, tokenizer))
-    raw = _run(model, enc, batch_size, progress, mode)
-    scores = _normalize(raw, enc.choices, choices, normalize)
-    if calibrate:
-        base = _calibration_scores(model, tokenizer, prompts, choices, calibration_prompts,
-                                   batch_size=batch_size, normalize=normalize, limit=limit, mode=mode)
-        scores = [[s - b for s, b in zip(row, brow)] for row, brow in zip(scores, base)]
+    was_training = model.training
+    model.eval()  # dropout off while scoring (e.g. validation inside fine-tuning); the mode is restored after
+    try:
+        raw = _run(model, enc, batch_size, progress, mode)
+        scores = _normalize(raw, enc.choices, choices, normalize)
+        if calibrate:
+            base = _calibration_scores(model, tokenizer, prompts, choices, calibration_prompts,
+                                       batch_size=batch_size, normalize=normalize, limit=limit, mode=mode)
+            scores = [[s - b for s, b in zip(row, brow)] for row, brow in zip(scores, base)]
+    finally:
+        model.train(was_training)
     return scores
 
 

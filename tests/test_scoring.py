@@ -65,6 +65,15 @@ def test_fast_equals_naive_and_transformers_loss(tiny):
     assert all(s < 0 for row in fast for s in row)
 
 
+def test_scoring_uses_eval_mode_and_restores_the_callers_mode():
+    model, tok = build_tiny(dropout_rate=0.5)
+    want = score_choices(model, tok, PROMPTS, CHOICES)
+    model.train()
+    got = score_choices(model, tok, PROMPTS, CHOICES)  # dropout 0.5 would change every score if left on
+    assert model.training
+    _close(got, want, tol=1e-6)
+
+
 def test_batch_size_does_not_change_scores(tiny):
     model, tok = tiny
     a = score_choices(model, tok, PROMPTS, CHOICES, batch_size=1)
