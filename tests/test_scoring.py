@@ -186,7 +186,8 @@ def test_auto_batch_size_backs_off_per_call(tiny):
         got = score_choices(model, tok, PROMPTS, CHOICES, batch_size="auto")
         assert hook.rows_done == len(PROMPTS)
         assert hook.raised == 4  # CPU starts at 16: 16 -> 8 -> 4 -> 2 -> 1
-        hook.limit, hook.rows_done, hook.raised = 3, 0, 0  # next call: detected again from the start, settles on a larger size
+        # Next call: detected again from the start, and settles on a larger size than the last call's 1.
+        hook.limit, hook.rows_done, hook.raised = 3, 0, 0
         got2 = score_choices(model, tok, PROMPTS, CHOICES, batch_size="auto")
         assert hook.rows_done == len(PROMPTS)
         assert hook.raised == 3  # 16 -> 8 -> 4 -> 2: re-detected, not remembered from the previous call

@@ -111,7 +111,9 @@ def tiny_config(vocab_size: int, **overrides: Any) -> T5Config:
     return T5Config(vocab_size=vocab_size, **fields)
 
 
-def build_tiny(seed: int = DEFAULT_SEED, **config_overrides: Any) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast]:
+def build_tiny(
+    seed: int = DEFAULT_SEED, **config_overrides: Any
+) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast]:
     """Build the tiny model and its tokenizer: `(model in eval mode on CPU, fp32; tokenizer)`.
 
     Same seed and overrides -> bit-identical weights. `config_overrides` go to T5Config (the benchmark uses
