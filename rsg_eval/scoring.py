@@ -376,9 +376,18 @@ def _regroup(flat: list[tuple[float, int]], choices: list[list[list[int]]]) -> l
     return out
 
 
+def _cache_api_available() -> bool:
+    """The K/V reuse needs transformers' layered cache classes (4.56+); older versions use encoder-once only."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _cross_attention_layers(model: Any) -> list[Any] | None:
     """The decoder's cross-attention modules when the model is a T5 whose K/V we can precompute, else None."""
-    if getattr(model.config, "model_type", "") not in ("t5", "mt5"):
+    if getattr(model.config, "model_type", "") not in ("t5", "mt5") or not _cache_api_available():
         return None
     blocks = getattr(model.get_decoder(), "block", None)
     if blocks is None:
