@@ -116,7 +116,7 @@ def load_model(
     if path.exists():
         raise RSGError("a model must be a directory (saved with save_pretrained), not a file", file=path)
     if _looks_like_path(name):
-        raise RSGError("model directory does not exist", file=path,
+        raise RSGError("model directory does not exist", file=name,
                        expected=f"'{TINY_NAME}', an existing model directory, or a hub id such as owner/name")
     return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False)
 
