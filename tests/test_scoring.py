@@ -144,10 +144,10 @@ def test_too_long_input_is_truncated_from_the_left_with_a_warning(tiny):
 
 class _OOMAbove:
     """A forward pre-hook on the real encoder that raises CUDA's OOM error for batches above `limit` rows,
-    as a GPU would; counts the rows of the batches that ran."""
+    as a GPU would (or the CPU allocator's error with `cpu=True`); counts the rows of the batches that ran."""
 
-    def __init__(self, limit: int, after_calls: int = 0):
-        self.limit, self.after_calls = limit, after_calls
+    def __init__(self, limit: int, after_calls: int = 0, cpu: bool = False):
+        self.limit, self.after_calls, self.cpu = limit, after_calls, cpu
         self.calls = 0
         self.raised = 0
         self.rows_done = 0
@@ -157,6 +157,8 @@ class _OOMAbove:
         self.calls += 1
         if ids.shape[0] > self.limit and self.calls > self.after_calls:
             self.raised += 1
+            if self.cpu:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.rows_done += ids.shape[0]
 
@@ -237,3 +239,26 @@ def test_shared_prefix_path_matches_naive(tiny):
         _close(score_choices(model, tok, prompts, choices, batch_size=bs), naive)
     fast = score_choices(model, tok, prompts, choices)
     assert fast[0][0] == pytest.approx(fast[0][3], abs=1e-5)  # duplicates score the same
+
+
+def test_cpu_allocator_failure_also_backs_off_and_other_errors_propagate(tiny):
+    model, tok = tiny
+    want = score_choices(model, tok, PROMPTS, CHOICES)
+    hook = _OOMAbove(limit=2, cpu=True)
+    handle = model.get_encoder().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = score_choices(model, tok, PROMPTS, CHOICES, batch_size=8)
+    finally:
+        handle.remove()
+    assert hook.raised == 2 and hook.rows_done == len(PROMPTS)  # 8 -> 4 -> 2
+    _close(got, want)
+
+    def broken(module, args, kwargs):
+        raise RuntimeError("shape mismatch")  # not a memory problem: must not be swallowed by the back-off
+
+    handle = model.get_encoder().register_forward_pre_hook(broken, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            score_choices(model, tok, PROMPTS, CHOICES)
+    finally:
+        handle.remove()
