@@ -55,6 +55,24 @@ def atomic_write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return atomic_write_text(path, dumps_jsonl(rows))
 
 
+def _parse_line(line: str, source: str, lineno: int) -> dict | None:
+    """One JSON Lines line -> its object (None for a blank line); RSGError naming the file and line."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RSGError(
+            f"not valid JSON ({exc.msg} at column {exc.colno}); the line may be truncated",
+            file=source, line=lineno, expected="one JSON object per line",
+        ) from None
+    if not isinstance(rec, dict):
+        raise RSGError(f"a JSON {type(rec).__name__} instead of an object",
+                       file=source, line=lineno, expected="one JSON object per line")
+    return rec
+
+
 def iter_jsonl_text(text: str, source: str) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) from JSON Lines text; tolerate a BOM, CRLF and blank lines.
 
@@ -63,32 +81,34 @@ def iter_jsonl_text(text: str, source: str) -> Iterator[tuple[int, dict]]:
     if text.startswith("\ufeff"):
         text = text[1:]
     for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RSGError(
-                f"not valid JSON ({exc.msg} at column {exc.colno}); the line may be truncated",
-                file=source, line=lineno, expected="one JSON object per line",
-            ) from None
-        if not isinstance(rec, dict):
-            raise RSGError(f"a JSON {type(rec).__name__} instead of an object",
-                           file=source, line=lineno, expected="one JSON object per line")
-        yield lineno, rec
+        rec = _parse_line(raw, source, lineno)
+        if rec is not None:
+            yield lineno, rec
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Stream (line number, record) from a JSON Lines file without reading it whole (corpora reach ~1 GB).
+
+    Reads bytes line by line so that a bad UTF-8 sequence is reported on its own line; BOM and CRLF tolerated.
+    """
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise RSGError("file not found", file=path) from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RSGError("not UTF-8 text", file=path, line=lineno) from None
+            rec = _parse_line(text, str(path), lineno)
+            if rec is not None:
+                yield lineno, rec
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """Read a JSON Lines file into (line number, record) pairs; errors name the file and line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RSGError("file not found", file=path) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise RSGError("not UTF-8 text", file=path, line=line) from None
-    return list(iter_jsonl_text(text, str(path)))
+    return list(iter_jsonl(path))

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rsg_eval.errors import RSGError
+# One definition of the heads' label sets and the task list, shared with the trainer (stdlib only).
+from rsg_eval.hmtl.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS  # noqa: F401 (re-exported)
 
 # The eight tasks of the hierarchical model and the text fields each record carries.
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
@@ -19,8 +21,6 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "summarization": ("text", "summary"),
     "title": ("text", "title"),
 }
-TASKS: tuple[str, ...] = tuple(TASK_FIELDS)
-GEN_TASKS: tuple[str, ...] = ("paraphrase", "qg", "qa", "summarization", "title")
 # Free-text fields (cleaned, checked for leakage); labels are not text.
 TEXT_FIELDS: dict[str, tuple[str, ...]] = {t: tuple(f for f in fs if f != "label") for t, fs in TASK_FIELDS.items()}
 # The field that stands for a record in length statistics.
@@ -29,14 +29,6 @@ MAIN_FIELD: dict[str, str] = {"ner": "text", "mc": "text", "nli": "premise", "pa
 # Pseudo-task of raw texts waiting for automatic annotation.
 RAW = "text"
 
-# NEREL's 29 entity types (../shared/docs/FREDT5_NOTES.md 4.1), the NER head's classes.
-NEREL_TYPES: tuple[str, ...] = (
-    "AGE", "AWARD", "CITY", "COUNTRY", "CRIME", "DATE", "DISEASE", "DISTRICT", "EVENT", "FACILITY", "FAMILY",
-    "IDEOLOGY", "LANGUAGE", "LAW", "LOCATION", "MONEY", "NATIONALITY", "NUMBER", "ORDINAL", "ORGANIZATION",
-    "PENALTY", "PERCENT", "PERSON", "PRODUCT", "PROFESSION", "RELIGION", "STATE_OR_PROVINCE", "TIME",
-    "WORK_OF_ART",
-)
-NLI_LABELS: tuple[str, ...] = ("entailment", "contradiction", "neutral")
 
 
 def text_fields(rec: dict) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rsg_eval.errors import RSGError
+from rsg_eval.io import iter_jsonl
 from rsg_eval.hmtl.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS
 
 # Required fields per task (docs/DESIGN.md). Types: str unless listed in _SPECIAL.
@@ -117,31 +118,7 @@ def read_labels(root: Path) -> dict[str, list[str]]:
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Stream (line number, object) from a JSONL file without reading it whole (corpora reach ~1 GB)."""
-    try:
-        fh = path.open("r", encoding="utf-8-sig", newline=None)
-    except FileNotFoundError:
-        raise RSGError("file not found", file=path) from None
-    with fh:
-        lineno = 0
-        while True:
-            try:
-                raw = fh.readline()
-            except UnicodeDecodeError:
-                raise RSGError("not UTF-8 text", file=path, line=lineno + 1) from None
-            if not raw:
-                return
-            lineno += 1
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RSGError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=path, line=lineno,
-                               expected="one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise RSGError(f"a JSON {type(rec).__name__} instead of an object", file=path, line=lineno)
-            yield lineno, rec
+    return iter_jsonl(path)
 
 
 def _text(rec: dict, name: str, file: Path, line: int, *, allow_empty: bool = False) -> str:
