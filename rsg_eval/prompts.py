@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -69,8 +70,15 @@ CONTENT_FREE = "N/A"
 
 
 def prompts_dir() -> Path:
+    """$RSG_PROMPTS_DIR, else the repo's prompts/ (a clone or an editable install), else the copy that a
+    regular install puts under `<prefix>/share/rsg-eval/prompts` (pyproject's data-files)."""
     env = os.environ.get("RSG_PROMPTS_DIR")
-    return Path(env) if env else PROMPTS_DIR
+    if env:
+        return Path(env)
+    if PROMPTS_DIR.is_dir():
+        return PROMPTS_DIR
+    installed = Path(sys.prefix) / "share" / "rsg-eval" / "prompts"
+    return installed if installed.is_dir() else PROMPTS_DIR
 
 
 @dataclass(frozen=True)
