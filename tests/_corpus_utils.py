@@ -27,16 +27,25 @@ def save_tiny_t5(folder: Path, seed: int = 0) -> Path:
 
 def save_tiny_qa(folder: Path, seed: int = 0) -> Path:
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     text = [line for p in sorted(FIXTURES.rglob("*")) if p.suffix in (".jsonl", ".csv", ".txt")
             for line in p.read_text(encoding="utf-8-sig").splitlines()]
-    tok.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    # The vocabulary is built here, not by tokenizers' WordPieceTrainer: the trainer breaks ties in a random
+    # order per process, so the tiny teacher (and every annotation) would differ from run to run.
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: dict[str, int] = {}
+    for line in text:
+        for word, _ in pre.pre_tokenize_str(norm.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for w in counts for c in w})
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:400]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + chars + ["##" + c for c in chars] + words))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
