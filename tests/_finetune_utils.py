@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 SUBJECTS = ["Мальчик", "Девочка", "Учитель", "Врач", "Журналист", "Бабушка", "Дедушка", "Президент", "Команда",
             "Учёный", "Поезд", "Компания"]
 VERBS = ["пришёл домой", "открыл окно", "написал книгу", "выиграл матч", "испёк пирог", "опоздал на концерт",
@@ -50,3 +52,16 @@ def mean_nll(model, tokenizer, pairs) -> float:
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), b["labels"].reshape(-1), ignore_index=-100)
     model.train()
     return float(nll)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in the fine-tuning tests (2 shared cores); the previous setting is restored afterwards.
+
+    Autouse in every test module that imports it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

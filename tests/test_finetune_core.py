@@ -17,16 +17,7 @@ from rsg_eval.training.config import FinetuneConfig, load_config_set  # noqa: E4
 from rsg_eval.training.data import Pair, build_pairs, encode_target, epoch_plan, gold_targets, rank_slice  # noqa: E402
 from rsg_eval.training.loop import Hooks, lr_factor, plan_sizes, train  # noqa: E402
 
-from tests._finetune_utils import mean_nll  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in these tests (2 shared cores); the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests._finetune_utils import mean_nll, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")

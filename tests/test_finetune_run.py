@@ -17,20 +17,11 @@ torch = pytest.importorskip("torch")
 
 from rsg_eval.training.config import load_config_set  # noqa: E402
 
-from tests._finetune_utils import learnable_terra  # noqa: E402
+from tests._finetune_utils import learnable_terra, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_len=64, max_target_len=8,
              eval_batch_size=64)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in these tests (2 shared cores); the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -28,3 +28,14 @@ def fmt(x: object, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def print_zip(z: object, hint: str = "") -> None:
+    """Say where a run's leaderboard zip is (runs.ZipResult), or which tasks a partial one lacks."""
+    if z is None or getattr(z, "path", None) is None:
+        return
+    if z.complete:
+        console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)")
+    else:
+        console.print(f"[yellow]partial zip[/] {z.path}: {len(z.tasks)} of 9 tasks; missing "
+                      f"{', '.join(z.missing)}{hint}")

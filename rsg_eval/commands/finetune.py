@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, fmt
+from rsg_eval.commands._common import console, fmt, print_zip
 
 
 def register(app: typer.Typer) -> None:
@@ -202,9 +202,4 @@ def _summary(out: Any) -> None:
         console.print(table)
     console.print(f"run folder: [bold]{out.run.path}[/] ({len(out.trained)} tasks trained, {len(out.skipped)} "
                   f"skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
-    z = out.zip
-    if z is not None and z.path is not None:
-        if z.complete:
-            console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)")
-        else:
-            console.print(f"[yellow]partial zip[/] {z.path}: missing {', '.join(z.missing)}")
+    print_zip(out.zip)

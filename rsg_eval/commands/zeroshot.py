@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, fmt
+from rsg_eval.commands._common import console, fmt, print_zip
 
 
 def register(app: typer.Typer) -> None:
@@ -105,10 +105,4 @@ def print_summary(result: object) -> None:
     truncated = sum(o.n_truncated for o in res.outcomes)
     console.print(f"run folder: [bold]{res.run.path}[/] ({done} task splits evaluated, {skipped} skipped as "
                   f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})")
-    z = res.zip
-    if z is not None and z.path is not None:
-        if z.complete:
-            console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)")
-        else:
-            console.print(f"[yellow]partial zip[/] {z.path}: {len(z.tasks)} of 9 tasks; missing "
-                          f"{', '.join(z.missing)} (run them with --split test to complete submission.zip)")
+    print_zip(res.zip, " (run them with --split test to complete submission.zip)")

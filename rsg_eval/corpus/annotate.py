@@ -174,23 +174,28 @@ def _dtype(name: str | None) -> Any:
         raise RSGError(f"unknown dtype {name!r}", field="dtype", expected="float32, bfloat16, float16") from None
 
 
+def _load_pipeline(kind: str, spec: TeacherSpec, name: str, device: str | None) -> Any:
+    """A transformers pipeline for a teacher (remote code off); any load failure is one clear RSGError."""
+    from transformers import pipeline
+
+    kw: dict[str, Any] = {"trust_remote_code": False}
+    if spec.dtype:
+        kw["dtype"] = _dtype(spec.dtype)
+    try:
+        return pipeline(kind, model=spec.model, tokenizer=spec.model, revision=spec.revision,
+                        device=pick_device(device), **kw)
+    except Exception as exc:  # hub unreachable, a model of the wrong kind, ...: one line, no traceback
+        raise RSGError(f"cannot load teacher {name}={spec.model} as a {kind} pipeline: "
+                       f"{type(exc).__name__}: {exc}".splitlines()[0],
+                       field="--teacher", expected="a hub id (reachable) or a local model folder") from None
+
+
 class Text2TextTeacher:
     """A seq2seq teacher as a `text2text-generation` pipeline; one call = one batch."""
 
     def __init__(self, spec: TeacherSpec, device: str | None = "auto") -> None:
-        from transformers import pipeline
-
         self.spec = spec
-        kw: dict[str, Any] = {"trust_remote_code": False}
-        if spec.dtype:
-            kw["dtype"] = _dtype(spec.dtype)
-        try:
-            self.pipe = pipeline("text2text-generation", model=spec.model, tokenizer=spec.model,
-                                 revision=spec.revision, device=pick_device(device), **kw)
-        except Exception as exc:  # hub unreachable, not a seq2seq model, ...: one clear line, no traceback
-            raise RSGError(f"cannot load teacher {spec.task}={spec.model} as a text2text-generation pipeline: "
-                           f"{type(exc).__name__}: {exc}".splitlines()[0],
-                           field="--teacher", expected="a hub id (reachable) or a local model folder") from None
+        self.pipe = _load_pipeline("text2text-generation", spec, spec.task, device)
         # FRED-T5's tokenizer has no model_max_length, so truncation=True alone would not cut long passages
         tok = self.pipe.tokenizer
         tok.model_max_length = min(int(getattr(tok, "model_max_length", spec.max_input_tokens)),
@@ -207,19 +212,8 @@ class ExtractiveQATeacher:
     """An extractive QA teacher as a `question-answering` pipeline; returns (answer, score, start) per question."""
 
     def __init__(self, spec: TeacherSpec, device: str | None = "auto") -> None:
-        from transformers import pipeline
-
         self.spec = spec
-        kw: dict[str, Any] = {"trust_remote_code": False}
-        if spec.dtype:
-            kw["dtype"] = _dtype(spec.dtype)
-        try:
-            self.pipe = pipeline("question-answering", model=spec.model, tokenizer=spec.model,
-                                 revision=spec.revision, device=pick_device(device), **kw)
-        except Exception as exc:  # hub unreachable, not an extractive QA model, ...
-            raise RSGError(f"cannot load teacher qa={spec.model} as a question-answering pipeline: "
-                           f"{type(exc).__name__}: {exc}".splitlines()[0],
-                           field="--teacher", expected="a hub id (reachable) or a local model folder") from None
+        self.pipe = _load_pipeline("question-answering", spec, "qa", device)
         # never more tokens than the model has positions for (a BERT-style model: model_max_length)
         self.max_seq_len = min(spec.max_input_tokens, int(getattr(self.pipe.tokenizer, "model_max_length", 10**9)))
 
