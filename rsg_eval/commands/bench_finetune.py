@@ -1,38 +1,63 @@
-"""`rsg bench finetune`: training throughput and peak memory, length-grouped batches vs plain shuffled ones.
+"""`rsg bench finetune`: training throughput and peak memory, length-grouped batches vs plain shuffled ones; with
+`--against hf-trainer`, our training loop against transformers' Seq2SeqTrainer on the same token pairs.
 
 Heavy modules are imported inside the command body only.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
 from rsg_eval.commands._common import console
 
+PRESETS = ("fredt5-1.7b", "tiny")
+PEERS = ("hf-trainer",)
+
 
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("finetune")
     def bench_finetune_cmd(
         models: Optional[List[str]] = typer.Option(None, "--model", help="tiny and/or small (d_model 256, 4+4 "
-                                                                         "layers); default both."),
+                                                                         "layers); default both (--against: "
+                                                                         "small)."),
         examples: Optional[int] = typer.Option(None, "--examples", help="Example pool per model (default: tiny "
-                                                                        "256, small 64)."),
-        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Examples per step."),
+                                                                        "256, small 64; --against: the whole "
+                                                                        "train split)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per step (default 8; "
+                                                                                  "--preset: 12)."),
         max_src: int = typer.Option(512, "--src-len", help="Longest source (synthetic lengths 30-512)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
         preset: Optional[str] = typer.Option(None, "--preset", help="fredt5-1.7b: time training steps of a "
                                                                     "random FRED-T5-1.7B-sized model (needs a "
                                                                     "GPU): batch 12, length 512, bf16, gradient "
-                                                                    "checkpointing."),
-        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped this many times per model and "
-                                                       "keep each one's fastest epoch (load on a shared machine "
-                                                       "only ever slows a run down)."),
-        steps: int = typer.Option(5, "--steps", help="Timed steps for --preset (after 2 warm-up steps)."),
+                                                                    "checkpointing; with MFU. tiny: the same "
+                                                                    "procedure on the tiny model (any device)."),
+        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped (--against: ours/Trainer) this "
+                                                       "many times per model and keep each one's fastest epoch "
+                                                       "(load on a shared machine only ever slows a run down)."),
+        steps: int = typer.Option(5, "--steps", min=1, help="Timed steps for --preset (after 2 warm-up steps)."),
         tgt_len: int = typer.Option(512, "--tgt-len", help="Target length for --preset."),
         no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing",
                                               help="--preset without gradient checkpointing."),
+        against: Optional[str] = typer.Option(None, "--against", help="hf-trainer: our loop vs transformers' "
+                                                                      "Seq2SeqTrainer (group_by_length=True) on "
+                                                                      "one epoch of the same token pairs, same "
+                                                                      "init and optimizer, losses compared."),
+        data: Optional[str] = typer.Option(None, "--data", help="--against: RSG data folder or zip (default: the "
+                                                                "cache); without the task's train split, "
+                                                                "synthetic TERRa-shaped pairs."),
+        task: str = typer.Option("TERRa", "--task", help="--against: the task whose train split is used."),
+        check_steps: int = typer.Option(40, "--check-steps", min=0, help="--against: steps the Trainer also runs "
+                                                                         "on our exact batches, whose losses must "
+                                                                         "match ours (0 = skip)."),
+        breakdown: bool = typer.Option(False, "--breakdown", help="--against: also time our loop with "
+                                                                  "transformers' own GELU/RMS-norm modules."),
+        peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 peak of the device for MFU "
+                                                                                "when it is not in the table."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     ) -> None:
         """Examples/s, tokens/s and peak memory of fine-tuning steps; ratios grouped / ungrouped in one run."""
         import torch
@@ -42,11 +67,17 @@ def register(bench_app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        if preset:
-            if preset != "fredt5-1.7b":
-                raise RSGError(f"unknown preset {preset!r}", field="preset", expected=["fredt5-1.7b"])
-            _preset(bench, batch_size if batch_size != 8 else 12, steps, tgt_len, not no_checkpointing)
+        if against is not None:
+            if against not in PEERS:
+                raise RSGError(f"unknown peer {against!r}", field="against", expected=list(PEERS))
+            _against(models, examples, batch_size or 8, rounds, data, task, check_steps, breakdown, json_out)
             return
+        if preset:
+            if preset not in PRESETS:
+                raise RSGError(f"unknown preset {preset!r}", field="preset", expected=list(PRESETS))
+            _preset(bench, preset, batch_size or 12, steps, tgt_len, not no_checkpointing, peak_tflops, json_out)
+            return
+        batch = batch_size or 8
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         names = models or ["tiny", "small"]
         rows = []
@@ -59,7 +90,7 @@ def register(bench_app: typer.Typer) -> None:
             best: dict[bool, Any] = {}
             for r in range(rounds):
                 for grouped in (False, True):
-                    row = bench.run_config(model, pairs, batch_size, grouped, device, name=name)
+                    row = bench.run_config(model, pairs, batch, grouped, device, name=name)
                     console.print(f"{name} round {r + 1} grouped={grouped}: {row.examples_per_s:.2f} ex/s "
                                   f"({row.examples_per_cpu_s:.2f} per CPU-second), {row.tokens_per_s:.0f} tok/s, "
                                   f"peak {row.peak_mb:.1f} MiB")
@@ -71,16 +102,28 @@ def register(bench_app: typer.Typer) -> None:
                         best[grouped].peak_mb = max(best[grouped].peak_mb, row.peak_mb)
             rows += [best[False], best[True]]
             del model
-        _table(rows, device, batch_size, threads or torch.get_num_threads())
+        _table(rows, device, batch, threads or torch.get_num_threads(), peak_tflops)
+        if json_out:
+            from dataclasses import asdict
+
+            from rsg_eval.io import atomic_write_json
+
+            atomic_write_json(json_out, {"device": str(device), "batch": batch, "rows": [asdict(r) for r in rows]})
 
 
-def _table(rows: list[Any], device: Any, batch_size: int, threads: int) -> None:
+def _table(rows: list[Any], device: Any, batch_size: int, threads: int, peak_tflops: float | None) -> None:
+    import torch
     from rich.table import Table
 
+    from rsg_eval.bench.flops import device_peak, peak_line, utilisation
+
+    name = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else "CPU"
+    peak = ("--peak-tflops", peak_tflops) if peak_tflops else (device_peak(name) if name != "CPU" else None)
     t = Table(title=f"fine-tuning throughput on {device} (batch {batch_size}, {threads} threads, one epoch over "
                     "the same examples per row, fastest of the rounds; peak memory: highest of the rounds)")
-    for col in ("model", "batches", "examples/s", "tokens/s", "ex/CPU-s", "padding share", "peak MiB",
-                "speed-up (wall)", "speed-up (CPU)", "memory ratio"):
+    cols = ["model", "batches", "examples/s", "tokens/s", "ex/CPU-s", "padding share", "model TFLOP/s",
+            "peak MiB", "speed-up (wall)", "speed-up (CPU)", "memory ratio"] + (["MFU"] if peak else [])
+    for col in cols:
         t.add_column(col, justify="left" if col in ("model", "batches") else "right")
     plain = {r.model: r for r in rows if not r.grouped}
     for r in rows:
@@ -88,36 +131,124 @@ def _table(rows: list[Any], device: Any, batch_size: int, threads: int) -> None:
         speed = f"{r.examples_per_s / base.examples_per_s:.2f}x" if base and r.grouped else "1.00x"
         cpu = f"{r.examples_per_cpu_s / base.examples_per_cpu_s:.2f}x" if base and r.grouped else "1.00x"
         mem = f"{r.peak_mb / base.peak_mb:.2f}" if base and r.grouped and base.peak_mb > 0 else "1.00"
-        t.add_row(r.model, "grouped" if r.grouped else "shuffled", f"{r.examples_per_s:.2f}",
-                  f"{r.tokens_per_s:.0f}", f"{r.examples_per_cpu_s:.2f}", f"{1 - r.tokens / r.padded_tokens:.1%}",
-                  f"{r.peak_mb:.1f}", speed, cpu, mem)
+        cells = [r.model, "grouped" if r.grouped else "shuffled", f"{r.examples_per_s:.2f}",
+                 f"{r.tokens_per_s:.0f}", f"{r.examples_per_cpu_s:.2f}", f"{1 - r.tokens / r.padded_tokens:.1%}",
+                 f"{r.model_flops / r.seconds / 1e12:.3f}", f"{r.peak_mb:.1f}", speed, cpu, mem]
+        if peak:
+            cells.append(f"{utilisation(r.model_flops, r.seconds, peak[1]):.1%}")
+        t.add_row(*cells)
     from rich.console import Console
 
-    Console(width=max(console.width, 130)).print(t)
+    wide = Console(width=max(console.width, 140))
+    wide.print(t)
+    wide.print(f"model FLOPs: encoder-decoder count on real tokens (docs/benchmarks.md); {peak_line(name, peak)}")
 
 
-def _preset(bench: Any, batch: int, steps: int, tgt_len: int, checkpointing: bool) -> None:
+def _preset(bench: Any, preset: str, batch: int, steps: int, tgt_len: int, checkpointing: bool,
+            peak_tflops: float | None, json_out: Path | None) -> None:
+    import torch
+
+    from rsg_eval.bench.flops import peak_line
+    from rsg_eval.errors import RSGError
+
+    if preset == "fredt5-1.7b" and not torch.cuda.is_available():
+        raise RSGError("--preset fredt5-1.7b needs a CUDA GPU (a 1.7B model does not train on CPU in useful time); "
+                       "--preset tiny runs the same procedure on the tiny model", field="preset")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src_len = 512 if preset == "fredt5-1.7b" else 64
+    tgt = tgt_len if preset == "fredt5-1.7b" else min(tgt_len, 16)
+    r = bench.preset_step(preset, dev, batch=batch, steps=steps, src_len=src_len, tgt_len=tgt,
+                          checkpointing=checkpointing, peak_tflops=peak_tflops)
+    console.print(f"{preset}-sized random model ({r['parameters'] / 1e6:.0f}M parameters) on {r['device']}: "
+                  f"batch {r['batch']}, source {r['src_len']}, target {r['tgt_len']}, "
+                  f"{'bf16 autocast' if r['bf16'] else 'fp32'}, gradient checkpointing "
+                  f"{'on' if checkpointing else 'off'}, fp32 AdamW states")
+    mfu = f", MFU {r['mfu']:.1%}, HFU {r['hfu']:.1%}" if r["mfu"] is not None else ""
+    peak_mem = f"{r['peak_mib'] / 1024:.1f} GiB" if dev.type == "cuda" else f"{r['peak_mib']:.0f} MiB (RSS)"
+    console.print(f"step time {r['step_seconds']:.3f} s ({r['examples_per_s']:.2f} examples/s, "
+                  f"{r['tokens_per_s']:.0f} tokens/s, {r['achieved_tflops']:.2f} model TFLOP/s{mfu}); peak "
+                  f"memory {peak_mem} ({r['steps']} timed steps after {r['warmup_steps']} warm-up steps)")
+    console.print(f"model FLOPs per step {r['model_tflop_per_step']:.2f} T, hardware (with recompute) "
+                  f"{r['hardware_tflop_per_step']:.2f} T; "
+                  + peak_line(r["device"], (r["peak"]["name"], r["peak"]["tflops"]) if r["peak"] else None))
+    if json_out:
+        from rsg_eval.io import atomic_write_json
+
+        atomic_write_json(json_out, r)
+
+
+def _against(models: list[str] | None, examples: int | None, batch: int, rounds: int, data: str | None, task: str,
+             check_steps: int, breakdown: bool, json_out: Path | None) -> None:
     import torch
 
     from rsg_eval.errors import RSGError
+    from rsg_eval.training import bench, bench_hf
+    from rsg_eval.training.config import FinetuneConfig
 
-    if not torch.cuda.is_available():
-        raise RSGError("--preset fredt5-1.7b needs a CUDA GPU (a 1.7B model does not train on CPU in useful time)",
-                       field="preset")
-    dev = torch.device("cuda")
-    model, vocab = bench.build_model("fredt5-1.7b", dev)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    pairs = bench.synthetic_pairs(batch * steps, vocab, 512, tgt_len, fixed=True)
-    bf16 = torch.cuda.is_bf16_supported()
-    row = bench.run_config(model, pairs, batch, False, dev, name="fredt5-1.7b", bf16=bf16, warmup=2,
-                           max_steps=steps)
-    params = sum(p.numel() for p in model.parameters())
-    console.print(f"FRED-T5-1.7B-sized random model ({params / 1e6:.0f}M parameters) on "
-                  f"{torch.cuda.get_device_name()}: batch {batch}, source 512, target {tgt_len}, "
-                  f"{'bf16 autocast' if bf16 else 'fp32 (no bf16 on this GPU)'}, gradient checkpointing "
-                  f"{'on' if checkpointing else 'off'}, fp32 AdamW states")
-    console.print(f"step time {row.seconds / row.steps:.3f} s ({row.examples_per_s:.2f} examples/s, "
-                  f"{row.tokens_per_s:.0f} tokens/s); peak GPU memory {row.peak_mb / 1024:.1f} GiB "
-                  f"({row.steps} timed steps after 2 warm-up steps)")
+    name = (models or ["small"])[0]
+    if name not in ("tiny", "small") or (models and len(models) > 1):
+        raise RSGError(f"--against takes one model, tiny or small, not {models!r}", field="model",
+                       expected=["tiny", "small"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = {} if name == "tiny" else bench.SMALL
+
+    def factory() -> Any:
+        from rsg_eval.models.tiny import build_tiny
+
+        return build_tiny(**overrides)
+
+    _, tok = factory()
+    cfg = FinetuneConfig(epochs=1, batch_size=batch)
+    pairs = bench_hf.task_pairs(tok, data, task, cfg)
+    source = f"{task} train split ({data or 'the data cache'})"
+    if not pairs:
+        pairs = bench_hf.terra_shaped_pairs(examples or 2616, len(tok))
+        source = f"synthetic TERRa-shaped pairs (no {task} train split in {data or 'the data cache'})"
+        console.print(f"[yellow]{source}[/]")
+    if examples:
+        pairs = pairs[:examples]
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with console.status("benchmark") as status:
+        report = bench_hf.compare(factory, pairs, cfg, device, check_steps=check_steps, breakdown=breakdown,
+                                  bf16=bf16, rounds=rounds, on_run=lambda s: status.update(f"timing {s}"))
+    report.update({"model": name, "pairs": len(pairs), "source": source, "batch": batch, "device": str(device),
+                   "threads": torch.get_num_threads(), "bf16": bf16})
+    _against_table(report)
+    if json_out:
+        from rsg_eval.io import atomic_write_json
+
+        atomic_write_json(json_out, report)
+        console.print(f"report written to {json_out}")
+
+
+def _against_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    labels = {"ours": "rsg finetune loop (ours)", "hf-grouped": "Seq2SeqTrainer, group_by_length=True",
+              "ours-plain": "ours with transformers' GELU/RMS-norm", "hf-same": "Seq2SeqTrainer on our batches"}
+    t = Table(title=f"one epoch of fine-tuning: {r['pairs']} pairs of the {r['source']}, model {r['model']}, batch "
+                    f"{r['batch']}, {r['device']}, {r['threads']} threads, fastest of {r['rounds']} round(s)")
+    for col in ("run", "steps", "seconds", "CPU seconds", "examples/s", "peak MiB", "speed-up (wall)",
+                "speed-up (CPU)"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    hf = r["runs"]["hf-grouped"]
+    for key, run in r["runs"].items():
+        full = key != "hf-same"
+        t.add_row(labels[key], str(run["steps"]), f"{run['seconds']:.1f}", f"{run['cpu_seconds']:.1f}",
+                  f"{run['examples'] / run['seconds']:.2f}", f"{run['peak_mb']:.0f}",
+                  f"{hf['seconds'] / run['seconds']:.2f}x" if full else "",
+                  f"{hf['cpu_seconds'] / run['cpu_seconds']:.2f}x" if full else "")
+    out = Console(width=max(console.width, 130))
+    out.print(t)
+    out.print(f"ours vs the grouped Trainer: [bold]{r['speedup_wall']:.2f}x[/] by wall time, "
+              f"{r['speedup_cpu']:.2f}x by CPU time")
+    if "same_batches_max_abs_loss_diff" in r:
+        out.print(f"same batches, first {r['same_batches_steps']} steps: largest per-step loss difference "
+                  f"{r['same_batches_max_abs_loss_diff']:.2e} (float rounding; same model, optimizer, schedule)")
+    ours_w, hf_w = r["loss_windows"]["ours"], r["loss_windows"]["hf-grouped"]
+    out.print("mean loss per tenth of the epoch, ours:    " + " ".join(f"{x:.3f}" for x in ours_w))
+    out.print("mean loss per tenth of the epoch, Trainer: " + " ".join(f"{x:.3f}" for x in hf_w))
+    if "fused_kernels_speedup_cpu" in r:
+        out.print(f"breakdown: fused GELU/RMS-norm kernels {r['fused_kernels_speedup_cpu']:.2f}x (CPU time); our "
+                  f"loop without them vs the Trainer {r['loop_vs_hf_without_fused_kernels_cpu']:.2f}x")

@@ -23,6 +23,9 @@ def hmtl_cmd(
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats per way (best kept)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (GPU only; MFU is quoted for bf16 runs)."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 peak of the device for MFU "
+                                                                            "when it is not in the table."),
 ) -> None:
     """Topic + NER inference: Block 1 only (early exit) vs the full encoder, on a random 24-layer T5.
 
@@ -43,18 +46,27 @@ def hmtl_cmd(
     console = Console()
     with console.status("benchmark"):
         r = run_bench(d_model=d_model, d_ff=d_ff, layers=layers, split=split, batch=batch, seq_len=seq_len,
-                      repeats=repeats, threads=threads, device=device)
+                      repeats=repeats, threads=threads, device=device, bf16=bf16, peak_tflops=peak_tflops)
     m = r["model"]
     table = Table(title=f"topic + NER inference, random T5 encoder d_model {m['d_model']}, {m['layers']} layers "
                         f"(Block 1 = {m['split']}), batch {r['batch']} x {r['seq_len']} tokens, {r['device']}, "
                         f"{r['threads']} threads")
-    for col in ("way", "seconds / batch", "examples/s", "vs full encoder"):
+    mfu = r["peak"] is not None
+    for col in ("way", "seconds / batch", "examples/s", "vs full encoder", "TFLOP/s") + (("MFU",) if mfu else ()):
         table.add_column(col, justify="left" if col == "way" else "right")
-    table.add_row("full encoder, hidden_states[k]", f"{r['seconds']['full_encoder']:.4f}",
-                  f"{r['examples_per_s']['full_encoder']:.1f}", "1.00x")
-    table.add_row("Block 1 only (ours)", f"{r['seconds']['block1']:.4f}", f"{r['examples_per_s']['block1']:.1f}",
-                  f"{r['speedup']:.2f}x")
+    for key, label in (("full_encoder", "full encoder, hidden_states\\[k]"), ("block1", "Block 1 only (ours)")):
+        cells = [label, f"{r['seconds'][key]:.4f}", f"{r['examples_per_s'][key]:.1f}",
+                 f"{r['seconds']['full_encoder'] / r['seconds'][key]:.2f}x", f"{r['achieved_tflops'][key]:.3f}"]
+        table.add_row(*(cells + ([f"{r['mfu'][key]:.1%}"] if mfu else [])))
     console.print(table)
+    from rsg_eval.bench.flops import peak_line
+
+    if mfu:
+        console.print(peak_line(r["device_name"], (r["peak"]["name"], r["peak"]["tflops"])))
+    else:
+        console.print("MFU omitted: " + ("a CPU run" if r["device_name"] == "CPU" else "an fp32 run (--bf16 for "
+                                         "MFU against the bf16 peak)" if not r["bf16"] else
+                                         f"no bf16 peak known for {r['device_name']!r} (--peak-tflops sets one)"))
     console.print(f"same predictions: {r['same_predictions']} (max |logit diff| {r['max_abs_logit_diff']:.2e})")
     if json_out:
         atomic_write_json(json_out, r)

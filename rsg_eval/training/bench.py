@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsg_eval.bench.timing import sync
 from rsg_eval.training.data import Pair, collate, epoch_plan
-from rsg_eval.training.loop import _param_groups, forward_backward
+from rsg_eval.training.loop import _param_groups, forward_backward, make_adamw
 
 # d_model 256, 4+4 layers: the "small" model of the zero-shot benchmark too
 SMALL = dict(d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=4, num_decoder_layers=4)
@@ -47,6 +48,8 @@ class BenchRow:
     tokens: int            # real (non-pad) source + target tokens processed
     padded_tokens: int     # positions computed, padding included
     peak_mb: float
+    model_flops: int = 0     # matmul FLOPs the steps had to do (real tokens, no recompute): rsg_eval.bench.flops
+    hardware_flops: int = 0  # what the device ran (padded shapes, checkpointing's recompute)
 
     @property
     def examples_per_s(self) -> float:
@@ -138,15 +141,24 @@ def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, int]:
 
 def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, grouped: bool, device: torch.device, *,
                name: str, bf16: bool = False, warmup: int = 1, max_steps: int = 0) -> BenchRow:
-    """`warmup` untimed steps, then one timed epoch (or `max_steps` steps) of real optimizer steps over `pairs`."""
-    opt = torch.optim.AdamW(_param_groups(model, 0.0), lr=1e-5)
+    """`warmup` untimed steps, then one timed epoch (or `max_steps` steps) of real optimizer steps over `pairs`.
+
+    The steps are `loop.train`'s: the same forward/backward, fused AdamW, clipping and fused GELU / RMS-norm
+    kernels. Warm-up batches are the first examples, taken round the pool when it is smaller than the warm-up."""
+    from rsg_eval.bench.flops import T5Dims, hardware_flops, model_flops
+    from rsg_eval.training.config import FinetuneConfig
+    from rsg_eval.training.kernels import fused_t5
+
+    opt = make_adamw(_param_groups(model, 0.0), FinetuneConfig(lr=1e-5), device)
     plan = epoch_plan([p.length for p in pairs], batch_size, seed=0, epoch=0, group_by_length=grouped)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
         else contextlib.nullcontext
+    shapes: list[tuple[int, int, int]] = []
 
     def step(batch_idx: list[int]) -> tuple[int, int]:
         chosen = [pairs[i] for i in batch_idx]
         b = {k: v.to(device) for k, v in collate(chosen, 0).items()}
+        shapes.append((len(chosen), b["input_ids"].shape[1], b["labels"].shape[1]))
         tokens = sum(len(p.tgt) for p in chosen)
         forward_backward(model, model, b, 1.0 / tokens, autocast)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,25 +167,73 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
         return (sum(p.length for p in chosen),
                 b["input_ids"].numel() + b["labels"].numel())
 
-    # warm-up (allocator, kernels), not timed: the same first examples for every configuration, so the timed
-    # epoch below covers exactly the same examples with and without grouping
-    for w in range(warmup):
-        step(list(range(w * batch_size, (w + 1) * batch_size)))
     timed = plan[:max_steps] if max_steps else plan
-    _trim()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    tok = pad = ex = 0
-    with _RssPeak() as mem:
-        t0, c0 = time.perf_counter(), time.process_time()
-        for idx in timed:
-            a, b = step(idx)
-            tok, pad, ex = tok + a, pad + b, ex + len(idx)
+    with fused_t5(model):
+        # warm-up (allocator, kernels), not timed: the same first examples for every configuration, so the timed
+        # epoch below covers exactly the same examples with and without grouping
+        for w in range(warmup):
+            step([(w * batch_size + i) % len(pairs) for i in range(batch_size)])
+        shapes.clear()
+        _trim()
+        sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+            torch.cuda.reset_peak_memory_stats()
+        tok = pad = ex = 0
+        with _RssPeak() as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for idx in timed:
+                a, b = step(idx)
+                tok, pad, ex = tok + a, pad + b, ex + len(idx)
+            sync(device)
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (mem.peak - mem.base) / 2**20
+    dims = T5Dims.from_config(model.config)
+    done = [pairs[i] for idx in timed for i in idx]
+    mflops = model_flops(dims, [len(p.src) for p in done], [len(p.tgt) for p in done])
+    ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
+    hflops = hardware_flops(dims, shapes, checkpointing=ckpt)
     del opt
     _trim()
-    return BenchRow(name, grouped, ex, len(timed), secs, cpu, tok, pad, peak)
+    return BenchRow(name, grouped, ex, len(timed), secs, cpu, tok, pad, peak, mflops, hflops)
+
+
+def preset_step(name: str, device: torch.device, *, batch: int, steps: int, src_len: int = 512,
+                tgt_len: int = 512, checkpointing: bool = True, bf16: bool | None = None, warmup: int = 2,
+                peak_tflops: float | None = None) -> dict[str, Any]:
+    """Time `steps` training steps of a random `name` model ("fredt5-1.7b", or "tiny" for checks on CPU) on
+    fixed-size batches (batch x src_len -> tgt_len), after `warmup` untimed steps; a JSON-able result with step
+    time, model/hardware FLOPs, MFU/HFU against the device's bf16 peak and peak memory."""
+    from rsg_eval.bench.flops import device_peak, utilisation
+
+    if steps < 1 or batch < 1:
+        raise ValueError("steps and batch must be >= 1")
+    model, vocab = build_model(name, device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    pairs = synthetic_pairs(batch * steps, vocab, src_len, tgt_len, fixed=True)
+    row = run_config(model, pairs, batch, False, device, name=name, bf16=bf16, warmup=warmup, max_steps=steps)
+    params = sum(p.numel() for p in model.parameters())
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = ("--peak-tflops", peak_tflops) if peak_tflops else (device_peak(dev_name) if device.type == "cuda"
+                                                                 else None)
+    step_s = row.seconds / row.steps
+    out = {
+        "model": name, "parameters": params, "device": dev_name, "batch": batch, "src_len": src_len,
+        "tgt_len": tgt_len, "bf16": bf16, "gradient_checkpointing": checkpointing, "warmup_steps": warmup,
+        "steps": row.steps, "examples": row.examples, "step_seconds": step_s,
+        "examples_per_s": row.examples_per_s, "tokens_per_s": row.tokens_per_s, "peak_mib": row.peak_mb,
+        "model_tflop_per_step": row.model_flops / row.steps / 1e12,
+        "hardware_tflop_per_step": row.hardware_flops / row.steps / 1e12,
+        "achieved_tflops": row.model_flops / row.seconds / 1e12,
+        "peak": {"name": peak[0], "tflops": peak[1]} if peak else None,
+        "mfu": utilisation(row.model_flops, row.seconds, peak[1] if peak else None),
+        "hfu": utilisation(row.hardware_flops, row.seconds, peak[1] if peak else None),
+    }
+    del model
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out

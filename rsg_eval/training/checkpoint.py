@@ -132,17 +132,32 @@ def load_training(folder: Path) -> dict[str, Any]:
 
 # ---- RNG states as JSON-able values (so they sit in meta.json next to the position they belong to) ----
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and every CUDA device) generator states of this process."""
-    np_state = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": _py_state_to_json(random.getstate()),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
-    }
+def rng_snapshot() -> dict[str, Any]:
+    """This process's generator states as they are (cheap: taken at every step boundary, converted to JSON
+    by `rng_json` only when a checkpoint is written)."""
+    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
+        out["cuda"] = torch.cuda.get_rng_state_all()
     return out
+
+
+def rng_json(snap: dict[str, Any]) -> dict[str, Any]:
+    """A `rng_snapshot` as JSON-able values."""
+    np_state = snap["numpy"]
+    out: dict[str, Any] = {
+        "python": _py_state_to_json(snap["python"]),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(snap["torch"].numpy().tobytes()).decode("ascii"),
+    }
+    if "cuda" in snap:
+        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in snap["cuda"]]
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and every CUDA device) generator states of this process, JSON-able."""
+    return rng_json(rng_snapshot())
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -38,6 +38,18 @@ class Dist:
         tdist.all_reduce(t)
         return float(t.item())
 
+    def all_sum_pair(self, summed: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
+        """(`summed` summed over ranks, `same`) as Python floats, read in one device-to-host transfer: the one
+        host sync of an optimizer step. `same` is a 0-d value every rank already agrees on (the gradient norm
+        after DDP's all-reduce); the reduction runs in float64 like `all_sum`."""
+        s = summed.detach().to(torch.float64).reshape(())
+        if self.active:
+            s = s.to(_comm_device())
+            tdist.all_reduce(s)
+        both = torch.stack([s, same.detach().to(device=s.device, dtype=torch.float64).reshape(())])
+        a, b = both.tolist()
+        return a, b
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's object, in rank order, on every rank."""
         if not self.active:

@@ -28,6 +28,7 @@ from rsg_eval.training import checkpoint as ck
 from rsg_eval.training.config import FinetuneConfig
 from rsg_eval.training.data import Pair, collate, epoch_plan, rank_slice
 from rsg_eval.training.dist import Dist
+from rsg_eval.training.kernels import fused_t5
 
 # Settings that may change between a run and its resume without breaking exactness of what was done so far.
 RESUME_MAY_CHANGE = ("lr", "max_grad_norm", "early_stopping", "eval_batch_size", "normalize", "save_every")
@@ -149,12 +150,14 @@ def train(
     bf16: bool = False,
     hooks: Hooks | None = None,
     task: str = "task",
+    fused_kernels: bool = True,
 ) -> TrainResult:
     """Train `model` (a seq2seq LM, already on `device`, fp32 master weights) on `pairs`.
 
     `evaluate(model)` runs on every rank with the unwrapped model in eval mode and returns the val metrics with
     a "score" key (higher is better). Checkpoints go to ckpt_dir/{last,best}; a `last` with the same
-    fingerprint is resumed, a finished one is returned as is."""
+    fingerprint is resumed, a finished one is returned as is. `fused_kernels`: train with torch's fused GELU and
+    RMS norm in place of transformers' (rsg_eval.training.kernels; restored on return); off only to measure."""
     hooks = hooks or Hooks()
     if not pairs:
         raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",
@@ -167,8 +170,7 @@ def train(
         # non-reentrant checkpointing works with DDP and with frozen inputs; the KV cache is useless in training
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.config.use_cache = False
-    opt = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                            eps=cfg.adam_eps)
+    opt = make_adamw(_param_groups(net, cfg.weight_decay), cfg, device)
     _, per_epoch, total = plan_sizes(len(pairs), cfg, dist.world)
     warm = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
@@ -193,7 +195,7 @@ def train(
 
     def save_last(rng_snapshot: dict[str, Any]) -> None:
         meta = {"task": task, "state": state.to_json(), "fingerprint": fp,
-                "rng": dist.gather(rng_snapshot), "saved_at": time.time()}
+                "rng": dist.gather(ck.rng_json(rng_snapshot)), "saved_at": time.time()}
         extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
         _save(dist, ckpt_dir, "last", net, meta, extra)
 
@@ -221,32 +223,33 @@ def train(
             hooks.on_eval(state, row)
 
     net.train()
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, fused_t5(net, enabled=fused_kernels):
         while state.epoch < cfg.epochs and not state.done:
             plan = epoch_plan(lengths, cfg.batch_size, cfg.seed, state.epoch,
                               group_by_length=cfg.group_by_length, world=dist.world)
             while state.micro < len(plan):
-                snapshot = ck.rng_state()  # the RNG at this step boundary, saved with any checkpoint of it
+                snapshot = ck.rng_snapshot()  # the RNG at this step boundary, saved with any checkpoint of it
                 group = plan[state.micro : state.micro + cfg.grad_accum]
                 tokens = sum(len(pairs[i].tgt) for gb in group for i in gb)  # global target tokens of this step
-                local_nll = 0.0
+                local_nll = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync
                 for j, gb in enumerate(group):
                     mine, weight = rank_slice(gb, dist.rank, dist.world)
-                    batch = {k: v.to(device) for k, v in collate([pairs[i] for i in mine], pad_id).items()}
+                    batch = to_device(collate([pairs[i] for i in mine], pad_id), device)
                     sync = contextlib.nullcontext() if (j == len(group) - 1 or not dist.active) else ddp.no_sync()
                     with sync:
                         nll = forward_backward(ddp, net, batch, weight * dist.world / tokens, autocast)
                     local_nll += nll * weight
-                step_nll = dist.all_sum(local_nll)
-                step_loss = step_nll / tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     net.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+                # the one host sync of a step: the loss for the log and both values for the NaN guard
+                step_nll, norm_value = dist.all_sum_pair(local_nll, grad_norm)
+                step_loss = step_nll / tokens
+                if not math.isfinite(step_loss) or not math.isfinite(norm_value):
                     opt.zero_grad(set_to_none=True)
                     save_last(snapshot)  # parameters are still those after the last good step
                     what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                     raise RSGError(
-                        f"{task}: the training {what} became {step_loss if what == 'loss' else float(grad_norm)} at "
+                        f"{task}: the training {what} became {step_loss if what == 'loss' else norm_value} at "
                         f"epoch {state.epoch + 1}, optimizer step {state.step + 1}; training stopped. The last good "
                         f"state (after step {state.step}) is saved in {ckpt_dir / 'last'}. Lower --lr, raise the "
                         f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
@@ -283,20 +286,20 @@ def train(
                     state.micro = 0
                 saved = evaluated or state.done or bool(cfg.save_every and state.step % cfg.save_every == 0)
                 if saved:
-                    save_last(ck.rng_state())
+                    save_last(ck.rng_snapshot())
                 if hooks.on_step:
                     hooks.on_step(state, step_loss)
                 # Ctrl-C / SIGTERM: every rank agrees (a sum over ranks) and stops at this same step boundary
                 if dist.all_sum(1.0 if stop.requested else 0.0) > 0:
                     if not saved and not state.done:
-                        save_last(ck.rng_state())
+                        save_last(ck.rng_snapshot())
                     raise KeyboardInterrupt(f"{task}: stopped at step {state.step}; its state is saved in "
                                             f"{ckpt_dir / 'last'}")
                 if state.done or end_of_epoch:
                     break  # a new epoch needs its own plan (the outer loop builds it)
         if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
             state.done = True
-            save_last(ck.rng_state())
+            save_last(ck.rng_snapshot())
         return TrainResult(state, best_dir, resumed)
 
 
@@ -330,10 +333,11 @@ class _StopRequest:
 
 
 def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str, torch.Tensor], scale: float,
-                     autocast: Callable[[], Any] = contextlib.nullcontext) -> float:
+                     autocast: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
     """One micro-batch: forward (under `autocast`), summed token NLL, backward of NLL * scale.
 
-    batch: input_ids/attention_mask (B, S), labels (B, T) with -100 at padding. Returns the summed NLL.
+    batch: input_ids/attention_mask (B, S), labels (B, T) with -100 at padding. Returns the summed NLL as a
+    detached 0-d fp32 tensor on the device (no host sync here; the loop reads it once per optimizer step).
     `ddp` is what runs the forward (the DDP wrapper or the model itself); `net` is the bare model."""
     with autocast():
         dec_in = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])  # (B, T), starts with pad
@@ -343,7 +347,26 @@ def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100,
                           reduction="sum")
     (nll * scale).backward()
-    return float(nll.detach())
+    return nll.detach()
+
+
+def make_adamw(groups: list[dict[str, Any]], cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, with torch's fused kernel where this torch has one for the device (CUDA; CPU since torch 2.4): one
+    kernel over all parameters instead of about ten passes per tensor, the same update up to float rounding.
+    transformers' Trainer uses it by default too (`adamw_torch_fused`, torch >= 2.8)."""
+    kw: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(groups, **kw)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host tensors to the device; on CUDA through pinned memory without blocking, so the copy overlaps the
+    queue of kernels still running from the previous micro-batch."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _save(dist: Dist, root: Path, name: str, net: torch.nn.Module, meta: dict, extra: dict | None) -> Path:
