@@ -73,7 +73,12 @@ def register(app: typer.Typer) -> None:
         restart: bool = typer.Option(False, "--restart", help="Discard unfinished tasks' checkpoints and start "
                                                               "them over (finished tasks are still skipped)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: this "
-                                                                    "process's GPU, else CPU)."),
+                                                                    "process's GPU, else CPU). Under torchrun "
+                                                                    "or accelerate: cuda (each process its own "
+                                                                    "GPU)."),
+        dist_timeout: float = typer.Option(7200.0, "--dist-timeout", min=1, help="Seconds a process may wait for "
+                                                                                 "the others under a launcher "
+                                                                                 "(torch's NCCL default is 600)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
         more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
@@ -107,7 +112,7 @@ def register(app: typer.Typer) -> None:
             with reporter:
                 out = run_finetune(model, configs=configs, tasks=task_list, data=data, run=run, root=root,
                                    checkpoint_dir=checkpoint_dir, device=device, revision=revision,
-                                   restart=restart, reporter=reporter)
+                                   restart=restart, reporter=reporter, dist_timeout=dist_timeout)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
             raise typer.Exit(130)

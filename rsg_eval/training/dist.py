@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as tdist
+
+from rsg_eval.errors import RSGError
 
 
 @dataclass(frozen=True)
@@ -73,23 +76,75 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env() -> Dist:
-    """Join the process group the launcher described in the environment; a lone process gets Dist()."""
+# How long a collective may wait for the slowest rank before the job fails. torch's NCCL default is 10 minutes,
+# shorter than rank 0 writing a 21 GB FRED-T5-1.7B checkpoint to a slow disk; 2 hours still ends a truly hung job.
+DEFAULT_TIMEOUT_S = 7200.0
+
+
+def env_layout() -> Dist:
+    """The process layout the launcher (torchrun, accelerate launch) put in the environment, without joining any
+    group: RANK, WORLD_SIZE, LOCAL_RANK (default: RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return Dist(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", str(rank))))
+
+
+def init_from_env(timeout_s: float | None = None) -> Dist:
+    """Join the process group the launcher described in the environment; a lone process gets Dist().
+
+    timeout_s: how long any collective may wait (default DEFAULT_TIMEOUT_S)."""
+    d = env_layout()
+    if not d.active:
+        return d
     if not tdist.is_initialized():
+        timeout = timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
         if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-            tdist.init_process_group("nccl")
+            torch.cuda.set_device(local_gpu(d))
+            tdist.init_process_group("nccl", timeout=timeout)
         else:
-            tdist.init_process_group("gloo")
-    return Dist(rank=rank, world=world, local_rank=local)
+            tdist.init_process_group("gloo", timeout=timeout)
+    return d
+
+
+def local_gpu(d: Dist) -> int:
+    """This process's GPU index: LOCAL_RANK, or 0 when the launcher shows each process only its own GPU
+    (CUDA_VISIBLE_DEVICES per process, as `srun --gpus-per-task=1` does)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if d.local_rank >= count:
+        raise RSGError(f"LOCAL_RANK is {d.local_rank} but this process sees only {count} GPU(s)",
+                       field="LOCAL_RANK", expected=f"0..{count - 1}")
+    return d.local_rank
+
+
+def resolve_device(spec: str | None, d: Dist) -> torch.device:
+    """The device this process trains on, from --device (cpu, cuda, cuda:N or None) and the process layout.
+
+    Under a launcher every process takes its own GPU (`local_gpu`): "cuda" and None mean that GPU. An explicit
+    index would put every rank on the same GPU (NCCL then fails, or the ranks crowd one device), so it is refused
+    unless each process sees a single GPU anyway."""
+    if spec is None:
+        return torch.device("cuda", local_gpu(d)) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise RSGError(f"unknown device {spec!r}", field="device", expected="cpu, cuda, cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if d.active and dev.index is not None and visible != 1:
+        raise RSGError(f"--device {spec} under a launcher with {d.world} processes would put every process on GPU "
+                       f"{dev.index}; each process takes its own GPU (cuda:LOCAL_RANK) when you pass --device cuda "
+                       f"or leave --device out", field="device", expected="cuda")
+    if not torch.cuda.is_available():
+        raise RSGError("CUDA device requested but torch sees no GPU", field="device", expected="cpu")
+    if dev.index is None:
+        return torch.device("cuda", local_gpu(d))
+    return dev
 
 
 def default_device(d: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", d.local_rank)
-    return torch.device("cpu")
+    return resolve_device(None, d)

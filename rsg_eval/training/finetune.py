@@ -23,7 +23,7 @@ from rsg_eval import runs
 from rsg_eval.errors import RSGError
 from rsg_eval.training.config import ConfigSet, FinetuneConfig
 from rsg_eval.training.data import build_pairs
-from rsg_eval.training.dist import Dist, init_from_env
+from rsg_eval.training.dist import Dist, init_from_env, resolve_device
 from rsg_eval.training.loop import Hooks, NoTrainingData, TrainResult, train
 
 CODE_VERSION = "finetune-1"   # bump when training or decoding changes what a finished task would contain
@@ -149,17 +149,20 @@ def run_finetune(
     reporter: Reporter | None = None,
     hooks: Callable[[str], Hooks] | None = None,
     load: Callable[..., Any] | None = None,
+    dist_timeout: float | None = None,
 ) -> FinetuneOutcome:
     """Fine-tune `model` on each task and write the run folder. See the module docstring.
 
     `hooks(task)` gives per-task loop hooks (tests use it to stop a run mid-task); `load` replaces
-    `rsg_eval.models.loading.load_model` (same signature)."""
+    `rsg_eval.models.loading.load_model` (same signature). `dist_timeout`: seconds a collective may wait under
+    a launcher (rsg_eval.training.dist.DEFAULT_TIMEOUT_S)."""
     from rsg_eval.data import resolve_data
     from rsg_eval.prompts import load_template
     from rsg_eval.tasks import load_items, resolve_tasks
 
     reporter = reporter or Reporter()
-    dist = init_from_env()
+    dist = init_from_env(dist_timeout)
+    dev = resolve_device(device, dist)  # before any work: a wrong --device under a launcher fails at once
     if load is None:
         from rsg_eval.models.loading import load_model as load
     names = resolve_tasks(list(tasks) if tasks else None)
@@ -171,15 +174,6 @@ def run_finetune(
         made = str(runs.RunFolder.create(run or runs.default_run_name(model, "finetune"), root=root).path)
     folder = runs.RunFolder(dist.broadcast(made))
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else Path("checkpoints") / folder.path.name
-    try:
-        dev = torch.device(device) if device else (torch.device("cuda", dist.local_rank)
-                                                   if torch.cuda.is_available() else torch.device("cpu"))
-    except RuntimeError:
-        raise RSGError(f"unknown device {device!r}", field="device", expected="cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RSGError("CUDA device requested but torch sees no GPU", field="device", expected="cpu")
-    if dev.type == "cuda" and dev.index is None:  # "cuda" under a launcher: this process's own GPU
-        dev = torch.device("cuda", dist.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 

@@ -185,7 +185,10 @@ def train(
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: the .grad tensors ARE the all-reduce buckets, not a second copy of every
+        # gradient (FRED-T5-1.7B: 6.5 GiB less per GPU)
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = [p.length for p in pairs]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
