@@ -110,3 +110,73 @@ def test_cli_passes_the_timeout(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, ["finetune", "--model", "tiny", "--data", "sample", "--tasks", "TERRa",
                                    "--dist-timeout", "45", "--run", str(tmp_path / "r"), "-q"])
     assert isinstance(res.exception, Stop) and seen == [45.0]
+
+
+def _bucket_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank: two micro-steps on its own data; the second (last) backward runs armed. Branch `b` is used only
+    by rank 0 in the last step, and never by rank 1 at all."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"a": torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)),
+                               "b": torch.nn.Linear(6, 4)})
+    # `b` first in the list, so last in the (reversed) bucket order: what the last backward does not touch goes
+    # last, as the hierarchical trainer orders its heads; 200-byte buckets: several of them
+    params = list(net["b"].parameters()) + list(net["a"].parameters())
+    avg = D.BucketedGradAverage(params, world, bucket_mb=200 / 2**20)
+    g = torch.Generator().manual_seed(10 + rank)
+    xs = [torch.randn(5, 6, generator=g) for _ in range(2)]
+    net["a"](xs[0]).pow(2).sum().backward()
+    avg.arm()
+    loss = net["a"](xs[1]).pow(2).sum()
+    if rank == 0:
+        loss = loss + net["b"](xs[1]).sum()
+    loss.backward()
+    avg.finish()
+    torch.save({"grads": {n: p.grad for n, p in net.named_parameters()}, "buckets": len(avg.buckets),
+                "in_backward": avg.launched_in_backward}, out)
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bucketed_average_equals_the_mean_of_each_ranks_gradients(tmp_path):
+    """Two gloo processes: the bucketed, overlapped average equals the mean of the gradients each rank computed
+    (worked out here in one process), including a parameter only one rank touched."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rdzv'}"
+    outs = [str(tmp_path / f"r{r}.pt") for r in range(2)]
+    mp.start_processes(_run_bucket_worker, args=(2, init, outs), nprocs=2, join=True, start_method="spawn")
+    res = [torch.load(o) for o in outs]
+    # the reference: each rank's gradient computed alone, then averaged by hand
+    per_rank = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        net = torch.nn.ModuleDict({"a": torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                                            torch.nn.Linear(8, 4)), "b": torch.nn.Linear(6, 4)})
+        g = torch.Generator().manual_seed(10 + rank)
+        xs = [torch.randn(5, 6, generator=g) for _ in range(2)]
+        net["a"](xs[0]).pow(2).sum().backward()
+        loss = net["a"](xs[1]).pow(2).sum() + (net["b"](xs[1]).sum() if rank == 0 else 0)
+        loss.backward()
+        per_rank.append({n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()})
+    for name in per_rank[0]:
+        want = (per_rank[0][name] + per_rank[1][name]) / 2
+        for r in range(2):
+            torch.testing.assert_close(res[r]["grads"][name], want, rtol=1e-6, atol=1e-7, msg=f"{name} rank {r}")
+    assert res[0]["buckets"] >= 3
+    # both ranks launched their first buckets while their last backward still ran (overlap)
+    assert res[0]["in_backward"] >= 1 and res[1]["in_backward"] >= 1
+
+
+def _run_bucket_worker(rank: int, world: int, init: str, outs: list) -> None:
+    _bucket_worker(rank, world, init, outs[rank])
+
+
+def test_shards_cover_the_range_once():
+    parts = [D.shard(23, D.Dist(rank=r, world=3, local_rank=r), chunk=4) for r in range(3)]
+    assert sorted(s for p in parts for s in p) == list(range(0, 23, 4))
+    assert parts[0] == [0, 12] and parts[2] == [8, 20]
+    assert D.shard(5, D.Dist()) == [0, 1, 2, 3, 4]
+    assert D.all_sum_floats([1.5, 2.0], D.Dist()) == [1.5, 2.0]
