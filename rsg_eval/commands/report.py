@@ -35,14 +35,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare runs task by task: metrics, 95% bootstrap intervals, gains over the first run with paired
         tests, totals, charts, LiDiRus diagnostics, confusion matrices and disagreements."""
-        from rich.console import Console
-
+        from rsg_eval.commands._common import make_console
         from rsg_eval.report import make_report, parse_formats, write_report
         from rsg_eval.report.render import print_rich
 
         fmts = parse_formats(formats)
         report = make_report(runs, against=against, split=split, seed=seed, n_boot=bootstrap, n_examples=examples)
-        console = Console()
+        console = make_console()
         if not quiet:
             print_rich(report, console)
         folder = out or _default_out(runs, against)
