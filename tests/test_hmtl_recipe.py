@@ -264,6 +264,8 @@ def test_every_train_hmtl_default_is_pinned():
             continue
         assert getattr(cfg, name) == want, name
     assert cfg.task_weights == {t: 1.0 for t in TASKS}
+    # not options of the command, documented in docs/hmtl.md's recipe table
+    assert (cfg.head_dropout, cfg.adapter_activation) == (0.1, "relu")
     from rsg_eval.hmtl import schedules
     assert schedules.TORCH_DEFAULT_STEP_SIZE_UP == 2000
 

@@ -212,3 +212,14 @@ def test_a_wrong_printed_gain_is_flagged(monkeypatch):
     assert any(p.startswith("Table 3 TERRa:") and "+27.75 %" in p for p in rep["problems"])
     assert any(p.startswith("Table 2 20_mfredt5_2bln:") for p in rep["problems"])
     assert len(rep["problems"]) == 2
+
+
+def test_leaderboard_rows_gain_over_a_copied_test_score_file(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\nsplit: test\ntotal: 0.6\n", encoding="utf-8")
+    rep = make_report([f], against=["leaderboard", "paper"], n_boot=100)
+    tot = {r["name"]: t for r, t in zip(rep["runs"], rep["totals"])}
+    assert tot["human-benchmark"]["gain_vs"] == "mine"
+    assert tot["human-benchmark"]["gain"] == pytest.approx((0.811 - 0.6) / 0.6 * 100)
+    assert tot["20_mfredt5_2bln"]["gain_vs"] == "20_fredt5"     # the paper's rows keep the paper's own baseline
+    assert tot["20_fredt5"]["gain_vs"] == "mine"

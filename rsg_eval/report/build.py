@@ -48,15 +48,19 @@ def comparable(a: Run, b: Run) -> bool:
 
 
 def _bases(runs: Sequence[Run], extras: dict[int, dict]) -> list[int | None]:
-    """For each run, the row its gains are computed against (None: no comparable row). A published row gains only
-    against the baseline its source names (the paper's own gains: 20_mfredt5_2bln against 20_fredt5, never
-    against zero_fredt5 or a local run); other rows against the reference when comparable."""
+    """For each run, the row its gains are computed against (None: no comparable row). A published row gains
+    against the baseline its source names (the paper's own gains: 20_mfredt5_2bln against 20_fredt5, never against
+    zero_fredt5 or a local run), else against the reference only when that is the user's own score file of the
+    same split; other rows against the reference when comparable."""
     index = {run.name: r for r, run in enumerate(runs)}
     out: list[int | None] = []
     for r, run in enumerate(runs):
         named = extras.get(r, {}).get("baselines", {}).get(run.name)
         if run.origin == "published":
-            out.append(index[named] if named is not None and named in index and index[named] != r else None)
+            if named is not None and named in index and index[named] != r:
+                out.append(index[named])
+            else:
+                out.append(0 if r > 0 and runs[0].origin == "file" and comparable(run, runs[0]) else None)
         elif r > 0 and comparable(run, runs[0]):
             out.append(0)
         else:

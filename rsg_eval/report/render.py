@@ -230,8 +230,8 @@ def intro_lines(report: dict) -> list[str]:
 
 GAIN_RULE = ("Δ% is (new - old) / |old| x 100, per metric and for the task score (Table 3 style), between "
              "comparable rows only: a local run against the reference when that is a local run on the same "
-             "split; a published row against the baseline its paper names (else against a published "
-             "reference).")
+             "split; a published row against the baseline its paper names, or against the reference when that "
+             "is a score file of leaderboard numbers; never a local val score against a leaderboard test score.")
 
 
 def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
