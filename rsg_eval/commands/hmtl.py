@@ -29,8 +29,8 @@ def train_hmtl(
                                       "the eight tasks in rotation; effective batch 24) or 'per-task' (12 of every "
                                       "task per micro-step; 192 per optimizer step)."),
     max_length: int = typer.Option(512, "--max-length", help="Max input tokens (paper: 512)."),
-    max_target_length: int = typer.Option(512, "--max-target-length", help="Max target tokens, </s> included (paper: 'sequences up "
-                                           "to 512 tokens')."),
+    max_target_length: int = typer.Option(512, "--max-target-length", help="Max target tokens, </s> included "
+                                          "(paper: 'sequences up to 512 tokens')."),
     schedule: str = typer.Option("paper", help="paper (default: the paper's CyclicLR exp_range, gamma per "
                                  "optimizer step, which sits at --lr-min after ~70 steps; the default so that a "
                                  "reproduction runs what the paper ran) | cycle-gamma (gamma once per cycle) | "
@@ -48,8 +48,8 @@ def train_hmtl(
                                        "torch's AdamW default)."),
     clip_norm: float = typer.Option(1.0, "--clip-norm", help="Gradient clipping norm (paper: 1.0)."),
     task_weights: Optional[str] = typer.Option(None, "--task-weights", help="Loss weights, e.g. "
-                                               "'ner=1,mc=0.5,title=2' (others 1; 0 drops a task). Paper: the plain sum "
-                                               "of the task losses, all 1."),
+                                               "'ner=1,mc=0.5,title=2' (others 1; 0 drops a task). Paper: the "
+                                               "plain sum of the task losses, all 1."),
     split: str = typer.Option("0.25", help="Block-1 size: a layer count (6) or a fraction of the encoder (0.25 "
                               "= 6 of 24 for FRED-T5-1.7B, the paper's split)."),
     adapter_dim: Optional[int] = typer.Option(None, "--adapter-dim", help="Adapter bottleneck (paper: 'compact', "

@@ -8,9 +8,11 @@
 Adapters are zero-initialised bottlenecks, so a freshly built model computes exactly what the base model computes.
 Two layouts (`HMTLConfig.adapter_layout`): "per-head" (default: MC, NER, NLI and LM each have their own adapter,
 4 in all) and "shared-mc-ner" (the paper's wording, "a compact linear adapter attached to these heads": one norm
-and adapter on Block 1's output read by both the MC and the NER head, one for NLI, one for LM, 3 in all). The split is exact: layer 0's relative position bias (which already carries
-the additive attention mask) is forwarded to Block 2, and the encoder's final layer norm runs only after the last
-layer; the Block-1 heads get their own RMSNorm instead (FREDT5_NOTES.md sections 0 and 3.1).
+and adapter on Block 1's output read by both the MC and the NER head, one for NLI, one for LM, 3 in all).
+
+The split is exact: layer 0's relative position bias (which already carries the additive attention mask) is
+forwarded to Block 2, and the encoder's final layer norm runs only after the last layer; the Block-1 heads get their
+own RMSNorm instead (FREDT5_NOTES.md sections 0 and 3.1).
 
 `HierarchicalT5.seq2seq` is a plain `T5ForConditionalGeneration` whose `lm_head` is an `AdaptedLMHead`, so rank
 scoring, generation and fine-tuning use it as a drop-in model.

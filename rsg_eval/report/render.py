@@ -353,8 +353,8 @@ def to_csv(report: dict) -> str:
     for run, t in zip(report["runs"], report["totals"]):
         ci = t["total_ci"] or [None, None]
         row(run, "total", "total", t["total"], ci_low=ci[0], ci_high=ci[1], gain_pct=t["gain"],
-            gain_vs=t.get("gain_vs") if t["gain"] is not None else None, source=t["total_source"], status="ok" if t["total"] is not None else "incomplete",
-            **paired_kw(t["paired"]))
+            gain_vs=t.get("gain_vs") if t["gain"] is not None else None, source=t["total_source"],
+            status="ok" if t["total"] is not None else "incomplete", **paired_kw(t["paired"]))
         if report["common_tasks"]:
             ci = t["common_ci"] or [None, None]
             row(run, "mean:" + "+".join(report["common_tasks"]), "mean", t["common"], ci_low=ci[0], ci_high=ci[1],
