@@ -112,12 +112,13 @@ def hierarchical_step_flops(d: T5Dims, split: int, batch: int, src: int, tgt: in
 def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
     """One optimizer step exactly as `rsg train-hmtl` runs it (rsg_eval.hmtl.train.task_loss per task, backward,
     clipping, AdamW), on random batches of fixed shape."""
-    from rsg_eval.hmtl.dataset import Batch
+    from rsg_eval.hmtl.dataset import collate
     from rsg_eval.hmtl.labels import TASKS
+    from rsg_eval.hmtl.train import TrainConfig, task_loss
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.training.bench import build_model
-    from rsg_eval.hmtl.train import task_loss
 
+    ner_loss = TrainConfig.__dataclass_fields__["ner_loss"].default  # what `rsg train-hmtl` trains by default
     base, vocab = build_model(s.model, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -129,16 +130,15 @@ def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> 
     n_mc, n_ner = len(model.config.mc_labels), len(model.config.ner_labels)
     b, S, T = s.batch, s.src_len, s.tgt_len
 
-    def batch(task: str) -> Batch:
-        ids = torch.randint(5, vocab, (b, S), generator=g)
-        mask = torch.ones_like(ids)
-        if task in ("mc", "nli"):
-            y = torch.randint(0, n_mc if task == "mc" else 3, (b,), generator=g)
-        elif task == "ner":
-            y = (torch.rand((b, S, n_ner), generator=g) < 0.05).float()
-        else:
-            y = torch.randint(5, vocab, (b, T), generator=g)
-        return Batch(task, ids.to(device), mask.to(device), y.to(device))
+    def ints(n: int, lo: int, hi: int) -> list[int]:
+        return torch.randint(lo, hi, (n,), generator=g).tolist()
+
+    def batch(task: str) -> Any:
+        # columnar rows as the tokenised corpus gives them (dataset.py), padded by the trainer's own collate
+        rows = {"input_ids": [ints(S, 5, vocab) for _ in range(b)], "labels": [ints(T, 5, vocab) for _ in range(b)],
+                "cls": ints(b, 0, n_mc if task == "mc" else 3), "ner_tag": [ints(S, 0, n_ner + 1) for _ in range(b)],
+                "ner_bits": [ints(S, 0, 2 ** min(n_ner, 20)) for _ in range(b)]}
+        return collate(rows, task, pad_id=0, n_ner=n_ner, device=device, ner_loss=ner_loss)
 
     batches = [batch(t) for t in TASKS]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,7 +151,7 @@ def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> 
     def step() -> None:
         for bt in batches:
             with cast():
-                loss = task_loss(model, bt)
+                loss = task_loss(model, bt, ner_loss)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -68,6 +68,9 @@ def train_hmtl(
     max_steps_per_epoch: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="Cap (smoke runs)."),
     save_steps: int = typer.Option(0, "--save-steps", help="Also save a resume point every N optimizer steps."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (log lines only)."),
+    dist_timeout: float = typer.Option(7200.0, "--dist-timeout", min=1, help="Seconds a process may wait for the "
+                                                                             "others under a launcher (torch's "
+                                                                             "NCCL default is 600)."),
 ) -> None:
     """Train the hierarchical multi-task FRED-T5 (topic + NER on Block 1, NLI on Block 2, generation)."""
     from rsg_eval.errors import RSGError
@@ -82,7 +85,7 @@ def train_hmtl(
         lr_max=lr_max, gamma=gamma, step_size_up=step_size_up, warmup_steps=warmup_steps,
         weight_decay=weight_decay, clip_norm=clip_norm, task_weights=parse_task_weights(task_weights),
         split=split, adapter_dim=adapter_dim, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed,
-        max_steps_per_epoch=max_steps_per_epoch, save_steps=save_steps,
+        max_steps_per_epoch=max_steps_per_epoch, save_steps=save_steps, dist_timeout=dist_timeout,
     )
     result = train(cfg, progress=not no_progress)
     typer.echo(f"final checkpoint: {result.final}")

@@ -87,10 +87,11 @@ class TrainConfig:
     save_steps: int = 0                  # also save a resume point every N optimizer steps (0 = per epoch only)
     lm_prefix: str = "auto"              # "<LM>" when the tokenizer has it (FRED), else ""
     val_batch_size: int | None = None
+    dist_timeout: float = 7200.0         # seconds a process may wait for the others (several GPUs)
 
     def fingerprint_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("out", "save_steps", "val_batch_size"):
+        for k in ("out", "save_steps", "val_batch_size", "dist_timeout"):
             d.pop(k)
         return d
 
@@ -166,32 +167,43 @@ def task_loss(model: HierarchicalT5, batch: Any, ner_loss: str = "softmax") -> t
 @dataclass
 class _DistState:
     """Process layout from the launcher's environment (`accelerate launch` and `torchrun` both set WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR/PORT). Gradients are averaged by hand (all_reduce) after the accumulation steps, so the
-    model is never wrapped in DDP: each task's backward touches a different part of the network."""
+    LOCAL_RANK, MASTER_ADDR/PORT). Gradients are averaged in buckets after the accumulation steps
+    (rsg_eval.training.dist.BucketedGradAverage), so the model is never wrapped in DDP: each task's backward touches
+    a different part of the network. The layout is read first; the process group is joined (`join`) only after the
+    corpus is tokenised, so no rank waits inside a collective (and its timeout) while another tokenises."""
 
     device: torch.device
     num_processes: int = 1
     process_index: int = 0
+    local_index: int = 0
 
     @property
     def is_main_process(self) -> bool:
         return self.process_index == 0
 
+    @property
+    def dist(self) -> Any:
+        from rsg_eval.training.dist import Dist
+
+        return Dist(rank=self.process_index, world=self.num_processes, local_rank=self.local_index)
+
     @classmethod
     def setup(cls) -> "_DistState":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
-        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        if world > 1:
-            import torch.distributed as dist
+        """The layout (and this process's device) from the environment, without joining the group."""
+        from rsg_eval.training.dist import env_layout, resolve_device
 
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if cuda else "gloo")
-            return cls(device, dist.get_world_size(), dist.get_rank())
-        return cls(device)
+        d = env_layout()
+        device = resolve_device(None, d)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return cls(device, d.world, d.rank, d.local_rank)
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Join the process group the launcher described (a no-op for one process)."""
+        if self.num_processes > 1:
+            from rsg_eval.training.dist import init_from_env
+
+            init_from_env(timeout_s)
 
     def wait_for_everyone(self) -> None:
         if self.num_processes > 1:
@@ -319,6 +331,38 @@ def _load_weights(model: HierarchicalT5, path: Path) -> None:
     model.load_state_dict(src.state_dict(), strict=True)
 
 
+def _tokenise_then_join(state: _DistState, cfg: TrainConfig, cache: Path, build: Callable[[str], tuple[Any, bool]],
+                        log: _Log) -> tuple[Any, Any]:
+    """Tokenise (or open) both splits, then join the process group. The first process to take the cache folder's
+    lock tokenises; the others wait on the lock, not in a collective, and then open its cache. Several nodes
+    without a shared folder each tokenise their own."""
+    from rsg_eval.training.dist import file_lock
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache / ".tokenise.lock"):
+        splits = {}
+        for split in ("train", "val"):
+            ds, hit = build(split)
+            splits[split] = ds
+            if ds is not None:
+                log(f"{split} data: {'tokenised cache' if hit else 'tokenised'} ({len(ds)} examples)")
+    state.join(cfg.dist_timeout)
+    return splits["train"], splits["val"]
+
+
+def _grad_averager(model: HierarchicalT5, world: int) -> Any:
+    """Bucketed, overlapped gradient averaging over the processes (None for one process). The heads come first in
+    the list, so last in the buckets: a step's last backward is a generation task's, which never touches them."""
+    if world <= 1:
+        return None
+    from rsg_eval.training.dist import BucketedGradAverage
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    heads = [p for n, p in named if n.startswith("heads.")]
+    rest = [p for n, p in named if not n.startswith("heads.")]
+    return BucketedGradAverage(heads + rest, world)
+
+
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
@@ -341,9 +385,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         if value not in choices:
             raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)   # every rank: the group is joined only after tokenising
     if console is None and main:
         from rich.console import Console
         console = Console(stderr=True)
@@ -371,14 +413,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         return build_split(corpus, split, tokenizer, cache_dir=cache, max_length=cfg.max_length,
                            max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
 
-    if main:   # tokenise once on the main process; the others then open the cache
-        for split in ("train", "val"):
-            ds, hit = build(split)
-            if ds is not None:
-                log(f"{split} data: {'tokenised cache' if hit else 'tokenised'} ({len(ds)} examples)")
-    state.wait_for_everyone()
-    train_ds, _ = build("train")
-    val_ds, _ = build("val")
+    train_ds, val_ds = _tokenise_then_join(state, cfg, cache, build, log)
     tidx = task_indices(train_ds)
     tasks = [t for t in TASKS if t in tidx and cfg.task_weights.get(t, 1.0) > 0]
     if not tasks:
@@ -452,6 +487,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         state.wait_for_everyone()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    averager = _grad_averager(model, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_ner = len(model.config.ner_labels)
     prog = None
@@ -468,23 +504,22 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
             step_loss = {t: 0.0 for t in tasks}
             while step < steps_per_epoch:
                 in_step = plan.step_counts(step)     # examples of each task in this optimizer step, all processes
-                for micro in range(cfg.grad_accum):
-                    for t, start, count in plan.micro(step, micro, rank):
-                        pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
-                                               start=start, count=count)
-                        rows = train_ds[tidx[t][pos].tolist()]
-                        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
-                        with _autocast(device, bf16):
-                            loss = task_loss(model, batch, cfg.ner_loss)
-                        # the task's mean over its examples in the whole step: this batch's share is count / in_step
-                        # (x world, because the all-reduce below averages over the processes)
-                        (loss * (cfg.task_weights.get(t, 1.0) * count * world / in_step[t])).backward()
-                        step_loss[t] += float(loss.detach()) * count
-                if world > 1:
-                    for p in trainable:
-                        if p.grad is not None:
-                            torch.distributed.all_reduce(p.grad)
-                            p.grad.div_(world)
+                jobs = [job for micro in range(cfg.grad_accum) for job in plan.micro(step, micro, rank)]
+                for j, (t, start, count) in enumerate(jobs):
+                    pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
+                                           start=start, count=count)
+                    rows = train_ds[tidx[t][pos].tolist()]
+                    batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
+                    with _autocast(device, bf16):
+                        loss = task_loss(model, batch, cfg.ner_loss)
+                    if averager is not None and j == len(jobs) - 1:
+                        averager.arm()  # the step's last backward: reduce buckets as they complete
+                    # the task's mean over its examples in the whole step: this batch's share is count / in_step
+                    # (x world, because the all-reduce below averages over the processes)
+                    (loss * (cfg.task_weights.get(t, 1.0) * count * world / in_step[t])).backward()
+                    step_loss[t] += float(loss.detach()) * count
+                if averager is not None:
+                    averager.finish()       # every p.grad is now the average over the processes
                     # Loss bookkeeping over all processes, so every rank logs (and saves) the same numbers.
                     vec = torch.tensor([step_loss[t] for t in tasks], dtype=torch.float64, device=device)
                     torch.distributed.all_reduce(vec)
@@ -512,7 +547,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
             history.append(train_row)
             if val_ds is not None and vidx:
                 val = evaluate_losses(model, val_ds, vidx, tasks, batch_size=cfg.val_batch_size or cfg.batch_size,
-                                      pad_id=pad_id, n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss)
+                                      pad_id=pad_id, n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss,
+                                      dist=state.dist)
                 history.append(_loss_row(epoch + 1, "val", val))
             log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
             epoch += 1
@@ -558,24 +594,33 @@ def _describe(rows: list[dict[str, Any]]) -> str:
 
 @torch.no_grad()
 def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: list[str], *, batch_size: int,
-                    pad_id: int, n_ner: int, device: torch.device, bf16: bool, ner_loss: str = "softmax"
-                    ) -> dict[str, float]:
-    """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode."""
+                    pad_id: int, n_ner: int, device: torch.device, bf16: bool, ner_loss: str = "softmax",
+                    dist: Any = None) -> dict[str, float]:
+    """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode.
+
+    dist (rsg_eval.training.dist.Dist): several processes split the batches round-robin and sum their totals in one
+    collective, so each evaluates 1/world of the split; the batches, hence the figures, are those of one process."""
+    from rsg_eval.training.dist import Dist, all_sum_floats, shard
+
+    d = dist or Dist()
     was = model.training
     model.eval()
-    out: dict[str, float] = {}
+    sums: list[float] = []
+    names: list[str] = []
     for t in tasks:
         rows_idx = idx.get(t)
         if rows_idx is None or not len(rows_idx):
             continue
         total, n = 0.0, 0
-        for i in range(0, len(rows_idx), batch_size):
+        for i in shard(len(rows_idx), d, batch_size):
             chunk = rows_idx[i:i + batch_size].tolist()
             batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=ner_loss)
             with _autocast(device, bf16):
                 loss = task_loss(model, batch, ner_loss)
             total += float(loss) * len(chunk)
             n += len(chunk)
-        out[t] = total / n
+        names.append(t)
+        sums += [total, float(n)]
+    sums = all_sum_floats(sums, d)
     model.train(was)
-    return out
+    return {t: sums[2 * k] / sums[2 * k + 1] for k, t in enumerate(names)}

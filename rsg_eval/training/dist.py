@@ -276,3 +276,30 @@ def all_sum_floats(values: list[float], d: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     tdist.all_reduce(t)
     return t.tolist()
+
+
+class file_lock:
+    """`with file_lock(path):` one process at a time (any process on this machine, or on others sharing the folder
+    where the filesystem supports locks): an exclusive flock on `path`, created if needed. Where fcntl does not
+    exist (Windows) it locks nothing."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        self._fh: Any = None
+
+    def __enter__(self) -> "file_lock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self._fh = open(self.path, "a+b")
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
