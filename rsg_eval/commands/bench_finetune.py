@@ -35,9 +35,10 @@ def register(bench_app: typer.Typer) -> None:
                                                                     "GPU): batch 12, length 512, bf16, gradient "
                                                                     "checkpointing; with MFU. tiny: the same "
                                                                     "procedure on the tiny model (any device)."),
-        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped (--against: ours/Trainer) this "
-                                                       "many times per model and keep each one's fastest epoch "
-                                                       "(load on a shared machine only ever slows a run down)."),
+        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped this many times per model and "
+                                                       "keep each one's fastest epoch (load on a shared machine "
+                                                       "only ever slows a run down). --against interleaves its "
+                                                       "runs step by step instead."),
         steps: int = typer.Option(5, "--steps", min=1, help="Timed steps for --preset (after 2 warm-up steps)."),
         tgt_len: int = typer.Option(512, "--tgt-len", help="Target length for --preset."),
         no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing",
@@ -55,6 +56,10 @@ def register(bench_app: typer.Typer) -> None:
                                                                          "match ours (0 = skip)."),
         breakdown: bool = typer.Option(False, "--breakdown", help="--against: also time our loop with "
                                                                   "transformers' own GELU/RMS-norm modules."),
+        profile: int = typer.Option(0, "--profile", min=0, help="--against: instead of timing epochs, profile this "
+                                                                "many steps of the Trainer, of our loop with "
+                                                                "transformers' modules and of ours, and print "
+                                                                "the ops that take the time."),
         peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 peak of the device for MFU "
                                                                                 "when it is not in the table."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
@@ -70,7 +75,7 @@ def register(bench_app: typer.Typer) -> None:
         if against is not None:
             if against not in PEERS:
                 raise RSGError(f"unknown peer {against!r}", field="against", expected=list(PEERS))
-            _against(models, examples, batch_size or 8, rounds, data, task, check_steps, breakdown, json_out)
+            _against(models, examples, batch_size or 8, data, task, check_steps, breakdown, json_out, profile)
             return
         if preset:
             if preset not in PRESETS:
@@ -177,8 +182,8 @@ def _preset(bench: Any, preset: str, batch: int, steps: int, tgt_len: int, check
         atomic_write_json(json_out, r)
 
 
-def _against(models: list[str] | None, examples: int | None, batch: int, rounds: int, data: str | None, task: str,
-             check_steps: int, breakdown: bool, json_out: Path | None) -> None:
+def _against(models: list[str] | None, examples: int | None, batch: int, data: str | None, task: str,
+             check_steps: int, breakdown: bool, json_out: Path | None, profile: int = 0) -> None:
     import torch
 
     from rsg_eval.errors import RSGError
@@ -208,9 +213,12 @@ def _against(models: list[str] | None, examples: int | None, batch: int, rounds:
     if examples:
         pairs = pairs[:examples]
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if profile:
+        _profile(factory, pairs, cfg, device, profile, json_out)
+        return
     with console.status("benchmark") as status:
         report = bench_hf.compare(factory, pairs, cfg, device, check_steps=check_steps, breakdown=breakdown,
-                                  bf16=bf16, rounds=rounds, on_run=lambda s: status.update(f"timing {s}"))
+                                  bf16=bf16, on_run=lambda s: status.update(f"timing {s}"))
     report.update({"model": name, "pairs": len(pairs), "source": source, "batch": batch, "device": str(device),
                    "threads": torch.get_num_threads(), "bf16": bf16})
     _against_table(report)
@@ -221,6 +229,32 @@ def _against(models: list[str] | None, examples: int | None, batch: int, rounds:
         console.print(f"report written to {json_out}")
 
 
+def _profile(factory: Any, pairs: Any, cfg: Any, device: Any, steps: int, json_out: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rsg_eval.training import bench_hf
+
+    out = Console(width=max(console.width, 130))
+    report = {}
+    for key, label, kw in (("hf-grouped", "Seq2SeqTrainer, group_by_length=True", dict(hf=True)),
+                           ("ours-plain", "our loop, transformers' GELU/RMS-norm", dict(fused_kernels=False)),
+                           ("ours", "our loop (fused kernels, fused AdamW)", {})):
+        with console.status(f"profiling {label}"):
+            r = bench_hf.profile_steps(factory, pairs, cfg, device, steps=steps, **kw)
+        report[key] = r
+        t = Table(title=f"{label}: {r['total_ms_per_step']:.0f} ms of op time per step ({steps} profiled steps)")
+        for col in ("op", "calls/step", "ms/step", "share"):
+            t.add_column(col, justify="left" if col == "op" else "right")
+        for row in r["top"]:
+            t.add_row(row["op"], f"{row['calls_per_step']:.0f}", f"{row['ms_per_step']:.1f}", f"{row['share']:.1%}")
+        out.print(t)
+    if json_out:
+        from rsg_eval.io import atomic_write_json
+
+        atomic_write_json(json_out, report)
+
+
 def _against_table(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -228,15 +262,15 @@ def _against_table(r: dict[str, Any]) -> None:
     labels = {"ours": "rsg finetune loop (ours)", "hf-grouped": "Seq2SeqTrainer, group_by_length=True",
               "ours-plain": "ours with transformers' GELU/RMS-norm", "hf-same": "Seq2SeqTrainer on our batches"}
     t = Table(title=f"one epoch of fine-tuning: {r['pairs']} pairs of the {r['source']}, model {r['model']}, batch "
-                    f"{r['batch']}, {r['device']}, {r['threads']} threads, fastest of {r['rounds']} round(s)")
-    for col in ("run", "steps", "seconds", "CPU seconds", "examples/s", "peak MiB", "speed-up (wall)",
-                "speed-up (CPU)"):
+                    f"{r['batch']}, {r['device']}, {r['threads']} threads; the runs take turns every "
+                    f"{r['turn_steps']} steps in one process, so load from other jobs falls on all alike")
+    for col in ("run", "steps", "seconds", "CPU seconds", "examples/s", "speed-up (wall)", "speed-up (CPU)"):
         t.add_column(col, justify="left" if col == "run" else "right")
     hf = r["runs"]["hf-grouped"]
     for key, run in r["runs"].items():
         full = key != "hf-same"
         t.add_row(labels[key], str(run["steps"]), f"{run['seconds']:.1f}", f"{run['cpu_seconds']:.1f}",
-                  f"{run['examples'] / run['seconds']:.2f}", f"{run['peak_mb']:.0f}",
+                  f"{run['examples'] / run['seconds']:.2f}",
                   f"{hf['seconds'] / run['seconds']:.2f}x" if full else "",
                   f"{hf['cpu_seconds'] / run['cpu_seconds']:.2f}x" if full else "")
     out = Console(width=max(console.width, 130))
@@ -245,7 +279,9 @@ def _against_table(r: dict[str, Any]) -> None:
               f"{r['speedup_cpu']:.2f}x by CPU time")
     if "same_batches_max_abs_loss_diff" in r:
         out.print(f"same batches, first {r['same_batches_steps']} steps: largest per-step loss difference "
-                  f"{r['same_batches_max_abs_loss_diff']:.2e} (float rounding; same model, optimizer, schedule)")
+                  f"{r['same_batches_max_abs_loss_diff']:.2e} (float rounding; same model, optimizer, schedule)"
+                  + (f"; ours {r['same_batches_speedup_wall']:.2f}x the Trainer's speed on these very batches"
+                     if "same_batches_speedup_wall" in r else ""))
     ours_w, hf_w = r["loss_windows"]["ours"], r["loss_windows"]["hf-grouped"]
     out.print("mean loss per tenth of the epoch, ours:    " + " ".join(f"{x:.3f}" for x in ours_w))
     out.print("mean loss per tenth of the epoch, Trainer: " + " ".join(f"{x:.3f}" for x in hf_w))

@@ -124,10 +124,129 @@ class _Span:
         return self.c1 - self.c0
 
 
+class Turns:
+    """Several training runs in threads of one process, taking turns every `every` optimizer steps: one runs, the
+    others wait. Load from other jobs on a shared machine then falls on every run alike (the same reason the
+    other benchmarks interleave their repeats), where runs one after the other can see load differ several-fold.
+
+    A runner calls `enter(name)` before its first step, `step(name)` after each optimizer step and `finish(name)`
+    after its last; only the time between them while it holds the turn is counted (wall, and this thread's CPU
+    time: with one torch thread the ops run on it), each end after a device sync. Runners are started one at a
+    time and each waits at `enter` before the next starts, so no setup runs beside a timed stretch."""
+
+    def __init__(self, names: Sequence[str], every: int, device: torch.device) -> None:
+        import threading
+
+        self.order = list(names)
+        self.every = max(1, every)
+        self.device = device
+        self._go = {n: threading.Event() for n in self.order}
+        self._ready = {n: threading.Event() for n in self.order}
+        self._all_done = threading.Event()
+        self._lock = threading.Lock()
+        self.done: set[str] = set()
+        self.wall = dict.fromkeys(self.order, 0.0)
+        self.cpu = dict.fromkeys(self.order, 0.0)
+        self.step_seconds: dict[str, list[float]] = {n: [] for n in self.order}
+        self.errors: dict[str, BaseException] = {}
+        self._t: dict[str, float] = {}
+        self._c: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+
+    def _start(self, name: str) -> None:
+        sync(self.device)
+        self._t[name] = self._last[name] = time.perf_counter()
+        self._c[name] = time.thread_time()
+
+    def _stop(self, name: str) -> None:
+        sync(self.device)
+        self.wall[name] += time.perf_counter() - self._t[name]
+        self.cpu[name] += time.thread_time() - self._c[name]
+
+    def _pass(self, name: str) -> bool:
+        """Give the turn to the next runner that has not finished; False when there is none."""
+        i = self.order.index(name)
+        for k in range(1, len(self.order) + 1):
+            nxt = self.order[(i + k) % len(self.order)]
+            if nxt not in self.done and nxt != name:
+                self._go[nxt].set()
+                return True
+        return False
+
+    def _wait(self, name: str) -> None:
+        self._go[name].wait()
+        self._go[name].clear()
+
+    def enter(self, name: str) -> None:
+        self._ready[name].set()
+        self._wait(name)
+        self._start(name)
+
+    def step(self, name: str) -> None:
+        if name in self.done:
+            return
+        sync(self.device)
+        now = time.perf_counter()
+        self.step_seconds[name].append(now - self._last[name])
+        self._last[name] = now
+        if len(self.step_seconds[name]) % self.every == 0:
+            self._stop(name)
+            with self._lock:
+                passed = self._pass(name)
+            if passed:
+                self._wait(name)
+            self._start(name)
+
+    def finish(self, name: str) -> None:
+        if name in self.done:
+            return
+        self._stop(name)
+        with self._lock:
+            self.done.add(name)
+            if len(self.done) == len(self.order):
+                self._all_done.set()
+            else:
+                self._pass(name)
+        self._all_done.wait()  # what a runner does after its last step (saving) must not overlap a timed stretch
+
+    def run(self, targets: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+        """Run each target in its own thread, in turns; their return values by name (re-raises a runner's error)."""
+        import threading
+
+        results: dict[str, Any] = {}
+
+        def wrap(name: str, fn: Callable[[], Any]) -> None:
+            try:
+                results[name] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                self.errors[name] = exc
+                self._ready[name].set()
+                with self._lock:
+                    self.done.add(name)
+                    if len(self.done) == len(self.order):
+                        self._all_done.set()
+                    else:
+                        self._pass(name)
+
+        threads = []
+        for name in self.order:
+            th = threading.Thread(target=wrap, args=(name, targets[name]), name=f"bench-{name}", daemon=True)
+            th.start()
+            self._ready[name].wait()
+            threads.append(th)
+        self._go[self.order[0]].set()
+        for th in threads:
+            th.join()
+        if self.errors:
+            raise next(iter(self.errors.values()))
+        return results
+
+
 def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: FinetuneConfig,
              device: torch.device, *, bf16: bool = False, fused_kernels: bool = True,
-             name: str = "ours") -> PeerRun:
-    """One epoch of `loop.train` on `pairs`; timed from its first step to the end of its last one."""
+             name: str = "ours", turns: Turns | None = None, memory: bool = True) -> PeerRun:
+    """One epoch of `loop.train` on `pairs`; timed from its first step to the end of its last one (in `turns`
+    with other runs when given: then the times are in `turns`)."""
     from rsg_eval.training.bench import _RssPeak, _trim
     from rsg_eval.training.loop import Hooks, train
 
@@ -136,20 +255,26 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
     step_ends: list[float] = []
 
     def on_start(state: Any, total: int, per_epoch: int) -> None:
+        if turns is not None:
+            turns.enter(name)
         span.start()
 
     def on_step(state: Any, loss: float) -> None:
         losses.append(loss)
         step_ends.append(time.perf_counter())
+        if turns is not None:
+            turns.step(name)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         span.stop()  # the last optimizer step is done; evaluation and checkpoints are outside the span
+        if turns is not None:
+            turns.finish(name)
         return {"score": 0.0}
 
     _trim()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="rsg-bench-") as tmp, _RssPeak() as mem:
+    with tempfile.TemporaryDirectory(prefix="rsg-bench-") as tmp, (_RssPeak() if memory else _NoPeak()) as mem:
         model.train()
         res = train(model, tokenizer, list(pairs), cfg, evaluate=evaluate, ckpt_dir=Path(tmp),
                     fingerprint={"bench": name}, device=device, bf16=bf16, hooks=Hooks(on_step, None, on_start),
@@ -163,7 +288,8 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
 
 def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: FinetuneConfig,
            device: torch.device, *, bf16: bool = False, batches: list[list[int]] | None = None,
-           max_steps: int = 0, name: str = "hf-grouped") -> PeerRun:
+           max_steps: int = 0, name: str = "hf-grouped", turns: Turns | None = None,
+           memory: bool = True) -> PeerRun:
     """transformers' Seq2SeqTrainer on `pairs`: its own length-grouped sampler, or exactly `batches` (a list of
     index lists, e.g. our epoch plan) when given; our optimizer and schedule through `optimizers=`."""
     from torch.utils.data import DataLoader
@@ -182,12 +308,18 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if turns is not None:
+                turns.enter(name)
             span.start()
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             span.mark()
             if state.global_step >= n_steps:
                 span.stop()
+                if turns is not None:
+                    turns.finish(name)
+            elif turns is not None:
+                turns.step(name)
 
     class Trainer(Seq2SeqTrainer):
         def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
@@ -220,7 +352,7 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
         _trim()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with _RssPeak() as mem:
+        with _RssPeak() if memory else _NoPeak() as mem:
             trainer.train()
     if not span.t1:
         span.stop()
@@ -231,7 +363,21 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
     return PeerRun(name, n_steps, examples, span.seconds, span.cpu, values[:n_steps], steps, _peak(device, mem))
 
 
+class _NoPeak:
+    """Stands in for the RSS sampler in interleaved runs (one process: its RSS is every run's at once)."""
+
+    peak = base = 0
+
+    def __enter__(self) -> "_NoPeak":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def _peak(device: torch.device, mem: Any) -> float:
+    if isinstance(mem, _NoPeak):
+        return 0.0
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return (mem.peak - mem.base) / 2**20
@@ -247,49 +393,51 @@ def windows(losses: Sequence[float], n: int = 10) -> list[float]:
 
 def compare(model_factory: Callable[[], tuple[torch.nn.Module, Any]], pairs: Sequence[Pair],
             cfg: FinetuneConfig, device: torch.device, *, check_steps: int = 40, breakdown: bool = False,
-            bf16: bool = False, rounds: int = 1, on_run: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """All runs on fresh models from `model_factory()` ((model, tokenizer), same seed every call); a JSON-able
-    report with the speed ratios and the loss comparisons. The timed runs take turns `rounds` times; each keeps
-    its fastest wall time and, separately, its lowest CPU time (load from other jobs only ever adds)."""
+            bf16: bool = False, every: int = 4, on_run: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """All runs on fresh models from `model_factory()` ((model, tokenizer), same seed every call), interleaved
+    in turns of `every` optimizer steps (`Turns`); a JSON-able report with the speed ratios and the loss
+    comparisons. Peak memory is not measured here (the runs share one process)."""
     def fresh() -> tuple[torch.nn.Module, Any]:
         m, tok = model_factory()
         return m.to(device).train(), tok
 
-    runs: dict[str, PeerRun] = {}
     plan = epoch_plan([p.length for p in pairs], cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length)
     # one-time costs of the process (thread pools, allocator, first kernels) go to two untimed steps of each
     warm = FinetuneConfig(**{**cfg.to_dict(), "adam_betas": tuple(cfg.adam_betas), "max_steps": 2})
     if on_run:
         on_run("warm-up")
     m, tok = fresh()
-    run_ours(m, tok, pairs, warm, device, bf16=bf16)
+    run_ours(m, tok, pairs, warm, device, bf16=bf16, memory=False)
     m, tok = fresh()
-    run_hf(m, tok, pairs, cfg, device, bf16=bf16, max_steps=2)
-    timed = ["ours", "hf-grouped"] + (["ours-plain"] if breakdown else [])
-    todo = [n for _ in range(max(1, rounds)) for n in timed] + (["hf-same"] if check_steps else [])
-    for name in todo:
-        if on_run:
-            on_run(name)
-        m, tok = fresh()
-        if name == "ours":
-            run = run_ours(m, tok, pairs, cfg, device, bf16=bf16)
-        elif name == "ours-plain":
-            run = run_ours(m, tok, pairs, cfg, device, bf16=bf16, fused_kernels=False, name=name)
-        elif name == "hf-grouped":
-            run = run_hf(m, tok, pairs, cfg, device, bf16=bf16)
-        else:
-            run = run_hf(m, tok, pairs, cfg, device, bf16=bf16, batches=plan, max_steps=check_steps, name=name)
-        del m
-        prev = runs.get(name)
-        if prev is not None:
-            cpu = min(prev.cpu_seconds, run.cpu_seconds)
-            run = run if run.seconds < prev.seconds else prev
-            run.cpu_seconds = cpu
-        runs[name] = run
+    run_hf(m, tok, pairs, cfg, device, bf16=bf16, max_steps=2, memory=False)
+    del m
+    names = ["ours", "hf-grouped"] + (["ours-plain"] if breakdown else []) + (["hf-same"] if check_steps else [])
+    turns = Turns(names, every, device)
+
+    def target(name: str) -> Callable[[], PeerRun]:
+        def go() -> PeerRun:
+            m, tok = fresh()
+            if name == "ours":
+                return run_ours(m, tok, pairs, cfg, device, bf16=bf16, turns=turns, memory=False)
+            if name == "ours-plain":
+                return run_ours(m, tok, pairs, cfg, device, bf16=bf16, fused_kernels=False, name=name, turns=turns,
+                                memory=False)
+            if name == "hf-grouped":
+                return run_hf(m, tok, pairs, cfg, device, bf16=bf16, turns=turns, memory=False)
+            return run_hf(m, tok, pairs, cfg, device, bf16=bf16, batches=plan, max_steps=check_steps, name=name,
+                          turns=turns, memory=False)
+        return go
+
+    if on_run:
+        on_run(", ".join(names) + f" in turns of {turns.every} steps")
+    done = turns.run({n: target(n) for n in names})
+    runs: dict[str, PeerRun] = {n: done[n] for n in names}
+    for n, run in runs.items():
+        run.seconds, run.cpu_seconds, run.step_seconds = turns.wall[n], turns.cpu[n], turns.step_seconds[n]
     ours, hf = runs["ours"], runs["hf-grouped"]
     report: dict[str, Any] = {
         "runs": {k: asdict(v) for k, v in runs.items()},
-        "rounds": max(1, rounds),
+        "turn_steps": turns.every,
         "speedup_wall": hf.seconds / ours.seconds,
         "speedup_cpu": hf.cpu_seconds / ours.cpu_seconds,
         "loss_windows": {"ours": windows(ours.losses), "hf-grouped": windows(hf.losses)},
@@ -311,3 +459,81 @@ def compare(model_factory: Callable[[], tuple[torch.nn.Module, Any]], pairs: Seq
         report["fused_kernels_speedup_cpu"] = plain.cpu_seconds / ours.cpu_seconds
         report["loop_vs_hf_without_fused_kernels_cpu"] = hf.cpu_seconds / plain.cpu_seconds
     return report
+
+
+def profile_steps(model_factory: Callable[[], tuple[torch.nn.Module, Any]], pairs: Sequence[Pair],
+                  cfg: FinetuneConfig, device: torch.device, *, steps: int = 10, fused_kernels: bool = True,
+                  hf: bool = False, rows: int = 12) -> dict[str, Any]:
+    """torch.profiler over `steps` training steps of our loop (or of the Trainer when `hf`), after 2 untimed ones:
+    the ops that take the time, by self CPU time (on a GPU also CUDA time). What found the fused-kernel gain."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m, tok = model_factory()
+    m.to(device).train()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    capped = FinetuneConfig(**{**cfg.to_dict(), "adam_betas": tuple(cfg.adam_betas), "max_steps": 2 + steps})
+    state: dict[str, Any] = {}
+
+    class _Prof:
+        def __init__(self) -> None:
+            self.p = profile(activities=acts)
+
+        def step(self, n: int) -> None:
+            if n == 2:
+                self.p.__enter__()
+                state["on"] = True
+            if n == 2 + steps and state.get("on"):
+                sync(device)
+                self.p.__exit__(None, None, None)
+                state["on"] = False
+
+    prof = _Prof()
+    if hf:
+        from transformers import TrainerCallback
+
+        class Cb(TrainerCallback):
+            def on_step_end(self, args, st, control, **kw):  # noqa: ANN001
+                prof.step(st.global_step)
+
+        _run_hf_with_callback(m, tok, pairs, cfg, device, 2 + steps, Cb())
+    else:
+        from rsg_eval.training.loop import Hooks, train
+
+        with tempfile.TemporaryDirectory(prefix="rsg-prof-") as tmp:
+            train(m, tok, list(pairs), capped, evaluate=lambda _m: {"score": 0.0}, ckpt_dir=Path(tmp),
+                  fingerprint={}, device=device, hooks=Hooks(on_step=lambda s, _l: prof.step(s.step)),
+                  fused_kernels=fused_kernels, task="profile")
+    if state.get("on"):
+        prof.p.__exit__(None, None, None)
+    avg = prof.p.key_averages()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in avg) or 1
+    top = sorted(avg, key=lambda e: -getattr(e, key))[:rows]
+    return {"steps": steps, "total_ms_per_step": total / 1e3 / steps,
+            "top": [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps,
+                     "share": getattr(e, key) / total} for e in top]}
+
+
+def _run_hf_with_callback(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: FinetuneConfig,
+                          device: torch.device, steps: int, callback: Any) -> None:
+    """The grouped Trainer for `steps` steps with an extra callback (for profiling)."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from rsg_eval.training.loop import _param_groups, lr_factor, make_adamw, plan_sizes
+
+    data = [{"input_ids": list(p.src), "attention_mask": [1] * len(p.src), "labels": list(p.tgt)} for p in pairs]
+    _, _, total = plan_sizes(len(pairs), cfg, 1)
+    warm = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
+    with tempfile.TemporaryDirectory(prefix="rsg-prof-hf-") as tmp:
+        args = Seq2SeqTrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=steps, learning_rate=cfg.lr,
+            max_grad_norm=cfg.max_grad_norm, group_by_length=True, save_strategy="no", eval_strategy="no",
+            report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed, use_cpu=device.type == "cpu")
+        opt = make_adamw(_param_groups(model, cfg.weight_decay), cfg, device)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
+        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+                                 processing_class=tokenizer, optimizers=(opt, sched), callbacks=[callback])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
