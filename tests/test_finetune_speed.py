@@ -153,3 +153,32 @@ def test_synthetic_pairs_have_terras_shape():
     assert 40 <= src[0] and src[-1] <= 512 and 140 < src[200] < 220
     assert all(p.tgt[-1] == 2 and 3 <= len(p.tgt) <= 4 for p in pairs)
     assert windows([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 5) == [1.5, 3.5, 5.5, 7.5, 9.5]
+
+
+def test_turns_interleave_runs_and_count_only_their_own_time():
+    """Two runs in threads take turns every 2 steps; a run's clock stops while the other holds the turn."""
+    import time
+
+    from rsg_eval.training.bench_hf import Turns
+
+    turns = Turns(["slow", "fast"], every=2, device=torch.device("cpu"))
+    order: list[str] = []
+
+    def runner(name: str, steps: int, pause: float):
+        def go():
+            turns.enter(name)
+            for i in range(steps):
+                time.sleep(pause)
+                order.append(name)
+                if i == steps - 1:
+                    turns.finish(name)
+                else:
+                    turns.step(name)
+            return name
+        return go
+
+    out = turns.run({"slow": runner("slow", 5, 0.02), "fast": runner("fast", 3, 0.0)})
+    assert out == {"slow": "slow", "fast": "fast"}
+    assert order == ["slow", "slow", "fast", "fast", "slow", "slow", "fast", "slow"]
+    assert len(turns.step_seconds["slow"]) == 4 and len(turns.step_seconds["fast"]) == 2
+    assert turns.wall["slow"] >= 5 * 0.02 and turns.wall["fast"] < turns.wall["slow"]

@@ -18,9 +18,11 @@ Runs:
   ours-plain    (breakdown only) our loop with transformers' own GELU/RMS-norm modules, to split the gain into
                 the fused kernels and the rest of the loop.
 
-The timed span runs from the first step's start to the last step's end, each end after `torch.cuda.synchronize()`
-on a GPU (rsg_eval.bench.timing). CPU time of the process is reported too: on a machine shared with other jobs it is
-the fairer measure.
+The runs share one process and take turns every few optimizer steps (`Turns`): on a machine shared with other
+jobs, runs one after the other saw load differ four-fold between them, while turns of a few seconds let the load
+fall on all runs alike. Each run's clock runs only while it holds the turn, from the first step's start to the last
+step's end, each stretch ending after `torch.cuda.synchronize()` on a GPU (rsg_eval.bench.timing); the CPU time of
+the running thread is reported beside it.
 """
 
 from __future__ import annotations
