@@ -87,10 +87,14 @@ def test_subset_then_all_resumes(tmp_path, tiny):
     assert second.run.read_state("TERRa", "val") == state  # not rewritten
     assert set(second.metrics["tasks"]) == {"RCB", "TERRa", "PARus"}
     assert second.run.read_config()["tasks"] == ["RCB", "PARus", "TERRa"]
-    # A setting that changes results (normalisation) redoes the task in the same folder.
-    third = _run(tmp_path, tiny, tasks=["TERRa"], normalize="token")
+    # A setting that changes results (normalisation) is refused in the same folder; --restart starts it over.
+    with pytest.raises(RSGError, match="normalize: 'sum' -> 'token'"):
+        _run(tmp_path, tiny, tasks=["TERRa"], normalize="token")
+    assert second.run.read_state("TERRa", "val") == state
+    third = _run(tmp_path, tiny, tasks=["TERRa"], normalize="token", restart=True)
     assert [o.status for o in third.outcomes] == ["done"]
     assert third.run.read_state("TERRa", "val")["parts"]["normalize"] == "token"
+    assert third.run.finished("val") == ["TERRa"] and set(third.metrics["tasks"]) == {"TERRa"}
 
 
 def test_interrupt_keeps_finished_tasks(tmp_path, tiny, monkeypatch):
