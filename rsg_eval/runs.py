@@ -396,6 +396,12 @@ class Claim:
     lock: FolderLock | None = None
     written: bool = False
     created: list = field(default_factory=list)  # folders the claim made, removed on release when left empty
+    released: bool = False
+
+    @property
+    def active(self) -> bool:
+        """Held by this (main) process: results written now carry its settings."""
+        return self.main and not self.released
 
     @property
     def settings_sha256(self) -> str:
@@ -419,6 +425,7 @@ class Claim:
 
     def release(self) -> None:
         """Release the lock; a folder this claim created and nothing was written to is removed again."""
+        self.released = True
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -583,7 +590,7 @@ class RunFolder:
 
     def _record(self) -> dict | None:
         """The settings results must carry: the active claim's, else config.json's (None: not recorded)."""
-        if self.claimed is not None and self.claimed.main:
+        if self.claimed is not None and self.claimed.active:
             return self.claimed.fields(self.read_config() if self.claimed.written else None)
         cfg = self.read_config()
         return cfg if cfg and cfg.get("settings_sha256") else None
@@ -610,7 +617,7 @@ class RunFolder:
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write config.json; under a claim, with the claim's kind, settings, settings_sha256, task_settings."""
         cfg = _jsonable(dict(config))
-        if self.claimed is not None and self.claimed.main:
+        if self.claimed is not None and self.claimed.active:
             try:
                 old = self.read_config()
             except RSGError:
@@ -690,7 +697,7 @@ class RunFolder:
         missing = [it.key for it in items if it.key not in preds]
         if missing:
             raise ValueError(f"{name}/{split}: no prediction for keys {missing[:5]}")
-        claim = self.claimed if self.claimed is not None and self.claimed.main else None
+        claim = self.claimed if self.claimed is not None and self.claimed.active else None
         if claim is not None and not claim.written:  # the record goes first: stamped states need their config
             try:
                 old = self.read_config() or {}
