@@ -3,15 +3,32 @@
 Light module (no torch). Layout (docs/DESIGN.md, "Run folders")::
 
     submissions/<run>/
-      config.json                       what produced the run (model, revision, templates, versions, ...)
+      config.json                       what produced the run (model, revision, templates, versions, ...) and
+                                        its one configuration: "kind", "settings" (run level), "settings_sha256",
+                                        "task_settings" {"Task/split": {...}} (template, data file, hyper-params)
       metrics.json                      {"split", "tasks": {Task: {metric: v, "score": v}}, "total",
-                                         "lidirus_diagnostics", "counts": {Task: n items}}
+                                         "lidirus_diagnostics", "counts": {Task: n items},
+                                         "data_sha256": {Task: sha}, "settings_sha256", "ignored": {Task: why}}
       predictions/<split>/<Task>.jsonl  leaderboard line format
       logs/<split>/<Task>.jsonl         one line per item (see `log_row`)
       epochs.csv                        fine-tuning only
-      state/<Task>.<split>.json         marks a finished task; holds its fingerprint
+      state/<Task>.<split>.json         marks a finished task: its fingerprint, n_items, "files" {predictions,
+                                        logs: {bytes, sha256}}, "settings_sha256", "task_settings", "data_sha256"
       submission.zip                    from predictions/test once all nine test tasks are there
       submission-partial.zip            the same with fewer tasks (not uploadable; says which are missing)
+      rsg.lock                          while a process works on the folder: {pid, host, proc_start, started,
+                                        command, token}
+
+One configuration per folder. A command claims the folder before it writes anything (`RunFolder.claim`): the
+claim locks it (a second process gets an RSGError naming the PID that holds it; a lock whose process is dead is
+taken over) and compares the command's settings with the ones config.json records. Settings are what results
+depend on: model identity (id, revision, local folder hash), dtype, template name and sha256, prefix,
+normalisation, calibration, limit, hyper-parameters, data (origin and each file's sha256) and code version; never
+the task list, split, batch size, device or progress flags. A difference is refused (exit 2) with each setting
+named old -> new and the way out (`--restart`, which clears the results, or another `--run`); a task split not yet
+finished may take new per-task settings. Every state written under the claim carries the settings' stamp, and
+only task splits whose stamp is the folder's and whose files still hash to what the state recorded count
+(`finished`), in metrics.json, the zip and reports; the others are named (`ignored`), never mixed in.
 
 API::
 
@@ -28,19 +45,37 @@ API::
     RunFolder.create(name=None, *, model=None, kind="zeroshot", tags=(), root="submissions") -> RunFolder
         mkdir of run_path(...); RunFolder(path) alone creates nothing (writes create what they need).
     RunFolder.open(path) -> RunFolder               an existing run folder (needs config.json) else RSGError
+    run.claim(kind, settings, *, per_task=None, restart=False, main=None) -> Claim
+        lock + one-configuration check (above); per_task: {(task, split): {...}} ("data_sha256" there becomes
+        the state's data_sha256). Until claim.release() (try/finally), write_config adds the settings to
+        config.json and write_task stamps states. Under torchrun/accelerate only rank 0 (RANK=0) locks and
+        checks (`main=None` reads RANK; pass main=False on other ranks).
+    run.clear_results()                             what --restart removes (RESULT_NAMES)
     run.write_config(config) / run.read_config() -> dict | None
-    run.is_done(task, split, fingerprint) -> bool   finished with this fingerprint, files all present
-    run.write_task(task, split, items, preds, rows, fingerprint, *, parts=None, extra=None)
+    run.task_problem(task, split, fingerprint=None) -> str | None
+        why a task split's results cannot be used ("not finished", "made with other settings", "... (stale)",
+        "logs/val/RCB.jsonl does not match its state (...): truncated or edited", ...); None when usable.
+    run.is_done(task, split, fingerprint) -> bool   task_problem(...) is None
+    run.write_task(task, split, items, preds, rows, fingerprint, *, parts=None, extra=None, data_sha256=None)
         preds: {item.key: label}; rows: log rows aligned with items. Writes predictions, then logs, then the
         state file last (each atomically; the old state is removed first), so an interruption at any point
         leaves the task either finished or redone on resume, never half counted.
-    run.finished(split) -> list[str]                tasks with a state file, in leaderboard order
+    run.finished(split) -> list[str]                usable tasks (current stamp, intact files), leaderboard order
+    run.ignored(split) -> {task: why}               tasks with a state but unusable results (stale, damaged)
+    run.data_fingerprints(split) -> {task: sha256 | None}
     run.read_state(task, split) / run.read_logs(task, split) / run.read_predictions(task, split)
-    run.compute_metrics(split="val") -> dict        from the logs of finished tasks (metrics.score / total)
+    run.compute_metrics(split="val") -> dict        from the logs of usable tasks (metrics.score / total)
     run.write_metrics(split="val") -> dict          the same, written to metrics.json
     run.read_metrics() -> dict | None
-    run.build_zip() -> ZipResult(path, tasks, missing)
+    run.build_zip() -> ZipResult(path, tasks, missing, ignored)
     run.write_epochs(rows) / run.read_epochs()      epochs.csv (fine-tuning)
+
+    claim_folder(folder, kind, settings, *, per_task=None, restart=False, record="config.json", has_results,
+                 task_has_results=..., clear, unrecorded="compare"|"refuse", option="--run", main=None) -> Claim
+        the same rule for any output folder (`rsg train-hmtl --out` uses record="settings.json").
+    Claim: .settings_sha256, .restarted, .main, .write_record(extra=None), .release(); a context manager.
+    FolderLock(folder).acquire() / .release() / .holder(); a context manager.   is_main_process() -> bool
+    settings_diff(old, new) -> ["name: old -> new", ...]      files_fingerprint(paths) -> str
 """
 
 from __future__ import annotations
