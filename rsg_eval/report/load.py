@@ -1,11 +1,11 @@
 """Read what a report compares: run folders, published reference rows, and score files a user copied.
 
-Torch-free. Run folders are read only through their files (docs/DESIGN.md, "Run folders"), and only task splits
+Torch-free. Run folders are read only through their files (docs/design.md, "Run folders"), and only task splits
 whose results are usable (`RunFolder.task_problem`: current settings, intact files); the others are named in the
 run's notes. Each task's data fingerprint (its state's `data_sha256`) decides whether two runs may be paired
 (`different_data`). A run folder whose config.json or metrics.json is damaged is rebuilt from its logs, or raises
 `DamagedRun` (exit 2), never skipped. A score file is
-YAML or JSON in the format of `rsg_eval/published/*.yaml` (documented in README.md ("Comparison reports")):
+YAML or JSON in the format of `rsg_eval/published/*.yaml` (documented in docs/reports.md, "Score files"):
 
     name: my-model-test           # one run; or `runs: [{name: .., tasks: ..}, ...]` for several
     split: test                   # test = leaderboard numbers (default), val = local numbers
