@@ -347,7 +347,7 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
             console.print(f"[dim]{j.task}/{j.split}: already finished with the same settings, skipped[/]")
             continue
         if why != "not finished":
-            console.print(f"[yellow]{j.task}/{j.split}: {why}; redoing it[/]")
+            console.print(f"[yellow]{j.task}/{j.split}: {why}; redoing it[/]", soft_wrap=True)
         pending.append(j)
     if pending and loaded is None:
         # Load before writing anything: a model that does not load leaves no half-made run folder behind.
@@ -389,7 +389,8 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
             result.zip = run.build_zip()
         for split in ("val", "test"):
             for task, why in (run.ignored(split).items() if run.path.is_dir() else ()):
-                console.print(f"[yellow]{task}/{split}: {why}: left out of metrics.json and the zip[/]")
+                console.print(f"[yellow]{task}/{split}: {why}: left out of metrics.json and the zip[/]",
+                              soft_wrap=True)
     return result
 
 
