@@ -108,7 +108,7 @@ def run_nli_head_eval(model_path: str | Path | None = None, *, model: str | Path
     from rich.console import Console
 
     from rsg_eval.data import resolve_data, sha256_file
-    from rsg_eval.runs import RunFolder, fingerprint, log_row, run_path
+    from rsg_eval.runs import RunFolder, fingerprint, run_path
     from rsg_eval.tasks import limit_groups, load_items
 
     console = console or Console(stderr=True)
