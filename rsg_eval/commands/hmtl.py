@@ -71,6 +71,9 @@ def train_hmtl(
     dist_timeout: float = typer.Option(7200.0, "--dist-timeout", min=1, help="Seconds a process may wait for the "
                                                                              "others under a launcher (torch's "
                                                                              "NCCL default is 600)."),
+    restart: bool = typer.Option(False, "--restart", help="Clear --out's checkpoints, losses and log and start "
+                                 "over (needed to change settings for an existing --out: one folder holds one "
+                                 "configuration)."),
 ) -> None:
     """Train the hierarchical multi-task FRED-T5 (topic + NER on Block 1, NLI on Block 2, generation)."""
     from rsg_eval.errors import RSGError
@@ -87,5 +90,5 @@ def train_hmtl(
         split=split, adapter_dim=adapter_dim, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, save_steps=save_steps, dist_timeout=dist_timeout,
     )
-    result = train(cfg, progress=not no_progress)
+    result = train(cfg, progress=not no_progress, restart=restart)
     typer.echo(f"final checkpoint: {result.final}")
