@@ -1,5 +1,5 @@
 """`rsg train-hmtl` on two gloo processes matches one process: the bucketed gradient averaging (overlapping the
-last backward), the val losses computed in shards, and the corpus tokenised before the group is joined."""
+last backward), the val losses computed in shards, and the corpus tokenised by one process under the cache lock."""
 
 from __future__ import annotations
 

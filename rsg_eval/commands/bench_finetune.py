@@ -195,12 +195,9 @@ def _against(models: list[str] | None, examples: int | None, batch: int, data: s
         raise RSGError(f"--against takes one model, tiny or small, not {models!r}", field="model",
                        expected=["tiny", "small"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overrides = {} if name == "tiny" else bench.SMALL
 
     def factory() -> Any:
-        from rsg_eval.models.tiny import build_tiny
-
-        return build_tiny(**overrides)
+        return bench_hf.bench_model(name)
 
     _, tok = factory()
     cfg = FinetuneConfig(epochs=1, batch_size=batch)
@@ -217,7 +214,7 @@ def _against(models: list[str] | None, examples: int | None, batch: int, data: s
         _profile(factory, pairs, cfg, device, profile, json_out)
         return
     with console.status("benchmark") as status:
-        report = bench_hf.compare(factory, pairs, cfg, device, check_steps=check_steps, breakdown=breakdown,
+        report = bench_hf.compare(name, pairs, cfg, device, check_steps=check_steps, breakdown=breakdown,
                                   bf16=bf16, on_run=lambda s: status.update(f"timing {s}"))
     report.update({"model": name, "pairs": len(pairs), "source": source, "batch": batch, "device": str(device),
                    "threads": torch.get_num_threads(), "bf16": bf16})
@@ -262,15 +259,16 @@ def _against_table(r: dict[str, Any]) -> None:
     labels = {"ours": "rsg finetune loop (ours)", "hf-grouped": "Seq2SeqTrainer, group_by_length=True",
               "ours-plain": "ours with transformers' GELU/RMS-norm", "hf-same": "Seq2SeqTrainer on our batches"}
     t = Table(title=f"one epoch of fine-tuning: {r['pairs']} pairs of the {r['source']}, model {r['model']}, batch "
-                    f"{r['batch']}, {r['device']}, {r['threads']} threads; the runs take turns every "
-                    f"{r['turn_steps']} steps in one process, so load from other jobs falls on all alike")
-    for col in ("run", "steps", "seconds", "CPU seconds", "examples/s", "speed-up (wall)", "speed-up (CPU)"):
+                    f"{r['batch']}, {r['device']}, {r['threads']} threads; each run in its own process, the runs "
+                    f"taking turns every {r['turn_steps']} steps, so load from other jobs falls on all alike")
+    for col in ("run", "steps", "seconds", "CPU seconds", "examples/s", "peak MiB", "speed-up (wall)",
+                "speed-up (CPU)"):
         t.add_column(col, justify="left" if col == "run" else "right")
     hf = r["runs"]["hf-grouped"]
     for key, run in r["runs"].items():
         full = key != "hf-same"
         t.add_row(labels[key], str(run["steps"]), f"{run['seconds']:.1f}", f"{run['cpu_seconds']:.1f}",
-                  f"{run['examples'] / run['seconds']:.2f}",
+                  f"{run['examples'] / run['seconds']:.2f}", f"{run['peak_mb']:.0f}",
                   f"{hf['seconds'] / run['seconds']:.2f}x" if full else "",
                   f"{hf['cpu_seconds'] / run['cpu_seconds']:.2f}x" if full else "")
     out = Console(width=max(console.width, 130))

@@ -28,6 +28,7 @@ the running thread is reported beside it.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,33 +128,44 @@ class _Span:
 
 
 class Turns:
-    """Several training runs in threads of one process, taking turns every `every` optimizer steps: one runs, the
-    others wait. Load from other jobs on a shared machine then falls on every run alike (the same reason the
-    other benchmarks interleave their repeats), where runs one after the other can see load differ several-fold.
+    """Several training runs taking turns every `every` optimizer steps: one runs, the others wait. Load from
+    other jobs on a shared machine then falls on every run alike (the same reason the other benchmarks interleave
+    their repeats), where runs one after the other saw load differ four-fold.
 
-    A runner calls `enter(name)` before its first step, `step(name)` after each optimizer step and `finish(name)`
-    after its last; only the time between them while it holds the turn is counted (wall, and this thread's CPU
-    time: with one torch thread the ops run on it), each end after a device sync. Runners are started one at a
-    time and each waits at `enter` before the next starts, so no setup runs beside a timed stretch."""
+    The runs are threads of this process, or with `ctx` (a multiprocessing context) separate processes, as users
+    run them: each with its own memory and allocator state. A runner calls `enter(name)` before its first step,
+    `step(name)` after each optimizer step and `finish(name)` after its last; only the time between them while it
+    holds the turn is counted (wall, and the runner thread's CPU time: with one torch thread the ops run on it),
+    each end after a device sync. `report(name)` gives the runner's figures (in the runner's process). Runners are
+    started one at a time and each waits at `enter` before the next starts, so no setup runs beside a timed
+    stretch."""
 
-    def __init__(self, names: Sequence[str], every: int, device: torch.device) -> None:
+    def __init__(self, names: Sequence[str], every: int, device: torch.device, ctx: Any = None) -> None:
         import threading
 
         self.order = list(names)
         self.every = max(1, every)
         self.device = device
-        self._go = {n: threading.Event() for n in self.order}
-        self._ready = {n: threading.Event() for n in self.order}
-        self._all_done = threading.Event()
-        self._lock = threading.Lock()
-        self.done: set[str] = set()
+        event = ctx.Event if ctx is not None else threading.Event
+        self._go = {n: event() for n in self.order}
+        self._ready = {n: event() for n in self.order}
+        self._all_done = event()
+        self._lock = ctx.Lock() if ctx is not None else threading.Lock()
+        self._done = ctx.Array("b", len(self.order)) if ctx is not None else [0] * len(self.order)
         self.wall = dict.fromkeys(self.order, 0.0)
         self.cpu = dict.fromkeys(self.order, 0.0)
         self.step_seconds: dict[str, list[float]] = {n: [] for n in self.order}
-        self.errors: dict[str, BaseException] = {}
         self._t: dict[str, float] = {}
         self._c: dict[str, float] = {}
         self._last: dict[str, float] = {}
+
+    def is_done(self, name: str) -> bool:
+        return bool(self._done[self.order.index(name)])
+
+    def _mark_done(self, name: str) -> bool:
+        """Mark `name` finished; True when it was the last."""
+        self._done[self.order.index(name)] = 1
+        return all(self._done[i] for i in range(len(self.order)))
 
     def _start(self, name: str) -> None:
         sync(self.device)
@@ -168,9 +180,9 @@ class Turns:
     def _pass(self, name: str) -> bool:
         """Give the turn to the next runner that has not finished; False when there is none."""
         i = self.order.index(name)
-        for k in range(1, len(self.order) + 1):
+        for k in range(1, len(self.order)):
             nxt = self.order[(i + k) % len(self.order)]
-            if nxt not in self.done and nxt != name:
+            if not self.is_done(nxt):
                 self._go[nxt].set()
                 return True
         return False
@@ -185,7 +197,7 @@ class Turns:
         self._start(name)
 
     def step(self, name: str) -> None:
-        if name in self.done:
+        if self.is_done(name):
             return
         sync(self.device)
         now = time.perf_counter()
@@ -200,35 +212,36 @@ class Turns:
             self._start(name)
 
     def finish(self, name: str) -> None:
-        if name in self.done:
+        if self.is_done(name):
             return
         self._stop(name)
+        self._retire(name)
+        self._all_done.wait()  # what a runner does after its last step (saving) must not overlap a timed stretch
+
+    def _retire(self, name: str) -> None:
         with self._lock:
-            self.done.add(name)
-            if len(self.done) == len(self.order):
+            if self._mark_done(name):
                 self._all_done.set()
             else:
                 self._pass(name)
-        self._all_done.wait()  # what a runner does after its last step (saving) must not overlap a timed stretch
+
+    def report(self, name: str) -> dict[str, Any]:
+        return {"seconds": self.wall[name], "cpu_seconds": self.cpu[name], "step_seconds": self.step_seconds[name]}
 
     def run(self, targets: dict[str, Callable[[], Any]]) -> dict[str, Any]:
         """Run each target in its own thread, in turns; their return values by name (re-raises a runner's error)."""
         import threading
 
         results: dict[str, Any] = {}
+        errors: dict[str, BaseException] = {}
 
         def wrap(name: str, fn: Callable[[], Any]) -> None:
             try:
                 results[name] = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-                self.errors[name] = exc
+                errors[name] = exc
                 self._ready[name].set()
-                with self._lock:
-                    self.done.add(name)
-                    if len(self.done) == len(self.order):
-                        self._all_done.set()
-                    else:
-                        self._pass(name)
+                self._retire(name)
 
         threads = []
         for name in self.order:
@@ -239,9 +252,35 @@ class Turns:
         self._go[self.order[0]].set()
         for th in threads:
             th.join()
-        if self.errors:
-            raise next(iter(self.errors.values()))
+        if errors:
+            raise next(iter(errors.values()))
         return results
+
+    def run_processes(self, target: Callable[..., Any], args: dict[str, tuple], ctx: Any) -> None:
+        """Start `target(self, name, *args[name])` in one process per runner (one at a time, each waiting at
+        `enter` before the next starts), give the first the turn, wait for all. A process that dies hands its
+        turn on; its exit code is raised as an error at the end."""
+        procs = []
+        for name in self.order:
+            p = ctx.Process(target=target, args=(self, name, *args[name]), name=f"bench-{name}")
+            p.start()
+            while not self._ready[name].wait(1.0):
+                if not p.is_alive():
+                    self._ready[name].set()
+                    self._mark_done(name)
+            procs.append(p)
+        self._go[self.order[0]].set()
+        alive = set(range(len(procs)))
+        while alive:
+            for i in sorted(alive):
+                procs[i].join(0.5)
+                if not procs[i].is_alive():
+                    alive.discard(i)
+                    if procs[i].exitcode and not self.is_done(self.order[i]):
+                        self._retire(self.order[i])
+        bad = [(self.order[i], p.exitcode) for i, p in enumerate(procs) if p.exitcode]
+        if bad:
+            raise RuntimeError(f"benchmark run {bad[0][0]!r} failed (exit code {bad[0][1]}); see its output above")
 
 
 def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: FinetuneConfig,
@@ -393,49 +432,74 @@ def windows(losses: Sequence[float], n: int = 10) -> list[float]:
     return [float(p.mean()) for p in parts if len(p)]
 
 
-def compare(model_factory: Callable[[], tuple[torch.nn.Module, Any]], pairs: Sequence[Pair],
-            cfg: FinetuneConfig, device: torch.device, *, check_steps: int = 40, breakdown: bool = False,
-            bf16: bool = False, every: int = 4, on_run: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """All runs on fresh models from `model_factory()` ((model, tokenizer), same seed every call), interleaved
-    in turns of `every` optimizer steps (`Turns`); a JSON-able report with the speed ratios and the loss
-    comparisons. Peak memory is not measured here (the runs share one process)."""
-    def fresh() -> tuple[torch.nn.Module, Any]:
-        m, tok = model_factory()
-        return m.to(device).train(), tok
+MODELS = ("tiny", "small")
+
+
+def bench_model(name: str) -> tuple[torch.nn.Module, Any]:
+    """A fresh random model and its tokenizer: tiny, or small (d_model 256, 4+4 layers); same seed every call."""
+    from rsg_eval.models.tiny import build_tiny
+    from rsg_eval.training.bench import SMALL
+
+    if name not in MODELS:
+        raise ValueError(name)
+    return build_tiny(**({} if name == "tiny" else SMALL))
+
+
+def _runner(turns: Turns, name: str, spec_path: str, out_path: str) -> None:
+    """One run in its own process: untimed warm-up steps, then the run in turns; its figures to `out_path`."""
+    spec = torch.load(spec_path, weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    device = torch.device(spec["device"])
+    cfg = FinetuneConfig(**{**spec["cfg"], "adam_betas": tuple(spec["cfg"]["adam_betas"])})
+    pairs, bf16 = spec["pairs"], spec["bf16"]
+    ours = name in ("ours", "ours-plain")
+    fused = name != "ours-plain"
+    # one-time costs of the process (thread pools, allocator, first kernels): two untimed steps
+    m, tok = bench_model(spec["model"])
+    m.to(device).train()
+    if ours:
+        warm = FinetuneConfig(**{**spec["cfg"], "adam_betas": tuple(spec["cfg"]["adam_betas"]), "max_steps": 2})
+        run_ours(m, tok, pairs, warm, device, bf16=bf16, fused_kernels=fused, memory=False)
+    else:
+        run_hf(m, tok, pairs, cfg, device, bf16=bf16, max_steps=2, memory=False)
+    m, tok = bench_model(spec["model"])
+    m.to(device).train()
+    if ours:
+        run = run_ours(m, tok, pairs, cfg, device, bf16=bf16, fused_kernels=fused, name=name, turns=turns)
+    elif name == "hf-grouped":
+        run = run_hf(m, tok, pairs, cfg, device, bf16=bf16, turns=turns)
+    else:
+        run = run_hf(m, tok, pairs, cfg, device, bf16=bf16, batches=spec["plan"], max_steps=spec["check_steps"],
+                     name=name, turns=turns)
+    out = asdict(run)
+    out.update(turns.report(name))
+    Path(out_path).write_text(json.dumps(out), encoding="utf-8")
+
+
+def compare(model: str, pairs: Sequence[Pair], cfg: FinetuneConfig, device: torch.device, *,
+            check_steps: int = 40, breakdown: bool = False, bf16: bool = False, every: int = 4,
+            on_run: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Every run in its own process on a fresh `model` ("tiny" or "small", the same seed every time), the runs
+    interleaved in turns of `every` optimizer steps (`Turns`); a JSON-able report with the speed ratios and the
+    loss comparisons. Peak memory is each process's own (RSS above its level before the run; on a GPU, allocated)."""
+    import multiprocessing
 
     plan = epoch_plan([p.length for p in pairs], cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length)
-    # one-time costs of the process (thread pools, allocator, first kernels) go to two untimed steps of each
-    warm = FinetuneConfig(**{**cfg.to_dict(), "adam_betas": tuple(cfg.adam_betas), "max_steps": 2})
-    if on_run:
-        on_run("warm-up")
-    m, tok = fresh()
-    run_ours(m, tok, pairs, warm, device, bf16=bf16, memory=False)
-    m, tok = fresh()
-    run_hf(m, tok, pairs, cfg, device, bf16=bf16, max_steps=2, memory=False)
-    del m
     names = ["ours", "hf-grouped"] + (["ours-plain"] if breakdown else []) + (["hf-same"] if check_steps else [])
-    turns = Turns(names, every, device)
-
-    def target(name: str) -> Callable[[], PeerRun]:
-        def go() -> PeerRun:
-            m, tok = fresh()
-            if name == "ours":
-                return run_ours(m, tok, pairs, cfg, device, bf16=bf16, turns=turns, memory=False)
-            if name == "ours-plain":
-                return run_ours(m, tok, pairs, cfg, device, bf16=bf16, fused_kernels=False, name=name, turns=turns,
-                                memory=False)
-            if name == "hf-grouped":
-                return run_hf(m, tok, pairs, cfg, device, bf16=bf16, turns=turns, memory=False)
-            return run_hf(m, tok, pairs, cfg, device, bf16=bf16, batches=plan, max_steps=check_steps, name=name,
-                          turns=turns, memory=False)
-        return go
-
-    if on_run:
-        on_run(", ".join(names) + f" in turns of {turns.every} steps")
-    done = turns.run({n: target(n) for n in names})
-    runs: dict[str, PeerRun] = {n: done[n] for n in names}
-    for n, run in runs.items():
-        run.seconds, run.cpu_seconds, run.step_seconds = turns.wall[n], turns.cpu[n], turns.step_seconds[n]
+    ctx = multiprocessing.get_context("spawn")
+    turns = Turns(names, every, device, ctx=ctx)
+    with tempfile.TemporaryDirectory(prefix="rsg-bench-against-") as tmp:
+        spec_path = str(Path(tmp) / "spec.pt")
+        torch.save({"pairs": list(pairs), "cfg": cfg.to_dict(), "device": str(device), "bf16": bf16, "model": model,
+                    "threads": torch.get_num_threads(), "plan": plan, "check_steps": check_steps}, spec_path)
+        if on_run:
+            on_run(", ".join(names) + f", one process each, in turns of {turns.every} steps")
+        turns.run_processes(_runner, {n: (spec_path, str(Path(tmp) / f"{n}.json")) for n in names}, ctx)
+        runs = {n: PeerRun(**{k: v for k, v in json.loads((Path(tmp) / f"{n}.json").read_text()).items()})
+                for n in names}
     ours, hf = runs["ours"], runs["hf-grouped"]
     report: dict[str, Any] = {
         "runs": {k: asdict(v) for k, v in runs.items()},
