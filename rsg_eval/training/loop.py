@@ -159,8 +159,6 @@ def train(
     fingerprint is resumed, a finished one is returned as is. `fused_kernels`: train with torch's fused GELU and
     RMS norm in place of transformers' (rsg_eval.training.kernels; restored on return); off only to measure."""
     hooks = hooks or Hooks()
-    if device.type == "cpu":
-        keep_freed_memory()
     if not pairs:
         raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",
                              field="train")
@@ -353,34 +351,6 @@ def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str
                           reduction="sum")
     (nll * scale).backward()
     return nll.detach()
-
-
-_KEPT = False
-
-
-def keep_freed_memory() -> bool:
-    """Let this process keep the memory a training step frees, for the next step (glibc; once per process).
-
-    On a CPU every step allocates its activations afresh (torch has no caching allocator there): blocks above
-    glibc's mmap threshold are mapped for each step and unmapped after it, so each step page-faults all of its
-    activation memory in again, zero-filled. Raising the mmap and trim thresholds keeps those blocks in the heap
-    for reuse. Measured on a d_model 256 T5 step: 5x fewer page faults, system time 6.5 % -> 1.2 % of the step
-    (docs/benchmarks.md). The resident memory stays at the step's peak instead of falling between steps. Results
-    are unchanged. Returns whether the setting took (False off glibc)."""
-    global _KEPT
-    if _KEPT:
-        return True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = bool(libc.mallopt(m_mmap_threshold, 256 << 20) or libc.mallopt(m_mmap_threshold, 32 << 20))
-        ok = bool(libc.mallopt(m_trim_threshold, 1 << 30)) and ok
-    except (OSError, AttributeError):
-        return False
-    _KEPT = ok
-    return ok
 
 
 def make_adamw(groups: list[dict[str, Any]], cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
