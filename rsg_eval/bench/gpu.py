@@ -56,7 +56,7 @@ class Sizes:
 
 
 FULL = Sizes(model="fredt5-1.7b", batch=12, src_len=512, tgt_len=512, steps=5, warmup=2, hmtl_steps=2,
-             zs_docs=32, zs_passage_words=330, zs_candidates=15, zs_batch=16,
+             zs_docs=32, zs_passage_words=240, zs_candidates=15, zs_batch=16,
              ee=dict(d_model=1536, d_ff=4096, num_heads=24, layers=24, split=6, batch=16, seq_len=512),
              ee_repeats=5)
 TINY = Sizes(model="tiny", batch=2, src_len=32, tgt_len=8, steps=1, warmup=1, hmtl_steps=1,
