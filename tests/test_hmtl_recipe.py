@@ -240,6 +240,7 @@ DEFAULTS = {
     "max_steps_per_epoch": None,
     "save_steps": 0,
     "no_progress": False,
+    "dist_timeout": 7200.0,      # several processes: seconds a collective may wait (torch's NCCL default: 600)
     "restart": False,            # run folder: resume unless asked to start over
 }
 
