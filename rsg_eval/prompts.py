@@ -15,6 +15,10 @@ Light module (jinja2 + yaml, no torch). A template lives in `prompts/<task lower
       entailment: Да
       not_entailment: Нет
 
+Two optional keys shape few-shot prompts (`rsg zeroshot --num-fewshot K`): `fewshot_separator` goes between the
+solved examples and before the item (default a blank line, "\n\n"), `fewshot_answer_separator` between a solved
+example's input and its answer text (default " ").
+
 Tasks whose labels differ per item (RuCoS: the candidate entities) give one Jinja `choice:` instead of
 `choices:`, rendered once per label with the variable `label` bound to it
 (`{{ query | replace('@placeholder', label) }}`). Boolean labels are written `true`/`false`.
@@ -31,6 +35,9 @@ API::
     Template.render(item, tokenizer=None, max_tokens=None, prefix=None) -> Rendered(prompt, choices, truncated)
     Template.render_content_free(item, prefix=None) -> str   text fields -> "N/A" (for --calibrate)
     Template.sha256                   of the YAML file's bytes (goes into run fingerprints)
+    render_shot(template, item, label) -> str        a solved example: input + separator + the label's answer text
+    render_fewshot(template, item, shots, tokenizer=None, max_tokens=None, prefix=None) -> (Rendered, n_shots)
+    render_fewshot_content_free(template, item, shots, prefix=None) -> str
 """
 
 from __future__ import annotations
@@ -64,7 +71,10 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "DaNetQA": ("question", "passage"),
     "RuCoS": ("passage", "query", "entities"),
 }
-_KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice"}
+_KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice",
+         "fewshot_separator", "fewshot_answer_separator"}
+FEWSHOT_SEPARATOR = "\n\n"
+FEWSHOT_ANSWER_SEPARATOR = " "
 ELLIPSIS = " …"
 CONTENT_FREE = "N/A"
 
@@ -117,6 +127,8 @@ class Template:
     description: str = ""
     default: bool = False
     sha256: str = ""
+    fewshot_separator: str = FEWSHOT_SEPARATOR
+    fewshot_answer_separator: str = FEWSHOT_ANSWER_SEPARATOR
     lines: dict[str, int] = field(default_factory=dict)   # YAML key -> first line of its value (1-based)
     _compiled: Any = field(default=None, repr=False)
     _compiled_choices: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -223,7 +235,8 @@ def _undefined_name(exc: jinja2.UndefinedError) -> str | None:
 
 
 def _n_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text)["input_ids"])
+    # verbose=False: measuring a text longer than the model reads is the point here, not a mistake to warn about.
+    return len(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _compile(tpl: Template, where: str, source: str) -> Any:
@@ -235,6 +248,59 @@ def _compile(tpl: Template, where: str, source: str) -> Any:
         base = tpl.lines.get(where.split(".")[0])
         line = base + (exc.lineno or 1) - 1 if base else exc.lineno
         raise RSGError(f"Jinja syntax error: {exc.message}", file=tpl.path, line=line, field=where) from None
+
+
+# --------------------------------------------------------------------------------------------------- few-shot
+
+def _choice_text(tpl: Template, item: Any, label: Any) -> str:
+    """The answer text of one label of `item` (render_choices renders every label; a shot needs one)."""
+    fields = dict(item.fields)
+    if tpl.choice is not None:
+        return tpl._render("choice", tpl.choice, {**fields, "label": label})
+    key = _label_key(label)
+    if key not in (tpl.choices or {}):
+        raise RSGError(f"no answer text for label {label!r}", file=tpl.path, field="choices",
+                       expected=list(tpl.choices or {}))
+    return tpl._render(f"choices.{key}", tpl.choices[key], fields)
+
+
+def render_shot(tpl: Template, item: Any, label: Any) -> str:
+    """One solved example: the item's input (no prefix) + `fewshot_answer_separator` + the answer text of `label`
+    (the verbaliser's text for the gold label, exactly what the model is asked to score for the real item)."""
+    return tpl._render_main(dict(item.fields)) + tpl.fewshot_answer_separator + _choice_text(tpl, item, label)
+
+
+def _join(tpl: Template, pre: str, shots: Sequence[str], main: str) -> str:
+    return pre + tpl.fewshot_separator.join([*shots, main])
+
+
+def render_fewshot(tpl: Template, item: Any, shots: Sequence[str], tokenizer: Any = None,
+                   max_tokens: int | None = None, prefix: str | None = None) -> tuple[Rendered, int]:
+    """The item's prompt with solved examples (`render_shot` texts) before it, and how many of them it kept.
+
+    prefix + shot_1 + sep + ... + shot_n + sep + item input. With a tokenizer and `max_tokens`, the last shots
+    are dropped one by one until the whole input fits; only when even no shot leaves room is the item's passage
+    shortened (`Template.render`). Without shots this is `Template.render` exactly, byte for byte.
+    """
+    if not shots:
+        return tpl.render(item, tokenizer=tokenizer, max_tokens=max_tokens, prefix=prefix), 0
+    pre = tpl.prefix if prefix is None else prefix
+    main = tpl._render_main(dict(item.fields))
+    choices = tpl.render_choices(item)
+    for n in range(len(shots), 0, -1):
+        prompt = _join(tpl, pre, shots[:n], main)
+        if tokenizer is None or not max_tokens or _n_tokens(tokenizer, prompt) <= max_tokens:
+            return Rendered(prompt, choices, False), n
+    return tpl.render(item, tokenizer=tokenizer, max_tokens=max_tokens, prefix=prefix), 0
+
+
+def render_fewshot_content_free(tpl: Template, item: Any, shots: Sequence[str], prefix: str | None = None) -> str:
+    """The content-free input for --calibrate with the same solved examples in front (the calibration then
+    measures the bias the examples induce too)."""
+    if not shots:
+        return tpl.render_content_free(item, prefix=prefix)
+    pre = tpl.prefix if prefix is None else prefix
+    return _join(tpl, pre, shots, tpl.render_content_free(item, prefix=""))
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -313,6 +379,11 @@ def parse_template(path: Path, task: str) -> Template:
                    prefix=str(raw.get("prefix") or ""), truncate=raw.get("truncate") or None,
                    description=str(raw.get("description") or ""), default=raw.get("default") is True,
                    sha256=hashlib.sha256(data).hexdigest(), lines=lines)
+    for key in ("fewshot_separator", "fewshot_answer_separator"):
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], str):
+                raise RSGError("must be a string (quote it in the YAML)", file=path, line=lines.get(key), field=key)
+            setattr(tpl, key, raw[key])
     _check_choices(tpl, raw, spec)
     fields = set(TASK_FIELDS[spec.name])
     if tpl.truncate is not None and tpl.truncate not in fields:

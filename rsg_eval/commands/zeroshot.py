@@ -48,6 +48,15 @@ def register(app: typer.Typer) -> None:
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
         prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the templates' prefix (FRED-T5 "
                                                                     "'<LM>' by default); '' for none."),
+        num_fewshot: int = typer.Option(0, "--num-fewshot", help="Solved examples from the train split (TERRa's "
+                                                                  "for LiDiRus) put before each item, drawn per "
+                                                                  "item; dropped first when the input is too "
+                                                                  "long."),
+        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw "
+                                                                                "(default: the run seed, 0)."),
+        shard_size: int = typer.Option(256, "--shard-size", hidden=True, help="Items per shard: the unit shared "
+                                                                              "out among processes and saved for "
+                                                                              "resume."),
         nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
                                                                 "and LiDiRus with the NLI head instead of "
                                                                 "prompts."),
@@ -55,10 +64,11 @@ def register(app: typer.Typer) -> None:
         more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
                                                          help="Further task names after --tasks."),
     ) -> None:
-        """Zero-shot evaluation: score each answer choice by its log-likelihood and pick the best.
+        """Zero-shot (or --num-fewshot) evaluation: score each answer choice by its log-likelihood, pick the best.
 
         Writes submissions/<run>/ (config.json, metrics.json, predictions/, logs/, state/, submission.zip) and
-        resumes an interrupted run: finished tasks with unchanged settings are skipped.
+        resumes an interrupted run: finished tasks with unchanged settings are skipped. Runs unchanged on several
+        GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
         from rsg_eval.errors import RSGError
         from rsg_eval.zeroshot import ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot
@@ -74,8 +84,11 @@ def register(app: typer.Typer) -> None:
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
-                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix)
+                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
+                               num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size)
         result = run_zeroshot(opts, console=console, show_progress=not quiet)
+        if not result.main:  # the other processes of a multi-process run: the main one reports
+            return
         print_summary(result)
         if result.interrupted:
             raise typer.Exit(130)
