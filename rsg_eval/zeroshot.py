@@ -445,7 +445,8 @@ def _write_shard(run: RunFolder, sh: _Shard, result: dict) -> None:
 
 
 def _remove_stale_shards(run: RunFolder, shards: Sequence[_Shard], tasks: set[str]) -> None:
-    """Shard files of these tasks made with other settings can never be used again: remove them."""
+    """Shard files of these tasks that no pending shard will read (other settings, or left by a run killed
+    between writing a task and removing its shards) can never be used again: remove them."""
     folder = run.path / SHARD_DIR
     if not folder.is_dir():
         return
@@ -506,7 +507,7 @@ def _setup_main(opts: ZeroShotOptions, jobs: Sequence[Job]) -> tuple[str, list[i
     pending = [i for i, j in enumerate(jobs) if not run.is_done(j.task, j.split, j.fingerprint)]
     shards, _ = _plan_shards([jobs[i] for i in pending], opts)
     if run.path.is_dir():
-        _remove_stale_shards(run, shards, {jobs[i].task for i in pending})
+        _remove_stale_shards(run, shards, {j.task for j in jobs})
     found = [sh.id for sh in shards if _read_shard(run, sh) is not None]
     return str(run.path), pending, found
 

@@ -135,6 +135,12 @@ def test_bad_input(tmp_path):
         _plan(data=str(d), tasks=["RCB"], num_fewshot=1)
     with pytest.raises(RSGError, match="--num-fewshot must be 0 or more"):
         _plan(num_fewshot=-1)
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    res = CliRunner().invoke(app, ["zeroshot", "--model", "tiny", "--nli-head", "--num-fewshot", "2"])
+    assert res.exit_code != 0 and "--nli-head uses no prompts" in str(res.exception)
 
 
 # ------------------------------------------------------------------------------------------------ rendering

@@ -182,3 +182,33 @@ def test_a_failure_on_one_process_stops_all_and_keeps_finished_shards(tmp_path, 
     whole = run_zeroshot(ZeroShotOptions(model="tiny", data="sample", tasks=["TERRa"], split="val", root=tmp_path,
                                          run="whole", shard_size=2), show_progress=False, loaded=tiny)
     assert _files(res.run.path) == _files(whole.run.path)
+
+
+def test_one_process_resumes_inside_a_task_and_ignores_damaged_or_stale_shards(tmp_path, tiny, monkeypatch):
+    opts = dict(model="tiny", data="sample", tasks=["TERRa"], split="val", shard_size=2, root=tmp_path)
+    real, calls = zeroshot._score_job, []
+
+    def interrupt_on_third(job, *a, **k):
+        calls.append([it.key for it in job.items])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(zeroshot, "_score_job", interrupt_on_third)
+    cut = run_zeroshot(ZeroShotOptions(run="r", **opts), show_progress=False, loaded=tiny)
+    assert cut.interrupted and cut.run.finished("val") == []
+    folder = cut.run.path / "state" / "shards"
+    first, second = sorted(folder.iterdir())
+    second.write_text('{"key": "', encoding="utf-8")              # damaged (as a full disk could leave it)
+    stale = folder / "TERRa-0123456789abcdef-00000.json"         # from other settings
+    stale.write_text("{}", encoding="utf-8")
+    other = folder / "RCB-0123456789abcdef-00000.json"           # another task's: not ours to judge
+    other.write_text("{}", encoding="utf-8")
+    calls.clear()
+    monkeypatch.setattr(zeroshot, "_score_job", lambda job, *a, **k: calls.append([it.key for it in job.items])
+                        or real(job, *a, **k))
+    res = run_zeroshot(ZeroShotOptions(run="r", **opts), show_progress=False, loaded=tiny)
+    assert len(calls) == 2 and res.run.finished("val") == ["TERRa"]  # the first shard was reused
+    assert sorted(p.name for p in folder.iterdir()) == [other.name]
+    whole = run_zeroshot(ZeroShotOptions(run="whole", **opts), show_progress=False, loaded=tiny)
+    assert _files(res.run.path) == _files(whole.run.path)

@@ -78,6 +78,9 @@ def register(app: typer.Typer) -> None:
                 raise RSGError(f"unexpected argument(s) {' '.join(more_tasks)}", expected="task names after --tasks")
             tasks = list(tasks) + list(more_tasks)
 
+        if nli_head and num_fewshot:
+            raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
+                           field="--num-fewshot", expected="one of --nli-head or --num-fewshot")
         if nli_head:
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
                          batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console)
