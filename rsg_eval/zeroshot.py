@@ -5,16 +5,26 @@ For every task and split: load the items (`--limit` keeps whole groups), render 
 (`rsg_eval.scoring.score_choices`: encoder once per prompt), take the argmax into `Item.labels`, and write the
 task's predictions, per-item logs and state atomically (`rsg_eval.runs`). A task whose state holds the same
 fingerprint (model id + revision or local-dir hash, dtype, template sha256, prefix, code version, normalisation,
-calibration, limit, data file sha256) is skipped, and the model is loaded only when some task is still to do, so
-rerunning an interrupted command resumes it and rerunning a finished one costs seconds. At the end: metrics.json
-(val) and the leaderboard zip (test).
+calibration, limit, data file sha256, and with --num-fewshot K > 0: K, its seed, the train file's sha256) is
+skipped, and the model is loaded only when some task is still to do, so rerunning an interrupted command resumes
+it and rerunning a finished one costs seconds. At the end: metrics.json (val) and the leaderboard zip (test).
+
+Few-shot (`num_fewshot` K): each item's prompt starts with K solved train examples (`rsg_eval.fewshot`: drawn per
+task and item key, so the same whatever the batch size, --limit, task order or process count), dropped from the
+last one when the input is too long, before the item's passage is shortened (`prompts.render_fewshot`).
+
+Work is done in shards of `shard_size` items, cut from the items alone; each finished shard is saved under
+state/shards/ at once, so an interrupted task resumes from its last shard. Under `accelerate launch` or `torchrun`
+the shards are shared out among the processes and gathered on the main process, which alone writes the run
+folder: the files are byte for byte those of one process (same shards, same batches, same floats).
 
 API::
 
     ZeroShotOptions(model, data=None, tasks=None, split="val", template=None, batch_size=16, limit=None,
                     run=None, root="submissions", normalize="sum", calibrate=False, device=None, dtype=None,
-                    revision=None, prefix=None, seed=0)
-    plan_jobs(opts) -> (DataSource, list[Job])          validates everything without loading a model
+                    revision=None, prefix=None, seed=0, num_fewshot=0, fewshot_seed=None, shard_size=256)
+    plan_jobs(opts, ident=None, *, draw=True) -> (DataSource, list[Job])   validates everything without a model
+    attach_shots(opts, src, jobs)                       draws the few-shot examples of jobs planned with draw=False
     run_zeroshot(opts, *, console=None, show_progress=True, loaded=None) -> ZeroShotResult
     parse_batch_size("16" | "auto") -> int | "auto"
 """
