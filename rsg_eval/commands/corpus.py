@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
                                              "cpu, cuda:0."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     ) -> None:
-        """Build the multi-task corpus for `rsg train-hmtl` from your sources (see the README)."""
+        """Build the multi-task corpus for `rsg train-hmtl` from your sources (see docs/corpus.md)."""
         from rich.console import Console
 
         from rsg_eval.corpus.build import BuildOptions, build_corpus, removal_lines, summary_table
