@@ -608,9 +608,10 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
                 preds = {it.key: row["pred"] for it, row in zip(job.items, rows)}
                 n_trunc = sum(r["n_truncated"] for r in results)
                 secs = round(sum(r["seconds"] for r in results), 3)
+                model = (results[0].get("model") if results else None) or {}  # what scored it (maybe earlier)
                 extra = {"template": job.template.name, "n_truncated": n_trunc, "seconds": secs,
-                         "model_fingerprint": info.get("fingerprint"), "dtype": info.get("dtype"),
-                         "device": info.get("device")}
+                         "model_fingerprint": model.get("fingerprint"), "dtype": model.get("dtype"),
+                         "device": model.get("device")}
                 if job.shots is not None or opts.num_fewshot:
                     extra["n_shots_dropped"] = sum(r.get("n_shots_dropped", 0) for r in results)
                 run.write_task(job.task, job.split, job.items, preds, rows, job.fingerprint, parts=job.parts,
@@ -647,7 +648,8 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
                     _, rows, n_trunc = _score_job(part, loaded, opts, advance)
                     res = {"key": sh.key, "task": sh.task, "index": sh.index, "start": sh.start, "end": sh.end,
                            "keys": sh.keys(), "rows": rows, "n_truncated": n_trunc,
-                           "seconds": round(time.perf_counter() - t0, 3)}
+                           "seconds": round(time.perf_counter() - t0, 3),
+                           "model": {k: info.get(k) for k in ("fingerprint", "dtype", "device")}}
                     if part.shots is not None:
                         res["n_shots_dropped"] = sum(len(part.shots.get(r["key"], [])) - len(r["shots"])
                                                      for r in rows if r["prompt"] is not None)
