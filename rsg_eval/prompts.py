@@ -235,8 +235,7 @@ def _undefined_name(exc: jinja2.UndefinedError) -> str | None:
 
 
 def _n_tokens(tokenizer: Any, text: str) -> int:
-    # verbose=False: measuring a text longer than the model reads is the point here, not a mistake to warn about.
-    return len(tokenizer(text, verbose=False)["input_ids"])
+    return len(tokenizer(text)["input_ids"])
 
 
 def _compile(tpl: Template, where: str, source: str) -> Any:
