@@ -18,11 +18,17 @@ state/shards/ at once, so an interrupted task resumes from its last shard. Under
 the shards are shared out among the processes and gathered on the main process, which alone writes the run
 folder: the files are byte for byte those of one process (same shards, same batches, same floats).
 
+One configuration per run folder (`rsg_eval.runs.RunFolder.claim`): before anything is loaded, every template is
+rendered on one item of each split (a broken template creates nothing), then the folder is locked and its
+recorded settings compared with this command's (`run_settings`): a difference is refused (exit 2) unless
+`restart`. A finished task split whose files no longer match its state is redone, with a line saying why.
+
 API::
 
     ZeroShotOptions(model, data=None, tasks=None, split="val", template=None, batch_size=16, limit=None,
                     run=None, root="submissions", normalize="sum", calibrate=False, device=None, dtype=None,
-                    revision=None, prefix=None, seed=0, num_fewshot=0, fewshot_seed=None, shard_size=256)
+                    revision=None, prefix=None, seed=0, num_fewshot=0, fewshot_seed=None, shard_size=256,
+                    restart=False)
     plan_jobs(opts, ident=None, *, draw=True) -> (DataSource, list[Job])   validates everything without a model
     attach_shots(opts, src, jobs)                       draws the few-shot examples of jobs planned with draw=False
     run_zeroshot(opts, *, console=None, show_progress=True, loaded=None) -> ZeroShotResult
@@ -75,6 +81,7 @@ class ZeroShotOptions:
     num_fewshot: int = 0              # solved train examples before each item (rsg_eval.fewshot)
     fewshot_seed: int | None = None   # default: seed
     shard_size: int = 256             # items per shard: the unit shared out among processes and saved for resume
+    restart: bool = False             # clear the run folder's results and start over
 
 
 @dataclass
@@ -201,6 +208,7 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
                 "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": _sha256_file(path), **fewshot,
             }
             jobs.append(Job(task, split, tpl, items, parts, fingerprint(parts)))
+            check_renders(jobs[-1], opts)
     if draw:
         attach_shots(opts, src, jobs)
     return src, jobs
@@ -223,6 +231,41 @@ def attach_shots(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job]) -> None:
         job.shots = {it.key: draw_shots(pool, it, opts.num_fewshot, seed) for it in job.items}
 
 
+def check_renders(job: Job, opts: ZeroShotOptions) -> None:
+    """Render the job's template (and its content-free input under --calibrate) on the split's first item with
+    answer choices, so a template that fails (sandbox, undefined variable, empty choice) fails before the model
+    loads and before any file is written."""
+    first = next((it for it in job.items if it.labels), None)
+    if first is None:
+        return
+    job.template.render(first, prefix=opts.prefix)
+    if opts.calibrate:
+        job.template.render_content_free(first, prefix=opts.prefix)
+
+
+def data_identity(src: Any) -> str:
+    """The data a run reads, as a run-level setting: "sample", else the resolved folder or zip path."""
+    origin = str(getattr(src, "origin", src))
+    return origin if origin == "sample" else str(Path(origin).expanduser().resolve())
+
+
+def run_settings(opts: ZeroShotOptions, src: Any, jobs: list[Job]) -> tuple[dict, dict]:
+    """(run-level settings, {(task, split): per-task settings}) for `RunFolder.claim`: everything the results
+    depend on (model identity, dtype, template, prefix, normalisation, calibration, limit, code version, data);
+    not the task list, split, batch size or device."""
+    keep = ("model", "revision", "dtype", "model_dir", "prefix", "code_version", "normalize", "calibrate", "limit")
+    first = jobs[0].parts if jobs else {}
+    settings = {k: first.get(k) for k in keep}
+    settings.update(template=opts.template or "default", data=data_identity(src))
+    if opts.num_fewshot:  # only then: zero-shot folders keep their recorded settings
+        settings.update(num_fewshot=opts.num_fewshot, fewshot_seed=fewshot_seed(opts))
+    per_task = {(j.task, j.split): {"template": j.template.name, "template_sha256": j.template.sha256,
+                                     "data_sha256": j.parts["data_sha256"],
+                                     **({"fewshot_data_sha256": j.parts["fewshot_data_sha256"]}
+                                        if "fewshot_data_sha256" in j.parts else {})} for j in jobs}
+    return settings, per_task
+
+
 def _run_folder(opts: ZeroShotOptions) -> RunFolder:
     """The run folder object (not created yet: nothing is written before the model has loaded)."""
     tags = []
@@ -236,12 +279,7 @@ def _run_folder(opts: ZeroShotOptions) -> RunFolder:
         tags.append(f"limit{opts.limit}")
     if opts.num_fewshot:
         tags.append(f"{opts.num_fewshot}shot")
-    run = RunFolder(run_path(opts.run, model=opts.model, kind=KIND, tags=tags, root=opts.root))
-    old = run.read_config()
-    if old and (old.get("kind") != KIND or old.get("model") != opts.model):
-        raise RSGError(f"this run folder holds a {old.get('kind')} run of {old.get('model')!r}, not a {KIND} run "
-                       f"of {opts.model!r}; pick another --run", file=run.path, field="--run")
-    return run
+    return RunFolder(run_path(opts.run, model=opts.model, kind=KIND, tags=tags, root=opts.root))
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -311,6 +349,7 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
 # How long a process that has finished its shards waits for the others at the final gather (torch's default, 30
 # minutes for gloo and 10 for NCCL, is shorter than one slow shard of a 13B model can take).
 DIST_TIMEOUT_S = 12 * 3600
+LEAVE_TIMEOUT_S = 600  # the final wait for the main process to finish writing (gloo; NCCL waits DIST_TIMEOUT_S)
 SHARD_DIR = Path("state") / "shards"
 
 
@@ -509,17 +548,29 @@ def _gather_to_main(dist: Any, obj: Any) -> list[Any] | None:
     return out
 
 
-def _setup_main(opts: ZeroShotOptions, jobs: Sequence[Job]) -> tuple[str, list[int], list[tuple[str, int]]]:
-    """Main process only, before any model loads: the run folder, the task splits still to do and the shards of
-    them that an earlier (possibly wider or narrower) run already finished."""
+def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict) -> tuple:
+    """Main process only, before any model loads: claim the run folder (lock + one-configuration check; kept in
+    `held` until run_zeroshot releases it), find the task splits still to do and the shards of them that an
+    earlier (possibly wider or narrower) run already finished. -> (path, pending job indices, found shard ids,
+    lines to print)."""
     run = _run_folder(opts)
-    # RUN-FOLDER LOCK (issue 10, item 2): the lock on the run folder is taken here, on the main process only.
-    pending = [i for i, j in enumerate(jobs) if not run.is_done(j.task, j.split, j.fingerprint)]
+    settings, per_task = run_settings(opts, src, jobs)
+    held["claim"] = run.claim(KIND, settings, per_task=per_task, restart=opts.restart, main=True)
+    held["run"] = run
+    notes = [f"[yellow]--restart: cleared the results in {run.path}[/]"] if held["claim"].restarted else []
+    pending = []
+    for i, j in enumerate(jobs):
+        why = run.task_problem(j.task, j.split, j.fingerprint)
+        if why is None:
+            continue
+        if why != "not finished":
+            notes.append(f"[yellow]{j.task}/{j.split}: {why}; redoing it[/]")
+        pending.append(i)
     shards, _ = _plan_shards([jobs[i] for i in pending], opts)
     if run.path.is_dir():
         _remove_stale_shards(run, shards, {j.task for j in jobs})
     found = [sh.id for sh in shards if _read_shard(run, sh) is not None]
-    return str(run.path), pending, found
+    return str(run.path), pending, found, notes
 
 
 def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
@@ -538,14 +589,11 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
     """Evaluate, resume-aware; see the module docstring. `loaded` (a models.loading.Loaded) skips loading.
 
     Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) every process plans the same jobs and shards, scores
-    its share of the shards and saves each under state/shards/; the main process alone holds the run folder
-    (config, task results, metrics, zip), gathers the others' shards and writes exactly what one process writes.
+    its share of the shards and saves each under state/shards/; the main process alone claims the run folder
+    (lock + one-configuration check), writes config, task results, metrics and zip, and gathers the others'
+    shards: it writes exactly what one process writes.
     """
-    import dataclasses
-
-    import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from rsg_eval.training.dist import init_from_env
 
@@ -554,8 +602,61 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
     if not dist.main:  # one voice: the other processes only score
         console, show_progress = Console(stderr=True, quiet=True), False
     src, jobs = plan_jobs(opts, draw=False)  # the same on every process (deterministic)
-    path, pending_idx, found_ids = _on_main(dist, lambda: _setup_main(opts, jobs))
-    run = RunFolder(path)
+    held: dict = {}  # main process: the claimed RunFolder and its claim
+    interrupted = False
+    try:
+        path, pending_idx, found_ids, notes = _on_main(dist, lambda: _setup_main(opts, src, jobs, held))
+        for note in notes:
+            console.print(note, soft_wrap=True)
+        run = held["run"] if dist.main else RunFolder(path)
+        result = _run_claimed(opts, run, src, jobs, pending_idx, found_ids, dist, console, show_progress, loaded)
+        interrupted = result.interrupted
+        return result
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if "claim" in held:
+            held["claim"].release()
+        if not interrupted:  # (Ctrl-C reaches every process; none would come to the barrier in time)
+            _leave_together(dist)
+
+
+def _leave_together(dist: Any) -> None:
+    """Every process waits here until the main one is done writing: under torchrun a process that exits with an
+    error first gets the others killed, perhaps while the main one still writes the finished tasks' results."""
+    if not dist.active:
+        return
+    import datetime as dt
+
+    import torch.distributed as tdist
+
+    try:
+        if tdist.get_backend() == "gloo":  # bounded: a process that is gone is not waited for forever
+            tdist.monitored_barrier(timeout=dt.timedelta(seconds=LEAVE_TIMEOUT_S), wait_all_ranks=True)
+        else:
+            tdist.barrier()
+    except RuntimeError:
+        pass  # a process did not come: nothing left to protect; the error that caused it is already on its way
+
+
+def shutdown_distributed() -> None:
+    """End of a `rsg zeroshot` process: leave the process group cleanly (a process that exits with it still up
+    can abort in gloo's teardown while another is still running). A no-op in a single process."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job], pending_idx: list[int],
+                 found_ids: list, dist: Any, console: Any, show_progress: bool, loaded: Any) -> ZeroShotResult:
+    """run_zeroshot's work once the main process has claimed the run folder (locked, settings checked)."""
+    import dataclasses
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     result = ZeroShotResult(run, main=dist.main)
     pending = [jobs[i] for i in pending_idx]
     pending_set = set(pending_idx)
@@ -581,8 +682,6 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
         except Exception as exc:  # every process must hear of it, or the others wait for this one forever
             err = exc
         _agree(dist, err)
-    if dist.main and (pending or run.read_config() is None):  # a rerun that only skips leaves config.json
-        _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
     info = loaded.info if loaded is not None else {}
     mine = _assign(todo, dist.world)[dist.rank]
     done: dict[tuple[str, int], dict] = {}     # shard id -> result (main: every shard it knows of)
@@ -635,6 +734,8 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
                 bars[id(job)] = progress.add_task(f"{job.task}/{job.split}", total=len(job.items))
             error: BaseException | None = None
             try:
+                if dist.main and (pending or run.read_config() is None):  # a rerun that only skips keeps it
+                    _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
                 if dist.main:
                     write_ready(bars)  # task splits whose shards were all scored before
                 for sh in mine:
@@ -687,6 +788,10 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
             result.metrics = run.write_metrics("val")
         if dist.main and run.path.is_dir() and run.finished("test"):
             result.zip = run.build_zip()
+        for split in ("val", "test"):
+            for task, why in (run.ignored(split).items() if dist.main and run.path.is_dir() else ()):
+                console.print(f"[yellow]{task}/{split}: {why}: left out of metrics.json and the zip[/]",
+                              soft_wrap=True)
     return result
 
 

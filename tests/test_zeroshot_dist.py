@@ -144,6 +144,7 @@ FAILING = textwrap.dedent("""\
     except Exception as exc:
         out["scoring"] = f"{type(exc).__name__}: {exc}"
     open(f"{root}/rank{rank}.json", "w").write(json.dumps(out))
+    zeroshot.shutdown_distributed()  # as `rsg zeroshot` does at its end
     """)
 
 

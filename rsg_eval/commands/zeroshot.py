@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
                                                               "<model>-zeroshot[-settings]-<date>. Rerunning "
                                                               "with the same name resumes."),
         root: Path = typer.Option(Path("submissions"), "--root", help="Folder that holds run folders."),
+        restart: bool = typer.Option(False, "--restart", help="Clear the run folder's results and start over "
+                                                              "(needed to change settings in an existing "
+                                                              "--run: one folder holds one configuration)."),
         normalize: str = typer.Option("sum", "--normalize", help="Choice score: sum (total log-likelihood), "
                                                                  "token (per token) or byte (per UTF-8 byte)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
@@ -71,7 +74,8 @@ def register(app: typer.Typer) -> None:
         GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
         from rsg_eval.errors import RSGError
-        from rsg_eval.zeroshot import ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot
+        from rsg_eval.zeroshot import (ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot,
+                                       shutdown_distributed)
 
         if more_tasks:  # `--tasks TERRa RCB`: typer options take one value, the rest arrive as arguments
             if not tasks:
@@ -83,13 +87,18 @@ def register(app: typer.Typer) -> None:
                            field="--num-fewshot", expected="one of --nli-head or --num-fewshot")
         if nli_head:
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
-                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console)
+                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console,
+                         **({"restart": True} if restart else {}))
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
                                calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
-                               num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size)
-        result = run_zeroshot(opts, console=console, show_progress=not quiet)
+                               num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
+                               restart=restart)
+        try:
+            result = run_zeroshot(opts, console=console, show_progress=not quiet)
+        finally:
+            shutdown_distributed()
         if not result.main:  # the other processes of a multi-process run: the main one reports
             return
         print_summary(result)
