@@ -321,3 +321,25 @@ def test_nine_tasks_with_two_shots_into_a_valid_zip(tmp_path, tiny, monkeypatch)
         for r in small.read_logs(task, "val"):
             assert r["shots"] == big[r["key"]]["shots"] and r["prompt"] == big[r["key"]]["prompt"]
             assert r["pred"] == big[r["key"]]["pred"]
+
+
+def test_a_run_folder_holds_one_few_shot_setting(tmp_path, tiny):
+    """The few-shot settings are part of the folder's one configuration: K or the seed changed in the same --run
+    is refused with the difference named (zero-shot folders record no few-shot settings at all)."""
+    from rsg_eval.zeroshot import run_zeroshot
+
+    def run(**kw):
+        opts = ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="r", tasks=["TERRa"], **kw)
+        return run_zeroshot(opts, show_progress=False, loaded=tiny)
+
+    res = run()
+    assert "num_fewshot" not in res.run.read_config()["settings"]
+    with pytest.raises(RSGError, match=r"num_fewshot: None -> 2"):
+        run(num_fewshot=2)
+    res = run(num_fewshot=2, restart=True)
+    cfg = res.run.read_config()
+    assert cfg["settings"]["num_fewshot"] == 2 and cfg["settings"]["fewshot_seed"] == 0
+    assert cfg["task_settings"]["TERRa/val"]["fewshot_data_sha256"]
+    with pytest.raises(RSGError, match=r"fewshot_seed: 0 -> 7"):
+        run(num_fewshot=2, fewshot_seed=7)
+    assert [o.status for o in run(num_fewshot=2).outcomes] == ["skipped"]
