@@ -62,8 +62,9 @@ PROMPT_CHARS = Limit("RSG_MAX_PROMPT_CHARS", 100_000, "characters",
 CHARS_PER_TOKEN = Limit("RSG_MAX_CHARS_PER_TOKEN", 32, "characters per token",
                         "how much of a text field is kept before tokenisation: the model's input length in tokens "
                         "times this (a token is 2 to 5 characters of Russian text)")
-TEMPLATE_STEPS = Limit("RSG_MAX_TEMPLATE_STEPS", 100_000, "steps",
-                       "loop iterations and calls while rendering one template for one item")
+TEMPLATE_STEPS = Limit("RSG_MAX_TEMPLATE_STEPS", 10_000, "steps",
+                       "loop iterations, calls and filters (a macro call counts 10) while rendering one template "
+                       "for one item; the bundled templates take under 100")
 
 ALL: tuple[Limit, ...] = (LINE_BYTES, SUBMISSION_BYTES, ZIP_BYTES, ZIP_RATIO, PROMPT_CHARS, CHARS_PER_TOKEN,
                           TEMPLATE_STEPS)
