@@ -107,8 +107,8 @@ def storage_error(exc: BaseException, path: str | Path | None) -> WriteError | N
     why = write_failure(exc, path)
     if why is None:
         return None
-    return WriteError(f"could not write this file: {why}. Free some space (or write elsewhere) and run the same "
-                      "command again: finished work is kept", file=path)
+    return WriteError(f"could not write {'this file' if path is not None else 'an output'}: {why}. Free some "
+                      "space (or write elsewhere) and run the same command again: finished work is kept", file=path)
 
 
 @contextlib.contextmanager
