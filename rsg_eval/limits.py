@@ -68,3 +68,11 @@ TEMPLATE_STEPS = Limit("RSG_MAX_TEMPLATE_STEPS", 10_000, "steps",
 
 ALL: tuple[Limit, ...] = (LINE_BYTES, SUBMISSION_BYTES, ZIP_BYTES, ZIP_RATIO, PROMPT_CHARS, CHARS_PER_TOKEN,
                           TEMPLATE_STEPS)
+
+
+def cut_text(text: str, max_tokens: int) -> str:
+    """`text` cut to `max_tokens` x RSG_MAX_CHARS_PER_TOKEN characters, its start kept: what a tokenizer that
+    truncates to `max_tokens` keeps lies inside (no token spans that many characters), and a crafted 200 MB
+    text never reaches the tokenizer whole (fast tokenizers encode everything before truncating)."""
+    cap = max_tokens * CHARS_PER_TOKEN.value()
+    return text[:cap] if len(text) > cap else text

@@ -56,7 +56,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from rsg_eval.errors import RSGError
-from rsg_eval.limits import CHARS_PER_TOKEN, PROMPT_CHARS, TEMPLATE_STEPS, Limit
+from rsg_eval.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
 from rsg_eval.tasks import TASK_NAMES, get_task
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -593,5 +593,4 @@ def cut_fields(fields: Mapping[str, Any], max_tokens: int | None) -> dict[str, A
     from reaching the tokenizer (gigabytes of ids)."""
     if not max_tokens:
         return dict(fields)
-    cap = max_tokens * CHARS_PER_TOKEN.value()
-    return {k: (v[:cap] if isinstance(v, str) and len(v) > cap else v) for k, v in fields.items()}
+    return {k: (cut_text(v, max_tokens) if isinstance(v, str) else v) for k, v in fields.items()}

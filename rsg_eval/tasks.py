@@ -392,13 +392,19 @@ _PARSERS: dict[str, Callable[[_Rec, str], list[Item]]] = {
 }
 
 
+class EmptyTaskFile(RSGError):
+    """A task file without records (or without anything to predict): an error wherever it is read, so that an
+    empty val.jsonl cannot give empty metrics and exit status 0. Fine-tuning reports an empty train file as a
+    task that cannot be trained (and goes on with the others)."""
+
+
 def parse_records(task: str, split: str, records: list[tuple[int, dict]], source: str) -> list[Item]:
     """Parse (line number, record) pairs of one task file into items; duplicate ids are an error, and so is
     a file without a record or an item (an empty val.jsonl would otherwise give empty metrics and exit 0)."""
     task = get_task(task).name
     check_split(task, split)
     if not records:
-        raise RSGError(f"the {task} {split} file holds no records", file=source,
+        raise EmptyTaskFile(f"the {task} {split} file holds no records", file=source,
                        expected="one JSON object per line (download the data again, or drop this task with --tasks)")
     parser = _PARSERS[task]
     items: list[Item] = []
@@ -413,7 +419,7 @@ def parse_records(task: str, split: str, records: list[tuple[int, dict]], source
             seen[it.key] = lineno
         items.extend(new)
     if not items:
-        raise RSGError(f"the {task} {split} file holds {len(records)} record(s) but nothing to predict",
+        raise EmptyTaskFile(f"the {task} {split} file holds {len(records)} record(s) but nothing to predict",
                        file=source, expected="MuSeRC passages with questions and answers")
     return items
 
