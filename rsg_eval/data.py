@@ -234,9 +234,10 @@ def safe_extract(zip_path: Path, target: Path) -> list[Path]:
                 continue
             key = str(rel).lower()  # task folders are matched case-insensitively: TERRa/ and terra/ collide
             if key in seen:
-                raise RSGError(f"the zip holds {info.filename!r} twice (or also as {seen[key]!r}); extracting "
-                               "both would silently keep only the last", file=zip_path,
-                               expected="each file once")
+                both = f"{info.filename!r} twice" if seen[key] == info.filename else \
+                    f"{seen[key]!r} and {info.filename!r} (task folders match in any case)"
+                raise RSGError(f"the zip holds {both}; extracting both would silently keep only the last",
+                               file=zip_path, expected="each file once")
             seen[key] = info.filename
             if task_member(rel) is not None:
                 members.append((info, rel))
