@@ -83,7 +83,9 @@ def write_failure(exc: BaseException, path: str | Path | None = None) -> str | N
         m = _OS_ERROR_IN_TEXT.search(text) if type(exc).__name__ == "SafetensorError" else None
         if m and int(m.group(1)) in _STORAGE_ERRNOS:
             return _STORAGE_ERRNOS[int(m.group(1))]
-        if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        # torch's writer only: its reader fails with "PytorchStreamReader failed reading ..." (a damaged file)
+        if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or
+                                              ("inline_container" in text and "unexpected pos" in text)):
             free = _free_bytes(path)
             if free is not None and free < 64 << 20:
                 return f"the disk is full ({free >> 20} MiB free)"

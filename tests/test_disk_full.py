@@ -70,7 +70,9 @@ def test_write_failure_knows_what_a_full_disk_looks_like(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 1 << 30, 9 << 30))
     assert "may be full" in write_failure(RuntimeError(TORCH_FULL), tmp_path)
     # not storage conditions: left alone (they stay tracebacks, they are bugs)
+    reader = "PytorchStreamReader failed reading zip archive: failed finding central directory"  # damaged, not full
     for exc in (OSError(errno.ENOENT, "No such file"), ValueError("x"), RuntimeError("CUDA out of memory"),
+                RuntimeError(reader),
                 safetensors.SafetensorError("Error while deserializing header: header too small")):
         assert write_failure(exc) is None
 
