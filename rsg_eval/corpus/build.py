@@ -29,7 +29,7 @@ from rsg_eval.corpus.leakage import LeakageGuard, build_rsg_index
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import MAIN_FIELD, RAW, TASKS, Problems
 from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, atomic_write_text
+from rsg_eval.io import atomic_write_json, atomic_write_text, guarded_write
 
 
 @dataclass
@@ -105,7 +105,14 @@ def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, v
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
     """Stream JSON lines into a temporary file next to `path`, fsync, then rename (like rsg_eval.io's atomic
-    writers, without holding the whole file in memory: a full corpus is a few GB of text)."""
+    writers, without holding the whole file in memory: a full corpus is a few GB of text). A full disk is one
+    line naming the file (rsg_eval.io.guarded_write), with the temporary file removed."""
+    with guarded_write(path):
+        _write_jsonl_atomic(path, rows)
+    return path
+
+
+def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
@@ -117,7 +124,6 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def _public(rec: dict) -> dict:

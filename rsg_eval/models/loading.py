@@ -107,6 +107,7 @@ def load_model(
         return _load_tiny(dev, dtype)
     path = Path(name).expanduser()
     if path.is_dir():
+        _check_local_weights(path)
         if (path / HIERARCHICAL_MARKER).is_file():
             return _load_hierarchical(path, dev, dtype, allow_fp16)
         if not (path / "config.json").is_file():
@@ -261,14 +262,13 @@ def _from_pretrained(auto_cls: Any, name: str, config: Any, dt: torch.dtype, com
     dkw = {"dtype": dt} if _version_tuple(transformers.__version__) >= (4, 56) else {"torch_dtype": dt}
     try:
         return auto_cls.from_pretrained(name, config=config, use_safetensors=True, **dkw, **common)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, *_weight_errors()) as exc:
         first = exc
     log.warning("no safetensors weights for %s; loading the pickled checkpoint", name)
     try:
         return auto_cls.from_pretrained(name, config=config, use_safetensors=False, **dkw, **common)
-    except (OSError, ValueError, KeyError) as exc:
-        raise RSGError(f"could not load the model weights from {where} {name!r}: {_short(exc)} "
-                       f"(safetensors: {_short(first)})") from exc
+    except (OSError, ValueError, KeyError, *_weight_errors()) as exc:
+        raise _weights_load_error(exc, first, name, where) from None
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -355,3 +355,41 @@ def _short(exc: BaseException) -> str:
     """The first line of a library error, without its traceback."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------- damaged weights
+
+
+def _check_local_weights(path: Path) -> None:
+    """Refuse a model folder whose weights files are truncated or not weights at all, naming the file, before
+    a loader meets them (rsg_eval.models.weight_files reads only their headers)."""
+    from rsg_eval.models.weight_files import check_weight_files
+
+    check_weight_files(path)
+
+
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    """Exception types a weights loader raises on a damaged file besides OSError/ValueError."""
+    import pickle
+
+    out: list[type[BaseException]] = [pickle.UnpicklingError, EOFError]
+    try:
+        from safetensors import SafetensorError
+
+        out.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        pass
+    return tuple(out)
+
+
+def _weights_load_error(exc: BaseException, first: BaseException, name: str, where: str) -> RSGError:
+    """One line for weights that would not load: a refused pickle says so (not transformers' hint about
+    TensorFlow checkpoints), anything else gives both attempts' first lines."""
+    from rsg_eval.models.weight_files import describe_load_error
+
+    refused = describe_load_error(exc, Path(name).expanduser())
+    if refused is not None:
+        return refused
+    text = _short(exc).split(" If you tried to load a PyTorch model from a TF")[0]
+    return RSGError(f"could not load the model weights from {where} {name!r}: {text} (safetensors: {_short(first)})",
+                    expected="a folder with model.safetensors (or an intact pytorch_model.bin)")
