@@ -61,6 +61,7 @@ class ZeroShotOptions:
     revision: str | None = None
     prefix: str | None = None
     seed: int = 0
+    device_map: str | None = None     # "auto": spread a model too big for one GPU over several (accelerate)
 
 
 @dataclass
@@ -232,8 +233,8 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
     splits = set(old.get("splits", [])) | {j.split for j in jobs}
     model_info = dict(old.get("model_info") or {})
     if info:
-        model_info = {k: info.get(k) for k in ("source", "model_type", "dtype", "device", "parameters",
-                                                 "max_input_tokens", "fingerprint", "commit_hash",
+        model_info = {k: info.get(k) for k in ("source", "kind", "model_type", "dtype", "device", "device_map",
+                                                 "parameters", "max_input_tokens", "fingerprint", "commit_hash",
                                                  "tie_word_embeddings", "tokenizer_appends_eos")}
     cfg = {
         **old,
@@ -261,8 +262,10 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
 
     tok, max_tokens = loaded.tokenizer, loaded.info.get("max_input_tokens")
     scored = [it for it in job.items if it.labels]  # a RuCoS passage without entities has nothing to rank
-    rendered = [job.template.render(it, tokenizer=tok, max_tokens=max_tokens, prefix=opts.prefix) for it in scored]
-    cal = [job.template.render_content_free(it, prefix=opts.prefix) for it in scored] if opts.calibrate else None
+    # The templates' prefix (FRED-T5's "<LM>") means nothing to a decoder-only model: none unless asked for.
+    prefix = "" if opts.prefix is None and loaded.info.get("kind") == "causal" else opts.prefix
+    rendered = [job.template.render(it, tokenizer=tok, max_tokens=max_tokens, prefix=prefix) for it in scored]
+    cal = [job.template.render_content_free(it, prefix=prefix) for it in scored] if opts.calibrate else None
     scores = score_choices(loaded.model, tok, [r.prompt for r in rendered], [r.choices for r in rendered],
                            batch_size=opts.batch_size, normalize=opts.normalize, calibrate=opts.calibrate,
                            calibration_prompts=cal, max_input_tokens=max_tokens, progress=advance)
@@ -303,7 +306,8 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
         from rsg_eval.models.loading import load_model
 
         console.print(f"loading model [bold]{opts.model}[/] ...")
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, revision=opts.revision)
+        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, revision=opts.revision,
+                            causal_ok=True, device_map=opts.device_map)
     if pending or run.read_config() is None:  # a rerun that only skips leaves config.json as it was
         _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
     try:

@@ -42,6 +42,10 @@ def register(app: typer.Typer) -> None:
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
                                                                   "content-free input (text fields -> 'N/A')."),
         device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too big for "
+                                                                            "one GPU over the visible GPUs (and "
+                                                                            "CPU memory), in one process; "
+                                                                            "instead of --device."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default: bf16 on a GPU that has it, "
                                                                   "else fp32), bf16, fp32. fp16 is refused for "
                                                                   "T5."),
@@ -69,12 +73,18 @@ def register(app: typer.Typer) -> None:
             tasks = list(tasks) + list(more_tasks)
 
         if nli_head:
+            from rsg_eval.models.loading import SEQ2SEQ_ONLY, model_kind
+
+            if model_kind(model) == "causal":
+                raise RSGError(f"{model!r} is a decoder-only model; {SEQ2SEQ_ONLY} work with seq2seq models only",
+                               field="--nli-head", expected="a hierarchical FRED-T5 checkpoint")
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
                          batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console)
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
-                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix)
+                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
+                               device_map=device_map)
         result = run_zeroshot(opts, console=console, show_progress=not quiet)
         print_summary(result)
         if result.interrupted:
