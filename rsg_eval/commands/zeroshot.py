@@ -73,11 +73,9 @@ def register(app: typer.Typer) -> None:
             tasks = list(tasks) + list(more_tasks)
 
         if nli_head:
-            from rsg_eval.models.loading import SEQ2SEQ_ONLY, model_kind
+            from rsg_eval.models.loading import require_seq2seq
 
-            if model_kind(model) == "causal":
-                raise RSGError(f"{model!r} is a decoder-only model; {SEQ2SEQ_ONLY} work with seq2seq models only",
-                               field="--nli-head", expected="a hierarchical FRED-T5 checkpoint")
+            require_seq2seq(model, "--nli-head")
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
                          batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console)
             return

@@ -372,6 +372,16 @@ def model_kind(name_or_path: str | Path) -> str | None:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
+def require_seq2seq(name_or_path: str | Path, what: str) -> None:
+    """Refuse a decoder-only model for a seq2seq-only command (`what`, e.g. "rsg finetune") before it does any
+    work, when that can be told without the network (built-in names, local folders); load_model refuses the
+    rest (a hub id) when it reads the config."""
+    if model_kind(name_or_path) == "causal":
+        raise RSGError(f"{str(name_or_path)!r} is a decoder-only model; {what} works with seq2seq models only "
+                       "(decoder-only models are scored by rsg zeroshot)",
+                       field="model", expected="a seq2seq model such as FRED-T5, or 'tiny'")
+
+
 def _refuse_causal(name: str, model_type: str | None) -> None:
     raise RSGError(f"{name!r} is a decoder-only model (model_type {model_type!r}); {SEQ2SEQ_ONLY} work with "
                    "seq2seq models only (decoder-only models are scored by rsg zeroshot)",

@@ -77,7 +77,7 @@ def encode(model: Any, tokenizer: Any, prompts: list[str], choices: list[list[st
             n = len(plain[i])
             cont = whole[n:] if whole[:n] == plain[i] else \
                 tokenizer(delimiter(p_text) + text, add_special_tokens=False, verbose=False)["input_ids"]
-            if not cont:
+            if not cont or not text:  # an empty choice would score the delimiter alone
                 raise RSGError(f"answer choice {j} of prompt {i} ({text!r}) tokenises to nothing; "
                                "a verbaliser must produce at least one token", field="choices")
             conts.append(list(cont))
@@ -158,13 +158,14 @@ def naive_batch(model: Any, prompts: list[list[int]], choices: list[list[list[in
             for t, tok in enumerate(choices[p][j]):  # the output at position n - 1 + t predicts continuation t
                 tg.add(0, r * width + n - 1 + t, tok, r)
         ids, mask = pad(seqs, pad_id)
-        ids, mask, *tgt = to_device(dev, ids, mask, *tg.host_tensors())
+        tensors, pick = tg.host_tensors()
+        ids, mask, *tgt = to_device(dev, ids, mask, *tensors)
         if plain:
             states = _base(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            out.append(sums_from_states(model, [states], tgt[:1], *tgt[1:], n=len(chunk)))
+            out.append(sums_from_states(model, [states], tgt, pick, n=len(chunk)))
         else:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            out.append(sums_from_logits(logits, *tgt, n=len(chunk)))
+            out.append(sums_from_logits(logits, tgt, pick, n=len(chunk)))
     return torch.cat(out)
 
 
@@ -272,7 +273,8 @@ def packed_batch(model: Any, prompts: list[list[int]], choices: list[list[list[i
         host += [pad(tails, pad_id)[0], _tail_positions(tail_pos, wt),  # (R, Wt), (R, Wt)
                  _choices_mask(row_lengths, tail_pos, tail_seg, ctx_ids.shape[1], wt, dtype),  # (R, 1, Wt, Wc + Wt)
                  torch.tensor(row_prompt)]
-    moved = to_device(dev, *host, *tg.host_tensors())
+    tensors, pick = tg.host_tensors()
+    moved = to_device(dev, *host, *tensors)
     tgt = moved[len(host):]
     base = _base(model)
     out = base(input_ids=moved[0], attention_mask=moved[1], use_cache=True)
@@ -284,7 +286,7 @@ def packed_batch(model: Any, prompts: list[list[int]], choices: list[list[list[i
         tail_out = base(input_ids=moved[2], attention_mask=moved[4], position_ids=moved[3], past_key_values=cache,
                         use_cache=True)
         states.append(tail_out.last_hidden_state)  # (R, Wt, d)
-    return sums_from_states(model, states, tgt[:2], *tgt[2:], n=sum(len(c) for c in choices))
+    return sums_from_states(model, states, tgt, pick, n=sum(len(c) for c in choices))
 
 
 def prompt_once_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]], bs: int) -> torch.Tensor:

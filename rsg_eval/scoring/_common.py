@@ -11,6 +11,7 @@ The scoring passes follow one pattern per batch of prompts, so that the GPU neve
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ T5_TYPES = ("t5", "mt5")
 # Decoder-only families whose logits are exactly `lm_head(final hidden state)` (no soft-capping, logit scale or
 # bias), so the fp32 head below reproduces them; others are scored from the model's own logits.
 PLAIN_HEAD_CAUSAL = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+HEAD_CHUNK_BYTES = 256 << 20  # fp32 logits per LM-head chunk: 1,300 rows of a 50k vocabulary
 
 
 @dataclass
@@ -63,13 +65,36 @@ class Targets:
         self.token.append(token)
         self.seg.append(seg)
 
-    def host_tensors(self) -> list[torch.Tensor]:
-        """[rows of source 0, ..., pick, token, seg] as CPU long tensors (moved to the device with the batch)."""
+    def host_tensors(self) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
+        """([rows of source 0, ..., pick, token, seg] as CPU long tensors, head chunks).
+
+        The scored tokens are sorted by the row they read, so that the rows can go through the LM head in chunks
+        of at most `head_rows(V)` (bounded memory for the (rows, V) fp32 logits): chunk (a, b, lo, hi) covers
+        rows a..b-1 and scored tokens lo..hi-1.
+        """
         offsets = [0]
         for r in self.rows:
             offsets.append(offsets[-1] + len(r))
         pick = [offsets[s] + r for s, r in self.pick]
-        return [_long(r) for r in self.rows] + [_long(pick), _long(self.token), _long(self.seg)]
+        order = sorted(range(len(pick)), key=pick.__getitem__)
+        pick = [pick[m] for m in order]
+        tensors = [_long(r) for r in self.rows] + [_long(pick), _long([self.token[m] for m in order]),
+                                                   _long([self.seg[m] for m in order])]
+        return tensors, pick
+
+
+def head_chunks(pick_sorted: list[int], n_rows: int, vocab: int) -> list[tuple[int, int, int, int]]:
+    """Split `n_rows` scored rows into chunks whose fp32 logits (rows x vocab) stay under HEAD_CHUNK_BYTES;
+    (a, b, lo, hi): rows a..b-1 are read by the scored tokens lo..hi-1 (`pick_sorted` is sorted)."""
+    step = max(1, HEAD_CHUNK_BYTES // (4 * max(1, vocab)))
+    out = []
+    lo = 0
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        hi = bisect.bisect_left(pick_sorted, b, lo)
+        out.append((a, b, lo, hi))
+        lo = hi
+    return out
 
 
 def _long(values: list[int]) -> torch.Tensor:
@@ -126,7 +151,7 @@ def has_plain_head(model: Any) -> bool:
     kind = getattr(cfg, "model_type", "")
     if getattr(cfg, "is_encoder_decoder", False):
         return kind in T5_TYPES
-    return kind in PLAIN_HEAD_CAUSAL and _linear_head(model) is not None
+    return kind in PLAIN_HEAD_CAUSAL
 
 
 def _linear_head(model: Any) -> tuple[nn.Module | None, nn.Linear] | None:
@@ -162,26 +187,40 @@ def head_logits_fp32(model: Any, states: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(states.to(w.device).float(), w.float(), bias)
 
 
-def sums_from_logprobs(logp: torch.Tensor, pick: torch.Tensor, token: torch.Tensor, seg: torch.Tensor,
-                       n: int) -> torch.Tensor:
-    """logp (N, V) fp32 log-probabilities; pick/token/seg (M,) -> per-choice sums (n,) fp32 (no host sync)."""
-    lp = logp[pick.to(logp.device), token.to(logp.device)]  # (M,)
-    return torch.zeros(n, dtype=torch.float32, device=logp.device).index_add_(0, seg.to(logp.device), lp)
+def _chunked_sums(logits_of: Any, n_rows: int, vocab: int, pick_sorted: list[int], pick: torch.Tensor,
+                  token: torch.Tensor, seg: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """Per-choice sums (n,) fp32 of log p(token) = logit[token] - logsumexp(logits), the (rows, V) fp32 logits
+    made a chunk at a time by `logits_of(a, b)`; no (rows, V) log-softmax tensor, no host sync."""
+    pick, token, seg = pick.to(device), token.to(device), seg.to(device)
+    lp = torch.empty(pick.shape[0], dtype=torch.float32, device=device)  # (M,) one per scored token
+    for a, b, lo, hi in head_chunks(pick_sorted, n_rows, vocab):
+        if lo == hi:
+            continue
+        logits = logits_of(a, b).to(device)  # (b - a, V) fp32
+        rows = pick[lo:hi] - a
+        lp[lo:hi] = logits[rows, token[lo:hi]] - torch.logsumexp(logits, dim=-1)[rows]
+    return torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, seg, lp)
 
 
-def sums_from_states(model: Any, states: list[torch.Tensor], rows: list[torch.Tensor], pick: torch.Tensor,
-                     token: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-    """Gather the scored rows of each source's (R, W, d) states, fp32 head, log-softmax, per-choice sums (n,)."""
+def sums_from_states(model: Any, states: list[torch.Tensor], tensors: list[torch.Tensor], pick_sorted: list[int],
+                     n: int) -> torch.Tensor:
+    """Gather the scored rows of each source's (R, W, d) states, then the fp32 head chunk by chunk, and sum the
+    scored tokens' log-probabilities per choice: (n,) fp32. `tensors`: [rows per source..., pick, token, seg]."""
+    *rows, pick, token, seg = tensors
     picked = [h.reshape(-1, h.shape[-1]).index_select(0, r.to(h.device)) for h, r in zip(states, rows)
               if r.numel()]
     dev = picked[0].device
     sel = torch.cat([p.to(dev) for p in picked])  # (N, d), model dtype
-    logp = torch.log_softmax(head_logits_fp32(model, sel), dim=-1)  # (N, V) fp32
-    return sums_from_logprobs(logp, pick, token, seg, n)
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    vocab = weight.shape[0] if weight is not None else int(model.config.vocab_size)
+    return _chunked_sums(lambda a, b: head_logits_fp32(model, sel[a:b]), sel.shape[0], vocab, pick_sorted,
+                         pick, token, seg, n, dev)
 
 
-def sums_from_logits(logits: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, token: torch.Tensor,
-                     seg: torch.Tensor, n: int) -> torch.Tensor:
-    """For models scored from their own logits (R, W, V): gather the scored rows, upcast, log-softmax, sum."""
-    sel = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
-    return sums_from_logprobs(torch.log_softmax(sel.float(), dim=-1), pick, token, seg, n)
+def sums_from_logits(logits: torch.Tensor, tensors: list[torch.Tensor], pick_sorted: list[int],
+                     n: int) -> torch.Tensor:
+    """For models scored from their own logits (R, W, V): the scored rows, upcast chunk by chunk, summed."""
+    rows, pick, token, seg = tensors
+    sel = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))  # (N, V)
+    return _chunked_sums(lambda a, b: sel[a:b].float(), sel.shape[0], sel.shape[-1], pick_sorted, pick, token,
+                         seg, n, sel.device)

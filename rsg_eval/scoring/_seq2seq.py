@@ -143,15 +143,16 @@ def naive_batch(model: Any, prompts: list[list[int]], choices: list[list[list[in
         dec_rows = _teacher_forcing([choices[p][j] for p, j in chunk], start, pad_id, tg, 0)
         ids, mask = pad([prompts[p] for p, _ in chunk], pad_id)
         dec_in, _ = pad(dec_rows, pad_id)
-        ids, mask, dec_in, *tgt = to_device(dev, ids, mask, dec_in, *tg.host_tensors())
+        tensors, pick = tg.host_tensors()
+        ids, mask, dec_in, *tgt = to_device(dev, ids, mask, dec_in, *tensors)
         if plain:
             enc = _encoder(model, ids, mask)
             states = model.get_decoder()(input_ids=dec_in, encoder_hidden_states=enc, encoder_attention_mask=mask,
                                          use_cache=False).last_hidden_state  # (P, T, d)
-            out.append(sums_from_states(model, [states], tgt[:1], *tgt[1:], n=len(chunk)))
+            out.append(sums_from_states(model, [states], tgt, pick, n=len(chunk)))
         else:
             logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, use_cache=False).logits
-            out.append(sums_from_logits(logits, *tgt, n=len(chunk)))
+            out.append(sums_from_logits(logits, tgt, pick, n=len(chunk)))
     return torch.cat(out)
 
 
@@ -174,19 +175,19 @@ def encoder_once_batch(model: Any, prompts: list[list[int]], choices: list[list[
     ids, mask = to_device(dev, ids, mask)
     enc = _encoder(model, ids, mask)  # (B, S, d)
     out = []
-    for n, rows, dec_in, tgt in plans:
-        rows, dec_in, *tgt = to_device(dev, rows, dec_in, *tgt)
+    for n, rows, dec_in, (tensors, pick) in plans:
+        rows, dec_in, *tgt = to_device(dev, rows, dec_in, *tensors)
         enc_p, mask_p = enc.index_select(0, rows), mask.index_select(0, rows)  # (P, S, d), (P, S)
         if has_plain_head(model):
             states = model.get_decoder()(input_ids=dec_in, encoder_hidden_states=enc_p, encoder_attention_mask=mask_p,
                                          use_cache=False).last_hidden_state
-            out.append(sums_from_states(model, [states], tgt[:1], *tgt[1:], n=n))
+            out.append(sums_from_states(model, [states], tgt, pick, n=n))
         else:
             from transformers.modeling_outputs import BaseModelOutput
 
             logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_p), attention_mask=mask_p,
                            decoder_input_ids=dec_in, use_cache=False).logits
-            out.append(sums_from_logits(logits, *tgt, n=n))
+            out.append(sums_from_logits(logits, tgt, pick, n=n))
     return torch.cat(out)
 
 
@@ -277,13 +278,12 @@ def _self_attention_bias(attn: Any, pos: torch.Tensor, seg: torch.Tensor, dtype:
     buckets = attn._relative_position_bucket(rel, bidirectional=False,
                                              num_buckets=attn.relative_attention_num_buckets,
                                              max_distance=attn.relative_attention_max_distance)
-    bias = attn.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # (B, H, Wq, Wk)
     sq, sk = seg[:, :, None], seg[:, None, :]  # (B, Wq, 1), (B, 1, Wk)
-    visible = (rel <= 0) & (sk >= 0) & ((sk == 0) | (sk == sq))
-    first_col = torch.zeros_like(visible)
-    first_col[:, :, 0] = True
-    visible = visible | ((sq < 0) & first_col)
-    return bias.to(dtype).masked_fill(~visible[:, None], torch.finfo(dtype).min)
+    hidden = (rel > 0) | (sk < 0) | ((sk != 0) & (sk != sq))  # (B, Wq, Wk): what a query may not see
+    del rel
+    hidden[:, :, 0] &= sq[:, :, 0] >= 0  # padding queries see column 0
+    bias = attn.relative_attention_bias(buckets).to(dtype).permute(0, 3, 1, 2)  # (B, H, Wq, Wk)
+    return bias.masked_fill_(hidden[:, None], torch.finfo(dtype).min)
 
 
 def _t5_packed_decode(model: Any, ids: torch.Tensor, self_bias: torch.Tensor, enc: torch.Tensor,
@@ -315,7 +315,8 @@ def packed_batch(model: Any, prompts: list[list[int]], choices: list[list[list[i
     dec_in, _ = pad(rows, pad_id)     # (R, W), R >= B rows
     split = len(rows) > len(prompts)  # some prompt's choices fill more than one row
     host = [ids, mask, dec_in, pos, seg] + ([torch.tensor(row_prompt)] if split else [])
-    moved = to_device(dev, *host, *tg.host_tensors())
+    tensors, pick = tg.host_tensors()
+    moved = to_device(dev, *host, *tensors)
     ids, mask, dec_in, pos, seg = moved[:5]
     tgt = moved[len(host):]
     enc = _encoder(model, ids, mask)  # (B, S, d)
@@ -327,7 +328,7 @@ def packed_batch(model: Any, prompts: list[list[int]], choices: list[list[list[i
     self_bias = _self_attention_bias(attn, pos.to(attn.relative_attention_bias.weight.device), seg.to(
         attn.relative_attention_bias.weight.device), dtype)
     states = _t5_packed_decode(model, dec_in, self_bias, enc, cross_bias)  # (B, W, d)
-    return sums_from_states(model, [states], tgt[:1], *tgt[1:], n=sum(len(c) for c in choices))
+    return sums_from_states(model, [states], tgt, pick, n=sum(len(c) for c in choices))
 
 
 def prompt_once_batch(model: Any, prompts: list[list[int]], choices: list[list[list[int]]], bs: int) -> torch.Tensor:
