@@ -32,6 +32,8 @@ memory events (weights excluded; allocator caching and Python objects are not co
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -144,8 +146,14 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int |
         return out, int(torch.cuda.max_memory_allocated(device) - start), MEMORY_CUDA
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler logs a line to stderr at start and at stop
+        prof.start()
+    try:
         out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     try:
         events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
@@ -156,6 +164,23 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int |
         held += nbytes
         peak = max(peak, held)
     return out, int(peak), MEMORY_CPU
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C++ log lines bypass Python's sys.stderr) for the profiler's start and stop."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def case_shape(tokenizer: Any, case: Case) -> dict[str, Any]:

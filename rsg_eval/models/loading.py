@@ -257,21 +257,20 @@ def _from_pretrained(auto_cls: Any, name: str, config: Any, dt: torch.dtype, com
 
 
 def max_input_tokens(tokenizer: Any, config: Any = None) -> int:
-    """The longest input we feed: the tokenizer's model_max_length when it is real, else the config's context
-    length (n_positions, max_position_embeddings, n_ctx; never for T5, whose relative positions have no limit),
-    else 512. For a seq2seq model this bounds the encoder input; for a decoder-only model, prompt + choice.
+    """The longest input we feed: the tokenizer's model_max_length when it is real, capped by the config's
+    context length (n_positions, max_position_embeddings, n_ctx; never for T5, whose relative positions have no
+    limit); else 512. For a seq2seq model this bounds the encoder input; for a decoder-only model, prompt + choice.
 
     FRED-T5's tokenizer has no model_max_length (transformers then reports ~1e30), so it gets 512.
     """
     n = getattr(tokenizer, "model_max_length", None)
-    if isinstance(n, int) and 0 < n < 100_000:
-        return n
+    from_tokenizer = n if isinstance(n, int) and 0 < n < 100_000 else None
     if config is not None and getattr(config, "model_type", "") not in T5_FAMILY:
         for key in ("n_positions", "max_position_embeddings", "n_ctx"):
             n_pos = getattr(config, key, None)
-            if isinstance(n_pos, int) and 0 < n_pos < 1_000_000:
-                return n_pos
-    return DEFAULT_MAX_INPUT_TOKENS
+            if isinstance(n_pos, int) and 0 < n_pos < 1_000_000:  # positions past it do not exist
+                return min(n_pos, from_tokenizer or n_pos)
+    return from_tokenizer or DEFAULT_MAX_INPUT_TOKENS
 
 
 def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: str | None,
