@@ -22,10 +22,11 @@ Ours ("prompt_once" / "fast"), for a batch of B prompts, two passes:
 1. the context pass: prompt + the choices' common token prefix (the RuCoS query up to the entity; "fast" only),
    right-padded (B, S), once per prompt; it scores the common tokens and, at its last position, every choice's
    first own token, and leaves the KV cache (B, H, S, d) per layer;
-2. the choices pass: all choices of a prompt side by side in ONE row after that cache, (B, Q) tokens, with a 4D
-   mask (B, 1, Q, S + Q): a choice token sees its prompt's context and the earlier tokens of its own choice, at
-   its true positions (position_ids). The cache is not copied per choice: memory per choice is O(its tokens).
-   Choices of one token need no second pass at all (TERRa's "Да"/"Нет").
+2. the choices pass: the choices of a prompt side by side in one row after that cache, (R, Q) tokens, with a 4D
+   mask (R, 1, Q, S + Q): a choice token sees its prompt's context and the earlier tokens of its own choice, at
+   its true positions (position_ids). R = B rows, reading the cache as it is; only a prompt whose choices fill
+   more than a row (`_plan`) gets a copy of its cache per extra row, never per choice: memory per choice is
+   O(its tokens). Choices of one token need no second pass at all (" да" / " нет").
 This layout runs on transformers' own model code for the families listed in PACKED_TYPES (4D masks and
 position ids are honoured there); any other decoder-only model is scored the naive way, which is always exact.
 The reference ("naive"): one full forward per (prompt, choice) over prompt + continuation, as lm-evaluation-harness.

@@ -6,18 +6,19 @@ and the model's eos id (`config.eos_token_id`, else the tokenizer's) is appended
 tokenizer never appends it. The decoder input is `decoder_start_token_id` followed by the choice tokens shifted
 right: x_0 = start, x_t = y_{t-1}, and the output at position t scores y_t.
 
-T5 (the fast path, "prompt_once" / "fast"): all choices of one prompt go side by side in ONE decoder row,
+T5 (the fast path, "prompt_once" / "fast"): the choices of one prompt go side by side in one decoder row,
 
-    row b = [x_0 .. x_L | tail of choice 1 | tail of choice 2 | ...]     (L = the choices' common prefix, 0 in
-                                                                           "prompt_once"; tail_c = y_L .. y_{n_c-2})
+    row = [x_0 .. x_L | tail of choice 1 | tail of choice 2 | ...]     (L = the choices' common prefix, 0 in
+                                                                         "prompt_once"; tail_c = x_{L+1} .. x_{n_c-1})
 
-so the decoder runs with batch = prompts, and its cross-attention reads each prompt's encoder states (B, S, d) and
-its K/V (B, H, S, d_kv) once, whatever the number of choices: nothing of size S is copied per choice (T5
+so the decoder runs with batch = rows (one per prompt, unless a prompt's choices fill more than a row: see
+`_plan_rows`), and its cross-attention reads each prompt's encoder states (B, S, d) and projects their K/V
+(B, H, S, d_kv) once per layer, whatever the number of choices: nothing of size S is copied per choice (T5
 cross-attention has no position bias, so where a query sits in the row does not matter to it). Self-attention
-stays per choice through the bias we hand every block: a tail token sees the shared prefix and the earlier tokens
-of its own choice, at its true position in that choice (T5's relative position buckets are computed from those
-positions, not from the column in the row). The output at column L scores y_L of every choice; the prefix columns
-score the common tokens, once per prompt. Memory per choice is O(its tokens), never O(S).
+stays per choice through the bias we hand every block, (R, H, W, W): a tail token sees the shared prefix and the
+earlier tokens of its own choice, at its true position in that choice (T5's relative position buckets come from
+those positions, not from the column in the row). The output at column L scores y_L of every choice; the prefix
+columns score the common tokens. Memory per choice is O(its tokens), never O(S).
 
 The decoder layers are transformers' own T5Block modules, called with our position bias; nothing is patched.
 Other seq2seq models (and T5 variants whose blocks differ) take "encoder_once": the encoder once per prompt, then
@@ -177,7 +178,7 @@ def encoder_once_batch(model: Any, prompts: list[list[int]], choices: list[list[
     out = []
     for n, rows, dec_in, (tensors, pick) in plans:
         rows, dec_in, *tgt = to_device(dev, rows, dec_in, *tensors)
-        enc_p, mask_p = enc.index_select(0, rows), mask.index_select(0, rows)  # (P, S, d), (P, S)
+        enc_p, mask_p = enc.index_select(0, rows.to(enc.device)), mask.index_select(0, rows)  # (P, S, d), (P, S)
         if has_plain_head(model):
             states = model.get_decoder()(input_ids=dec_in, encoder_hidden_states=enc_p, encoder_attention_mask=mask_p,
                                          use_cache=False).last_hidden_state
@@ -268,29 +269,29 @@ def _plan_rows(choices: list[list[list[int]]], share_prefix: bool, start: int, b
 
 
 def _self_attention_bias(attn: Any, pos: torch.Tensor, seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """T5 decoder self-attention bias for packed rows: (B, H, W, W) = relative position bias + visibility mask.
+    """T5 decoder self-attention bias for packed rows: (R, H, W, W) = relative position bias + visibility mask.
 
-    pos, seg (B, W). Query i sees key j iff pos_j <= pos_i and j is in the shared prefix or in i's own choice;
+    pos, seg (R, W). Query i sees key j iff pos_j <= pos_i and j is in the shared prefix or in i's own choice;
     the relative position is pos_j - pos_i (a choice's true positions, whatever its column in the row).
     Padding queries see column 0 only (their outputs are never read; no row is fully masked).
     """
-    rel = pos[:, None, :] - pos[:, :, None]  # (B, Wq, Wk): key position - query position
+    rel = pos[:, None, :] - pos[:, :, None]  # (R, Wq, Wk): key position - query position
     buckets = attn._relative_position_bucket(rel, bidirectional=False,
                                              num_buckets=attn.relative_attention_num_buckets,
                                              max_distance=attn.relative_attention_max_distance)
-    sq, sk = seg[:, :, None], seg[:, None, :]  # (B, Wq, 1), (B, 1, Wk)
-    hidden = (rel > 0) | (sk < 0) | ((sk != 0) & (sk != sq))  # (B, Wq, Wk): what a query may not see
+    sq, sk = seg[:, :, None], seg[:, None, :]  # (R, Wq, 1), (R, 1, Wk)
+    hidden = (rel > 0) | (sk < 0) | ((sk != 0) & (sk != sq))  # (R, Wq, Wk): what a query may not see
     del rel
     hidden[:, :, 0] &= sq[:, :, 0] >= 0  # padding queries see column 0
-    bias = attn.relative_attention_bias(buckets).to(dtype).permute(0, 3, 1, 2)  # (B, H, Wq, Wk)
+    bias = attn.relative_attention_bias(buckets).to(dtype).permute(0, 3, 1, 2)  # (R, H, Wq, Wk)
     return bias.masked_fill_(hidden[:, None], torch.finfo(dtype).min)
 
 
 def _t5_packed_decode(model: Any, ids: torch.Tensor, self_bias: torch.Tensor, enc: torch.Tensor,
                       cross_bias: torch.Tensor) -> torch.Tensor:
-    """transformers' T5 decoder blocks over packed rows: ids (B, W), self_bias (B, H, W, W), enc (B, S, d),
-    cross_bias (B, 1, 1, S) -> final states (B, W, d). The blocks compute each prompt's cross-attention K/V
-    from `enc` once: (B, H, S, d_kv) per layer."""
+    """transformers' T5 decoder blocks over packed rows: ids (R, W), self_bias (R, H, W, W), enc (R, S, d),
+    cross_bias (R, 1, 1, S) -> final states (R, W, d). The blocks project each row's cross-attention K/V from
+    `enc` once per layer: (R, H, S, d_kv), R = the prompts (plus a row per overflow)."""
     dec = model.get_decoder()
     h = dec.dropout(dec.embed_tokens(ids))
     extra = {}
@@ -321,13 +322,14 @@ def packed_batch(model: Any, prompts: list[list[int]], choices: list[list[list[i
     tgt = moved[len(host):]
     enc = _encoder(model, ids, mask)  # (B, S, d)
     if split:  # one copy of the encoder states per extra row (a row holds many choices), never per choice
-        enc, mask = enc.index_select(0, moved[5]), mask.index_select(0, moved[5])  # (R, S, d), (R, S)
+        rows_of = moved[5]
+        enc, mask = enc.index_select(0, rows_of.to(enc.device)), mask.index_select(0, rows_of)  # (R, S, d), (R, S)
     dtype = enc.dtype
     cross_bias = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (R, 1, 1, S)
     attn = model.get_decoder().block[0].layer[0].SelfAttention
     self_bias = _self_attention_bias(attn, pos.to(attn.relative_attention_bias.weight.device), seg.to(
         attn.relative_attention_bias.weight.device), dtype)
-    states = _t5_packed_decode(model, dec_in, self_bias, enc, cross_bias)  # (B, W, d)
+    states = _t5_packed_decode(model, dec_in, self_bias, enc, cross_bias)  # (R, W, d)
     return sums_from_states(model, [states], tgt, pick, n=sum(len(c) for c in choices))
 
 
