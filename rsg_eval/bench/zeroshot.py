@@ -23,7 +23,9 @@ Inputs are synthetic but shaped like the real tasks, made from a fixed seed:
 
 Timing: every timer is synchronised with the device (torch.cuda.synchronize on a GPU). Each way runs once untimed
 (warm-up), then `repeats` timed runs interleaved across the ways; the best is kept. Peak memory is measured in a
-separate untimed run per way: on a GPU, torch.cuda.max_memory_allocated above what was allocated before the run
+separate untimed run per way (the whole case at the batch size; and one prompt with all its choices in one call, the
+comparison per prompt, since the batch size counts prompts for ours and (prompt, choice) pairs for the naive ways):
+on a GPU, torch.cuda.max_memory_allocated above what was allocated before the run
 (weights excluded); on CPU, the peak of the bytes held by tensors allocated during the run, from torch.profiler's
 memory events (weights excluded; allocator caching and Python objects are not counted).
 
@@ -202,13 +204,17 @@ def compare_ways(model: Any, tokenizer: Any, case: Case, *, ways: Sequence[str] 
         the ratios and the prediction check (keep "naive" first).
     batch_size: the same for every way (prompts per call; the naive ways: pairs per call).
     repeats: timed runs per way, interleaved across ways, best kept (after one untimed warm-up if `warmup`).
-    memory: also run each way once more, untimed, to measure its peak memory (see `peak_memory`).
+    memory: also run each way twice more, untimed, to measure its peak memory (see `peak_memory`): on the
+        whole case at `batch_size`, and on the first prompt alone with all its choices in one call.
 
     Returns a JSON-able dict:
         {"case", "prompts", "choices_per_prompt", "prompt_tokens", "choice_tokens",   # the input's shape
          "batch_size", "device", "dtype",
          "ways": {way: {"seconds", "cpu_seconds", "prompts_per_s", "ratio_vs_naive", "cpu_ratio_vs_naive",
-                        "peak_memory_bytes" (int, or None when not measured)}},
+                        "peak_memory_bytes": the run above (None when not measured),
+                        "peak_memory_one_prompt_bytes": the case's first prompt alone, all its choices in one
+                            call (batch size = its number of choices), the fair per-prompt comparison: the
+                            same batch size means prompts per call to ours, pairs per call to the naive ways}},
          "memory_measure": what peak_memory_bytes means on this device,
          "same_predictions": bool (every way picks the same choice as the first way for every prompt),
          "max_abs_diff": largest |log-likelihood difference| against the first way}
@@ -241,11 +247,16 @@ def compare_ways(model: Any, tokenizer: Any, case: Case, *, ways: Sequence[str] 
         row.update(seconds=secs, cpu_seconds=cpu, prompts_per_s=len(case.prompts) / secs,
                    ratio_vs_naive=best[ref][0] / secs, cpu_ratio_vs_naive=best[ref][1] / max(cpu, 1e-9),
                    peak_memory_bytes=None)
+        row["peak_memory_one_prompt_bytes"] = None
         if memory:
             if on_step:
                 on_step(f"{case.name}: {way} (memory)")
             _, row["peak_memory_bytes"], res["memory_measure"] = peak_memory(
                 lambda way=way: _score_way(model, tokenizer, case, way, batch_size), dev)
+            # One prompt with all its choices in one call, whichever way: what scoring a prompt holds at once.
+            one = Case(case.name, case.prompts[:1], case.choices[:1])
+            _, row["peak_memory_one_prompt_bytes"], _ = peak_memory(
+                lambda way=way: _score_way(model, tokenizer, one, way, len(one.choices[0])), dev)
     return res
 
 

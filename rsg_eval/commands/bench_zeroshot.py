@@ -31,7 +31,8 @@ def register(bench_app: typer.Typer) -> None:
 def zeroshot_cmd(
     arch: str = typer.Option("seq2seq", "--arch", help="seq2seq (a random T5) or causal (a random Llama)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
-    docs: int = typer.Option(16, "--docs", min=1, help="RuCoS-like documents (15 choices each)."),
+    docs: int = typer.Option(16, "--docs", min=1, help="RuCoS-like documents."),
+    candidates: int = typer.Option(15, "--candidates", min=2, help="Candidate entities per RuCoS-like document."),
     parus_docs: Optional[int] = typer.Option(None, "--parus-docs", min=1,
                                              help="PARus-like documents (default 8 x --docs)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Same batch size for every way of scoring."),
@@ -69,6 +70,7 @@ def zeroshot_cmd(
     with console.status("benchmark") as status:
         report = run_bench(arch=arch, docs=docs, parus_docs=parus_docs, device=str(dev), batch_size=batch_size,
                            repeats=repeats, threads=threads, model_overrides=overrides, memory=memory,
+                           candidates=candidates,
                            on_step=lambda s: status.update(f"timing {s}"))
     m = report["model"]
     width = m.get("d_model", m.get("hidden_size"))
@@ -76,8 +78,8 @@ def zeroshot_cmd(
     table = Table(title=f"zero-shot scoring, random {m['model_type']} width {width}, {depth} layers "
                         f"({m['parameters'] / 1e6:.1f} M params), {report['device']}, {report['threads']} threads, "
                         f"batch {report['batch_size']}")
-    for col in ("inputs", "scoring", "prompts/s", "vs naive", "vs naive CPU", "peak MiB", "same preds",
-                "max |dLL|"):
+    for col in ("inputs", "scoring", "prompts/s", "vs naive", "vs naive CPU", "peak MiB", "1 prompt MiB",
+                "same preds", "max |dLL|"):
         table.add_column(col, justify="left" if col in ("inputs", "scoring") else "right")
     ok = True
     shapes: list[str] = []
@@ -90,14 +92,17 @@ def zeroshot_cmd(
         ways = list(c["ways"])
         for i, way in enumerate(ways):
             w = c["ways"][way]
-            peak = w.get("peak_memory_bytes")
+            peak, one = w.get("peak_memory_bytes"), w.get("peak_memory_one_prompt_bytes")
             table.add_row(c["case"] if i == 0 else "", LABELS.get(way, way), fmt(w["prompts_per_s"], 2),
                           fmt(w["ratio_vs_naive"], 1) + "x", fmt(w["cpu_ratio_vs_naive"], 1) + "x",
                           f"{peak / 2 ** 20:.1f}" if peak is not None else "-",
+                          f"{one / 2 ** 20:.1f}" if one is not None else "-",
                           ("yes" if c["same_predictions"] else "[red]NO[/]") if i == 0 else "",
                           f"{c['max_abs_diff']:.1e}" if i == 0 else "", end_section=i == len(ways) - 1)
     table.caption = (CAPTIONS[arch] + "; ratios by wall time and by this process's CPU time (fairer on a shared "
-                     "machine)" + (f"; peak memory: {measure}" if measure else "") + "\n" + "\n".join(shapes))
+                     "machine)" + (f"; peak memory: {measure}; peak MiB: the run above (batch size = prompts "
+                                   "per call for ours, pairs per call for naive); 1 prompt MiB: one prompt with "
+                                   "all its choices in one call" if measure else "") + "\n" + "\n".join(shapes))
     console.print(table)
     if json_out:
         atomic_write_json(json_out, report)
