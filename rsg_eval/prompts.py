@@ -52,7 +52,7 @@ from rsg_eval.tasks import TASK_NAMES, get_task
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
-# Template variables each task's items provide (docs/DESIGN.md, "Template fields per task").
+# Template variables each task's items provide (docs/design.md, "Template fields per task").
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "TERRa": ("premise", "hypothesis"),
     "LiDiRus": ("premise", "hypothesis", "sentence1", "sentence2"),
@@ -223,7 +223,9 @@ def _undefined_name(exc: jinja2.UndefinedError) -> str | None:
 
 
 def _n_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text)["input_ids"])
+    # verbose=False: measuring a too-long prompt is how we find out it must be shortened, so transformers'
+    # "Token indices sequence length is longer than the specified maximum ..." warning would be a false alarm.
+    return len(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _compile(tpl: Template, where: str, source: str) -> Any:

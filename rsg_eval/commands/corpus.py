@@ -43,13 +43,12 @@ def register(app: typer.Typer) -> None:
                                              "cpu, cuda:0."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     ) -> None:
-        """Build the multi-task corpus for `rsg train-hmtl` from your sources (see the README)."""
-        from rich.console import Console
-
+        """Build the multi-task corpus for `rsg train-hmtl` from your sources (see docs/corpus.md)."""
+        from rsg_eval.commands._common import make_console
         from rsg_eval.corpus.build import BuildOptions, build_corpus, removal_lines, summary_table
         from rsg_eval.corpus.config import load_config
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         cfg = load_config(config)
         opts = BuildOptions(limit=limit, teachers=_teachers(teacher), rsg_data=rsg_data, strict=strict,
                             retry_failed=retry_failed, device=device, progress=not no_progress,
@@ -57,5 +56,5 @@ def register(app: typer.Typer) -> None:
         summary = build_corpus(cfg, out, opts)
         for line in removal_lines(summary):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
-        Console().print(summary_table(summary))
+        make_console().print(summary_table(summary))
         console.print(f"wrote {out}/train.jsonl, val.jsonl, labels.json, summary.json", highlight=False)

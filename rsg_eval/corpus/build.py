@@ -1,5 +1,5 @@
 """`rsg build-corpus`: read the sources, clean, deduplicate, guard against RSG leakage, annotate raw texts with
-teacher models, split per task and write the multi-task corpus (docs/DESIGN.md "Multi-task corpus").
+teacher models, split per task and write the multi-task corpus (docs/design.md "Multi-task corpus").
 
 Output folder:
   train.jsonl, val.jsonl   one record per line, `task` + that task's fields (+ `id`, `source`), shuffled (seeded)
@@ -122,7 +122,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
 
 def _public(rec: dict) -> dict:
     """The record as written: internal `_` keys dropped; the source name goes to `source`, except for paraphrase,
-    whose `source` field is its input text (DESIGN.md), so there it goes to `origin`."""
+    whose `source` field is its input text (docs/design.md), so there it goes to `origin`."""
     out = {k: v for k, v in rec.items() if not k.startswith("_")}
     out["origin" if rec["task"] == "paraphrase" else "source"] = rec["_src"]
     return out
