@@ -99,8 +99,48 @@ def test_resume_after_interruption_is_identical(straight, tmp_path):
     # A finished run is not redone; different settings in the same folder are refused.
     assert train(cfg, progress=False).steps == 6
     from rsg_eval.errors import RSGError
-    with pytest.raises(RSGError, match="different settings"):
+    with pytest.raises(RSGError, match="other settings: epochs: 3 -> 4.*--restart"):
         train(TrainConfig(out=str(out_b), **{**KW, "epochs": 4}), progress=False)
+
+
+def test_the_out_folder_holds_one_configuration(tmp_path):
+    """--out is locked and holds one configuration: a resume after the corpus changed is refused (its content is
+    a setting, not its path); --restart starts over; an --out from before settings.json is checked through
+    run.json, and checkpoints without any record of their settings are refused."""
+    import json
+    import shutil
+
+    from rsg_eval.data import __file__ as data_py
+    from rsg_eval.errors import RSGError
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(__import__("pathlib").Path(data_py).parent / "data" / "corpus_sample", corpus)
+    out = tmp_path / "out"
+    kw = {**KW, "corpus": str(corpus), "epochs": 1, "max_steps_per_epoch": 2}
+    cfg = TrainConfig(out=str(out), save_steps=1, **kw)
+
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, on_step=stop)
+    assert (out / "last" / "trainer_state.pt").is_file() and not (out / "rsg.lock").exists()
+    settings = json.loads((out / "settings.json").read_text(encoding="utf-8"))
+    assert settings["kind"] == "train-hmtl" and settings["settings"]["epochs"] == 1
+    train_file = corpus / "train.jsonl"
+    lines = train_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    train_file.write_text("".join(lines[:-1]), encoding="utf-8")
+    with pytest.raises(RSGError, match=r"corpus_sha256: [0-9a-f]{12}… -> [0-9a-f]{12}…"):
+        train(cfg, progress=False)
+    res = train(cfg, progress=False, restart=True)
+    assert res.finished and res.steps == 2 and (out / "final" / "hmtl_config.json").is_file()
+    # An --out written before settings.json: run.json's config still guards it, with the way out.
+    (out / "settings.json").unlink()
+    with pytest.raises(RSGError, match=r"epochs: 1 -> 2.*--restart"):
+        train(TrainConfig(out=str(out), **{**kw, "epochs": 2}), progress=False)
+    (out / "run.json").unlink()
+    with pytest.raises(RSGError, match="no record of the settings"):
+        train(cfg, progress=False)
 
 
 def test_paper_schedule_note_via_cli(tmp_path):

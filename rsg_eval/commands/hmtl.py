@@ -68,6 +68,9 @@ def train_hmtl(
     max_steps_per_epoch: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="Cap (smoke runs)."),
     save_steps: int = typer.Option(0, "--save-steps", help="Also save a resume point every N optimizer steps."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (log lines only)."),
+    restart: bool = typer.Option(False, "--restart", help="Clear --out's checkpoints, losses and log and start "
+                                 "over (needed to change settings for an existing --out: one folder holds one "
+                                 "configuration)."),
 ) -> None:
     """Train the hierarchical multi-task FRED-T5 (topic + NER on Block 1, NLI on Block 2, generation)."""
     from rsg_eval.errors import RSGError
@@ -86,5 +89,5 @@ def train_hmtl(
         split=split, adapter_dim=adapter_dim, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, save_steps=save_steps,
     )
-    result = train(cfg, progress=not no_progress)
+    result = train(cfg, progress=not no_progress, restart=restart)
     typer.echo(f"final checkpoint: {result.final}")

@@ -14,7 +14,10 @@ are reshuffled and repeated; the log states the plan at start. The order of ever
 (seed, epoch, task); together with the saved RNG, optimizer and schedule state this makes a resumed run reproduce the
 uninterrupted one exactly.
 
-Output folder:
+Output folder (one configuration: `rsg_eval.runs.claim_folder` locks it on the main process and refuses other
+settings unless --restart, which clears everything below but cache/):
+    settings.json            the settings the outputs were made with (model and corpus content, recipe, code)
+    rsg.lock                 held while a training process runs
     run.json                 the training config (resume refuses a different one) and whether training finished
     train.log                the log, including the batch plan and the schedule note
     losses.csv / losses.png  per epoch, train and val: the MEAN loss over the tasks (the paper's "average train /
@@ -27,6 +30,7 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -52,6 +56,7 @@ from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, Hierarchi
                                           load_hierarchical, ner_softmax_logits)
 
 STATE_NAME = "trainer_state.pt"
+CODE_VERSION = "hmtl-1"   # bump when training changes what a checkpoint would contain: old outputs then refuse
 
 
 @dataclass
@@ -322,9 +327,89 @@ def _load_weights(model: HierarchicalT5, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
     """Train (or resume) into cfg.out. `on_step(global_step)` runs after each optimizer step (tests use it to
-    simulate an interruption)."""
+    simulate an interruption). `restart` clears the folder's outputs (not the tokenised cache) and starts over;
+    without it, a folder holding outputs of other settings is refused."""
+    with contextlib.ExitStack() as held:  # the folder's lock, released however training ends
+        return _train(cfg, held, progress=progress, console=console, on_step=on_step, restart=restart)
+
+
+def out_settings(cfg: TrainConfig, corpus: Any) -> dict[str, Any]:
+    """What the outputs depend on: the recipe (TrainConfig.fingerprint_dict), the corpus's content instead of
+    its path, the base model's content when it is a local folder, and the code version."""
+    from rsg_eval.models.loading import TINY_NAME, _dir_fingerprint
+    from rsg_eval.runs import files_fingerprint
+
+    settings = {k: v for k, v in cfg.fingerprint_dict().items() if k != "corpus"}
+    files = [f for fs in corpus.files.values() for f in fs]
+    labels = Path(corpus.root) / "labels.json"
+    settings["corpus_sha256"] = files_fingerprint(files + ([labels] if labels.is_file() else []))
+    model = Path(cfg.model).expanduser()
+    if cfg.model != TINY_NAME and model.is_dir():
+        settings["model_dir"] = _dir_fingerprint(model)
+    settings["code_version"] = CODE_VERSION
+    return json.loads(json.dumps(settings))
+
+
+_OUTPUTS = ("last", "final", "run.json", "losses.csv", "losses.png", "train.log", "settings.json")
+
+
+def _claim_out(cfg: TrainConfig, corpus: Any, state: "_DistState", restart: bool) -> Any:
+    """The main process locks --out and checks its settings; a refusal is raised on every process."""
+    from rsg_eval.runs import claim_folder
+
+    out = Path(cfg.out)
+
+    def has_results() -> bool:
+        return any((out / n).exists() for n in ("last", "final", "run.json")) or any(out.glob("epoch-*"))
+
+    def clear() -> None:
+        for p in [*(out / n for n in _OUTPUTS), *out.glob("epoch-*"), *out.glob(".*.tmp")]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    claim, err = None, None
+    if state.is_main_process:
+        legacy = (out / "run.json").is_file() and not (out / "settings.json").is_file()
+        try:
+            claim = claim_folder(out, "train-hmtl", out_settings(cfg, corpus), restart=restart,
+                                 record="settings.json", has_results=has_results, clear=clear, option="--out",
+                                 unrecorded="compare" if legacy else "refuse", main=True)
+            try:
+                if legacy and not restart:  # an --out from before settings.json: its run.json holds the recipe
+                    _check_run_json(out / "run.json", cfg.fingerprint_dict())
+                claim.write_record()
+            except BaseException:
+                claim.release()
+                raise
+        except RSGError as exc:
+            err = exc
+    if state.num_processes > 1:
+        box = [str(err) if err is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if err is None and box[0] is not None:
+            raise RSGError(box[0])
+    if err is not None:
+        raise err
+    return claim if claim is not None else contextlib.nullcontext()
+
+
+def _check_run_json(run_file: Path, fp: dict[str, Any]) -> None:
+    """Refuse when run.json's recorded config differs from `fp`, naming each setting old -> new."""
+    prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
+        from rsg_eval.runs import settings_diff
+
+        changed = settings_diff(prior.get("config") or {}, json.loads(json.dumps(fp)))
+        raise RSGError(f"the output folder holds a run with different settings ({'; '.join(changed)}); pass "
+                       f"--restart to clear it and start over, or pick another --out", file=run_file, field="--out")
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, console: Any,
+           on_step: Callable[[int], None] | None, restart: bool) -> TrainResult:
     import datasets
 
     datasets.disable_progress_bars()
@@ -342,8 +427,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         if value not in choices:
             raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(_claim_out(cfg, corpus, state, restart))   # creates --out, locked, one configuration
     state.wait_for_everyone()
     if console is None and main:
         from rich.console import Console
@@ -352,11 +436,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
 
     run_file = out / "run.json"
     fp = cfg.fingerprint_dict()
+    _check_run_json(run_file, fp)
     prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
-    if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
-        changed = sorted(k for k in fp if prior.get("config", {}).get(k) != json.loads(json.dumps(fp.get(k))))
-        raise RSGError(f"the output folder holds a run with different settings ({', '.join(changed)}); use another "
-                       f"--out or delete it", file=run_file, field=changed[0] if changed else None)
     if prior is not None and prior.get("finished"):
         log(f"{out} already holds a finished run; nothing to do")
         hist = prior.get("history", [])

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rsg_eval.report.load import Run
+from rsg_eval.report.load import Run, different_data
 from rsg_eval.report.stats import Bootstrap, mcnemar_exact, paired_test, percentile_ci, resample_indices
 
 PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
@@ -113,6 +113,9 @@ class _TaskBoot:
         ref, run = runs[0], runs[r]
         if ref.split != run.split:
             return None, None, f"{self.task}: {run.name} is {run.split}, the reference {ref.split}: not paired"
+        why = different_data(ref, run, self.task)
+        if why:
+            return None, None, f"{self.task}: {run.name} and the reference {why}: shown side by side, not paired"
         ref_rows = {_key(x["key"]): x for x in ref.logs[self.task]}
         run_rows = {_key(x["key"]): x for x in run.logs[self.task]}
         shared = [k for k in ref_rows if k in run_rows]
@@ -343,7 +346,7 @@ def _disagreements(runs: Sequence[Run], task: str, ti: int, seed: int, n: int) -
         return out
     ref_rows = {_key(x["key"]): x for x in ref.logs[task]}
     for r, run in enumerate(runs[1:], start=1):
-        if task not in run.logs or run.split != ref.split:
+        if task not in run.logs or run.split != ref.split or different_data(ref, run, task):
             continue
         shared = [(k, x) for k, x in ((_key(x["key"]), x) for x in run.logs[task]) if k in ref_rows]
         diff = [(k, x) for k, x in shared if not _same(_key(ref_rows[k]["pred"]), _key(x["pred"]))]
