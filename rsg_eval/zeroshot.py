@@ -81,6 +81,7 @@ class ZeroShotOptions:
     num_fewshot: int = 0              # solved train examples before each item (rsg_eval.fewshot)
     fewshot_seed: int | None = None   # default: seed
     shard_size: int = 256             # items per shard: the unit shared out among processes and saved for resume
+    device_map: str | None = None     # "auto": spread a model too big for one GPU over several (accelerate)
     restart: bool = False             # clear the run folder's results and start over
 
 
@@ -322,8 +323,8 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
     splits = set(old.get("splits", [])) | {j.split for j in jobs}
     model_info = dict(old.get("model_info") or {})
     if info:
-        model_info = {k: info.get(k) for k in ("source", "model_type", "dtype", "device", "parameters",
-                                                 "max_input_tokens", "fingerprint", "commit_hash",
+        model_info = {k: info.get(k) for k in ("source", "kind", "model_type", "dtype", "device", "device_map",
+                                                 "parameters", "max_input_tokens", "fingerprint", "commit_hash",
                                                  "tie_word_embeddings", "tokenizer_appends_eos")}
     cfg = {
         **old,
@@ -364,6 +365,8 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
     tok, max_tokens = loaded.tokenizer, loaded.info.get("max_input_tokens")
     tpl = job.template
     scored = [it for it in job.items if it.labels]  # a RuCoS passage without entities has nothing to rank
+    # The templates' prefix (FRED-T5's "<LM>") means nothing to a decoder-only model: none unless asked for.
+    prefix = "" if opts.prefix is None and loaded.info.get("kind") == "causal" else opts.prefix
     rendered, kept, cal = [], {}, ([] if opts.calibrate else None)
     for it in scored:
         drawn = (job.shots or {}).get(it.key, [])
@@ -372,11 +375,11 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
             if shot.key not in job.shot_texts:
                 job.shot_texts[shot.key] = render_shot(tpl, shot, gold_label(shot))
             texts.append(job.shot_texts[shot.key])
-        r, n = render_fewshot(tpl, it, texts, tokenizer=tok, max_tokens=max_tokens, prefix=opts.prefix)
+        r, n = render_fewshot(tpl, it, texts, tokenizer=tok, max_tokens=max_tokens, prefix=prefix)
         rendered.append(r)
         kept[it.key] = [shot_id(s) for s in drawn[:n]]
         if cal is not None:
-            cal.append(render_fewshot_content_free(tpl, it, texts[:n], prefix=opts.prefix))
+            cal.append(render_fewshot_content_free(tpl, it, texts[:n], prefix=prefix))
     scores = score_choices(loaded.model, tok, [r.prompt for r in rendered], [r.choices for r in rendered],
                            batch_size=opts.batch_size, normalize=opts.normalize, calibrate=opts.calibrate,
                            calibration_prompts=cal, max_input_tokens=max_tokens, progress=advance)
@@ -577,6 +580,10 @@ def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
     """Under a launcher each process scores on its own GPU (LOCAL_RANK); --device cuda:N is taken as given."""
     if not dist.active:
         return opts.device
+    if opts.device_map is not None:  # one model over several GPUs in one process: no room for a process per GPU
+        raise RSGError(f"--device-map {opts.device_map} spreads one model over the GPUs of one process; under "
+                       "torchrun/accelerate each process holds a whole model", field="--device-map",
+                       expected="--device-map in a single process, or several processes without it")
     import torch
 
     if opts.device in (None, "auto", "cuda") and torch.cuda.is_available():
@@ -678,7 +685,8 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
         err = None
         try:
             loaded = load_model(opts.model, device=_device_for(opts, dist), dtype=opts.dtype,
-                                revision=opts.revision)
+                                revision=opts.revision, causal_ok=True,
+                                device_map=opts.device_map)
         except Exception as exc:  # every process must hear of it, or the others wait for this one forever
             err = exc
         _agree(dist, err)

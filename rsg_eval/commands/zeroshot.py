@@ -45,6 +45,10 @@ def register(app: typer.Typer) -> None:
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
                                                                   "content-free input (text fields -> 'N/A')."),
         device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too big for "
+                                                                            "one GPU over the visible GPUs (and "
+                                                                            "CPU memory), in one process; "
+                                                                            "instead of --device."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default: bf16 on a GPU that has it, "
                                                                   "else fp32), bf16, fp32. fp16 is refused for "
                                                                   "T5."),
@@ -85,7 +89,13 @@ def register(app: typer.Typer) -> None:
         if nli_head and num_fewshot:
             raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
                            field="--num-fewshot", expected="one of --nli-head or --num-fewshot")
+        if device_map is not None and device not in (None, "auto"):  # refused before any work, as load_model would
+            raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
+                           field="--device-map", expected="--device-map alone, or --device alone")
         if nli_head:
+            from rsg_eval.models.loading import require_seq2seq
+
+            require_seq2seq(model, "--nli-head")
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
                          batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console,
                          **({"restart": True} if restart else {}))
@@ -94,7 +104,7 @@ def register(app: typer.Typer) -> None:
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
                                calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
                                num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
-                               restart=restart)
+                               device_map=device_map, restart=restart)
         try:
             result = run_zeroshot(opts, console=console, show_progress=not quiet)
         finally:

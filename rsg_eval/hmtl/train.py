@@ -209,7 +209,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 def _use_bf16(setting: str, device: torch.device) -> bool:
     if setting == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
+        return device.type == "cuda" and cuda_bf16_native()
     return setting in ("true", "yes", "1", "on")
 
 

@@ -90,7 +90,8 @@ def _bf16(cfg: FinetuneConfig, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     if cfg.bf16 is None:
-        return bool(torch.cuda.is_bf16_supported())
+        from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
+        return cuda_bf16_native()
     return bool(cfg.bf16)
 
 
