@@ -95,12 +95,15 @@ def test_zeroshot_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypa
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: tiny)
     args = ["zeroshot", "--model", "tiny", "--data", "sample", "--tasks", "TERRa,RCB,PARus", "--split", "val",
             "--root", tmp_path, "-q"]
+    real_fsync = os.fsync
+    counting = _fail_at(0, OSError(), real_fsync)  # never fails: counts the writes of a whole run
+    monkeypatch.setattr(os, "fsync", counting)
     code, out, err = cli(monkeypatch, capsys, *args, "--run", "clean")
     assert code == 0, out + err
     clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    middle = len(counting.calls) // 2 + 1  # the disk fills half-way through the same run
 
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", _fail_at(6, OSError(errno.ENOSPC, "No space left on device"), real_fsync))
+    monkeypatch.setattr(os, "fsync", _fail_at(middle, OSError(errno.ENOSPC, "No space left on device"), real_fsync))
     code, out, err = cli(monkeypatch, capsys, *args, "--run", "r")
     line = _one_red_line(err)
     assert code == 2 and "could not write this file: the disk is full" in line and str(tmp_path / "r") in line
