@@ -9,9 +9,10 @@ import sys
 import typer
 
 from rsg_eval import __version__
+from rsg_eval.commands._common import RsgTyper
 from rsg_eval.errors import RSGError
 
-app = typer.Typer(
+app = RsgTyper(
     name="rsg",
     help="Russian SuperGLUE for seq2seq models: data, metrics, zero-shot, fine-tuning, the hierarchical "
     "FRED-T5, submissions and reports.",

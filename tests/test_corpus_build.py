@@ -135,7 +135,7 @@ def test_leakage_guard_and_limit(tmp_path: Path) -> None:
 
 def test_cli_errors_exit_2_naming_file_and_line(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "rsg_eval", "build-corpus", "--config", str(CONFIG), "--out", str(tmp_path / "o"),
-           "--strict", "--no-progress"]
+           "--strict", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "texts.jsonl:15: field 'text': no field 'text'" in r.stderr and "Traceback" not in r.stderr
@@ -354,8 +354,8 @@ def test_cli_success_prints_removals_and_table(tmp_path: Path) -> None:
 
     from rsg_eval.cli import app
 
-    res = CliRunner().invoke(app, ["build-corpus", "-c", str(CONFIG), "-o", str(tmp_path), "--rsg-data", "sample",
-                                   "--limit", "5", "--no-progress"])
+    res = CliRunner().invoke(app, ["build-corpus", "-c", str(CONFIG), "-o", str(tmp_path), "--data", "sample",
+                                   "--limit", "5", "--quiet"])
     assert res.exit_code == 0, res.output
     out = res.output
     # --limit counts accepted records: the bad news lines (15, 16) are never reached, the bad NLI line 5 is

@@ -9,7 +9,9 @@ import importlib
 
 import typer
 
-bench_app = typer.Typer(help="Benchmarks: speed and memory as ratios against the naive way, measured in one run.",
+from rsg_eval.commands._common import RsgTyper
+
+bench_app = RsgTyper(help="Benchmarks: speed and memory as ratios against the naive way, measured in one run.",
                         no_args_is_help=True)
 
 BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl")

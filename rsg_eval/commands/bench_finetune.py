@@ -15,24 +15,29 @@ from rsg_eval.commands._common import console
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("finetune")
     def bench_finetune_cmd(
-        models: Optional[List[str]] = typer.Option(None, "--model", help="tiny and/or small (d_model 256, 4+4 "
-                                                                         "layers); default both."),
-        examples: Optional[int] = typer.Option(None, "--examples", help="Example pool per model (default: tiny "
-                                                                        "256, small 64)."),
+        models: Optional[List[str]] = typer.Option(None, "--model", "-m", help="tiny and/or small (d_model 256, "
+                                                                               "4+4 layers).",
+                                                   show_default="both"),
+        examples: Optional[int] = typer.Option(None, "--examples", help="Example pool per model.",
+                                               show_default="tiny 256, small 64"),
         batch_size: int = typer.Option(8, "--batch-size", "-b", help="Examples per step."),
-        max_src: int = typer.Option(512, "--src-len", help="Longest source (synthetic lengths 30-512)."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+        max_src: int = typer.Option(512, "--max-source-length", help="Longest source (synthetic lengths 30 up to "
+                                                                     "it)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads.",
+                                              show_default="torch's"),
         preset: Optional[str] = typer.Option(None, "--preset", help="fredt5-1.7b: time training steps of a "
                                                                     "random FRED-T5-1.7B-sized model (needs a "
                                                                     "GPU): batch 12, length 512, bf16, gradient "
-                                                                    "checkpointing."),
-        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped this many times per model and "
+                                                                    "checkpointing.",
+                                            show_default="none: the tiny/small comparison"),
+        rounds: int = typer.Option(2, "--repeats", help="Alternate shuffled/grouped this many times per model and "
                                                        "keep each one's fastest epoch (load on a shared machine "
                                                        "only ever slows a run down)."),
         steps: int = typer.Option(5, "--steps", help="Timed steps for --preset (after 2 warm-up steps)."),
-        tgt_len: int = typer.Option(512, "--tgt-len", help="Target length for --preset."),
-        no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing",
-                                              help="--preset without gradient checkpointing."),
+        tgt_len: int = typer.Option(512, "--max-target-length", help="Target length for --preset (every target "
+                                                                      "this long)."),
+        checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                           help="Gradient checkpointing in --preset."),
     ) -> None:
         """Examples/s, tokens/s and peak memory of fine-tuning steps; ratios grouped / ungrouped in one run."""
         import torch
@@ -45,7 +50,7 @@ def register(bench_app: typer.Typer) -> None:
         if preset:
             if preset != "fredt5-1.7b":
                 raise RSGError(f"unknown preset {preset!r}", field="preset", expected=["fredt5-1.7b"])
-            _preset(bench, batch_size if batch_size != 8 else 12, steps, tgt_len, not no_checkpointing)
+            _preset(bench, batch_size if batch_size != 8 else 12, steps, tgt_len, checkpointing)
             return
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         names = models or ["tiny", "small"]

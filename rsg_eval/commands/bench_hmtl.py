@@ -17,12 +17,15 @@ def hmtl_cmd(
     d_model: int = typer.Option(256, "--d-model", min=8, help="Model width (scaled down from 1536)."),
     d_ff: int = typer.Option(704, "--d-ff", min=8, help="Feed-forward width (FRED's d_ff/d_model = 2.67)."),
     layers: int = typer.Option(24, "--layers", min=2, help="Encoder layers (FRED-T5-1.7B: 24)."),
-    split: int = typer.Option(6, "--split", min=1, help="Block-1 layers (FRED-T5-1.7B: 6)."),
-    batch: int = typer.Option(16, "--batch", min=1, help="Sequences per batch (same batch for both ways)."),
-    seq_len: int = typer.Option(128, "--seq-len", min=4, help="Padded sequence length."),
+    split: int = typer.Option(6, "--encoder-split", min=1, help="Block-1 layers (FRED-T5-1.7B: 6)."),
+    batch: int = typer.Option(16, "--batch-size", "-b", min=1, help="Sequences per batch (same batch for both "
+                                                                    "ways)."),
+    seq_len: int = typer.Option(128, "--source-length", min=4, help="Tokens per sequence (all padded to it)."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats per way (best kept)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.",
+                                          show_default="torch's"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here.",
+                                            show_default="not written"),
 ) -> None:
     """Topic + NER inference: Block 1 only (early exit) vs the full encoder, on a random 24-layer T5.
 
@@ -38,7 +41,7 @@ def hmtl_cmd(
     if d_model % 4:
         raise RSGError("--d-model must be a multiple of 4 (4 attention heads)", field="d_model")
     if split >= layers:
-        raise RSGError(f"--split {split} leaves no Block 2 in {layers} layers", field="split",
+        raise RSGError(f"--encoder-split {split} leaves no Block 2 in {layers} layers", field="--encoder-split",
                        expected=f"1..{layers - 1}")
     console = make_console()
     with console.status("benchmark"):

@@ -33,16 +33,19 @@ def zeroshot_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
     docs: int = typer.Option(16, "--docs", min=1, help="RuCoS-like documents."),
     candidates: int = typer.Option(15, "--candidates", min=2, help="Candidate entities per RuCoS-like document."),
-    parus_docs: Optional[int] = typer.Option(None, "--parus-docs", min=1,
-                                             help="PARus-like documents (default 8 x --docs)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Same batch size for every way of scoring."),
+    parus_docs: Optional[int] = typer.Option(None, "--parus-docs", min=1, help="PARus-like documents.",
+                                             show_default="8 x --docs"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Same batch size for every way of "
+                                                                         "scoring."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Timed repeats per way (best kept)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.",
+                                          show_default="torch's"),
     d_model: int = typer.Option(256, "--d-model", min=8, help="Model width."),
     layers: int = typer.Option(4, "--layers", min=1, help="Layers (seq2seq: encoder = decoder layers)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Also measure each way's peak memory (one "
                                                                    "more untimed run per way)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here.",
+                                            show_default="not written"),
 ) -> None:
     """Prompts/s and peak memory of our scoring (prompt once, choices side by side, shared prefix once) vs naive.
 

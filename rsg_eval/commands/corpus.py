@@ -30,18 +30,23 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(..., "--config", "-c", help="Corpus config (YAML); see configs/corpus_example.yaml."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (train.jsonl, val.jsonl, labels.json, "
                                  "summary.json, work/). Rerunning into the same folder resumes the annotation."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Read at most N records per source (quick trial)."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Read at most N records per source (quick trial).",
+                                            show_default="all"),
         teacher: list[str] = typer.Option([], "--teacher", help="TASK=MODEL (hub id or folder) for qa, qg, "
-                                          "summarization, title, paraphrase; repeatable; overrides the config."),
-        rsg_data: Optional[str] = typer.Option(None, "--rsg-data", help="RSG data (DIR, ZIP or 'sample') whose "
-                                               "val/test texts the leakage guard checks against."),
+                                          "summarization, title, paraphrase; repeatable; overrides the config.",
+                                          show_default="the config's"),
+        rsg_data: Optional[str] = typer.Option(None, "--data", help="RSG data (a folder like the official "
+                                               "download, a zip of it, or 'sample') whose val/test texts the "
+                                               "leakage guard checks against.",
+                                               show_default="the config's leakage.rsg_data, else the download "
+                                                            "cache"),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record or failing teacher "
                                     "batch instead of skipping and counting it."),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute annotation shards in which a "
                                           "teacher batch failed."),
         device: Optional[str] = typer.Option(None, "--device", help="Teacher device: auto (GPU when present), "
-                                             "cpu, cuda:0."),
-        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+                                             "cpu, cuda, cuda:N.", show_default="auto"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Build the multi-task corpus for `rsg train-hmtl` from your sources (see docs/corpus.md)."""
         from rsg_eval.commands._common import make_console
@@ -51,7 +56,7 @@ def register(app: typer.Typer) -> None:
         console = make_console(stderr=True)
         cfg = load_config(config)
         opts = BuildOptions(limit=limit, teachers=_teachers(teacher), rsg_data=rsg_data, strict=strict,
-                            retry_failed=retry_failed, device=device, progress=not no_progress,
+                            retry_failed=retry_failed, device=device, progress=not quiet,
                             echo=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
         summary = build_corpus(cfg, out, opts)
         for line in removal_lines(summary):

@@ -21,18 +21,21 @@ def _default_out(runs: list[str], against: list[str]) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
-        runs: Optional[List[str]] = typer.Argument(None, help="Run folders (the first is the reference) or "
+        runs: Optional[List[str]] = typer.Argument(None, metavar="RUN", help="Run folders (the first is the reference) or "
                                                    "score files (.yaml/.json with leaderboard numbers). None with "
                                                    "--against paper: the paper's own Tables 1-3."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: reports/<run names joined by -vs->)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder.",
+                                           show_default="reports/<run names joined by -vs->"),
         formats: str = typer.Option("md,html,csv,json", "--format", help="Comma-separated: md, html, csv, json."),
         against: List[str] = typer.Option([], "--against", help="Add published reference rows: paper, "
-                                          "leaderboard, or a score file. Repeatable."),
-        split: str = typer.Option("val", "--split", help="Which logs of the run folders to score."),
+                                          "leaderboard, or a score file. Repeatable.", show_default="none"),
+        split: str = typer.Option("val", "--split", help="Data split whose logs in the run folders are scored "
+                                                         "(val: the test split has no public labels)."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed (same seed, same report)."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates."),
         examples: int = typer.Option(5, "--examples", help="Disagreement examples per task and run."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the tables."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the tables (the files are written "
+                                                                "all the same)."),
     ) -> None:
         """Compare runs task by task: metrics, 95% bootstrap intervals, gains over the first run with paired
         tests, totals, charts, LiDiRus diagnostics, confusion matrices and disagreements."""

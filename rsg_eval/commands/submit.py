@@ -7,16 +7,16 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option
+from rsg_eval.commands._common import RsgTyper, console, data_option, tasks_option
 
-submit_app = typer.Typer(help="Build and validate leaderboard submission zips.", no_args_is_help=True)
+submit_app = RsgTyper(help="Build and validate leaderboard submission zips.", no_args_is_help=True)
 
 
 @submit_app.command("check")
 def check_cmd(
-    zip_path: Path = typer.Argument(..., help="The submission zip (or a folder of <Task>.jsonl files)."),
+    zip_path: Path = typer.Argument(..., metavar="ZIP", help="The submission zip (or a folder of <Task>.jsonl files)."),
     data: Optional[str] = data_option(),
-    tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Only check these tasks."),
+    tasks: Optional[List[str]] = tasks_option("Only check these tasks (names or comma-separated).", "all nine"),
     max_problems: int = typer.Option(50, "--max-problems", help="How many problems to print."),
 ) -> None:
     """Validate a zip against the test files: every test idx once, no extras, exact labels, MuSeRC ids.
@@ -69,7 +69,7 @@ def _hint_partial(zip_path: Path, expected: List[str]) -> None:
 
 @submit_app.command("zip")
 def zip_cmd(
-    folder: Path = typer.Argument(..., help="A folder of <Task>.jsonl files (e.g. a run's predictions/test)."),
+    folder: Path = typer.Argument(..., metavar="FOLDER", help="A folder of <Task>.jsonl files (e.g. a run's predictions/test)."),
     out: Path = typer.Option(..., "--out", "-o", help="The zip to write."),
 ) -> None:
     """Zip <Task>.jsonl files as submission/<Task>.jsonl, the official sample's layout."""

@@ -36,7 +36,7 @@ from rsg_eval.io import atomic_write_json, atomic_write_text, guarded_write
 class BuildOptions:
     limit: int | None = None                   # per source, for a quick trial
     teachers: dict[str, str] = field(default_factory=dict)   # --teacher task=MODEL
-    rsg_data: str | None = None                # --rsg-data (overrides the config)
+    rsg_data: str | None = None                # --data (overrides the config)
     strict: bool = False                       # stop at the first bad record / failing batch
     retry_failed: bool = False                 # recompute shards that had failing batches
     device: str | None = None
@@ -144,11 +144,11 @@ def _leakage_index(cfg: CorpusConfig, opts: BuildOptions) -> tuple[LeakageGuard 
     except RSGError as err:
         if spec is not None:
             raise
-        opts.echo(f"warning: leakage guard NOT applied ({err}); pass --rsg-data DIR to check the corpus against "
+        opts.echo(f"warning: leakage guard NOT applied ({err}); pass --data DIR to check the corpus against "
                   "RSG val/test texts")
         return None, {"applied": False, "reason": str(err)}
     if not seen:
-        raise RSGError("no RSG val/test files found for the leakage guard", file=spec, field="--rsg-data")
+        raise RSGError("no RSG val/test files found for the leakage guard", file=spec, field="--data")
     return LeakageGuard(index), {"applied": True, "rsg_data": str(spec) if spec else "cache",
                                  "reference_texts": seen}
 

@@ -24,7 +24,7 @@ settings unless --restart, which clears everything below but cache/):
                              validation loss", Figures 2-3) as the headline, and each task's loss
     epoch-N/                 a hierarchical checkpoint after each epoch (`--model out/epoch-N` everywhere)
     final/                   the last epoch's checkpoint (hard links, no extra disk)
-    last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-steps)
+    last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-every)
     cache/                   the tokenised corpus (datasets, memory-mapped)
 """
 

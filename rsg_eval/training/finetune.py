@@ -424,7 +424,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     n_cut = sum(p.cut for p in pairs)
     if n_cut:
         reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_len "
-                      f"{cfg.max_target_len} and were cut (raise --max-target-len)")
+                      f"{cfg.max_target_len} and were cut (raise --max-target-length)")
     val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
     bf16 = _bf16(cfg, dev)
 
