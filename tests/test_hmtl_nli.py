@@ -94,6 +94,37 @@ def test_zeroshot_cli_dispatches_to_the_nli_head(ckpt, tmp_path):
     assert len((run_dir / "logs" / "val" / "RCB.jsonl").read_text(encoding="utf-8").splitlines()) == 2
 
 
+def test_nli_head_cli_prints_the_zeroshot_summary_and_its_partial_zip(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    run_dir = tmp_path / "cli-all"
+    r = CliRunner().invoke(app, ["zeroshot", "--model", str(ckpt), "--data", "sample", "--nli-head", "--tasks",
+                                 "RCB", "TERRa", "--limit", "2", "--run", str(run_dir), "-q"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["tasks"]
+    out = r.output
+    # the prompted zero-shot's table: a row per task with its metrics and score, then the total
+    assert "val metrics" in out
+    for task in ("RCB", "TERRa"):
+        row = next(ln for ln in out.splitlines() if ln.startswith(f"│ {task} "))
+        assert f"{metrics[task]['score']:.4f}" in row and "acc" in row
+    assert "needs all nine tasks" in out
+    assert f"run folder: {run_dir} (4 task splits evaluated, 0 skipped" in out
+    # the zip: where it is, that it is partial, and why it cannot be complete
+    zip_path = run_dir / "submission-partial.zip"
+    assert zip_path.is_file() and not (run_dir / "submission.zip").exists()
+    assert f"partial zip {zip_path}: 2 of 9 tasks; missing LiDiRus, PARus" in out
+    assert "the NLI head answers only LiDiRus, RCB and TERRa" in out
+    # a rerun says it skipped them and prints the same table
+    again = CliRunner().invoke(app, ["zeroshot", "--model", str(ckpt), "--data", "sample", "--nli-head", "--tasks",
+                                     "RCB,TERRa", "--limit", "2", "--run", str(run_dir), "-q"])
+    assert again.exit_code == 0, again.output
+    assert "(0 task splits evaluated, 4 skipped as already finished" in again.output
+    assert "val metrics" in again.output and f"partial zip {zip_path}" in again.output
+
+
 def test_block1_predictions_batch_invariant(ckpt):
     from rsg_eval.hmtl.infer import predict_entities, predict_topics
     from rsg_eval.models.hierarchical import load_hierarchical

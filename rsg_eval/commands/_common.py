@@ -184,7 +184,7 @@ def print_zip(z: object, hint: str = "") -> None:
     if z is None or getattr(z, "path", None) is None:
         return
     if z.complete:
-        console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)")
-    else:
+        console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)", soft_wrap=True)
+    else:  # soft_wrap: a path stays on one line, whole, also in a log file
         console.print(f"[yellow]partial zip[/] {z.path}: {len(z.tasks)} of 9 tasks; missing "
-                      f"{', '.join(z.missing)}{hint}")
+                      f"{', '.join(z.missing)}{hint}", soft_wrap=True)

@@ -135,8 +135,17 @@ def register(app: typer.Typer) -> None:
             raise RSGError("not fine-tuned: " + "; ".join(out.failed.values()))
 
 
+# The bar and the evaluation lines show one quantity under one label: the token-weighted mean train loss over the
+# optimizer steps since the previous evaluation. The bar's value runs; at an evaluation step it is exactly what
+# that evaluation logs (its line, and epochs.csv's train_loss).
+LOSS_LABEL = "train loss {:.4f} (mean over the steps since the previous evaluation)"
+
+
 class _RichReporter:
-    """Rich progress (task bar with epoch, step, loss, last val score) on the main process only."""
+    """Progress on the main process only, in the order things happen: per task a header line, its evaluation
+    lines while it trains (printed above the live bar, through the bar's own console), then the bar's final state
+    and the best epoch. Each task has a bar of its own that stops when the task ends: piped to a file, where rich
+    draws a bar only when it stops, the bar lands after its task's evaluation lines, not after every task's."""
 
     def __init__(self, quiet: bool) -> None:
         import os
@@ -146,59 +155,76 @@ class _RichReporter:
         self.progress: Any = None
         self.bar: Any = None
         self.last_val = ""
+        self.last_loss: float | None = None
 
     def __enter__(self) -> "_RichReporter":
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=console, transient=False)
-            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
         if self.progress is not None:
-            self.progress.__exit__(*exc)
+            self.progress.stop()
+            self.progress = self.bar = None
+
+    def _print(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else console).print(text)
 
     def task_start(self, task: str, predicts: list[str], n_pairs: int, total_steps: int, resumed: int | None) -> None:
         if self.quiet:
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._stop()
         extra = f" (+ predicts {', '.join(p for p in predicts if p != task)})" if len(predicts) > 1 else ""
-        self.progress.console.print(f"[bold]{task}[/]{extra}: {n_pairs} training examples, {total_steps} "
-                                    f"optimizer steps" + (f", resuming at step {resumed}" if resumed else ""))
-        self.last_val = ""
+        console.print(f"[bold]{task}[/]{extra}: {n_pairs} training examples, {total_steps} optimizer steps"
+                      + (f", resuming at step {resumed}" if resumed else ""))
+        self.last_val, self.last_loss = "", None
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.progress.start()
         self.bar = self.progress.add_task(task, total=total_steps, completed=resumed or 0, info="")
 
     def step(self, task: str, state: Any, loss: float) -> None:
         if self.quiet or self.bar is None:
             return
+        tokens = getattr(state, "loss_tokens", 0) or 0
+        if tokens:  # token-weighted mean since the last evaluation, exactly as the next evaluation will log it
+            self.last_loss = float(state.loss_sum) / float(tokens)
+        shown = "" if self.last_loss is None else " " + LOSS_LABEL.format(self.last_loss)
         self.progress.update(self.bar, completed=state.step,
-                             info=f"epoch {state.epoch + (1 if state.micro else 0)} step {state.step} loss "
-                                  f"{loss:.4f}{self.last_val}")
+                             info=f"epoch {state.epoch + (1 if state.micro else 0)}{shown}{self.last_val}")
 
     def evaluated(self, task: str, row: dict) -> None:
         if self.quiet:
             return
-        self.last_val = f" val {row['score']:.4f}"
-        metrics = " ".join(f"{k} {fmt(v, 4)}" for k, v in row.items() if k not in ("task", "epoch", "step"))
-        self.progress.console.print(f"  {task} epoch {row['epoch']} step {row['step']}: {metrics}")
+        self.last_val = f", val score {row['score']:.4f} (last evaluation)"
+        loss = row.get("train_loss")
+        if isinstance(loss, (int, float)) and loss == loss:
+            self.last_loss = float(loss)
+        metrics = " ".join(f"{k} {fmt(v, 4)}" for k, v in row.items()
+                           if k not in ("task", "epoch", "step", "train_loss"))
+        head = LOSS_LABEL.format(loss) + ", " if isinstance(loss, (int, float)) else ""
+        self._print(f"  {task} epoch {row['epoch']} step {row['step']}: {head}val {metrics}")
 
     def task_done(self, task: str, result: dict) -> None:
         if self.quiet:
             return
+        self._stop()
         why = f", stopped: {result['stopped']}" if result.get("stopped") else ""
-        self.progress.console.print(f"  {task}: best val score {fmt(result['best_metrics'].get('score'), 4)} at "
-                                    f"epoch {result['best_epoch']} (step {result['best_step']}){why}")
+        console.print(f"  {task}: best val score {fmt(result['best_metrics'].get('score'), 4)} at "
+                      f"epoch {result['best_epoch']} (step {result['best_step']}){why}")
 
     def skipped(self, task: str, why: str) -> None:
         if not self.quiet:
-            self.progress.console.print(f"[dim]{task}: {why}[/]")
+            self._print(f"[dim]{task}: {why}[/]")
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            self.progress.console.print(text)
+            self._print(text)
 
 
 def _summary(out: Any) -> None:

@@ -51,4 +51,6 @@ def register(app: typer.Typer) -> None:
             print_rich(report, console)
         folder = out or _default_out(runs, against)
         paths = write_report(report, folder, fmts)
-        console.print(f"wrote {len(paths)} files to {folder}/: " + ", ".join(p.name for p in paths), highlight=False)
+        # each path as it lies under the folder: the charts are in figures/, not next to report.md
+        shown = [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in paths]
+        console.print(f"wrote {len(paths)} files to {folder}/: " + ", ".join(shown), highlight=False, soft_wrap=True)

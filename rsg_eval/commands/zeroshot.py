@@ -91,9 +91,10 @@ def register(app: typer.Typer) -> None:
             from rsg_eval.models.loading import require_seq2seq
 
             require_seq2seq(model, "--nli-head")
-            run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
-                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console,
-                         **({"restart": True} if restart else {}))
+            result = run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run,
+                                  root=root, batch_size=parse_batch_size(batch_size), device=device, dtype=dtype,
+                                  console=console, **({"restart": True} if restart else {}))
+            print_summary(result, NLI_ZIP_HINT)
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
@@ -111,8 +112,14 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(130)
 
 
-def print_summary(result: object) -> None:
-    """Final rich table of val metrics, then where the run folder and zip are."""
+# The NLI head answers the three entailment tasks only, so its zip is always partial: say so, and what to do.
+NLI_ZIP_HINT = (" (the NLI head answers only LiDiRus, RCB and TERRa; for an upload, add the other six tasks' "
+                "predictions/test files from a prompted run and zip them with `rsg submit zip`)")
+
+
+def print_summary(result: object, zip_hint: str = " (run them with --split test to complete submission.zip)"
+                  ) -> None:
+    """Final rich table of val metrics, then where the run folder and zip are (ZeroShotResult, NLIHeadResult)."""
     from rich.table import Table
 
     from rsg_eval.tasks import get_task
@@ -134,5 +141,6 @@ def print_summary(result: object) -> None:
     skipped = sum(o.status == "skipped" for o in res.outcomes)
     truncated = sum(o.n_truncated for o in res.outcomes)
     console.print(f"run folder: [bold]{res.run.path}[/] ({done} task splits evaluated, {skipped} skipped as "
-                  f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})")
-    print_zip(res.zip, " (run them with --split test to complete submission.zip)")
+                  f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})",
+                  soft_wrap=True)
+    print_zip(res.zip, zip_hint)
