@@ -18,9 +18,9 @@ def train_hmtl(
                                "labels.json), or 'sample' for the bundled one."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (checkpoints, losses.csv/png, train.log). "
                             "Rerunning with the same settings resumes an interrupted run."),
-    epochs: int = typer.Option(4, "--epochs", help="Epochs (paper: 4). An epoch ends when every train example has been seen "
-                               "at least once: the largest task sets its length, smaller tasks repeat (the log "
-                               "states how often)."),
+    epochs: int = typer.Option(4, "--epochs", help="Epochs (paper: 4). An epoch ends when every train example has "
+                               "been seen at least once: the largest task sets its length, smaller tasks repeat "
+                               "(the log states how often)."),
     batch_size: int = typer.Option(12, "--batch-size", "-b", help="Sequences per micro-step (paper: 'a batch of 12 "
                                    "sequences'); in all or per task, see --batch-reading."),
     grad_accum: int = typer.Option(2, "--grad-accum", help="Micro-steps per optimizer step (paper: 2)."),
@@ -31,14 +31,14 @@ def train_hmtl(
     max_source_length: int = typer.Option(512, "--max-source-length", help="Max input tokens (paper: 512)."),
     max_target_length: int = typer.Option(512, "--max-target-length", help="Max target tokens, </s> included "
                                           "(paper: 'sequences up to 512 tokens')."),
-    schedule: str = typer.Option("paper", "--schedule", help="paper (default: the paper's CyclicLR exp_range, gamma per "
-                                 "optimizer step, which sits at --lr-min after ~70 steps; the default so that a "
-                                 "reproduction runs what the paper ran) | cycle-gamma (gamma once per cycle) | "
-                                 "cosine (warm-up, then cosine decay)."),
+    schedule: str = typer.Option("paper", "--schedule", help="paper (default: the paper's CyclicLR exp_range, "
+                                 "gamma per optimizer step, which sits at --lr-min after ~70 steps; the default so "
+                                 "that a reproduction runs what the paper ran) | cycle-gamma (gamma once per "
+                                 "cycle) | cosine (warm-up, then cosine decay)."),
     lr_min: float = typer.Option(1e-6, "--lr-min", help="Learning-rate floor (CyclicLR base_lr; paper: 1e-6)."),
     lr_max: float = typer.Option(1e-4, "--lr", help="Peak learning rate (CyclicLR max_lr; paper: 1e-4)."),
-    gamma: float = typer.Option(0.9, "--gamma", help="paper: amplitude factor per optimizer step (paper: 0.9); cycle-gamma: "
-                               "per cycle."),
+    gamma: float = typer.Option(0.9, "--gamma", help="paper: amplitude factor per optimizer step (paper: 0.9); "
+                               "cycle-gamma: per cycle."),
     step_size_up: Optional[int] = typer.Option(None, "--step-size-up", help="Steps up per half cycle "
                                                "(paper: not stated).",
                                                show_default="paper: torch's 2000; cycle-gamma: half an epoch"),
@@ -62,8 +62,8 @@ def train_hmtl(
     ner_loss: str = typer.Option("softmax", "--ner-loss", help="softmax (default, the paper's cross-entropy "
                                  "against one-hot labels: per token, outside or the innermost entity's type) or "
                                  "multilabel (a sigmoid per type: nested entities at once)."),
-    bf16: str = typer.Option("auto", "--bf16", help="bf16 autocast: auto (on a GPU that supports it), on, off (paper: bf16 "
-                           "with fp32 master weights)."),
+    bf16: str = typer.Option("auto", "--bf16", help="bf16 autocast: auto (on a GPU that supports it), on, off "
+                             "(paper: bf16 with fp32 master weights)."),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                 help="Gradient checkpointing (paper: on)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order, heads and dropout (paper: not stated)."),

@@ -21,8 +21,9 @@ def _default_out(runs: list[str], against: list[str]) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
-        runs: Optional[List[str]] = typer.Argument(None, metavar="RUN", help="Run folders (the first is the reference) or "
-                                                   "score files (.yaml/.json with leaderboard numbers). None with "
+        runs: Optional[List[str]] = typer.Argument(None, metavar="RUN", help="Run folders (the first is the "
+                                                   "reference) or score files (.yaml/.json with leaderboard numbers). "
+                                                   "None with "
                                                    "--against paper: the paper's own Tables 1-3."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder.",
                                            show_default="reports/<run names joined by -vs->"),

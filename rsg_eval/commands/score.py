@@ -50,8 +50,8 @@ def score_predictions(pred: Path, data: object, split: str = "val", task: str | 
 def register(app: typer.Typer) -> None:
     @app.command("score")
     def score_cmd(
-        pred: Path = typer.Argument(..., metavar="PREDICTIONS", help="Predictions in leaderboard line format: a folder of <Task>.jsonl, "
-                                              "a zip, or one .jsonl file."),
+        pred: Path = typer.Argument(..., metavar="PREDICTIONS", help="Predictions in leaderboard line format: a "
+                                    "folder of <Task>.jsonl, a zip, or one .jsonl file."),
         data: Optional[str] = data_option(),
         split: str = typer.Option("val", "--split", help="Data split the predictions are for: val or train "
                                                          "(test has no public labels)."),

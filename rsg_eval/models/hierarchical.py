@@ -95,11 +95,13 @@ def resolve_split(spec: int | float | str | None, num_layers: int) -> int:
         try:
             spec = float(spec) if any(c in spec for c in ".eE") else int(spec)
         except ValueError:
-            raise RSGError(f"not a number: {spec!r}", field="--encoder-split", expected="a layer count or a fraction") from None
+            raise RSGError(f"not a number: {spec!r}", field="--encoder-split",
+                           expected="a layer count or a fraction") from None
     if isinstance(spec, float) and 0 < spec < 1:
         return min(max(1, round(spec * num_layers)), max(1, num_layers - 1))
     if isinstance(spec, float) and not spec.is_integer():
-        raise RSGError(f"encoder split {spec} is neither a fraction in (0, 1) nor a layer count", field="--encoder-split",
+        raise RSGError(f"encoder split {spec} is neither a fraction in (0, 1) nor a layer count",
+                       field="--encoder-split",
                        expected="a layer count or a fraction")
     k = int(spec)
     if not 1 <= k <= num_layers:
