@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from rsg_eval.commands._common import quiet_option
 from rsg_eval.errors import RSGError
 
 
@@ -46,7 +47,7 @@ def register(app: typer.Typer) -> None:
                                           "teacher batch failed."),
         device: Optional[str] = typer.Option(None, "--device", help="Teacher device: auto (GPU when present), "
                                              "cpu, cuda, cuda:N.", show_default="auto"),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        quiet: bool = quiet_option(),
     ) -> None:
         """Build the multi-task corpus for `rsg train-hmtl` from your sources (see docs/corpus.md)."""
         from rsg_eval.commands._common import make_console

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from rsg_eval.commands._common import quiet_option
+
 
 def register(app: typer.Typer) -> None:
     app.command("train-hmtl")(train_hmtl)
@@ -71,7 +73,7 @@ def train_hmtl(
                                                       "steps per epoch (smoke runs).", show_default="no cap"),
     save_steps: int = typer.Option(0, "--save-every", help="Also save a resume point every N optimizer steps; 0 = "
                                    "only after each epoch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (log lines only)."),
+    quiet: bool = quiet_option("No progress bar (log lines only)."),
     restart: bool = typer.Option(False, "--restart", help="Clear --out's checkpoints, losses and log and start "
                                  "over (needed to change settings for an existing --out: one folder holds one "
                                  "configuration)."),

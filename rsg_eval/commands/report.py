@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+from rsg_eval.commands._common import quiet_option
+
 
 def _default_out(runs: list[str], against: list[str]) -> Path:
     names = [Path(r).stem if Path(r).suffix else Path(r).name for r in runs] + list(against)
@@ -35,8 +37,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed (same seed, same report)."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates."),
         examples: int = typer.Option(5, "--examples", help="Disagreement examples per task and run."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the tables (the files are written "
-                                                                "all the same)."),
+        quiet: bool = quiet_option("Do not print the tables (the files are written all the same)."),
     ) -> None:
         """Compare runs task by task: metrics, 95% bootstrap intervals, gains over the first run with paired
         tests, totals, charts, LiDiRus diagnostics, confusion matrices and disagreements."""
