@@ -44,8 +44,8 @@ def test_finetune_prints_bar_after_its_evaluations_with_one_labelled_loss(tmp_pa
     env["OMP_NUM_THREADS"] = "1"
     # piped, as in `rsg finetune ... > log.txt`: rich draws a bar only when it stops
     proc = subprocess.run([RSG, "finetune", "--model", "tiny", "--data", "sample", "--tasks", "TERRa", "RCB",
-                           "--epochs", "2", "--root", str(tmp_path), "--run", "r"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           "--epochs", "2", "--root", str(tmp_path), "--run", "r", "--checkpoint-dir",
+                           str(tmp_path / "ck")], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     rows = list(csv.DictReader((tmp_path / "r" / "epochs.csv").open(encoding="utf-8")))
