@@ -30,7 +30,7 @@ def train_hmtl(
                                       "(default, closest to the text: 12 sequences per micro-step in all, dealt to "
                                       "the eight tasks in rotation; effective batch 24) or 'per-task' (12 of every "
                                       "task per micro-step; 192 per optimizer step)."),
-    max_source_length: int = typer.Option(512, "--max-source-length", help="Max input tokens (paper: 512)."),
+    max_length: int = typer.Option(512, "--max-source-length", help="Max input tokens (paper: 512)."),
     max_target_length: int = typer.Option(512, "--max-target-length", help="Max target tokens, </s> included "
                                           "(paper: 'sequences up to 512 tokens')."),
     schedule: str = typer.Option("paper", "--schedule", help="paper (default: the paper's CyclicLR exp_range, "
@@ -89,7 +89,7 @@ def train_hmtl(
     cfg = TrainConfig(
         model=model, corpus=corpus, out=out, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         batch_reading=batch_reading, adapter_layout=adapter_layout, ner_loss=ner_loss,
-        max_length=max_source_length, max_target_length=max_target_length, schedule=schedule, lr_min=lr_min,
+        max_length=max_length, max_target_length=max_target_length, schedule=schedule, lr_min=lr_min,
         lr_max=lr_max, gamma=gamma, step_size_up=step_size_up, warmup_steps=warmup_steps,
         weight_decay=weight_decay, clip_norm=clip_norm, task_weights=parse_task_weights(task_weights),
         split=split, adapter_dim=adapter_dim, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed,
