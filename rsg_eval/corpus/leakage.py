@@ -33,6 +33,7 @@ class NgramIndex:
             raise ValueError("n-gram length below 3 would drop ordinary phrases")
         self.n = n
         self._tok: dict[str, int] = {}
+        self.cache_size = 100_000   # token values kept (~10 MB); bounded so memory stays flat over a corpus
         self._pows = np.array([pow(int(_P), j, 1 << 64) for j in range(n)], dtype=np.uint64)  # (n,)
         self._parts: list[np.ndarray] = []
         self._owners: list[np.ndarray] = []
@@ -43,6 +44,8 @@ class NgramIndex:
     def _value(self, tok: str) -> int:
         v = self._tok.get(tok)
         if v is None:
+            if len(self._tok) >= self.cache_size:
+                self._tok.clear()   # a cache, not a vocabulary: corpus texts bring new words without end
             v = int.from_bytes(hashlib.blake2b(tok.encode("utf-8"), digest_size=8).digest(), "little")
             self._tok[tok] = v
         return v
