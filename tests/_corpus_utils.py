@@ -64,22 +64,22 @@ def tiny_wordpiece():
     return fast
 
 
-def _bert_config(tok, labels: tuple[str, ...] | None = None):
+def _bert_config(tok, labels: tuple[str, ...] | None = None, init: float = 0.02):
     from transformers import BertConfig
 
     extra = {}
     if labels is not None:
         extra = {"id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}}
     return BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, **extra)
+                      intermediate_size=64, max_position_embeddings=128, initializer_range=init, **extra)
 
 
-def _save(model_cls, folder: Path, seed: int, labels: tuple[str, ...] | None = None) -> Path:
+def _save(model_cls, folder: Path, seed: int, labels: tuple[str, ...] | None = None, init: float = 0.02) -> Path:
     import torch
 
     tok = tiny_wordpiece()
     torch.manual_seed(seed)
-    model_cls(_bert_config(tok, labels)).save_pretrained(folder)
+    model_cls(_bert_config(tok, labels, init)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -93,7 +93,8 @@ def save_tiny_qa(folder: Path, seed: int = 0) -> Path:
 def save_tiny_ner(folder: Path, seed: int = 0, labels: tuple[str, ...] = NER_LABELS) -> Path:
     from transformers import BertForTokenClassification
 
-    return _save(BertForTokenClassification, folder, seed, labels)
+    # wide initial weights: a random classifier with the default init predicts one label for every input
+    return _save(BertForTokenClassification, folder, seed, labels, init=1.0)
 
 
 def save_tiny_classifier(folder: Path, labels: tuple[str, ...], seed: int = 0) -> Path:
@@ -101,4 +102,4 @@ def save_tiny_classifier(folder: Path, labels: tuple[str, ...], seed: int = 0) -
     zero-shot topic teacher also uses)."""
     from transformers import BertForSequenceClassification
 
-    return _save(BertForSequenceClassification, folder, seed, labels)
+    return _save(BertForSequenceClassification, folder, seed, labels, init=1.0)

@@ -12,7 +12,7 @@ import typer
 bench_app = typer.Typer(help="Benchmarks: speed and memory as ratios against the naive way, measured in one run.",
                         no_args_is_help=True)
 
-BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl")
+BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl", "bench_corpus")
 
 
 def register(app: typer.Typer) -> None:
