@@ -23,6 +23,7 @@ import hashlib
 import heapq
 import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,7 +44,7 @@ from rsg_eval.errors import RSGError
 from rsg_eval.io import atomic_write_json, atomic_write_text
 
 BUILD_FORMAT = 2
-MAX_ROUNDS = 4   # rounds of handing unused texts to the jobs still below their targets
+MAX_ROUNDS = 8   # rounds of handing texts to the jobs still below their targets
 
 
 @dataclass
@@ -354,9 +355,7 @@ class _Builder:
         weights = {}
         for j in runnable:
             quotas[j] = max((need.get(t, 0) for t in ann.JOB_TASKS[j]), default=0)
-            spec = ann.unit_spec(j, specs)
-            per_text = spec.per_text if spec.unit == "sentence" or j == "nli" else 1
-            weights[j] = quotas[j] / max(1, per_text)
+            weights[j] = quotas[j] / self._per_text(j)
         return weights, quotas
 
     def annotate(self, texts: HashSorter) -> None:
@@ -375,26 +374,34 @@ class _Builder:
         made: Counter = Counter()          # task -> teacher records kept (after the leakage guard and dedup)
         used: Counter = Counter()          # job -> texts consumed
         next_index = {j: 0 for j in weights}
+        expected = {j: self._per_text(j) for j in weights}
         active = [j for j in weights if weights[j] > 0]
         rnd = 0
         while active and n_pool and rnd < MAX_ROUNDS:
             rnd += 1
             before = sum(made.values())
-            # divide this round's texts among the jobs still short, in proportion to what each still needs
-            left = {j: (weights[j] if quotas[j] is None else
-                        weights[j] * (quotas[j] - made[ann.JOB_TASKS[j][0]]) / max(1, quotas[j]))
-                    for j in active}
-            assigner = ann.Assigner(left)
+            if all(quotas[j] is None for j in active):
+                want, limit = {j: weights[j] for j in active}, n_pool   # no targets: every text, by shares
+            else:
+                # texts each job still needs, at the yield seen so far (records kept per text used; at first the
+                # units per text); only that many are handed out, the rest wait for later rounds
+                want = {}
+                for j in active:
+                    y = made[ann.JOB_TASKS[j][0]] / used[j] if used[j] else expected[j]
+                    want[j] = math.ceil((quotas[j] - made[ann.JOB_TASKS[j][0]]) / max(y, 0.05))
+                limit = min(n_pool, sum(want.values()))
+            assigner = ann.Assigner(want)
             files = {j: Spool(self.stage / f"{j}.round{rnd}.jsonl") for j in assigner.jobs}
-            for rec in iter_spool(pool):
-                files[assigner.next()].add(rec)
-            leftovers = []
+            reserve = Spool(self.stage / f"reserve-{rnd}.jsonl")
+            for i, rec in enumerate(iter_spool(pool)):
+                if i < limit:
+                    files[assigner.next()].add(rec)
+                else:
+                    reserve.add(rec)
+            leftovers = [iter(reserve)]
             for j in assigner.jobs:
                 it = iter(files[j])
                 quota, task = quotas[j], ann.JOB_TASKS[j][0]
-                if quota is not None and made[task] >= quota:
-                    leftovers.append(it)
-                    continue
                 shards = ann.annotate_shards(
                     j, it, self.specs, self.teacher, self.out / "work", shard_size=self.cfg.shard_size,
                     on_error="stop" if self.opts.strict else self.cfg.on_error, report=self.report,
@@ -417,7 +424,12 @@ class _Builder:
             if sum(made.values()) == before:
                 break   # the teachers kept nothing from a whole round: more rounds would not either
         self.texts_info.update({"used": dict(used), "unused": n_pool, "rounds": rnd,
-                                "quotas": {j: q for j, q in quotas.items() if q is not None}})
+                                "quotas": {j: q for j, q in quotas.items() if q}})
+
+    def _per_text(self, job: str) -> int:
+        """Units (so at most records) one text gives a job."""
+        spec = ann.unit_spec(job, self.specs)
+        return max(1, spec.per_text) if spec.unit == "sentence" or job == "nli" else 1
 
     def _keep_generated(self, recs: list[dict], made: Counter) -> None:
         # generated text can repeat memorised evaluation text, so it passes the leakage guard too
