@@ -31,8 +31,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (train.jsonl, val.jsonl, labels.json, "
                                  "summary.json, work/). Rerunning into the same folder resumes the annotation."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Read at most N records per source (quick trial)."),
-        teacher: list[str] = typer.Option([], "--teacher", help="TASK=MODEL (hub id or folder) for qa, qg, "
-                                          "summarization, title, paraphrase, ner, mc, nli; repeatable; overrides the config."),
+        teacher: list[str] = typer.Option([], "--teacher", help="TASK=MODEL (hub id or folder) for ner, mc, nli, "
+                                          "qa, qg, summarization, title, paraphrase; repeatable; overrides the "
+                                          "config."),
         rsg_data: Optional[str] = typer.Option(None, "--rsg-data", help="RSG data (DIR, ZIP or 'sample') whose "
                                                "val/test texts the leakage guard checks against."),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record or failing teacher "
@@ -67,7 +68,8 @@ def register(app: typer.Typer) -> None:
             sub = SubsetSpec(train=subset, val=sub.val if sub else None, seed=sub.seed if sub else None)
         done = finished_build(out, build_fingerprint(cfg, opts)) if sub is not None else None
         if done is not None:
-            console.print(f"{out} is already built from this config: cutting the subset only", highlight=False)
+            console.print(f"{out} is already built from this config: cutting the subset only", highlight=False,
+                          markup=False, soft_wrap=True)
         else:
             summary = build_corpus(cfg, out, opts)
             for line in removal_lines(summary):
@@ -78,4 +80,4 @@ def register(app: typer.Typer) -> None:
             dest = subset_out or out / f"subset-{sub.train}"
             s = cut_subset(out, dest, sub.train, sub.val, cfg.seed if sub.seed is None else sub.seed)
             Console().print(subset_table(s))
-            console.print(f"wrote the subset to {dest}", highlight=False)
+            console.print(f"wrote the subset to {dest}", highlight=False, markup=False, soft_wrap=True)
