@@ -52,7 +52,7 @@ from rsg_eval.tasks import TASK_NAMES, get_task
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
-# Template variables each task's items provide (docs/DESIGN.md, "Template fields per task").
+# Template variables each task's items provide (docs/design.md, "Template fields per task").
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "TERRa": ("premise", "hypothesis"),
     "LiDiRus": ("premise", "hypothesis", "sentence1", "sentence2"),

@@ -1,6 +1,6 @@
 """Run folders: the files a zero-shot or fine-tuning run leaves behind, and the only thing reports read.
 
-Light module (no torch). Layout (docs/DESIGN.md, "Run folders")::
+Light module (no torch). Layout (docs/design.md, "Run folders")::
 
     submissions/<run>/
       config.json                       what produced the run (model, revision, templates, versions, ...)

@@ -3,7 +3,7 @@
 Torch-free. A task file is parsed into `Item`s, the unit a model predicts: a record for the
 sentence-pair tasks, an answer option for MuSeRC, a query (= passage) for RuCoS. Every item carries the id the
 leaderboard keys on (`key`), the unit that must never be split (`group`), its template fields, its possible
-labels and its gold label. See docs/DESIGN.md for the contract and ../shared/docs/RSG_SPEC.md for the quirks.
+labels and its gold label. See docs/design.md for the contract and ../shared/docs/RSG_SPEC.md for the quirks.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def check_split(task: str, split: str) -> str:
 
 @dataclass(frozen=True)
 class Item:
-    """One thing a model predicts (see docs/DESIGN.md)."""
+    """One thing a model predicts (see docs/design.md)."""
 
     task: str
     split: str

@@ -1,4 +1,4 @@
-"""Synthetic run folders for the report tests, written file by file as docs/DESIGN.md ("Run folders") fixes
+"""Synthetic run folders for the report tests, written file by file as docs/design.md ("Run folders") fixes
 them, so the report side is tested without a model. Values are drawn from a seeded generator."""
 
 from __future__ import annotations

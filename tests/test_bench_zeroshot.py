@@ -1,5 +1,5 @@
 """The zero-shot benchmark at a toy size: it runs all three ways of scoring and reports identical predictions.
-Speed is not asserted here (it is measured by `rsg bench zeroshot` and recorded in README.md)."""
+Speed is not asserted here (it is measured by `rsg bench zeroshot` and recorded in docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`rsg report` on small run folders written as docs/DESIGN.md fixes them: numbers, formats, bad input."""
+"""`rsg report` on small run folders written as docs/design.md fixes them: numbers, formats, bad input."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def train_hmtl(
     max_length: int = typer.Option(512, "--max-length", help="Max input tokens."),
     max_target_length: int = typer.Option(512, "--max-target-length", help="Max target tokens (with </s>)."),
     schedule: str = typer.Option("paper", help="paper (CyclicLR exp_range, gamma per step: collapses to the "
-                                 "floor in ~70 steps, see the README) | cycle-gamma | cosine."),
+                                 "floor in ~70 steps, see docs/hmtl.md) | cycle-gamma | cosine."),
     lr_min: float = typer.Option(1e-6, "--lr-min", help="Learning-rate floor (CyclicLR base_lr)."),
     lr_max: float = typer.Option(1e-4, "--lr-max", help="Learning-rate peak (CyclicLR max_lr)."),
     gamma: float = typer.Option(0.9, help="paper: amplitude factor per optimizer step; cycle-gamma: per cycle."),

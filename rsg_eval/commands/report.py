@@ -1,6 +1,6 @@
 """`rsg report RUN [RUN ...]`: the paper's tables from your runs, with bootstrap intervals and paired tests.
 
-Torch-free: reports read only run-folder files (docs/DESIGN.md) and score files.
+Torch-free: reports read only run-folder files (docs/design.md) and score files.
 """
 
 from __future__ import annotations

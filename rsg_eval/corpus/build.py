@@ -1,6 +1,6 @@
 """`rsg build-corpus`: read the sources, clean, deduplicate, guard against RSG leakage, annotate raw texts with
 teacher models up to each task's size target, cap, split per task and write the multi-task corpus
-(docs/DESIGN.md "Multi-task corpus"; docs/corpus.md walks through every step).
+(docs/design.md "Multi-task corpus"; docs/corpus.md walks through every step).
 
 Memory does not grow with the corpus: records flow from stage to stage through files under work/stage/ (per-task
 spools, hash-bucketed sorts), the duplicate index is an SQLite file (cleaning.KeyStore), and the per-task
@@ -160,7 +160,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
 
 def _public(rec: dict) -> dict:
     """The record as written: internal `_` keys dropped; the source name goes to `source`, except for paraphrase,
-    whose `source` field is its input text (DESIGN.md), so there it goes to `origin`."""
+    whose `source` field is its input text (docs/design.md), so there it goes to `origin`."""
     out = {k: v for k, v in rec.items() if not k.startswith("_")}
     out["origin" if rec["task"] == "paraphrase" else "source"] = rec["_src"]
     return out

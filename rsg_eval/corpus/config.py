@@ -1,6 +1,6 @@
 """The `rsg build-corpus` config file (YAML), checked strictly: unknown keys and bad values name the field.
 
-See configs/corpus_example.yaml for a documented example and README.md ("Building the multi-task corpus") for the format.
+See configs/corpus_example.yaml for a documented example and docs/corpus.md for the format.
 Relative paths are resolved against the config file's folder.
 """
 

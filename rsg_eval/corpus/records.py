@@ -1,4 +1,4 @@
-"""Corpus record shapes (docs/DESIGN.md "Multi-task corpus") and the collector of bad-input problems. Stdlib only."""
+"""Corpus record shapes (docs/design.md "Multi-task corpus") and the collector of bad-input problems. Stdlib only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The multi-task corpus (docs/DESIGN.md "Multi-task corpus"): locate, validate, normalise. Stdlib only.
+"""The multi-task corpus (docs/design.md "Multi-task corpus"): locate, validate, normalise. Stdlib only.
 
 A corpus is a folder with `train.jsonl` (or `train-*.jsonl` shards), `val.jsonl` (or `val-*.jsonl`) and optional
 `labels.json` (`{"mc": [topic names], "ner": [entity types]}`). One JSON object per line with a `task` field and that
@@ -21,7 +21,7 @@ from rsg_eval.errors import RSGError
 from rsg_eval.io import iter_jsonl
 from rsg_eval.hmtl.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS
 
-# Required fields per task (docs/DESIGN.md). Types: str unless listed in _SPECIAL.
+# Required fields per task (docs/design.md). Types: str unless listed in _SPECIAL.
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "ner": ("text", "entities"),
     "mc": ("text", "label"),

@@ -1,7 +1,7 @@
 """Read what a report compares: run folders, published reference rows, and score files a user copied.
 
-Torch-free. Run folders are read only through their files (docs/DESIGN.md, "Run folders"). A score file is
-YAML or JSON in the format of `rsg_eval/published/*.yaml` (documented in README.md ("Comparison reports")):
+Torch-free. Run folders are read only through their files (docs/design.md, "Run folders"). A score file is
+YAML or JSON in the format of `rsg_eval/published/*.yaml` (documented in docs/reports.md, "Score files"):
 
     name: my-model-test           # one run; or `runs: [{name: .., tasks: ..}, ...]` for several
     split: test                   # test = leaderboard numbers (default), val = local numbers

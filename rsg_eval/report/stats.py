@@ -1,6 +1,6 @@
 """Bootstrap statistics for reports: confidence intervals and paired tests, whole groups resampled.
 
-Torch-free (numpy only). The unit of resampling is the *group* of a log row (docs/DESIGN.md): a record for
+Torch-free (numpy only). The unit of resampling is the *group* of a log row (docs/design.md): a record for
 the sentence-pair tasks, a question for MuSeRC (its answers stay together, so EM stays a per-question
 metric), a query (= passage) for RuCoS.
 
