@@ -522,6 +522,7 @@ class _Builder:
     def run(self) -> dict:
         texts = self.read()
         self.annotate(texts)
+        self.deduper.close()   # nothing more to deduplicate: hand its page cache back before the last stage
         train, val = HashSorter(self.stage / "out-train"), HashSorter(self.stage / "out-val")
         self.mc_seen: Counter = Counter()
         per_task = {}

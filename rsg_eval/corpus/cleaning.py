@@ -252,7 +252,7 @@ class KeyStore:
     (~15-20 bytes each with the B-tree's overhead). `path=None` makes a temporary file removed on close.
     """
 
-    def __init__(self, path: Path | None = None, cache_mb: int = 16) -> None:
+    def __init__(self, path: Path | None = None, cache_mb: int = 8) -> None:
         import sqlite3
 
         self._tmp = None
@@ -291,7 +291,7 @@ class KeyStore:
             self.size += len(keys)
 
     def close(self) -> None:
-        self.con.close()
+        self.con.close()   # idempotent
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -54,9 +54,10 @@ def iter_spool(path: Path) -> Iterator[dict]:
 
 class _Buckets:
     """Lines appended to many files through small in-memory buffers: at most one file is open at a time (an OS
-    allows a process a few hundred), and at most `max_buffer` bytes wait in memory."""
+    allows a process a few hundred), and at most `max_buffer` characters (~2 MB of Cyrillic text) wait in
+    memory."""
 
-    def __init__(self, folder: Path, max_buffer: int = 4 << 20) -> None:
+    def __init__(self, folder: Path, max_buffer: int = 1 << 20) -> None:
         self.folder = folder
         self.max_buffer = max_buffer
         self._buf: dict[str, list[str]] = {}
