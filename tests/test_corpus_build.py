@@ -242,13 +242,13 @@ def test_interrupt_then_resume_redoes_nothing(teachers: dict, annotated: tuple[P
     def no_loading(*a, **k):
         raise AssertionError("a teacher was loaded although every shard was finished")
 
-    import rsg_eval.corpus.annotate as annotate_mod
+    import rsg_eval.corpus.teachers as teachers_mod
 
-    real_load, annotate_mod.load_teachers = annotate_mod.load_teachers, no_loading
+    real_load, teachers_mod.load_teacher = teachers_mod.load_teacher, no_loading
     try:
         build_corpus(raw, out, _opts(teachers, objects={}, on_shard=events.append))
     finally:
-        annotate_mod.load_teachers = real_load
+        teachers_mod.load_teacher = real_load
     assert all(e.reused for e in events) and len(events) == len(done)
     assert (out / "train.jsonl").read_bytes() == (full / "train.jsonl").read_bytes()
     # a smaller batch (after an out-of-memory error) keeps every finished shard

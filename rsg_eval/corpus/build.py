@@ -257,7 +257,6 @@ class _Builder:
         self.stage = out / "work" / "stage"
         self.spools = {t: Spool(self.stage / f"{t}.jsonl") for t in TASKS}
         self.labelled: Counter = Counter()     # task -> records from labelled sources (the spools' first lines)
-        self.teacher_made: Counter = Counter()
         self.report = ann.AnnotateReport()
         self.texts_info: dict[str, Any] = {}
         self._teachers: dict[str, Any] = dict(opts.teacher_objects or {})
@@ -438,7 +437,6 @@ class _Builder:
         for rec in self.deduper.filter(recs):
             self.spools[rec["task"]].add(rec)
             made[rec["task"]] += 1
-            self.teacher_made[rec["task"]] += 1
 
     # ------------------------------------------------------------ 3. cap, split, write
 
