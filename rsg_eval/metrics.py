@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
@@ -31,13 +32,23 @@ def accuracy(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     return sum(1 for g, p in zip(golds, preds) if g == p and type(g) is type(p)) / len(golds)
 
 
+def _ignore_sklearn_warnings() -> None:
+    """Inside a `warnings.catch_warnings()` block: drop scikit-learn's warnings about degenerate inputs (one label
+    only, an undefined ratio). The metrics here define those cases (MCC 0, F1 0), so on a small split or a LiDiRus
+    diagnostic category the warnings would only alarm. Other libraries' warnings still show."""
+    for category in (UserWarning, RuntimeWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"sklearn\.")
+
+
 def mcc(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     """Binary Matthews correlation; 0.0 when undefined (a constant prediction), as scikit-learn gives."""
     from sklearn.metrics import matthews_corrcoef
 
     if not golds:
         return 0.0
-    return float(matthews_corrcoef([str(g) for g in golds], [str(p) for p in preds]))
+    with warnings.catch_warnings():
+        _ignore_sklearn_warnings()
+        return float(matthews_corrcoef([str(g) for g in golds], [str(p) for p in preds]))
 
 
 def f1_macro(golds: Sequence[Any], preds: Sequence[Any], labels: Sequence[Any]) -> float:
@@ -46,8 +57,10 @@ def f1_macro(golds: Sequence[Any], preds: Sequence[Any], labels: Sequence[Any]) 
 
     if not golds:
         return 0.0
-    return float(f1_score([str(g) for g in golds], [str(p) for p in preds], labels=[str(x) for x in labels],
-                          average="macro", zero_division=0))
+    with warnings.catch_warnings():
+        _ignore_sklearn_warnings()
+        return float(f1_score([str(g) for g in golds], [str(p) for p in preds], labels=[str(x) for x in labels],
+                              average="macro", zero_division=0))
 
 
 def f1_binary(golds: Sequence[int], preds: Sequence[int]) -> float:

@@ -223,7 +223,9 @@ def _undefined_name(exc: jinja2.UndefinedError) -> str | None:
 
 
 def _n_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text)["input_ids"])
+    # verbose=False: measuring a too-long prompt is how we find out it must be shortened, so transformers'
+    # "Token indices sequence length is longer than the specified maximum ..." warning would be a false alarm.
+    return len(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _compile(tpl: Template, where: str, source: str) -> Any:

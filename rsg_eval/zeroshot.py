@@ -9,11 +9,16 @@ calibration, limit, data file sha256) is skipped, and the model is loaded only w
 rerunning an interrupted command resumes it and rerunning a finished one costs seconds. At the end: metrics.json
 (val) and the leaderboard zip (test).
 
+One configuration per run folder (`rsg_eval.runs.RunFolder.claim`): before anything is loaded, every template is
+rendered on one item of each split (a broken template creates nothing), then the folder is locked and its
+recorded settings compared with this command's (`run_settings`): a difference is refused (exit 2) unless
+`restart`. A finished task split whose files no longer match its state is redone, with a line saying why.
+
 API::
 
     ZeroShotOptions(model, data=None, tasks=None, split="val", template=None, batch_size=16, limit=None,
                     run=None, root="submissions", normalize="sum", calibrate=False, device=None, dtype=None,
-                    revision=None, prefix=None, seed=0)
+                    revision=None, prefix=None, seed=0, restart=False)
     plan_jobs(opts) -> (DataSource, list[Job])          validates everything without loading a model
     run_zeroshot(opts, *, console=None, show_progress=True, loaded=None) -> ZeroShotResult
     parse_batch_size("16" | "auto") -> int | "auto"
@@ -61,6 +66,7 @@ class ZeroShotOptions:
     revision: str | None = None
     prefix: str | None = None
     seed: int = 0
+    restart: bool = False             # clear the run folder's results and start over
 
 
 @dataclass
@@ -170,7 +176,39 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None) -> tuple[Any, li
                 "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": _sha256_file(path),
             }
             jobs.append(Job(task, split, tpl, items, parts, fingerprint(parts)))
+            check_renders(jobs[-1], opts)
     return src, jobs
+
+
+def check_renders(job: Job, opts: ZeroShotOptions) -> None:
+    """Render the job's template (and its content-free input under --calibrate) on the split's first item with
+    answer choices, so a template that fails (sandbox, undefined variable, empty choice) fails before the model
+    loads and before any file is written."""
+    first = next((it for it in job.items if it.labels), None)
+    if first is None:
+        return
+    job.template.render(first, prefix=opts.prefix)
+    if opts.calibrate:
+        job.template.render_content_free(first, prefix=opts.prefix)
+
+
+def data_identity(src: Any) -> str:
+    """The data a run reads, as a run-level setting: "sample", else the resolved folder or zip path."""
+    origin = str(getattr(src, "origin", src))
+    return origin if origin == "sample" else str(Path(origin).expanduser().resolve())
+
+
+def run_settings(opts: ZeroShotOptions, src: Any, jobs: list[Job]) -> tuple[dict, dict]:
+    """(run-level settings, {(task, split): per-task settings}) for `RunFolder.claim`: everything the results
+    depend on (model identity, dtype, template, prefix, normalisation, calibration, limit, code version, data);
+    not the task list, split, batch size or device."""
+    keep = ("model", "revision", "dtype", "model_dir", "prefix", "code_version", "normalize", "calibrate", "limit")
+    first = jobs[0].parts if jobs else {}
+    settings = {k: first.get(k) for k in keep}
+    settings.update(template=opts.template or "default", data=data_identity(src))
+    per_task = {(j.task, j.split): {"template": j.template.name, "template_sha256": j.template.sha256,
+                                     "data_sha256": j.parts["data_sha256"]} for j in jobs}
+    return settings, per_task
 
 
 def _run_folder(opts: ZeroShotOptions) -> RunFolder:
@@ -184,12 +222,7 @@ def _run_folder(opts: ZeroShotOptions) -> RunFolder:
         tags.append("cal")
     if opts.limit:
         tags.append(f"limit{opts.limit}")
-    run = RunFolder(run_path(opts.run, model=opts.model, kind=KIND, tags=tags, root=opts.root))
-    old = run.read_config()
-    if old and (old.get("kind") != KIND or old.get("model") != opts.model):
-        raise RSGError(f"this run folder holds a {old.get('kind')} run of {old.get('model')!r}, not a {KIND} run "
-                       f"of {opts.model!r}; pick another --run", file=run.path, field="--run")
-    return run
+    return RunFolder(run_path(opts.run, model=opts.model, kind=KIND, tags=tags, root=opts.root))
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -284,20 +317,38 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
 def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: bool = True,
                  loaded: Any = None) -> ZeroShotResult:
     """Evaluate, resume-aware; see the module docstring. `loaded` (a models.loading.Loaded) skips loading."""
-    import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True)
     src, jobs = plan_jobs(opts)
     run = _run_folder(opts)
+    settings, per_task = run_settings(opts, src, jobs)
+    claim = run.claim(KIND, settings, per_task=per_task, restart=opts.restart)  # lock + one-configuration check
+    try:
+        if claim.restarted:
+            console.print(f"[yellow]--restart: cleared the results in {run.path}[/]")
+        return _run_claimed(opts, run, src, jobs, console, show_progress, loaded)
+    finally:
+        claim.release()
+
+
+def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job], console: Any,
+                 show_progress: bool, loaded: Any) -> ZeroShotResult:
+    """run_zeroshot's work once the run folder is claimed (locked, settings checked)."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     result = ZeroShotResult(run)
-    pending = [j for j in jobs if not run.is_done(j.task, j.split, j.fingerprint)]
-    pending_ids = {id(j) for j in pending}
+    pending = []
     for j in jobs:
-        if id(j) not in pending_ids:
+        why = run.task_problem(j.task, j.split, j.fingerprint)
+        if why is None:
             result.outcomes.append(TaskOutcome(j.task, j.split, "skipped", len(j.items)))
             console.print(f"[dim]{j.task}/{j.split}: already finished with the same settings, skipped[/]")
+            continue
+        if why != "not finished":
+            console.print(f"[yellow]{j.task}/{j.split}: {why}; redoing it[/]", soft_wrap=True)
+        pending.append(j)
     if pending and loaded is None:
         # Load before writing anything: a model that does not load leaves no half-made run folder behind.
         from rsg_eval.models.loading import load_model
@@ -336,6 +387,10 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
             result.metrics = run.write_metrics("val")
         if run.path.is_dir() and run.finished("test"):
             result.zip = run.build_zip()
+        for split in ("val", "test"):
+            for task, why in (run.ignored(split).items() if run.path.is_dir() else ()):
+                console.print(f"[yellow]{task}/{split}: {why}: left out of metrics.json and the zip[/]",
+                              soft_wrap=True)
     return result
 
 

@@ -259,3 +259,62 @@ def test_a_run_killed_mid_task_resumes_to_the_same_results(tmp_path):
     assert a.read_epochs() == b.read_epochs()
     assert a.read_metrics()["tasks"] == b.read_metrics()["tasks"]
     assert a.read_logs("TERRa", "test") == b.read_logs("TERRa", "test")
+
+
+def test_one_configuration_per_run_folder(tmp_path):
+    """A finished task trained with --epochs 1 is not mixed with --epochs 2 in the same --run: refused (naming
+    the setting, old -> new); --restart clears the results and the checkpoints and trains again. The states
+    carry the val/test data file's sha256 (what reports compare)."""
+    from rsg_eval.data import sha256_file
+    from rsg_eval.errors import RSGError
+    from rsg_eval.runs import RunFolder
+    from rsg_eval.training.finetune import run_finetune
+
+    learnable_terra(tmp_path / "data", n_train=4, n_val=4, n_test=2)
+
+    def call(restart=False, **over):
+        return run_finetune("tiny", configs=load_config_set(None, {**LEARN, "epochs": 1, **over}), tasks=["TERRa"],
+                            data=tmp_path / "data", run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck",
+                            restart=restart)
+
+    call()
+    run = RunFolder(tmp_path / "run")
+    state = run.read_state("TERRa", "val")
+    assert state["data_sha256"] == sha256_file(tmp_path / "data" / "TERRa" / "val.jsonl")
+    assert state["settings_sha256"] == run.read_config()["settings_sha256"]
+    before = run.state_path("TERRa", "test").read_bytes()
+    with pytest.raises(RSGError) as exc:
+        call(epochs=2)
+    assert "TERRa/test hyperparameters.epochs: 1 -> 2" in str(exc.value) and "--restart" in str(exc.value)
+    assert run.state_path("TERRa", "test").read_bytes() == before and not (run.path / "rsg.lock").exists()
+    # batch 4 x accumulation 2 is the same global batch as 8 x 1: not a different configuration
+    assert call(batch_size=4, grad_accum=2).skipped == ["TERRa"]
+    out = call(restart=True, epochs=2)
+    assert out.trained == ["TERRa"] and [r["epoch"] for r in run.read_epochs()] == [1.0, 2.0]
+    assert run.read_config()["settings"]["model"] == "tiny"
+    assert run.read_state("TERRa", "val")["task_settings"]["hyperparameters"]["epochs"] == 2
+
+
+def test_a_broken_template_creates_nothing(tmp_path):
+    """Templates (train targets too) are rendered before the model loads and before the run folder exists."""
+    import textwrap
+
+    from rsg_eval.errors import RSGError
+    from rsg_eval.training.finetune import run_finetune
+
+    learnable_terra(tmp_path / "data", n_train=4, n_val=4, n_test=2)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(textwrap.dedent("""\
+        task: TERRa
+        template: "{{ premise }} {{ hypothesis }}"
+        choices: {entailment: "{{ premise.__class__.__mro__ }}", not_entailment: Нет}
+        """), encoding="utf-8")
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not load before the templates are checked")
+
+    with pytest.raises(RSGError, match="sandbox"):
+        run_finetune("tiny", configs=load_config_set(None, dict(LEARN, template=str(evil))), tasks=["TERRa"],
+                     data=tmp_path / "data", run=str(tmp_path / "runs" / "x"), checkpoint_dir=tmp_path / "ck",
+                     load=refuse)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ck").exists()

@@ -109,6 +109,8 @@ def test_ner_bits_nested():
 
 
 def test_tokenised_cache_is_reused_and_targets_end_with_eos(tmp_path):
+    import torch
+
     from rsg_eval.hmtl.dataset import build_split, collate, task_indices
     from rsg_eval.models.tiny import build_tiny_tokenizer
 
@@ -124,9 +126,18 @@ def test_tokenised_cache_is_reused_and_targets_end_with_eos(tmp_path):
     title = ds[int(idx["title"][0])]
     assert title["labels"][-1] == tok.eos_token_id
     assert tok.decode(title["input_ids"]).startswith("<LM>")
-    b = collate(ds[idx["ner"][:3].tolist()], "ner", pad_id=0, n_ner=29)
+    b = collate(ds[idx["ner"][:3].tolist()], "ner", pad_id=0, n_ner=29, ner_loss="multilabel")
     assert b.target.shape == b.input_ids.shape + (29,) and b.target.sum() > 0
     assert (b.target.sum(-1)[b.attention_mask == 0] == 0).all()
+    # the default (the paper's softmax): one class per token, 0 = outside, 1 + type; -100 on padding
+    s = collate(ds[idx["ner"][:3].tolist()], "ner", pad_id=0, n_ner=29)
+    assert s.target.shape == s.input_ids.shape and s.target.dtype == torch.long
+    assert ((s.target == -100) == (s.attention_mask == 0)).all()
+    real = s.target[s.attention_mask == 1]
+    assert real.min() >= 0 and real.max() <= 29 and (real > 0).any() and (real == 0).any()
+    # where a token has exactly one type, both encodings agree on it
+    one = (b.target.sum(-1) == 1) & (s.attention_mask == 1)
+    assert one.any() and torch.equal(s.target[one] - 1, b.target.argmax(-1)[one])
 
 
 def test_stream_positions_cover_each_round_once():
@@ -187,8 +198,9 @@ def test_schedule_values_by_hand():
     assert schedules.warmup_cosine_lr(24, 0.0, 1.0, 4, 44) == pytest.approx(0.5)
     assert schedules.warmup_cosine_lr(44, 0.1, 1.0, 4, 44) == pytest.approx(0.1)
     assert math.isclose(schedules.warmup_cosine_lr(50, 0.1, 1.0, 4, 44), 0.1)
-    w = schedules.paper_warning(1e-6, 1e-4, 2000, 0.9)
-    assert "step 9" in w and "step 73" in w and "cycle-gamma" in w
+    w = schedules.paper_note(1e-6, 1e-4, 2000, 0.9)
+    assert "step 9" in w and "step 73" in w and "cycle-gamma" in w and "cosine" in w
+    assert w.startswith("note:") and "reproduction runs what the paper ran" in w
 
 
 def test_ner_spans_round_trip_through_token_bits():

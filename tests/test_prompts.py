@@ -15,7 +15,7 @@ from rsg_eval.tasks import TASK_NAMES, Item, load_items
 class WordTokenizer:
     """Counts whitespace-separated words as tokens: enough to test the truncation logic exactly."""
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, text: str, **kwargs) -> dict:  # kwargs: transformers' options (verbose=False)
         return {"input_ids": text.split()}
 
 

@@ -182,3 +182,186 @@ def test_epochs_csv_round_trip(tmp_path):
     run.write_epochs(rows)
     assert run.read_epochs() == rows
     assert RunFolder.create("empty", root=tmp_path).read_epochs() == []
+
+
+# --------------------------------------------------------------------------- one configuration, lock, integrity
+
+def _claim(run: RunFolder, **settings):
+    return run.claim("zeroshot", {"model": "m", "normalize": "sum", **settings},
+                     per_task={("TERRa", "val"): {"data_sha256": "d" * 64, "template_sha256": "a" * 64}})
+
+
+def _terra(run: RunFolder, fp: str = "fp") -> None:
+    _write(run, _items("TERRa", "val", ("entailment", "not_entailment"), ["entailment", "not_entailment"]),
+           {0: "entailment", 1: "entailment"}, fp=fp)
+
+
+def test_claim_records_settings_stamps_states_and_refuses_other_settings(tmp_path):
+    run = RunFolder(tmp_path / "r")
+    with _claim(run) as claim:
+        _terra(run)
+    cfg = run.read_config()  # written before the first state, with the settings
+    assert cfg["kind"] == "zeroshot" and cfg["settings"] == {"model": "m", "normalize": "sum"}
+    assert cfg["settings_sha256"] == claim.settings_sha256
+    state = run.read_state("TERRa", "val")
+    assert state["settings_sha256"] == claim.settings_sha256 and state["data_sha256"] == "d" * 64
+    assert state["files"]["logs"]["bytes"] == run.logs_path("TERRa", "val").stat().st_size
+    assert run.finished("val") == ["TERRa"]
+    with pytest.raises(RSGError) as exc:
+        _claim(RunFolder(run.path), normalize="token", limit=5)
+    assert "limit: None -> 5; normalize: 'sum' -> 'token'" in str(exc.value) and "--restart" in str(exc.value)
+    with pytest.raises(RSGError, match=r"TERRa/val template_sha256: aaaaaaaaaaaa… -> bbbbbbbbbbbb…"):
+        RunFolder(run.path).claim("zeroshot", {"model": "m", "normalize": "sum"},
+                                  per_task={("TERRa", "val"): {"data_sha256": "d" * 64, "template_sha256": "b" * 64}})
+    with pytest.raises(RSGError, match="kind: 'zeroshot' -> 'finetune'"):
+        RunFolder(run.path).claim("finetune", {"model": "m", "normalize": "sum"})
+    assert not (run.path / LOCK).exists() and run.finished("val") == ["TERRa"]  # refusals leave all as it was
+    # Same settings: resumes (the finished task stays); a task split not finished yet may take new settings.
+    again = RunFolder(run.path)
+    with again.claim("zeroshot", {"model": "m", "normalize": "sum"},
+                     per_task={("RCB", "val"): {"data_sha256": "e" * 64}}):
+        assert again.is_done("TERRa", "val", "fp")
+    # --restart clears every result and the config, whatever the settings.
+    with RunFolder(run.path).claim("zeroshot", {"model": "m", "normalize": "token"}, restart=True) as c:
+        assert c.restarted and sorted(p.name for p in run.path.iterdir()) == [LOCK]
+    assert sorted(p.name for p in run.path.iterdir()) == []
+
+
+def test_a_stale_state_is_named_and_never_mixed_in(tmp_path):
+    """A state made under other settings (copied in, or from a version that mixed them) is left out of
+    metrics.json and the zip and named there; resuming redoes it."""
+    a, b = RunFolder(tmp_path / "a"), RunFolder(tmp_path / "b")
+    with _claim(a):
+        _terra(a)
+    with _claim(b, normalize="token"):
+        _terra(b)
+        test_items = _items("TERRa", "test", ("entailment", "not_entailment"), [None, None])
+        _write(b, test_items, {0: "entailment", 1: "entailment"})
+    with _claim(a):
+        _write(a, _items("RCB", "val", ("entailment", "contradiction", "neutral"), ["neutral"]), {0: "neutral"})
+    for sub in ("state/TERRa.test.json", "predictions/test/TERRa.jsonl", "logs/test/TERRa.jsonl"):
+        (a.path / sub).parent.mkdir(parents=True, exist_ok=True)
+        (a.path / sub).write_bytes((b.path / sub).read_bytes())
+    m = a.write_metrics("val")
+    assert set(m["tasks"]) == {"RCB", "TERRa"} and m["ignored"] == {}
+    assert a.finished("test") == [] and "stale" in a.ignored("test")["TERRa"]
+    z = a.build_zip()
+    assert z.path is None and "stale" in z.ignored["TERRa"] and not (a.path / "submission-partial.zip").exists()
+    with _claim(a) as claim:
+        assert not a.is_done("TERRa", "test", "fp")  # resume redoes it under the folder's settings
+        _write(a, test_items, {0: "entailment", 1: "not_entailment"})
+        assert a.read_state("TERRa", "test")["settings_sha256"] == claim.settings_sha256
+    assert a.finished("test") == ["TERRa"] and a.build_zip().tasks == ("TERRa",)
+
+
+def test_a_folder_from_before_settings_were_recorded(tmp_path):
+    """config.json without settings: its top-level model/normalize/... are compared; unstamped states are
+    not trusted (redone), so nothing from before mixes in."""
+    run = RunFolder.create("old", root=tmp_path)
+    _terra(run)
+    run.write_config({"kind": "zeroshot", "model": "m", "normalize": "token", "template": "default"})
+    with pytest.raises(RSGError, match="normalize: 'token' -> 'sum'"):
+        _claim(RunFolder(run.path))
+    with _claim(RunFolder(run.path), normalize="token") as claim:
+        folder = RunFolder(run.path)
+        folder.claimed = claim
+        assert not folder.is_done("TERRa", "val", "fp") and "stale" in folder.task_problem("TERRa", "val")
+
+
+def test_damaged_results_are_detected(tmp_path):
+    run = RunFolder(tmp_path / "r")
+    with _claim(run):
+        _terra(run)
+    assert run.task_problem("TERRa", "val") is None
+    log = run.logs_path("TERRa", "val")
+    good = log.read_bytes()
+    log.write_bytes(good.splitlines(keepends=True)[0])
+    assert "logs/val/TERRa.jsonl does not match its state" in run.task_problem("TERRa", "val")
+    assert run.finished("val") == [] and "truncated" in run.compute_metrics("val")["ignored"]["TERRa"]
+    log.write_bytes(good)
+    run.state_path("TERRa", "val").write_text("{", encoding="utf-8")
+    assert "not valid JSON" in run.task_problem("TERRa", "val")
+    # A state written before hashes were recorded: the logs' line count is checked against n_items.
+    legacy = RunFolder(tmp_path / "legacy")
+    _terra(legacy)
+    state = legacy.read_state("TERRa", "val")
+    del state["files"]
+    legacy.state_path("TERRa", "val").write_text(json.dumps(state), encoding="utf-8")
+    assert legacy.finished("val") == ["TERRa"]
+    legacy.logs_path("TERRa", "val").write_bytes(good.splitlines(keepends=True)[0])
+    assert "holds 1 items, its state 2" in legacy.task_problem("TERRa", "val")
+
+
+LOCK = runs.LOCK_NAME
+HOLD = """
+import sys, time
+from rsg_eval.runs import FolderLock
+FolderLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_is_refused_with_the_pid_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        with pytest.raises(RSGError) as exc:
+            _claim(RunFolder(folder))
+        assert time.monotonic() - t0 < 2  # fails fast, does not wait
+        assert f"in use by another rsg process: PID {holder.pid} on " in str(exc.value)
+        assert (folder / LOCK).is_file() and json.loads((folder / LOCK).read_text())["pid"] == holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # killed: no chance to remove its lock
+        holder.wait()
+    assert json.loads((folder / LOCK).read_text())["pid"] == holder.pid  # left behind by the dead process
+    with _claim(RunFolder(folder)) as claim:  # taken over
+        assert json.loads((folder / LOCK).read_text())["pid"] == os.getpid() and claim.lock.held
+    assert not (folder / LOCK).exists()
+
+
+def test_lock_records_and_edge_cases(tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from rsg_eval.runs import FolderLock
+
+    folder = tmp_path / "f"
+    with FolderLock(folder) as lock:
+        rec = json.loads((folder / LOCK).read_text())
+        assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname() and rec["started"]
+        with pytest.raises(RSGError, match=f"PID {os.getpid()}"):  # not re-entrant across claims
+            FolderLock(folder).acquire()
+        assert lock.held
+    assert not (folder / LOCK).exists()
+    # A PID that is gone; and our own PID written by an earlier process (PID reuse after a container restart).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid, start in ((int(dead.stdout), None), (os.getpid(), "1")):
+        (folder / LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "proc_start": start}))
+        with FolderLock(folder):
+            assert json.loads((folder / LOCK).read_text())["pid"] == os.getpid()
+    # Another host's lock cannot be checked: refused, saying how to remove it if that process is gone.
+    (folder / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t"}))
+    with pytest.raises(RSGError, match=f"delete {folder / LOCK}"):
+        FolderLock(folder).acquire()
+    # An empty lock file: being written right now (held) unless it is old (its writer died).
+    (folder / LOCK).write_text("")
+    with pytest.raises(RSGError, match="right now"):
+        FolderLock(folder).acquire()
+    os.utime(folder / LOCK, (0, 0))
+    with FolderLock(folder):
+        pass
+    # Under torchrun/accelerate only rank 0 locks and checks.
+    monkeypatch.setenv("RANK", "1")
+    claim = RunFolder(tmp_path / "ranked").claim("zeroshot", {"model": "m"})
+    assert claim.lock is None and not claim.main and not (tmp_path / "ranked").exists()

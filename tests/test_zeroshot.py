@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import textwrap
@@ -87,10 +88,14 @@ def test_subset_then_all_resumes(tmp_path, tiny):
     assert second.run.read_state("TERRa", "val") == state  # not rewritten
     assert set(second.metrics["tasks"]) == {"RCB", "TERRa", "PARus"}
     assert second.run.read_config()["tasks"] == ["RCB", "PARus", "TERRa"]
-    # A setting that changes results (normalisation) redoes the task in the same folder.
-    third = _run(tmp_path, tiny, tasks=["TERRa"], normalize="token")
+    # A setting that changes results (normalisation) is refused in the same folder; --restart starts it over.
+    with pytest.raises(RSGError, match="normalize: 'sum' -> 'token'"):
+        _run(tmp_path, tiny, tasks=["TERRa"], normalize="token")
+    assert second.run.read_state("TERRa", "val") == state
+    third = _run(tmp_path, tiny, tasks=["TERRa"], normalize="token", restart=True)
     assert [o.status for o in third.outcomes] == ["done"]
     assert third.run.read_state("TERRa", "val")["parts"]["normalize"] == "token"
+    assert third.run.finished("val") == ["TERRa"] and set(third.metrics["tasks"]) == {"TERRa"}
 
 
 def test_interrupt_keeps_finished_tasks(tmp_path, tiny, monkeypatch):
@@ -107,6 +112,7 @@ def test_interrupt_keeps_finished_tasks(tmp_path, tiny, monkeypatch):
     res = _run(tmp_path, tiny, tasks=["TERRa", "RCB", "PARus", "RWSD"])
     assert seen == ["TERRa", "RCB", "PARus"]  # the user's task order
     assert res.interrupted and res.run.finished("val") == ["RCB", "TERRa"]
+    assert not (res.run.path / "rsg.lock").exists()  # Ctrl-C released the run folder's lock
     assert set(json.loads(res.run.metrics_path.read_text())["tasks"]) == {"RCB", "TERRa"}
     monkeypatch.setattr(zeroshot, "_score_job", real)
     again = _run(tmp_path, tiny, tasks=["TERRa", "RCB", "PARus", "RWSD"])
@@ -244,3 +250,118 @@ def test_cli_smoke_and_usage_error(tmp_path, tiny, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "unknown split 'train'" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- one configuration per run folder
+
+def test_a_run_folder_refuses_other_settings_and_restart_starts_over(tmp_path, tiny):
+    """The issue's case: --normalize token, then the defaults on the same --run. Refused (the folder keeps its
+    token results and config); --restart clears it; every state carries the config's settings stamp."""
+    first = _run(tmp_path, tiny, tasks=["TERRa", "RCB", "PARus"], split="all", normalize="token", limit=2)
+    run = first.run
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    with pytest.raises(RSGError) as exc:
+        _run(tmp_path, tiny, tasks=["TERRa", "RCB"], split="all", limit=3)
+    msg = str(exc.value)
+    assert "normalize: 'token' -> 'sum'" in msg and "limit: 2 -> 3" in msg
+    assert "--restart" in msg and "another --run" in msg
+    assert before == {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}  # nothing touched
+    assert not (run.path / "rsg.lock").exists()  # the refusal released the lock
+    cfg = run.read_config()
+    assert cfg["settings"]["normalize"] == "token" and cfg["normalize"] == "token"
+    for t in ("TERRa", "RCB", "PARus"):
+        for split in ("val", "test"):
+            assert run.read_state(t, split)["settings_sha256"] == cfg["settings_sha256"]
+    # Another model in the same folder is refused the same way.
+    with pytest.raises(RSGError, match="model: 'tiny' -> 'other/model'"):
+        run_zeroshot(ZeroShotOptions(model="other/model", data="sample", root=tmp_path, run="r", tasks=["TERRa"],
+                                     normalize="token", limit=2), show_progress=False, loaded=tiny)
+    again = _run(tmp_path, tiny, tasks=["TERRa", "RCB"], split="all", limit=3, restart=True)
+    assert [o.status for o in again.outcomes] == ["done"] * 4
+    assert run.finished("val") == ["RCB", "TERRa"] == run.finished("test")  # PARus's token results are gone
+    assert not run.predictions_path("PARus", "test").exists()
+    assert again.zip.missing == tuple(t for t in TASK_NAMES if t not in ("RCB", "TERRa"))
+    assert run.read_config()["settings"]["normalize"] == "sum"
+    assert set(again.metrics["tasks"]) == {"RCB", "TERRa"} and again.metrics["counts"]["TERRa"] == 3
+
+
+def test_a_changed_template_or_data_file_of_a_finished_task_is_refused(tmp_path, tiny):
+    import shutil
+
+    from rsg_eval.data import SAMPLE_DIR
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DIR, data)
+    opts = dict(model="tiny", data=str(data), root=tmp_path, run="r", tasks=["TERRa"])
+    run_zeroshot(ZeroShotOptions(**opts), show_progress=False, loaded=tiny)
+    val = data / "TERRa" / "val.jsonl"
+    val.write_text("\n".join(val.read_text(encoding="utf-8").splitlines()[:3]) + "\n", encoding="utf-8")
+    with pytest.raises(RSGError, match=r"TERRa/val data_sha256: [0-9a-f]{12}… -> [0-9a-f]{12}…") as exc:
+        run_zeroshot(ZeroShotOptions(**opts), show_progress=False, loaded=tiny)
+    assert "out of --tasks" in str(exc.value)
+    # A task not finished yet may be added: the folder still holds one configuration.
+    res = run_zeroshot(ZeroShotOptions(**{**opts, "tasks": ["RCB"]}), show_progress=False, loaded=tiny)
+    assert res.run.finished("val") == ["RCB", "TERRa"]
+
+
+def test_a_template_that_fails_to_render_creates_nothing(tmp_path, monkeypatch):
+    """Issue 10 item 6: a sandbox violation surfaces before the model loads, and no run folder is made."""
+    import rsg_eval.models.loading as loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not load before the templates are checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(textwrap.dedent("""\
+        task: TERRa
+        template: "{{ premise.__class__.__mro__ }} {{ hypothesis }}"
+        choices: {entailment: Да, not_entailment: Нет}
+        """), encoding="utf-8")
+    with pytest.raises(RSGError, match="sandbox"):
+        run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path / "runs", run="x",
+                                     tasks=["TERRa"], template=str(evil)), show_progress=False)
+    assert not (tmp_path / "runs").exists()
+    # An empty answer text under --calibrate: the content-free render is checked too.
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(textwrap.dedent("""\
+        task: TERRa
+        template: "{{ premise }} {{ hypothesis }}"
+        choices: {entailment: "{{ premise[:0] }}", not_entailment: Нет}
+        """), encoding="utf-8")
+    with pytest.raises(RSGError, match="renders empty"):
+        run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path / "runs", run="x",
+                                     tasks=["TERRa"], template=str(empty)), show_progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_log_is_detected_and_its_task_redone(tmp_path, tiny, capsys):
+    """Issue 10 item 7: logs/val/RCB.jsonl cut to 3 of its 6 lines beside an intact state: resume redoes RCB
+    (saying why) and metrics come from all 6 items again; until then metrics.json leaves RCB out."""
+    from rich.console import Console
+
+    first = _run(tmp_path, tiny, tasks=["TERRa", "RCB"])
+    run = first.run
+    n = first.metrics["counts"]["RCB"]
+    log = run.logs_path("RCB", "val")
+    good = log.read_bytes()
+    lines = good.decode("utf-8").splitlines(keepends=True)
+    log.write_text("".join(lines[: n // 2]), encoding="utf-8")
+    assert not run.is_done("RCB", "val", run.read_state("RCB", "val")["fingerprint"])
+    assert "truncated or edited" in run.task_problem("RCB", "val")
+    m = run.compute_metrics("val")
+    assert set(m["tasks"]) == {"TERRa"} and "truncated" in m["ignored"]["RCB"]
+    out = io.StringIO()
+    again = run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="r", tasks=["TERRa", "RCB"]),
+                         show_progress=False, loaded=tiny, console=Console(file=out, width=300))
+    assert {o.task: o.status for o in again.outcomes} == {"TERRa": "skipped", "RCB": "done"}
+    assert "RCB/val: logs/val/RCB.jsonl does not match its state" in out.getvalue()
+    assert "redoing it" in out.getvalue()
+    assert again.metrics["counts"]["RCB"] == n and log.read_bytes() == good
+    # A predictions file edited by hand is caught the same way (it is what the zip would carry).
+    pred = run.predictions_path("RCB", "val")
+    first_line, rest = pred.read_text(encoding="utf-8").split("\n", 1)
+    rec = json.loads(first_line)
+    rec["label"] = "neutral" if rec["label"] != "neutral" else "entailment"
+    pred.write_text(json.dumps(rec) + "\n" + rest, encoding="utf-8")
+    assert "predictions/val/RCB.jsonl does not match its state" in run.task_problem("RCB", "val")

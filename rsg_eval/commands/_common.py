@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# Rich lays output out for 80 columns when it does not write to a terminal, so a table piped to a file or `less`
+# cuts names ("RuCoS-li…"). Off a terminal we give it this wide virtual width instead: tables still take only
+# the room they need, and names print whole. A terminal keeps its own width; COLUMNS, when set, wins.
+PIPE_WIDTH = 240
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich Console for command output: the terminal's width, or PIPE_WIDTH when piped or redirected."""
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return probe
+    return Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 DATA_HELP = "RSG data: a folder like the official download (or a zip of it), 'sample' for the bundled sample; " \
             "default: the download cache ($RSG_DATA_DIR)."

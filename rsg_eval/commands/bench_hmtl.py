@@ -28,9 +28,9 @@ def hmtl_cmd(
 
     Exits 1 if the two ways disagree on any prediction.
     """
-    from rich.console import Console
     from rich.table import Table
 
+    from rsg_eval.commands._common import make_console
     from rsg_eval.errors import RSGError
     from rsg_eval.hmtl.bench import run_bench
     from rsg_eval.io import atomic_write_json
@@ -40,7 +40,7 @@ def hmtl_cmd(
     if split >= layers:
         raise RSGError(f"--split {split} leaves no Block 2 in {layers} layers", field="split",
                        expected=f"1..{layers - 1}")
-    console = Console()
+    console = make_console()
     with console.status("benchmark"):
         r = run_bench(d_model=d_model, d_ff=d_ff, layers=layers, split=split, batch=batch, seq_len=seq_len,
                       repeats=repeats, threads=threads, device=device)

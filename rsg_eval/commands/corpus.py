@@ -51,14 +51,13 @@ def register(app: typer.Typer) -> None:
                                                   "(default OUT/subset-N)."),
     ) -> None:
         """Build the multi-task corpus for `rsg train-hmtl` from your sources (docs/corpus.md)."""
-        from rich.console import Console
-
+        from rsg_eval.commands._common import make_console
         from rsg_eval.corpus.build import (BuildOptions, build_corpus, build_fingerprint, finished_build,
                                            removal_lines, summary_table)
         from rsg_eval.corpus.config import SubsetSpec, load_config
         from rsg_eval.corpus.subset import cut_subset, subset_table
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         cfg = load_config(config)
         opts = BuildOptions(limit=limit, teachers=_teachers(teacher), rsg_data=rsg_data, strict=strict,
                             retry_failed=retry_failed, device=device, progress=not no_progress,
@@ -74,10 +73,10 @@ def register(app: typer.Typer) -> None:
             summary = build_corpus(cfg, out, opts)
             for line in removal_lines(summary):
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
-            Console().print(summary_table(summary))
+            make_console().print(summary_table(summary))
             console.print(f"wrote {out}/train.jsonl, val.jsonl, labels.json, summary.json", highlight=False)
         if sub is not None:
             dest = subset_out or out / f"subset-{sub.train}"
             s = cut_subset(out, dest, sub.train, sub.val, cfg.seed if sub.seed is None else sub.seed)
-            Console().print(subset_table(s))
+            make_console().print(subset_table(s))
             console.print(f"wrote the subset to {dest}", highlight=False, markup=False, soft_wrap=True)

@@ -55,13 +55,19 @@ def check_cmd(
     rows = check_folder(src, resolve_tasks(tasks))
     table = Table(title=f"RSG data: {src}")
     for col in ("task", "split", "records", "items", "labelled", "status"):
-        table.add_column(col, justify="right" if col in ("records", "items", "labelled") else "left")
+        table.add_column(col, justify="right" if col in ("records", "items", "labelled") else "left",
+                         no_wrap=col in ("task", "split"))
     bad = 0
     for r in rows:
         status = "[green]ok[/]" if r["error"] is None else f"[red]{r['error']}[/]"
         bad += r["error"] is not None
         table.add_row(r["task"], r["split"], str(r["records"]), str(r["items"]), str(r["labelled"]), status)
     console.print(table)
+    if any(r["task"] == "LiDiRus" and r["error"] is None and r["labelled"] for r in rows):
+        # zeroshot/finetune report LiDiRus/val and LiDiRus/test while this table lists one split: say why.
+        console.print("LiDiRus has one file (LiDiRus.jsonl), listed here as its test split; it carries gold "
+                      "labels, so rsg zeroshot and rsg finetune also score it locally as LiDiRus/val from that "
+                      "same file (the leaderboard scores its test predictions).", highlight=False)
     if bad:
         console.print(f"[red]{bad} problem(s)[/]")
         raise typer.Exit(1)

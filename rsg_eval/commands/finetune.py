@@ -70,8 +70,10 @@ def register(app: typer.Typer) -> None:
         checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where best/ and last/ go, "
                                                                                      "per task; default "
                                                                                      "checkpoints/<run>/."),
-        restart: bool = typer.Option(False, "--restart", help="Discard unfinished tasks' checkpoints and start "
-                                                              "them over (finished tasks are still skipped)."),
+        restart: bool = typer.Option(False, "--restart", help="Clear the run folder's results and the tasks' "
+                                                              "checkpoints and start over (needed to change "
+                                                              "settings in an existing --run: one folder holds "
+                                                              "one configuration)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: this "
                                                                     "process's GPU, else CPU)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),

@@ -21,8 +21,9 @@ def _default_out(runs: list[str], against: list[str]) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
-        runs: List[str] = typer.Argument(..., help="Run folders (the first is the reference) or score files "
-                                                   "(.yaml/.json with leaderboard numbers)."),
+        runs: Optional[List[str]] = typer.Argument(None, help="Run folders (the first is the reference) or "
+                                                   "score files (.yaml/.json with leaderboard numbers). None with "
+                                                   "--against paper: the paper's own Tables 1-3."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: reports/<run names joined by -vs->)."),
         formats: str = typer.Option("md,html,csv,json", "--format", help="Comma-separated: md, html, csv, json."),
         against: List[str] = typer.Option([], "--against", help="Add published reference rows: paper, "
@@ -35,14 +36,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare runs task by task: metrics, 95% bootstrap intervals, gains over the first run with paired
         tests, totals, charts, LiDiRus diagnostics, confusion matrices and disagreements."""
-        from rich.console import Console
-
+        from rsg_eval.commands._common import make_console
         from rsg_eval.report import make_report, parse_formats, write_report
         from rsg_eval.report.render import print_rich
 
         fmts = parse_formats(formats)
+        runs = list(runs or [])
         report = make_report(runs, against=against, split=split, seed=seed, n_boot=bootstrap, n_examples=examples)
-        console = Console()
+        console = make_console()
         if not quiet:
             print_rich(report, console)
         folder = out or _default_out(runs, against)

@@ -35,9 +35,28 @@ def check_cmd(
             console.print(f"[red]✗[/] {p}", highlight=False, soft_wrap=True)
         more = len(problems) - max_problems
         console.print(f"[red bold]{len(problems)} problem(s)[/]" + (f" ({more} not shown)" if more > 0 else ""))
+        if not tasks:
+            _hint_partial(zip_path, [t for t in names if t not in skipped])
         raise typer.Exit(1)
     checked = [t for t in names if t not in skipped]
     console.print(f"[green]✓ {zip_path}: valid for {', '.join(checked)}[/]")
+
+
+def _hint_partial(zip_path: Path, expected: List[str]) -> None:
+    """A zip that holds only some tasks (a partial run) fails for every missing one: say how to check just the
+    tasks it holds, and that the leaderboard wants all nine."""
+    from rsg_eval.errors import RSGError
+    from rsg_eval.submission import read_submission_texts
+
+    try:
+        held = set(read_submission_texts(zip_path))
+    except RSGError:
+        return
+    present = [t for t in expected if t in held]
+    missing = [t for t in expected if t not in held]
+    if present and missing:
+        console.print(f"hint: the zip holds {len(present)} of {len(expected)} tasks; to check only those, add "
+                      f"--tasks {','.join(present)} (an upload to the leaderboard needs all nine)", highlight=False)
 
 
 @submit_app.command("zip")

@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
                                                               "<model>-zeroshot[-settings]-<date>. Rerunning "
                                                               "with the same name resumes."),
         root: Path = typer.Option(Path("submissions"), "--root", help="Folder that holds run folders."),
+        restart: bool = typer.Option(False, "--restart", help="Clear the run folder's results and start over "
+                                                              "(needed to change settings in an existing "
+                                                              "--run: one folder holds one configuration)."),
         normalize: str = typer.Option("sum", "--normalize", help="Choice score: sum (total log-likelihood), "
                                                                  "token (per token) or byte (per UTF-8 byte)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
@@ -70,11 +73,13 @@ def register(app: typer.Typer) -> None:
 
         if nli_head:
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
-                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console)
+                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console,
+                         **({"restart": True} if restart else {}))
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
-                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix)
+                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
+                               restart=restart)
         result = run_zeroshot(opts, console=console, show_progress=not quiet)
         print_summary(result)
         if result.interrupted:

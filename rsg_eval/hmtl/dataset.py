@@ -6,14 +6,21 @@ files (path, size, mtime), the label sets, the tokenizer, the length limits and 
 re-tokenises and an unchanged corpus is never tokenised twice.
 
 Columns: task (int8, index into TASKS), input_ids (int32), labels (generation target ids ending in </s>; empty
-otherwise), cls (mc/nli class index; -1 otherwise), ner_bits (one int64 per input token: bit t set = the token lies
-inside an entity of type t; nested entities set several bits; "outside" = 0).
+otherwise), cls (mc/nli class index; -1 otherwise), and for NER one value per input token in each of two encodings:
+ner_tag (int32, the paper's one-hot target for softmax cross-entropy: 0 = outside every entity, 1 + t = the
+INNERMOST entity covering the token has type t) and ner_bits (int64, the multi-label target: bit t set = the token
+lies inside an entity of type t; nested entities set several bits; outside = 0).
+
+The batch plan (`BatchPlan`) says which examples of which task each micro-step takes, under either reading of the
+paper's "a batch of 12 sequences": 12 in total per micro-step spread over the tasks in rotation ("total"), or 12 of
+every task ("per-task"). Either way an epoch ends when every train example has been seen at least once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +32,7 @@ from rsg_eval.errors import RSGError
 from rsg_eval.hmtl.corpus import Corpus, iter_examples
 from rsg_eval.hmtl.labels import GEN_TASKS, TASKS
 
-DATA_VERSION = 1   # bump when templates or the tokenised layout change
+DATA_VERSION = 2   # bump when templates or the tokenised layout change (2: ner_tag column)
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 
 
@@ -97,6 +104,24 @@ def ner_bits_for(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int
     return bits
 
 
+def ner_tags_for(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> list[int]:
+    """One class per token for the softmax loss: 0 = outside, 1 + t = type t of the innermost entity covering it.
+
+    Nested entities: the innermost (shortest) span labels the token, ties broken by the lower type index. So in
+    "Московский государственный университет" (ORGANIZATION) with "Московский" (CITY) inside, the first token is
+    CITY and the rest ORGANIZATION: both entities keep tokens. (The outermost rule would erase every inner entity.)
+    Overlap as in `ner_bits_for`: a token belongs to a span when their characters overlap."""
+    tags = []
+    for s, e in offsets:
+        best = None
+        if e > s:
+            for a, z, t in spans:
+                if s < z and e > a and (best is None or (z - a, t) < best):
+                    best = (z - a, t)
+        tags.append(0 if best is None else best[1] + 1)
+    return tags
+
+
 def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, max_length: int, max_target_length: int,
                    lm_prefix: str) -> dict[str, list]:
     """datasets.map function: encoder inputs, targets with an explicit </s>, class labels, NER bitmasks."""
@@ -105,7 +130,8 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, max_length: int, m
     texts = [lm_prefix + x if t in gen_ids else x for t, x in zip(batch["task"], batch["input"])]
     enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
-    out: dict[str, list] = {"input_ids": enc["input_ids"], "labels": [], "cls": batch["label"], "ner_bits": []}
+    out: dict[str, list] = {"input_ids": enc["input_ids"], "labels": [], "cls": batch["label"], "ner_bits": [],
+                            "ner_tag": []}
     for i, task in enumerate(batch["task"]):
         if task in gen_ids:
             # FRED's tokenizer appends no </s>; the target must end in it explicitly (FREDT5_NOTES.md 0.5).
@@ -117,8 +143,10 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, max_length: int, m
         if task == ner_id:
             spans = list(zip(batch["ent_start"][i], batch["ent_end"][i], batch["ent_type"][i]))
             out["ner_bits"].append(ner_bits_for(enc["offset_mapping"][i], spans))
+            out["ner_tag"].append(ner_tags_for(enc["offset_mapping"][i], spans))
         else:
             out["ner_bits"].append([])
+            out["ner_tag"].append([])
     return out
 
 
@@ -159,6 +187,7 @@ def build_split(corpus: Corpus, split: str, tokenizer: Any, *, cache_dir: str | 
         "task": datasets.Value("int8"), "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")), "cls": datasets.Value("int32"),
         "ner_bits": datasets.Sequence(datasets.Value("int64")),
+        "ner_tag": datasets.Sequence(datasets.Value("int32")),
     })
     tok = raw.map(tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc,
                   fn_kwargs={"tokenizer": fast, "max_length": max_length, "max_target_length": max_target_length,
@@ -204,15 +233,134 @@ def stream_positions(n: int, *, seed: int, epoch: int, task: int, start: int, co
     return out
 
 
+BATCH_READINGS = ("total", "per-task")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which examples each micro-step takes, from the tasks' train sizes (in trainer order), torch-free.
+
+    reading "total": `batch_size` sequences per micro-step IN ALL, dealt to the tasks in rotation: the global slot
+    s = ((step * grad_accum + micro) * world + rank) * batch_size + j goes to task s mod k (k tasks), so every task
+    gets batch_size * grad_accum * world / k sequences per optimizer step, exactly when that divides, else within
+    one (12 over 8 tasks: 2 or 1 per micro-step, 3 per optimizer step of 2 micro-steps).
+    reading "per-task": `batch_size` sequences of EVERY task per micro-step (k * batch_size in all).
+    Each task reads its own endless stream of reshuffled passes (`stream_positions`). An epoch ends when every train
+    example has been seen at least once: the task with the most examples per share sets its length, and the others
+    repeat (`repeats`).
+    """
+
+    sizes: tuple[tuple[str, int], ...]     # (task, train examples), trainer order
+    batch_size: int
+    grad_accum: int = 1
+    world: int = 1
+    reading: str = "total"
+
+    def __post_init__(self) -> None:
+        if self.reading not in BATCH_READINGS:
+            raise RSGError(f"unknown batch reading {self.reading!r}", field="batch-reading",
+                           expected=list(BATCH_READINGS))
+        if not self.sizes or any(n < 1 for _, n in self.sizes):
+            raise RSGError("every trained task needs at least one train example", field="corpus")
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t, _ in self.sizes]
+
+    @property
+    def k(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def per_micro(self) -> int:
+        """Sequences one process runs per micro-step, all tasks together."""
+        return self.batch_size if self.reading == "total" else self.batch_size * self.k
+
+    @property
+    def per_step(self) -> int:
+        """Sequences per optimizer step over all micro-steps and processes."""
+        return self.per_micro * self.grad_accum * self.world
+
+    @property
+    def per_task_per_step(self) -> float:
+        """Sequences of each task per optimizer step (on average under the rotation of the "total" reading)."""
+        return self.per_step / self.k
+
+    def _before(self, i: int, slot: int) -> int:
+        # slots of task i among the global slots [0, slot) ("total" reading)
+        return (slot - i + self.k - 1) // self.k
+
+    def taken(self, i: int, steps: int) -> int:
+        """Examples of task i (trainer order) read in the first `steps` optimizer steps."""
+        if self.reading == "per-task":
+            return steps * self.batch_size * self.grad_accum * self.world
+        return self._before(i, steps * self.per_step)
+
+    def micro(self, step: int, micro: int, rank: int) -> list[tuple[str, int, int]]:
+        """(task, stream start, count) of one process's micro-step; tasks with no slot are left out."""
+        g = (step * self.grad_accum + micro) * self.world + rank
+        if self.reading == "per-task":
+            return [(t, g * self.batch_size, self.batch_size) for t in self.tasks]
+        s0 = g * self.batch_size
+        out = []
+        for i, t in enumerate(self.tasks):
+            a, b = self._before(i, s0), self._before(i, s0 + self.batch_size)
+            if b > a:
+                out.append((t, a, b - a))
+        return out
+
+    def step_counts(self, step: int) -> dict[str, int]:
+        """Examples of each task in optimizer step `step` over all micro-steps and processes (the divisor that
+        makes each task's loss the mean over its examples in the step)."""
+        return {t: self.taken(i, step + 1) - self.taken(i, step) for i, t in enumerate(self.tasks)}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps until every train example has been read at least once."""
+        if self.reading == "per-task":
+            return max(math.ceil(n / (self.batch_size * self.grad_accum * self.world)) for _, n in self.sizes)
+        # task i's n-th example is global slot i + k (n - 1): the epoch must reach past it
+        return max(math.ceil((self.k * (n - 1) + i + 1) / self.per_step) for i, (_, n) in enumerate(self.sizes))
+
+    def repeats(self, steps: int | None = None) -> dict[str, float]:
+        """How many times each task's data is read in an epoch (or in `steps` optimizer steps): 1.0 = once."""
+        steps = self.steps_per_epoch if steps is None else steps
+        return {t: self.taken(i, steps) / n for i, (t, n) in enumerate(self.sizes)}
+
+    def describe(self, steps: int | None = None) -> list[str]:
+        """Log lines: the reading, examples per task per step, optimizer steps per epoch, repeats per task."""
+        steps = self.steps_per_epoch if steps is None else steps
+        k, b, acc, w = self.k, self.batch_size, self.grad_accum, self.world
+        if self.reading == "total":
+            lo, hi = b // k, -(-b // k)
+            share = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            head = (f"batch reading 'total': {b} sequences per micro-step in all, dealt to the {k} tasks in rotation "
+                    f"({share} of each task per micro-step)")
+        else:
+            head = f"batch reading 'per-task': {b} sequences of each of the {k} tasks per micro-step ({b * k} in all)"
+        pt = self.per_task_per_step
+        lines = [head + f"; {acc} micro-step(s) x {w} process(es) = {self.per_step} sequences per optimizer step, "
+                 f"{pt:g} of each task" + ("" if float(pt).is_integer() else " on average"),
+                 f"epoch = every train example seen at least once: {self.steps_per_epoch} optimizer steps"
+                 + ("" if steps == self.steps_per_epoch else f" (this run stops each epoch after {steps}: "
+                                                              "--max-steps-per-epoch)")]
+        sizes = dict(self.sizes)
+        lines.append("times each task's data is read per epoch: " + ", ".join(
+            f"{t} {r:.2f}x of {sizes[t]}" for t, r in self.repeats().items()))
+        return lines
+
+
 @dataclass
 class Batch:
     task: str
     input_ids: Any          # (B, T) long
     attention_mask: Any     # (B, T) long
-    target: Any             # mc/nli (B,) long; ner (B, T, n_types) float 0/1; generation (B, T') long, -100 = pad
+    target: Any             # mc/nli (B,) long; generation (B, T') long, -100 = pad; ner: softmax (B, T) long class
+                            # (0 = outside, 1 + type), -100 = pad; multilabel (B, T, n_types) float 0/1
 
 
-def collate(rows: dict[str, list], task: str, *, pad_id: int, n_ner: int, device: Any = None) -> Batch:
+def collate(rows: dict[str, list], task: str, *, pad_id: int, n_ner: int, device: Any = None,
+            ner_loss: str = "softmax") -> Batch:
     """Pad one single-task batch (columnar rows from `ds[indices]`) into tensors."""
     import torch
 
@@ -225,6 +373,10 @@ def collate(rows: dict[str, list], task: str, *, pad_id: int, n_ner: int, device
         mask[i, : len(x)] = 1
     if task in ("mc", "nli"):
         target = torch.as_tensor(rows["cls"], dtype=torch.long)
+    elif task == "ner" and ner_loss == "softmax":
+        target = torch.full((len(ids), T), -100, dtype=torch.long)
+        for i, tags in enumerate(rows["ner_tag"]):
+            target[i, : len(tags)] = torch.as_tensor(tags, dtype=torch.long)
     elif task == "ner":
         bits = torch.zeros((len(ids), T), dtype=torch.long)
         for i, b in enumerate(rows["ner_bits"]):

@@ -53,17 +53,28 @@ def predict_topics(model: Any, tokenizer: Any, texts: Sequence[str], *, max_leng
 @torch.no_grad()
 def predict_entities(model: Any, tokenizer: Any, texts: Sequence[str], *, threshold: float = 0.5,
                      max_length: int = 512) -> list[list[dict[str, Any]]]:
-    """Entities per text ({start, end, type, text}; nested allowed), from Block 1 only."""
+    """Entities per text ({start, end, type, text}), from Block 1 only. A softmax-trained head (the default) gives
+    one type per token, the innermost entity's, so entities come out flat; a multi-label head (sigmoid >
+    `threshold` per type) can give nested ones."""
     from rsg_eval.hmtl.dataset import ensure_fast
 
     fast = ensure_fast(tokenizer)
     enc = fast(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                return_offsets_mapping=True)
     dev = next(model.parameters()).device
-    probs = torch.sigmoid(model.ner_logits(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).float())
+    logits = model.ner_logits(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).float()   # (B, T, n)
+    n = logits.shape[-1]
+    if model.config.ner_representation == "softmax-innermost":
+        # class 0 = outside (its logit is fixed at 0), 1 + t = type t
+        from rsg_eval.models.hierarchical import ner_softmax_logits
+
+        cls = ner_softmax_logits(logits).argmax(-1)                                              # (B, T)
+        active_all = cls.unsqueeze(-1) == torch.arange(1, n + 1, device=cls.device)            # (B, T, n)
+    else:
+        active_all = torch.sigmoid(logits) > threshold
     out = []
     for i, text in enumerate(texts):
         offs = [tuple(o) for o in enc["offset_mapping"][i].tolist()]
-        act = (probs[i] > threshold).cpu().tolist()
+        act = active_all[i].cpu().tolist()
         out.append([_strip_space(text, sp) for sp in decode_spans(offs, act, model.config.ner_labels)])
     return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-# NEREL's 29 entity types (FREDT5_NOTES.md 4.1), alphabetical. The NER head is a 29-way multi-label sigmoid per
-# token: a token inside nested entities carries several types at once; an "outside" token is all zeros.
+# NEREL's 29 entity types (FREDT5_NOTES.md 4.1), alphabetical. The NER head has 29 outputs per token. Default
+# (the paper's softmax cross-entropy): per token a softmax over [outside, 29 types], outside being a fixed logit 0
+# and the target the innermost entity's type. Option: a 29-way multi-label sigmoid (nested types at once; an
+# "outside" token is all zeros).
 NEREL_TYPES: tuple[str, ...] = (
     "AGE", "AWARD", "CITY", "COUNTRY", "CRIME", "DATE", "DISEASE", "DISTRICT", "EVENT", "FACILITY", "FAMILY",
     "IDEOLOGY", "LANGUAGE", "LAW", "LOCATION", "MONEY", "NATIONALITY", "NUMBER", "ORDINAL", "ORGANIZATION",

@@ -98,16 +98,17 @@ def run_nli_head_eval(model_path: str | Path | None = None, *, model: str | Path
                       tasks: Sequence[str] | str | None = None, split: str = "val", run_dir: str | Path | None = None,
                       run: str | None = None, root: str | Path = "submissions", limit: int | None = None,
                       batch_size: int | str = 16, device: str | None = None, dtype: str | None = None,
-                      console: Any = None, loaded: Any = None) -> NLIHeadResult:
+                      console: Any = None, loaded: Any = None, restart: bool = False) -> NLIHeadResult:
     """Evaluate the NLI head of a hierarchical checkpoint on TERRa / LiDiRus / RCB into a run folder.
 
     `model_path` (or `model`, the zero-shot CLI's name for it) is the checkpoint directory; `run_dir` (or `run`
-    under `root`) the run folder, by default `<root>/<model>-nli-head-<date>`. `loaded` skips loading.
+    under `root`) the run folder, by default `<root>/<model>-nli-head-<date>`. `loaded` skips loading. The run
+    folder holds one configuration (`RunFolder.claim`): other settings are refused unless `restart`.
     """
     from rich.console import Console
 
     from rsg_eval.data import resolve_data, sha256_file
-    from rsg_eval.runs import RunFolder, fingerprint, log_row, run_path
+    from rsg_eval.runs import RunFolder, fingerprint, run_path
     from rsg_eval.tasks import limit_groups, load_items
 
     console = console or Console(stderr=True)
@@ -139,10 +140,22 @@ def run_nli_head_eval(model_path: str | Path | None = None, *, model: str | Path
     tags = [f"limit{limit}"] if limit else []
     folder = RunFolder(Path(run_dir) if run_dir is not None else
                        run_path(run, model=model_id, kind=KIND, tags=tags, root=root))
-    old = folder.read_config()
-    if old and (old.get("kind") != KIND or old.get("model") != model_id):
-        raise RSGError(f"this run folder holds a {old.get('kind')} run of {old.get('model')!r}, not an {KIND} run "
-                       f"of {model_id!r}; pick another --run", file=folder.path, field="--run")
+    from rsg_eval.zeroshot import data_identity
+
+    settings = {**ident, "code_version": CODE_VERSION, "limit": limit, "data": data_identity(src)}
+    claim = folder.claim(KIND, settings, per_task={(j[0], j[1]): {"data_sha256": j[3]["data_sha256"]} for j in jobs},
+                         restart=restart)
+    try:
+        return _evaluate(folder, jobs, model_id, src, loaded, bs, limit, split, device, dtype, console)
+    finally:
+        claim.release()
+
+
+def _evaluate(folder: Any, jobs: list, model_id: str, src: Any, loaded: Any, bs: int, limit: int | None,
+              split: str, device: str | None, dtype: str | None, console: Any) -> NLIHeadResult:
+    """run_nli_head_eval's work once the run folder is claimed."""
+    from rsg_eval.runs import log_row
+
     result = NLIHeadResult(folder)
     pending = []
     for job in jobs:

@@ -1,18 +1,27 @@
 """`rsg train-hmtl`: multi-task training of the hierarchical FRED-T5 with the paper's recipe as defaults.
 
-Every optimizer step sees a batch of every task in the corpus: for each of `grad_accum` micro-steps, one batch of
-`batch_size` examples per task is run forward and backward on its own (the gradients add up exactly as for one
-summed loss, but only one task's activations are alive at a time), weighted by the task weight and divided by
-`grad_accum`. Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once.
+Every optimizer step sees every task in the corpus. The paper's "a batch of 12 sequences ... accumulation 2,
+effective batch 24" has two readings, both offered (`batch_reading`, dataset.BatchPlan): "total" (the default,
+closest to the text: 12 sequences per micro-step in all, dealt to the eight tasks in rotation, 3 of each task per
+optimizer step) and "per-task" (12 of every task per micro-step, 192 per optimizer step). Within a micro-step each
+task's sequences go forward and backward on their own (the gradients add up exactly as for one summed loss, but
+only one task's activations are alive at a time). Each task's loss enters the step as the mean over its examples in
+that optimizer step, times the task weight: the objective is the weighted sum of the task losses (the paper's sum,
+all weights 1). Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once.
 
-An epoch is one pass over the LARGEST task; smaller tasks are cycled (fresh shuffles) so that each step still has all
-of them. The order of every task's stream depends only on (seed, epoch, task); together with the saved RNG,
-optimizer and schedule state this makes a resumed run reproduce the uninterrupted one exactly.
+An epoch ends when every train example has been seen at least once: the largest task sets its length, smaller tasks
+are reshuffled and repeated; the log states the plan at start. The order of every task's stream depends only on
+(seed, epoch, task); together with the saved RNG, optimizer and schedule state this makes a resumed run reproduce the
+uninterrupted one exactly.
 
-Output folder:
+Output folder (one configuration: `rsg_eval.runs.claim_folder` locks it on the main process and refuses other
+settings unless --restart, which clears everything below but cache/):
+    settings.json            the settings the outputs were made with (model and corpus content, recipe, code)
+    rsg.lock                 held while a training process runs
     run.json                 the training config (resume refuses a different one) and whether training finished
-    train.log                the log, including the schedule warning
-    losses.csv / losses.png  train and val loss per task and total, per epoch (like the paper's Figures 2 and 3)
+    train.log                the log, including the batch plan and the schedule note
+    losses.csv / losses.png  per epoch, train and val: the MEAN loss over the tasks (the paper's "average train /
+                             validation loss", Figures 2-3) as the headline, and each task's loss
     epoch-N/                 a hierarchical checkpoint after each epoch (`--model out/epoch-N` everywhere)
     final/                   the last epoch's checkpoint (hard links, no extra disk)
     last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-steps)
@@ -21,6 +30,7 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -38,12 +48,15 @@ import torch.nn.functional as F
 from rsg_eval.errors import RSGError
 from rsg_eval.hmtl import schedules
 from rsg_eval.hmtl.corpus import open_corpus
-from rsg_eval.hmtl.dataset import TASK_INDEX, build_split, collate, stream_positions, task_indices
+from rsg_eval.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
+                                   task_indices)
 from rsg_eval.hmtl.labels import TASKS
 from rsg_eval.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from rsg_eval.models.hierarchical import HierarchicalT5, is_hierarchical_dir, load_hierarchical
+from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
+                                          load_hierarchical, ner_softmax_logits)
 
 STATE_NAME = "trainer_state.pt"
+CODE_VERSION = "hmtl-1"   # bump when training changes what a checkpoint would contain: old outputs then refuse
 
 
 @dataclass
@@ -52,8 +65,9 @@ class TrainConfig:
     corpus: str
     out: str
     epochs: int = 4
-    batch_size: int = 12                 # physical batch, per task and per micro-step
+    batch_size: int = 12                 # sequences per micro-step: in all ("total") or per task ("per-task")
     grad_accum: int = 2
+    batch_reading: str = "total"         # the paper's "batch of 12 sequences": total (default) | per-task
     max_length: int = 512
     max_target_length: int = 512
     schedule: str = "paper"              # paper | cycle-gamma | cosine
@@ -68,6 +82,8 @@ class TrainConfig:
     split: str = "0.25"                  # Block 1 = a quarter of the encoder (6 of 24 for FRED-T5-1.7B)
     adapter_dim: int | None = None       # d_model // 16
     adapter_activation: str = "relu"
+    adapter_layout: str = "per-head"     # per-head (4 adapters) | shared-mc-ner (the paper's 3: MC+NER, NLI, LM)
+    ner_loss: str = "softmax"            # softmax (the paper's Eq. 1, innermost entity per token) | multilabel
     head_dropout: float = 0.1
     bf16: str = "auto"                   # auto = bf16 autocast on a GPU that supports it
     gradient_checkpointing: bool = True
@@ -131,15 +147,20 @@ class _Log:
                 fh.write(line + "\n")
 
 
-def task_loss(model: HierarchicalT5, batch: Any) -> torch.Tensor:
-    """One task's loss on one batch. Losses are computed in fp32 even under bf16 autocast."""
+def task_loss(model: HierarchicalT5, batch: Any, ner_loss: str = "softmax") -> torch.Tensor:
+    """One task's loss on one batch (a mean over its examples, or its real tokens). Computed in fp32 even under bf16
+    autocast. MC, NLI and NER (default) use the paper's cross-entropy against one-hot targets, its Eq. 1."""
     ids, mask, y = batch.input_ids, batch.attention_mask, batch.target
     if batch.task == "mc":
         return F.cross_entropy(model.mc_logits(ids, mask).float(), y)
     if batch.task == "nli":
         return F.cross_entropy(model.nli_logits(ids, mask).float(), y)
+    if batch.task == "ner" and ner_loss == "softmax":
+        # per token, softmax over outside + 29 types against the innermost entity's type; padding (-100) ignored
+        full = ner_softmax_logits(model.ner_logits(ids, mask).float())          # (B, T, 1 + n)
+        return F.cross_entropy(full.flatten(0, 1), y.flatten(), ignore_index=-100)
     if batch.task == "ner":
-        # 29-way multi-label: one binary cross-entropy per (token, type), averaged over real tokens and types.
+        # multi-label: one binary cross-entropy per (token, type), averaged over real tokens and types.
         logits = model.ner_logits(ids, mask).float()                         # (B, T, n)
         per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
         m = mask.unsqueeze(-1).to(per.dtype)
@@ -222,8 +243,8 @@ def _link_or_copy_dir(src: Path, dst: Path) -> None:
 
 
 def write_losses(out: Path, history: list[dict[str, Any]], tasks: list[str]) -> None:
-    """losses.csv (epoch, split, total, one column per task) and losses.png (train and val panels)."""
-    cols = ["epoch", "split", "total"] + tasks
+    """losses.csv (epoch, split, mean over the tasks, one column per task) and losses.png (train and val panels)."""
+    cols = ["epoch", "split", "mean"] + tasks
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -249,8 +270,9 @@ def plot_losses(history: list[dict[str, Any]], tasks: list[str], path: Path) -> 
                 ys = [r.get(t) for r in rows]
                 if any(y is not None for y in ys):
                     ax.plot(ep, [y if y is not None else math.nan for y in ys], marker="o", label=t)
-            ax.plot(ep, [r["total"] for r in rows], marker="s", color="black", linewidth=2.5, label="total")
-        ax.set_title(f"{split} loss per task")
+            ax.plot(ep, [r["mean"] for r in rows], marker="s", color="black", linewidth=2.5,
+                    label="mean over tasks")
+        ax.set_title(f"{split} loss: mean over tasks (the paper's Figures 2-3) and per task")
         ax.set_yscale("log")     # generation losses are an order of magnitude above the head losses
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -283,7 +305,13 @@ def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log)
             model = HierarchicalT5.from_base(
                 loaded.model, split=cfg.split, adapter_dim=cfg.adapter_dim,
                 adapter_activation=cfg.adapter_activation, head_dropout=cfg.head_dropout,
-                mc_labels=list(labels.mc), ner_labels=list(labels.ner), base_model=cfg.model)
+                mc_labels=list(labels.mc), ner_labels=list(labels.ner), base_model=cfg.model,
+                adapter_layout=cfg.adapter_layout, ner_loss=cfg.ner_loss)
+    if model.config.adapter_layout != cfg.adapter_layout:
+        raise RSGError(f"the checkpoint has adapter layout {model.config.adapter_layout!r}", file=cfg.model,
+                       field="adapter-layout", expected=[model.config.adapter_layout])
+    # The NER head has the same 29 outputs under both losses; the checkpoint records the loss it was trained with.
+    model.config.ner_representation = NER_LOSSES[cfg.ner_loss]
     if tokenizer is None:
         raise RSGError("the model has no tokenizer files", file=cfg.model)
     model.to(device)
@@ -298,9 +326,89 @@ def _load_weights(model: HierarchicalT5, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
     """Train (or resume) into cfg.out. `on_step(global_step)` runs after each optimizer step (tests use it to
-    simulate an interruption)."""
+    simulate an interruption). `restart` clears the folder's outputs (not the tokenised cache) and starts over;
+    without it, a folder holding outputs of other settings is refused."""
+    with contextlib.ExitStack() as held:  # the folder's lock, released however training ends
+        return _train(cfg, held, progress=progress, console=console, on_step=on_step, restart=restart)
+
+
+def out_settings(cfg: TrainConfig, corpus: Any) -> dict[str, Any]:
+    """What the outputs depend on: the recipe (TrainConfig.fingerprint_dict), the corpus's content instead of
+    its path, the base model's content when it is a local folder, and the code version."""
+    from rsg_eval.models.loading import TINY_NAME, _dir_fingerprint
+    from rsg_eval.runs import files_fingerprint
+
+    settings = {k: v for k, v in cfg.fingerprint_dict().items() if k != "corpus"}
+    files = [f for fs in corpus.files.values() for f in fs]
+    labels = Path(corpus.root) / "labels.json"
+    settings["corpus_sha256"] = files_fingerprint(files + ([labels] if labels.is_file() else []))
+    model = Path(cfg.model).expanduser()
+    if cfg.model != TINY_NAME and model.is_dir():
+        settings["model_dir"] = _dir_fingerprint(model)
+    settings["code_version"] = CODE_VERSION
+    return json.loads(json.dumps(settings))
+
+
+_OUTPUTS = ("last", "final", "run.json", "losses.csv", "losses.png", "train.log", "settings.json")
+
+
+def _claim_out(cfg: TrainConfig, corpus: Any, state: "_DistState", restart: bool) -> Any:
+    """The main process locks --out and checks its settings; a refusal is raised on every process."""
+    from rsg_eval.runs import claim_folder
+
+    out = Path(cfg.out)
+
+    def has_results() -> bool:
+        return any((out / n).exists() for n in ("last", "final", "run.json")) or any(out.glob("epoch-*"))
+
+    def clear() -> None:
+        for p in [*(out / n for n in _OUTPUTS), *out.glob("epoch-*"), *out.glob(".*.tmp")]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    claim, err = None, None
+    if state.is_main_process:
+        legacy = (out / "run.json").is_file() and not (out / "settings.json").is_file()
+        try:
+            claim = claim_folder(out, "train-hmtl", out_settings(cfg, corpus), restart=restart,
+                                 record="settings.json", has_results=has_results, clear=clear, option="--out",
+                                 unrecorded="compare" if legacy else "refuse", main=True)
+            try:
+                if legacy and not restart:  # an --out from before settings.json: its run.json holds the recipe
+                    _check_run_json(out / "run.json", cfg.fingerprint_dict())
+                claim.write_record()
+            except BaseException:
+                claim.release()
+                raise
+        except RSGError as exc:
+            err = exc
+    if state.num_processes > 1:
+        box = [str(err) if err is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if err is None and box[0] is not None:
+            raise RSGError(box[0])
+    if err is not None:
+        raise err
+    return claim if claim is not None else contextlib.nullcontext()
+
+
+def _check_run_json(run_file: Path, fp: dict[str, Any]) -> None:
+    """Refuse when run.json's recorded config differs from `fp`, naming each setting old -> new."""
+    prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
+        from rsg_eval.runs import settings_diff
+
+        changed = settings_diff(prior.get("config") or {}, json.loads(json.dumps(fp)))
+        raise RSGError(f"the output folder holds a run with different settings ({'; '.join(changed)}); pass "
+                       f"--restart to clear it and start over, or pick another --out", file=run_file, field="--out")
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, console: Any,
+           on_step: Callable[[int], None] | None, restart: bool) -> TrainResult:
     import datasets
 
     datasets.disable_progress_bars()
@@ -312,9 +420,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         raise RSGError(f"unknown schedule {cfg.schedule!r}", field="schedule", expected=list(schedules.SCHEDULES))
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise RSGError("epochs, batch size and gradient accumulation must be >= 1", field="epochs")
+    for name, value, choices in (("batch-reading", cfg.batch_reading, BATCH_READINGS),
+                                 ("ner-loss", cfg.ner_loss, tuple(NER_LOSSES)),
+                                 ("adapter-layout", cfg.adapter_layout, ADAPTER_LAYOUTS)):
+        if value not in choices:
+            raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(_claim_out(cfg, corpus, state, restart))   # creates --out, locked, one configuration
     state.wait_for_everyone()
     if console is None and main:
         from rich.console import Console
@@ -323,11 +435,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
 
     run_file = out / "run.json"
     fp = cfg.fingerprint_dict()
+    _check_run_json(run_file, fp)
     prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
-    if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
-        changed = sorted(k for k in fp if prior.get("config", {}).get(k) != json.loads(json.dumps(fp.get(k))))
-        raise RSGError(f"the output folder holds a run with different settings ({', '.join(changed)}); use another "
-                       f"--out or delete it", file=run_file, field=changed[0] if changed else None)
     if prior is not None and prior.get("finished"):
         log(f"{out} already holds a finished run; nothing to do")
         hist = prior.get("history", [])
@@ -362,13 +471,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
     if val_ds is None:
         log("the corpus has no val split: only train losses are reported", "WARN")
 
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = math.ceil(max(len(tidx[t]) for t in tasks) / per_step)
+    plan = BatchPlan(tuple((t, len(tidx[t])) for t in tasks), batch_size=cfg.batch_size,
+                     grad_accum=cfg.grad_accum, world=world, reading=cfg.batch_reading)
+    steps_per_epoch = plan.steps_per_epoch
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
-    log(f"{len(tasks)} tasks, {steps_per_epoch} optimizer steps per epoch x {cfg.epochs} epochs; each step: "
-        f"{cfg.grad_accum} x {cfg.batch_size} examples of every task on {world} process(es)")
+    for line in plan.describe(steps_per_epoch):
+        log(line)
+    log(f"{len(tasks)} tasks, {steps_per_epoch} optimizer steps per epoch x {cfg.epochs} epochs = {total_steps} steps")
+    if cfg.batch_reading == "total" and cfg.batch_size * cfg.grad_accum * world < len(tasks):
+        log(f"{cfg.batch_size * cfg.grad_accum * world} sequences per optimizer step cannot hold all "
+            f"{len(tasks)} tasks: they take turns across steps")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
     scheduler = schedules.build_scheduler(
@@ -377,7 +491,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
         warmup_steps=cfg.warmup_steps)
     if cfg.schedule == "paper":
         up = cfg.step_size_up or schedules.TORCH_DEFAULT_STEP_SIZE_UP
-        log(schedules.paper_warning(cfg.lr_min, cfg.lr_max, up, cfg.gamma), "WARN")
+        log(schedules.paper_note(cfg.lr_min, cfg.lr_max, up, cfg.gamma))
     bf16 = _use_bf16(cfg.bf16, device)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach every trainable part even when inputs need no grad.
@@ -434,17 +548,19 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
             model.train()
             step_loss = {t: 0.0 for t in tasks}
             while step < steps_per_epoch:
+                in_step = plan.step_counts(step)     # examples of each task in this optimizer step, all processes
                 for micro in range(cfg.grad_accum):
-                    start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
-                    for t in tasks:
+                    for t, start, count in plan.micro(step, micro, rank):
                         pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
-                                               start=start, count=cfg.batch_size)
+                                               start=start, count=count)
                         rows = train_ds[tidx[t][pos].tolist()]
-                        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device)
+                        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
                         with _autocast(device, bf16):
-                            loss = task_loss(model, batch)
-                        (loss * (cfg.task_weights.get(t, 1.0) / cfg.grad_accum)).backward()
-                        step_loss[t] += float(loss.detach())
+                            loss = task_loss(model, batch, cfg.ner_loss)
+                        # the task's mean over its examples in the whole step: this batch's share is count / in_step
+                        # (x world, because the all-reduce below averages over the processes)
+                        (loss * (cfg.task_weights.get(t, 1.0) * count * world / in_step[t])).backward()
+                        step_loss[t] += float(loss.detach()) * count
                 if world > 1:
                     for p in trainable:
                         if p.grad is not None:
@@ -455,8 +571,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
                     torch.distributed.all_reduce(vec)
                     step_loss = dict(zip(tasks, vec.tolist()))
                 for t in tasks:
-                    sums[t][0] += step_loss[t]
-                    sums[t][1] += cfg.grad_accum * world
+                    sums[t][0] += step_loss[t]          # example-weighted: the epoch's mean over examples
+                    sums[t][1] += in_step[t]
                     step_loss[t] = 0.0
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
                 optimizer.step()
@@ -465,22 +581,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
                 step += 1
                 global_step += 1
                 if prog:
-                    cur = {t: sums[t][0] / max(1, sums[t][1]) for t in tasks}
-                    tot = sum(cfg.task_weights.get(t, 1.0) * v for t, v in cur.items())
-                    prog.update(bar, completed=step,
-                                info=f"loss {tot:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}")
+                    cur = [sums[t][0] / sums[t][1] for t in tasks if sums[t][1]]
+                    prog.update(bar, completed=step, info=f"mean loss {sum(cur) / max(1, len(cur)):.3f}  "
+                                                          f"lr {optimizer.param_groups[0]['lr']:.2e}")
                 if cfg.save_steps and global_step % cfg.save_steps == 0 and step < steps_per_epoch:
                     save_resume_point(epoch, step)
                 if on_step is not None:
                     on_step(global_step)
             # ---- end of epoch: losses, checkpoint, resume point
-            train_row = _loss_row(epoch + 1, "train", {t: sums[t][0] / max(1, sums[t][1]) for t in tasks},
-                                  cfg.task_weights)
+            train_row = _loss_row(epoch + 1, "train", {t: sums[t][0] / sums[t][1] for t in tasks if sums[t][1]})
             history.append(train_row)
             if val_ds is not None and vidx:
                 val = evaluate_losses(model, val_ds, vidx, tasks, batch_size=cfg.val_batch_size or cfg.batch_size,
-                                      pad_id=pad_id, n_ner=n_ner, device=device, bf16=bf16)
-                history.append(_loss_row(epoch + 1, "val", val, cfg.task_weights))
+                                      pad_id=pad_id, n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss)
+                history.append(_loss_row(epoch + 1, "val", val))
             log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
             epoch += 1
             step = 0
@@ -506,10 +620,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
     return TrainResult(out, final, history, True, global_step)
 
 
-def _loss_row(epoch: int, split: str, losses: dict[str, float], weights: dict[str, float]) -> dict[str, Any]:
+def _loss_row(epoch: int, split: str, losses: dict[str, float]) -> dict[str, Any]:
+    """One losses.csv row: each task's mean loss and their unweighted mean over the tasks (the paper's "average
+    loss" of Figures 2-3). Task weights scale the gradient, not this curve, so runs with different weights compare."""
     row: dict[str, Any] = {"epoch": epoch, "split": split}
     row.update(losses)
-    row["total"] = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+    row["mean"] = sum(losses.values()) / len(losses) if losses else math.nan
     return row
 
 
@@ -517,13 +633,14 @@ def _describe(rows: list[dict[str, Any]]) -> str:
     parts = []
     for r in rows:
         per = " ".join(f"{t}={r[t]:.3f}" for t in TASKS if t in r)
-        parts.append(f"epoch {r['epoch']} {r['split']}: total {r['total']:.4f} ({per})")
+        parts.append(f"epoch {r['epoch']} {r['split']}: mean over tasks {r['mean']:.4f} ({per})")
     return "; ".join(parts)
 
 
 @torch.no_grad()
 def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: list[str], *, batch_size: int,
-                    pad_id: int, n_ner: int, device: torch.device, bf16: bool) -> dict[str, float]:
+                    pad_id: int, n_ner: int, device: torch.device, bf16: bool, ner_loss: str = "softmax"
+                    ) -> dict[str, float]:
     """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode."""
     was = model.training
     model.eval()
@@ -535,9 +652,9 @@ def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: 
         total, n = 0.0, 0
         for i in range(0, len(rows_idx), batch_size):
             chunk = rows_idx[i:i + batch_size].tolist()
-            batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device)
+            batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=ner_loss)
             with _autocast(device, bf16):
-                loss = task_loss(model, batch)
+                loss = task_loss(model, batch, ner_loss)
             total += float(loss) * len(chunk)
             n += len(chunk)
         out[t] = total / n

@@ -1,14 +1,18 @@
 """The hierarchical multi-task FRED-T5 (ERNIE-3 style split encoder).
 
     input ─ embed ─ Block 1 (encoder layers 0..k-1) ─┬─ MC head  (topic, masked mean pool)      early exit
-                                                     ├─ NER head (29-way multi-label per token)  early exit
+                                                     ├─ NER head (29 entity types per token)     early exit
                                                      └─ Block 2 (layers k..L-1, final norm) ─┬─ NLI head (3 classes)
                                                                                              └─ decoder ─ LM head
 
-Each head (MC, NER, NLI, LM) has its own zero-initialised bottleneck adapter, so a freshly built model computes
-exactly what the base model computes. The split is exact: layer 0's relative position bias (which already carries
-the additive attention mask) is forwarded to Block 2, and the encoder's final layer norm runs only after the last
-layer; the Block-1 heads get their own RMSNorm instead (FREDT5_NOTES.md sections 0 and 3.1).
+Adapters are zero-initialised bottlenecks, so a freshly built model computes exactly what the base model computes.
+Two layouts (`HMTLConfig.adapter_layout`): "per-head" (default: MC, NER, NLI and LM each have their own adapter,
+4 in all) and "shared-mc-ner" (the paper's wording, "a compact linear adapter attached to these heads": one norm
+and adapter on Block 1's output read by both the MC and the NER head, one for NLI, one for LM, 3 in all).
+
+The split is exact: layer 0's relative position bias (which already carries the additive attention mask) is
+forwarded to Block 2, and the encoder's final layer norm runs only after the last layer; the Block-1 heads get their
+own RMSNorm instead (FREDT5_NOTES.md sections 0 and 3.1).
 
 `HierarchicalT5.seq2seq` is a plain `T5ForConditionalGeneration` whose `lm_head` is an `AdaptedLMHead`, so rank
 scoring, generation and fine-tuning use it as a drop-in model.
@@ -35,7 +39,10 @@ from rsg_eval.models.adapters import AdaptedLMHead, Bottleneck
 
 CONFIG_NAME = "hmtl_config.json"
 HEADS_NAME = "hmtl_heads.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: adapter_layout "shared-mc-ner" (per-head checkpoints are still written as 1)
+ADAPTER_LAYOUTS = ("per-head", "shared-mc-ner")
+# `rsg train-hmtl --ner-loss` value -> the NER representation a checkpoint records (HMTLConfig.ner_representation)
+NER_LOSSES = {"softmax": "softmax-innermost", "multilabel": "multilabel-sigmoid"}
 
 
 @dataclass
@@ -51,7 +58,11 @@ class HMTLConfig:
     mc_labels: list[str] = field(default_factory=lambda: [f"topic_{i}" for i in range(DEFAULT_MC_CLASSES)])
     ner_labels: list[str] = field(default_factory=lambda: list(NEREL_TYPES))
     nli_labels: list[str] = field(default_factory=lambda: list(NLI_LABELS))
-    ner_representation: str = "multilabel-sigmoid"   # per token, one sigmoid per entity type; outside = all zeros
+    # softmax-innermost: per token a softmax over [outside (logit fixed at 0), 29 types], the innermost entity's type
+    # is the target; multilabel-sigmoid: one sigmoid per type, outside = all zeros (nested types at once).
+    # Checkpoints written before the softmax loss existed carry multilabel-sigmoid.
+    ner_representation: str = "multilabel-sigmoid"
+    adapter_layout: str = "per-head"
     base_model: str | None = None
     format_version: int = FORMAT_VERSION
 
@@ -64,6 +75,12 @@ class HMTLConfig:
         if d.get("format_version", 1) > FORMAT_VERSION:
             raise RSGError(f"written by a newer rsg-eval (format {d['format_version']})", file=file,
                            field="format_version", expected=f"<= {FORMAT_VERSION}")
+        if d.get("adapter_layout", "per-head") not in ADAPTER_LAYOUTS:
+            raise RSGError(f"unknown adapter layout {d['adapter_layout']!r}", file=file, field="adapter_layout",
+                           expected=list(ADAPTER_LAYOUTS))
+        if d.get("ner_representation", "multilabel-sigmoid") not in NER_LOSSES.values():
+            raise RSGError(f"unknown NER representation {d['ner_representation']!r}", file=file,
+                           field="ner_representation", expected=list(NER_LOSSES.values()))
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -91,10 +108,18 @@ def resolve_split(spec: int | float | str | None, num_layers: int) -> int:
     return k
 
 
-class ClassificationHead(nn.Module):
-    """Norm -> adapter -> (masked mean pool) -> dropout -> linear. `pool=False` keeps one vector per token (NER)."""
+def ner_softmax_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(..., n_types) NER head logits -> (..., 1 + n_types) class logits, "outside" = class 0 with its logit fixed
+    at 0. The head keeps the paper's 29 outputs; softmax is shift-invariant, so a fixed outside logit loses nothing
+    against a free 30th one (a linear head with bias can subtract any 30th row from the other 29)."""
+    return torch.cat([logits.new_zeros(logits.shape[:-1] + (1,)), logits], dim=-1)
 
-    def __init__(self, d_model: int, n_labels: int, adapter: Bottleneck, *, norm: nn.Module | None,
+
+class ClassificationHead(nn.Module):
+    """Norm -> adapter -> (masked mean pool) -> dropout -> linear. `pool=False` keeps one vector per token (NER).
+    Under the shared MC+NER layout norm and adapter are identities here: the shared branch ran before."""
+
+    def __init__(self, d_model: int, n_labels: int, adapter: nn.Module, *, norm: nn.Module | None,
                  pool: bool, dropout: float) -> None:
         super().__init__()
         self.norm = norm if norm is not None else nn.Identity()
@@ -136,10 +161,22 @@ class HierarchicalT5(nn.Module):
                 n.weight.copy_(seq2seq.encoder.final_layer_norm.weight.float())
             return n
 
+        if config.adapter_layout not in ADAPTER_LAYOUTS:
+            raise RSGError(f"unknown adapter layout {config.adapter_layout!r}", field="adapter_layout",
+                           expected=list(ADAPTER_LAYOUTS))
+        shared = config.adapter_layout == "shared-mc-ner"
+        # shared-mc-ner: one RMSNorm + one adapter on Block 1's output, read by both Block-1 heads (B, T, d)
+        self.block1_shared: nn.Module | None = nn.Sequential(block1_norm(), Bottleneck(d, r, act)) if shared else None
+
+        def block1_parts() -> tuple[nn.Module, nn.Module | None]:
+            return (nn.Identity(), None) if shared else (Bottleneck(d, r, act), block1_norm())
+
+        mc_adapter, mc_norm = block1_parts()
+        ner_adapter, ner_norm = block1_parts()
         self.heads = nn.ModuleDict({
-            "mc": ClassificationHead(d, len(config.mc_labels), Bottleneck(d, r, act), norm=block1_norm(),
+            "mc": ClassificationHead(d, len(config.mc_labels), mc_adapter, norm=mc_norm,
                                      pool=True, dropout=config.head_dropout),
-            "ner": ClassificationHead(d, len(config.ner_labels), Bottleneck(d, r, act), norm=block1_norm(),
+            "ner": ClassificationHead(d, len(config.ner_labels), ner_adapter, norm=ner_norm,
                                       pool=False, dropout=config.head_dropout),
             # Block 2 ends with the encoder's own final_layer_norm, so the NLI head needs no extra norm.
             "nli": ClassificationHead(d, len(config.nli_labels), Bottleneck(d, r, act), norm=None,
@@ -148,6 +185,8 @@ class HierarchicalT5(nn.Module):
         # New modules follow the base model's device and dtype (e.g. bf16 weights loaded with dtype=...).
         dt = seq2seq.shared.weight.dtype
         self.heads.to(device=seq2seq.device, dtype=dt)
+        if self.block1_shared is not None:
+            self.block1_shared.to(device=seq2seq.device, dtype=dt)
         self.seq2seq.lm_head.adapter.to(device=seq2seq.device, dtype=dt)
 
     # ------------------------------------------------------------------ construction
@@ -155,13 +194,17 @@ class HierarchicalT5(nn.Module):
     def from_base(cls, seq2seq: T5ForConditionalGeneration, *, split: int | float | str | None = None,
                   adapter_dim: int | None = None, adapter_activation: str = "relu", head_dropout: float = 0.1,
                   mc_labels: list[str] | None = None, ner_labels: list[str] | None = None,
-                  base_model: str | None = None) -> "HierarchicalT5":
+                  base_model: str | None = None, adapter_layout: str = "per-head",
+                  ner_loss: str = "softmax") -> "HierarchicalT5":
         """Wrap a plain T5 model. Heads and adapters are new; the base weights are used as they are."""
         c = seq2seq.config
+        if ner_loss not in NER_LOSSES:
+            raise RSGError(f"unknown NER loss {ner_loss!r}", field="ner-loss", expected=list(NER_LOSSES))
         cfg = HMTLConfig(
             split_layer=resolve_split(split, c.num_layers), num_layers=c.num_layers, d_model=c.d_model,
             adapter_dim=adapter_dim or max(1, c.d_model // 16), adapter_activation=adapter_activation,
-            head_dropout=head_dropout, base_model=base_model,
+            head_dropout=head_dropout, base_model=base_model, adapter_layout=adapter_layout,
+            ner_representation=NER_LOSSES[ner_loss],
         )
         if mc_labels is not None:
             cfg.mc_labels = list(mc_labels)
@@ -228,15 +271,19 @@ class HierarchicalT5(nn.Module):
         return h1, self.encode_block2(h1, bias, ext)
 
     # ------------------------------------------------------------------ heads (early exit)
+    def _block1_out(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the Block-1 heads read (B, T, d): the raw stream, or the shared norm + adapter's output."""
+        h1, _, _ = self.encode_block1(input_ids, attention_mask)
+        return h1 if self.block1_shared is None else self.block1_shared(h1)
+
     def mc_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Topic logits (B, n_mc) from Block 1 only."""
-        h1, _, _ = self.encode_block1(input_ids, attention_mask)
-        return self.heads["mc"](h1, attention_mask)
+        return self.heads["mc"](self._block1_out(input_ids, attention_mask), attention_mask)
 
     def ner_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token entity-type logits (B, T, n_ner) from Block 1 only; sigmoid > 0.5 = the token has that type."""
-        h1, _, _ = self.encode_block1(input_ids, attention_mask)
-        return self.heads["ner"](h1, attention_mask)
+        """Per-token entity-type logits (B, T, n_ner) from Block 1 only. softmax-innermost: the token's class is
+        the argmax over [outside = 0, these logits]; multilabel-sigmoid: sigmoid > 0.5 = the token has that type."""
+        return self.heads["ner"](self._block1_out(input_ids, attention_mask), attention_mask)
 
     def nli_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Entailment / contradiction / neutral logits (B, 3) from Blocks 1 and 2; the decoder does not run."""
@@ -250,8 +297,11 @@ class HierarchicalT5(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that is not in the base T5 checkpoint: the three heads and the LM adapter."""
+        """Everything that is not in the base T5 checkpoint: the three heads, the shared Block-1 branch (if any)
+        and the LM adapter."""
         sd = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        if self.block1_shared is not None:
+            sd.update({f"block1_shared.{k}": v for k, v in self.block1_shared.state_dict().items()})
         sd.update({f"lm_adapter.{k}": v for k, v in self.lm_adapter.state_dict().items()})
         return sd
 
@@ -277,8 +327,9 @@ class HierarchicalT5(nn.Module):
                 self.seq2seq.lm_head = wrapped
             heads = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
             save_file(heads, str(tmp / HEADS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.config), ensure_ascii=False, indent=2) + "\n",
-                                           encoding="utf-8")
+            # a per-head checkpoint stays readable by releases before the shared layout (format 1)
+            cfg = {**asdict(self.config), "format_version": 2 if self.config.adapter_layout != "per-head" else 1}
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             if extra is not None:

@@ -118,7 +118,9 @@ def load_model(
     if _looks_like_path(name):
         raise RSGError("model directory does not exist", file=name,
                        expected=f"'{TINY_NAME}', an existing model directory, or a hub id such as owner/name")
-    return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False)
+    cache_only = hub_cache_only(name, revision)
+    return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False,
+                              local_files_only=cache_only)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -126,6 +128,64 @@ def _looks_like_path(name: str) -> bool:
     return (
         name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/") or not name
     )
+
+
+# ----------------------------------------------------------------------------------------------- hub reachability
+
+HUB_PROBE_TIMEOUT_S = 4.0
+
+
+def hub_cache_only(repo_id: str, revision: str | None = None, *, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Decide, in a few seconds, how a hub id can be loaded: False = normally (the hub answers, or HF_HUB_OFFLINE
+    is set and transformers reads the cache itself), True = from the local hub cache only (the hub does not
+    answer but the model is cached). Raises one RSGError when the hub does not answer and the model is not cached.
+
+    Why: with the hub unreachable, huggingface_hub retries every request with back-off (about 40 s) and prints a
+    traceback per retry before transformers gives up; a single short probe of the endpoint avoids all of that."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = constants.ENDPOINT.rstrip("/")
+    if _endpoint_answers(endpoint, timeout):
+        return False
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        log.warning("the model hub (%s) does not answer; loading %s from the local cache", endpoint, repo_id)
+        return True
+    raise RSGError(
+        f"cannot reach the model hub ({endpoint}) and {repo_id!r} is not in the local cache "
+        f"({constants.HF_HUB_CACHE}): pass a local model folder as --model (download it where there is network, "
+        "e.g. `hf download " + repo_id + " --local-dir DIR`), or copy a hub cache holding it here and set "
+        "HF_HUB_OFFLINE=1",
+        field="model")
+
+
+def _endpoint_answers(endpoint: str, timeout: float) -> bool:
+    """True when an HTTP request to the hub endpoint gets any answer (an HTTP error status counts: the server is
+    there) within `timeout` seconds. Name resolution has no timeout of its own, so the request runs in a daemon
+    thread and is abandoned when it takes too long. urllib honours the usual *_proxy variables."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            req = urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD")
+            with urllib.request.urlopen(req, timeout=timeout):
+                pass
+            answered.set()
+        except urllib.error.HTTPError:
+            answered.set()
+        except Exception:  # noqa: BLE001 - any other failure (refused, no DNS, timeout, TLS) means no answer
+            pass
+
+    th = threading.Thread(target=probe, name="rsg-hub-probe", daemon=True)
+    th.start()
+    th.join(timeout)
+    return answered.is_set()
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -162,12 +222,14 @@ def _load_hierarchical(path: Path, dev: torch.device, dtype: str | torch.dtype |
 
 def _load_transformers(
     name: str, dev: torch.device, dtype: str | torch.dtype | None, revision: str | None,
-    trust_remote_code: bool, allow_fp16: bool, *, local: bool,
+    trust_remote_code: bool, allow_fp16: bool, *, local: bool, local_files_only: bool = False,
 ) -> Loaded:
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where = "local directory" if local else "hub id"
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if local_files_only:  # the hub does not answer (hub_cache_only): read the hub cache, never retry the network
+        common["local_files_only"] = True
     try:
         config = AutoConfig.from_pretrained(name, **common)
     except (OSError, ValueError, KeyError) as exc:

@@ -21,13 +21,15 @@ FORMATS = ("md", "html", "csv", "json")
 def load_runs(specs: Sequence[str | Path], *, against: Iterable[str] = (), split: str = "val"
               ) -> tuple[list, list[str]]:
     """Load every RUN (folder or score file) and the `against` sets; unreadable ones become problems."""
-    from rsg_eval.report.load import load_any
+    from rsg_eval.report.load import DamagedRun, load_any
 
     runs, problems = [], []
     first_ok = True
     for i, spec in enumerate(specs):
         try:
             runs += load_any(spec, split)
+        except DamagedRun:  # a run that exists but cannot be read: an error, never a silent skip
+            raise
         except RSGError as exc:  # a bad RUN is skipped: the report shows what can be compared
             problems.append(f"skipped {spec}: {exc}")
             first_ok = first_ok and i > 0

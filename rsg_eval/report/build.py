@@ -1,10 +1,15 @@
 """Build a report: every number the renderers print, as one JSON-able dict.
 
 Torch-free. The first run is the reference. Per task: each leaderboard metric of each run, the task score
-with its 95% bootstrap interval, the relative gain over the reference in percent (the paper's Table 3) and a
-paired bootstrap test against the reference; then the totals (Tables 1 and 2). Scores of runs with examples
-are recomputed from their logs through `rsg_eval.metrics.score`; runs without examples (published rows,
-score files, tasks only in metrics.json) show their numbers without intervals.
+with its 95% bootstrap interval, the relative gain in percent per metric and for the task score (the paper's
+Table 3) and a paired bootstrap test against the reference; then the totals (Tables 1 and 2). Scores of runs
+with examples are recomputed from their logs through `rsg_eval.metrics.score`; runs without examples (published
+rows, score files, tasks only in metrics.json) show their numbers without intervals.
+
+Gains compare only comparable rows (`comparable`): local runs with local runs on the same split, published or
+copied leaderboard numbers with each other. A published row whose paper names its baseline (paper.yaml
+`baselines`) gains against that row, as the paper states it; a row with nothing comparable gets no gain. When the
+paper's two Table 3 rows are in the report, `paper_table3` holds that table rebuilt from paper.yaml.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rsg_eval.report.load import Run
+from rsg_eval.report.load import Run, different_data
 from rsg_eval.report.stats import Bootstrap, mcnemar_exact, paired_test, percentile_ci, resample_indices
 
 PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
@@ -33,6 +38,34 @@ def _key(x: Any) -> Any:
 
 def _same(a: Any, b: Any) -> bool:
     return a == b and type(a) is type(b)
+
+
+def comparable(a: Run, b: Run) -> bool:
+    """Can a gain of `a` over `b` mean anything? Both local runs (scored here) or both published / copied
+    leaderboard numbers, on the same split. A local val score against a leaderboard test score compares
+    different examples scored in different places: no gain is given."""
+    return a.split == b.split and (a.origin == "run") == (b.origin == "run")
+
+
+def _bases(runs: Sequence[Run], extras: dict[int, dict]) -> list[int | None]:
+    """For each run, the row its gains are computed against (None: no comparable row). A published row gains
+    against the baseline its source names (the paper's own gains: 20_mfredt5_2bln against 20_fredt5, never against
+    zero_fredt5 or a local run), else against the reference only when that is the user's own score file of the
+    same split; other rows against the reference when comparable."""
+    index = {run.name: r for r, run in enumerate(runs)}
+    out: list[int | None] = []
+    for r, run in enumerate(runs):
+        named = extras.get(r, {}).get("baselines", {}).get(run.name)
+        if run.origin == "published":
+            if named is not None and named in index and index[named] != r:
+                out.append(index[named])
+            else:
+                out.append(0 if r > 0 and runs[0].origin == "file" and comparable(run, runs[0]) else None)
+        elif r > 0 and comparable(run, runs[0]):
+            out.append(0)
+        else:
+            out.append(None)
+    return out
 
 
 def _gain(score: float | None, ref: float | None) -> float | None:
@@ -80,6 +113,9 @@ class _TaskBoot:
         ref, run = runs[0], runs[r]
         if ref.split != run.split:
             return None, None, f"{self.task}: {run.name} is {run.split}, the reference {ref.split}: not paired"
+        why = different_data(ref, run, self.task)
+        if why:
+            return None, None, f"{self.task}: {run.name} and the reference {why}: shown side by side, not paired"
         ref_rows = {_key(x["key"]): x for x in ref.logs[self.task]}
         run_rows = {_key(x["key"]): x for x in run.logs[self.task]}
         shared = [k for k in ref_rows if k in run_rows]
@@ -144,7 +180,7 @@ def _cell(run: Run, task: str, boot: _TaskBoot, r: int, problems: list[str]) -> 
 
 
 def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]], boots: dict[str, _TaskBoot],
-            diffs: dict[str, dict[int, np.ndarray]]) -> tuple[list[dict], list[str]]:
+            diffs: dict[str, dict[int, np.ndarray]], bases: list[int | None]) -> tuple[list[dict], list[str]]:
     """Official totals (all nine tasks) and, when runs cover different tasks, the mean over the tasks every
     run with per-task numbers has; intervals where a run has examples for all of them, paired tests likewise."""
     from rsg_eval.metrics import total
@@ -177,8 +213,10 @@ def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]],
         return {"diff": res.diff, "ci": list(res.ci), "p": res.p_value, "significant": res.significant}
 
     for r, row in enumerate(rows):
-        row["gain"] = _gain(row["total"], rows[0]["total"])
-        row["common_gain"] = _gain(row["common"], rows[0]["common"])
+        b = bases[r]
+        row["gain_vs"] = None if b is None else runs[b].name
+        row["gain"] = None if b is None else _gain(row["total"], rows[b]["total"])
+        row["common_gain"] = None if b is None else _gain(row["common"], rows[b]["common"])
         row["paired"] = row["common_paired"] = None
         if r == 0:
             continue
@@ -192,6 +230,66 @@ def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]],
         for row in rows:
             row["common"] = row["common_ci"] = row["common_gain"] = row["common_paired"] = None
     return rows, common
+
+
+def _published_extras(runs: Sequence[Run]) -> dict[int, dict]:
+    """paper.yaml's baselines, printed gains, Table 3 and notes, for each published run that has them."""
+    from rsg_eval.published import extras
+
+    out = {}
+    for r, run in enumerate(runs):
+        if run.origin == "published":
+            e = extras(run.source)
+            if e:
+                out[r] = e
+    return out
+
+
+def _paper_table3(runs: Sequence[Run], extras: dict[int, dict], cells: dict[str, list[dict]], tasks: list[str],
+                  problems: list[str]) -> dict | None:
+    """The paper's Table 3 rebuilt from paper.yaml: per task the baseline's and the multi-task run's metrics and
+    the gain per metric, computed as (new - old) / old. A computed gain that does not round to the printed one
+    is reported as a problem (a typo in paper.yaml, or in the paper)."""
+    from rsg_eval.published import parse_printed_gain, printed_decimals
+    from rsg_eval.tasks import get_task
+
+    index = {run.name: r for r, run in enumerate(runs)}
+    spec = next((e["table3"] for e in extras.values() if e.get("table3")), None)
+    if spec is None or spec["baseline"] not in index or spec["run"] not in index:
+        return None
+    b, r = index[spec["baseline"]], index[spec["run"]]
+    rows = []
+    for t in tasks:
+        cb, cr = cells[t][b], cells[t][r]
+        if cb["status"] != "ok" or cr["status"] != "ok":
+            continue
+        names = list(get_task(t).metrics)
+        gains = [_gain(cr["metrics"][m], cb["metrics"][m]) for m in names]
+        printed = spec["gains"].get(t)
+        if printed is not None:
+            want = parse_printed_gain(printed)
+            nd = printed_decimals(printed)
+            got = [None if g is None else round(g, nd) for g in gains]
+            if len(want) != len(got) or any(g is None or abs(g - w) > 1e-9 for g, w in zip(got, want)):
+                problems.append(f"Table 3 {t}: the gain computed from the scores ({got}) differs from the printed "
+                                f"{printed}")
+        rows.append({"task": t, "metrics": names, "baseline": [cb["metrics"][m] for m in names],
+                     "run": [cr["metrics"][m] for m in names], "gains": gains, "printed": printed})
+    return {"baseline": spec["baseline"], "run": spec["run"], "headers": spec["headers"], "rows": rows,
+            "baseline_index": b, "run_index": r}
+
+
+def _check_table2(runs: Sequence[Run], extras: dict[int, dict], totals: list[dict], problems: list[str]) -> None:
+    """Table 2's printed gains must round from the totals' gains against the named baselines."""
+    from rsg_eval.published import parse_printed_gain, printed_decimals
+
+    for r, e in extras.items():
+        printed = e.get("table2_gains", {}).get(runs[r].name)
+        if printed is None or totals[r]["gain"] is None or totals[r]["gain_vs"] != e["baselines"].get(runs[r].name):
+            continue
+        if abs(round(totals[r]["gain"], printed_decimals(printed)) - parse_printed_gain(printed)[0]) > 1e-9:
+            problems.append(f"Table 2 {runs[r].name}: the gain computed from the totals ({totals[r]['gain']:.2f} %) "
+                            f"does not round to the printed {printed}")
 
 
 def _diagnostics(run: Run) -> dict[str, dict]:
@@ -248,7 +346,7 @@ def _disagreements(runs: Sequence[Run], task: str, ti: int, seed: int, n: int) -
         return out
     ref_rows = {_key(x["key"]): x for x in ref.logs[task]}
     for r, run in enumerate(runs[1:], start=1):
-        if task not in run.logs or run.split != ref.split:
+        if task not in run.logs or run.split != ref.split or different_data(ref, run, task):
             continue
         shared = [(k, x) for k, x in ((_key(x["key"]), x) for x in run.logs[task]) if k in ref_rows]
         diff = [(k, x) for k, x in shared if not _same(_key(ref_rows[k]["pred"]), _key(x["pred"]))]
@@ -330,6 +428,12 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         problems.append(f"the runs cover different splits ({', '.join(splits)}): runs on different splits are "
                         "not paired")
     tasks = [t for t in TASK_NAMES if any(t in run.logs or t in run.reported for run in runs)]
+    extras = _published_extras(runs)
+    bases = _bases(runs, extras)
+    if any(b is None for b in bases[1:]) and any(run.origin == "run" for run in runs):
+        problems.append("gains compare comparable rows only: local runs with local runs, published rows with "
+                        "published rows (the paper's rows against the baseline the paper names); a local val "
+                        "score and a leaderboard test score are different examples, so no gain links them")
     cells: dict[str, list[dict]] = {}
     boots: dict[str, _TaskBoot] = {}
     diffs: dict[str, dict[int, np.ndarray]] = {}
@@ -341,7 +445,13 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         cells[t] = [_cell(run, t, boot, r, problems) for r, run in enumerate(runs)]
         diffs[t] = {}
         for r, cell in enumerate(cells[t]):
-            cell["gain"] = _gain(cell["score"], cells[t][0]["score"]) if r else None
+            b = bases[r]
+            base = cells[t][b] if b is not None else None
+            cell["gain_vs"] = runs[b].name if b is not None else None
+            cell["gain"] = _gain(cell["score"], base["score"]) if base else None
+            # per metric, as Table 3 prints two-metric tasks (RCB F1 / Acc: -2.62 % / -2.91 %)
+            cell["metric_gains"] = {m: (_gain(cell["metrics"][m], base["metrics"][m]) if base else None)
+                                    for m in cell["metrics"]}
             cell["paired"] = None
             if r:
                 paired, d, note = boot.paired(runs, r)
@@ -355,7 +465,11 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         missing = [t for t in tasks if cells[t][r]["status"] == "missing"]
         if missing and run.origin != "published":
             problems.append(f"{run.name}: no results for {', '.join(missing)} (marked missing)")
-    totals, common = _totals(runs, tasks, cells, boots, diffs)
+    totals, common = _totals(runs, tasks, cells, boots, diffs, bases)
+    table3 = _paper_table3(runs, extras, cells, tasks, problems)
+    _check_table2(runs, extras, totals, problems)
+    published_notes = list(dict.fromkeys(n for e in extras.values() for n in e.get("notes", [])))
+    local = [r for r in range(len(runs)) if runs[r].origin != "published"]
     with warnings.catch_warnings():  # scikit-learn warns on categories whose items hold one label only
         warnings.simplefilter("ignore")
         diagnostics = {run.name: d for run in runs if (d := _diagnostics(run))}
@@ -369,8 +483,13 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         "tasks": task_rows,
         # columns of the per-task (Table 3) table: the reference and every run with a task score that is not a
         # published reference row (those go to the leaderboard-layout table, one row each)
-        "task_columns": [r for r in range(len(runs)) if r == 0 or (
-            runs[r].origin != "published" and any(cells[t][r]["score"] is not None for t in tasks))],
+        # With only published rows, the columns are Table 3's two rows (the charts draw them).
+        "task_columns": ([r for r in range(len(runs)) if r == 0 or (
+            runs[r].origin != "published" and any(cells[t][r]["score"] is not None for t in tasks))]
+            if local or table3 is None else [table3["baseline_index"], table3["run_index"]]),
+        "published_only": not local,
+        "paper_table3": table3,
+        "published_notes": published_notes,
         "totals": totals,
         "common_tasks": common,
         "diagnostics": diagnostics,

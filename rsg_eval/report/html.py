@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from rsg_eval.report.render import (MARK, num, task_table_header, task_table_rows, totals_header,
-                                    totals_only_note, totals_rows, SPREAD_HEAD, spread_rows,
-                                    board_header, board_rows, has_board)
+from rsg_eval.report.render import (GAIN_RULE, MARK, PUBLISHED_NOTES_TITLE, TASK_TABLE_NOTE, num,
+                                    task_table_header, task_table_rows, totals_header, totals_only_note,
+                                    totals_rows, SPREAD_HEAD, spread_rows, board_header, board_rows, has_board,
+                                    table3_header, table3_rows, table3_title)
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
 CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch"}
@@ -41,6 +42,13 @@ def _context(report: dict, charts: dict[str, bytes]) -> dict:
         "title": "Russian SuperGLUE comparison report",
         "reference": report["runs"][0], "runs": report["runs"], "n_boot": report["n_boot"],
         "seed": report["seed"], "mark": MARK, "version": __version__,
+        "gain_rule": GAIN_RULE, "task_table_note": TASK_TABLE_NOTE,
+        "published_only": bool(report.get("published_only")),
+        "table3": bool(report.get("paper_table3")),
+        "table3_title": table3_title(report) if report.get("paper_table3") else "",
+        "table3_head": table3_header(report) if report.get("paper_table3") else [],
+        "table3_rows": _cells(table3_rows(report)) if report.get("paper_table3") else [],
+        "published_notes_title": PUBLISHED_NOTES_TITLE, "published_notes": report.get("published_notes") or [],
         "task_head": task_table_header(report), "task_rows": _cells(task_table_rows(report)),
         "totals_head": totals_header(report), "totals_rows": _cells(totals_rows(report)),
         "board": has_board(report), "board_head": board_header(report), "board_rows": _cells(board_rows(report)),

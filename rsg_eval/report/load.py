@@ -1,6 +1,10 @@
 """Read what a report compares: run folders, published reference rows, and score files a user copied.
 
-Torch-free. Run folders are read only through their files (docs/design.md, "Run folders"). A score file is
+Torch-free. Run folders are read only through their files (docs/design.md, "Run folders"), and only task splits
+whose results are usable (`RunFolder.task_problem`: current settings, intact files); the others are named in the
+run's notes. Each task's data fingerprint (its state's `data_sha256`) decides whether two runs may be paired
+(`different_data`). A run folder whose config.json or metrics.json is damaged is rebuilt from its logs, or raises
+`DamagedRun` (exit 2), never skipped. A score file is
 YAML or JSON in the format of `rsg_eval/published/*.yaml` (documented in docs/reports.md, "Score files"):
 
     name: my-model-test           # one run; or `runs: [{name: .., tasks: ..}, ...]` for several
@@ -41,6 +45,7 @@ class Run:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     title: str = ""
+    data_sha256: dict[str, str | None] = field(default_factory=dict)  # task -> sha256 of the data file scored
 
     @property
     def has_examples(self) -> bool:
@@ -52,6 +57,29 @@ class Run:
         if self.origin == "published":
             return f"{self.split}, published"
         return "val, local" if self.split == "val" else f"{self.split}, leaderboard"
+
+
+class DamagedRun(RSGError):
+    """A run folder that cannot be read as it is and cannot be rebuilt from its logs: an error, never a skip."""
+
+
+def different_data(ref: Run, run: Run, task: str) -> str | None:
+    """Why `run` and `ref` must not be paired on `task` (None: same data, pair them): their data files' sha256
+    differ, or, where either run does not record it, gold labels differ on shared examples."""
+    a, b = ref.data_sha256.get(task), run.data_sha256.get(task)
+    if a and b:
+        return None if a == b else f"were scored on different data (data sha256 {a[:12]}… vs {b[:12]}…)"
+    gold = {_key(x["key"]): x.get("gold") for x in ref.logs.get(task, [])}
+    shared = [x for x in run.logs.get(task, []) if _key(x["key"]) in gold]
+    differ = sum(_key(gold[_key(x["key"])]) != _key(x.get("gold")) for x in shared)
+    if differ:
+        return (f"disagree on the gold label of {differ} of {len(shared)} shared examples: different data "
+                "(no data fingerprint recorded)")
+    return None
+
+
+def _key(x: Any) -> Any:
+    return tuple(_key(v) for v in x) if isinstance(x, list) else x
 
 
 # --------------------------------------------------------------------------------------------------- folders
@@ -72,28 +100,54 @@ def load_run_folder(path: str | Path, split: str = "val") -> Run:
         raise RSGError("not a run folder (it has no config.json, metrics.json or logs/)", file=path,
                        expected="a folder written by `rsg zeroshot` or `rsg finetune`")
     folder = RunFolder(path)
-    config = folder.read_config() or {}
-    metrics = folder.read_metrics() or {}
+    try:
+        config = folder.read_config() or {}
+    except RSGError as exc:
+        raise DamagedRun(f"{exc.message}: the run's settings are unknown, so its results cannot be trusted; "
+                         "rerun it with --restart", file=exc.file, line=exc.line) from None
+    try:
+        metrics = folder.read_metrics() or {}
+        damaged = None
+    except RSGError as exc:
+        metrics, damaged = {}, exc
     run = Run(name=path.name, split=split, origin="run", source=str(path), config=config)
     if not config:
         run.notes.append("no config.json: model and template unknown")
-    if metrics.get("split") == split:
+    stale_metrics = bool(config.get("settings_sha256") and metrics.get("settings_sha256") not in
+                         (None, config["settings_sha256"]))
+    if metrics.get("split") == split and not stale_metrics:
         run.reported = {t: dict(m) for t, m in (metrics.get("tasks") or {}).items()}
         run.reported_total = metrics.get("total")
         run.diagnostics = dict(metrics.get("lidirus_diagnostics") or {})
+        run.data_sha256 = dict(metrics.get("data_sha256") or {})
+    elif stale_metrics:
+        run.notes.append("metrics.json was written under other settings than config.json: recomputed from the logs")
     has_state = (path / "state").is_dir()
     for task in TASK_NAMES:
         log = folder.logs_path(task, split)
-        if not log.is_file():
+        if not log.is_file() and not folder.state_path(task, split).is_file():
             continue
-        if has_state and not folder.state_path(task, split).is_file():
-            run.notes.append(f"{task}: logs/{split} present but the task is unfinished (no state file): skipped")
-            continue
+        if has_state:
+            why = folder.task_problem(task, split)
+            if why == "not finished":
+                run.notes.append(f"{task}: logs/{split} present but the task is unfinished (no state file): skipped")
+            elif why is not None:
+                run.notes.append(f"{task}/{split}: {why}: its results are left out")
+            if why is not None:
+                run.reported.pop(task, None)  # never a number from results that no longer count
+                run.data_sha256.pop(task, None)
+                continue
+            run.data_sha256[task] = (folder.read_state(task, split) or {}).get("data_sha256")
         rows = [r for r in folder.read_logs(task, split) if r.get("gold") is not None]
         if rows:
             run.logs[task] = rows
         else:
             run.notes.append(f"{task}: logs/{split} carry no gold labels: nothing to score")
+    if damaged is not None:
+        if not run.logs and not any(folder.logs_path(t, s).is_file() for t in TASK_NAMES for s in ("val", "test")):
+            raise DamagedRun(f"{damaged.message}, and the run has no logs to rebuild it from; rerun the run's "
+                             "command to rewrite it", file=damaged.file, line=damaged.line)
+        run.notes.append(f"metrics.json is damaged ({damaged.message}): rebuilt from the logs")
     if not run.logs and not run.reported:
         other = [p.name for p in (path / "logs").glob("*") if p.is_dir()] if (path / "logs").is_dir() else []
         hint = f" (it has logs for: {', '.join(sorted(other))})" if other else ""

@@ -26,10 +26,53 @@ def ci_text(ci: Any, nd: int = 3) -> str:
     return f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
 
 
-def gain_text(gain: Any, paired: dict | None) -> str:
+def gain_text(gain: Any, paired: dict | None, vs: str | None = None, reference: str | None = None) -> str:
+    """A gain in percent with two decimals, as the paper's Table 3 prints it; `vs` names the row it is against
+    when that is not the reference (a published row against the baseline the paper names)."""
     if gain is None:
         return "–" if paired is None else f"Δ {paired['diff']:+.3f}" + (f" {MARK}" if paired["significant"] else "")
-    return f"{gain:+.1f}%" + (f" {MARK}" if paired and paired["significant"] else "")
+    text = f"{gain:+.2f}%" + (f" {MARK}" if paired and paired["significant"] else "")
+    return text + (f" vs {vs}" if vs and vs != reference else "")
+
+
+def metric_gains_text(cell: dict, names: list[str]) -> str:
+    """Per-metric gains of a two-metric task, 'a / b' like its values ('-2.62% / -2.91%'); '' without any."""
+    gains = [cell.get("metric_gains", {}).get(m) for m in names]
+    if all(g is None for g in gains):
+        return ""
+    return " / ".join("–" if g is None else f"{g:+.2f}%" for g in gains)
+
+
+def paper_num(x: Any) -> str:
+    """A score as the paper prints it: at most three decimals, trailing zeros dropped (0.68, 0.338)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    text = f"{x:.3f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def paper_gain(g: Any) -> str:
+    """A gain as Table 3 prints it: '+59.95 %', '-2.62 %', and '0 %' for no change."""
+    if g is None or (isinstance(g, float) and math.isnan(g)):
+        return "–"
+    return "0 %" if round(g, 2) == 0 else f"{g:+.2f} %"
+
+
+def table3_header(report: dict) -> list[str]:
+    return list(report["paper_table3"]["headers"])
+
+
+def table3_rows(report: dict) -> list[list[str]]:
+    """The paper's Table 3, rebuilt from paper.yaml, each cell formatted as the paper prints it."""
+    return [[row["task"], " / ".join(metric_label(m) for m in row["metrics"]),
+             " / ".join(paper_num(v) for v in row["baseline"]), " / ".join(paper_num(v) for v in row["run"]),
+             " / ".join(paper_gain(g) for g in row["gains"])] for row in report["paper_table3"]["rows"]]
+
+
+def table3_title(report: dict) -> str:
+    t3 = report["paper_table3"]
+    return (f"The paper's Table 3 (test, published): {t3['run']} against {t3['baseline']}, gain = "
+            "(new - old) / old per metric")
 
 
 def p_text(p: dict | None, n_boot: int) -> str:
@@ -56,6 +99,7 @@ def task_table_rows(report: dict, sep: str = " ") -> list[list[str]]:
 
     Only the runs in report["task_columns"] (those with per-task numbers) get columns."""
     cols = report["task_columns"]
+    ref = report["reference"]
     rows: list[list[str]] = []
     for tr in report["tasks"]:
         cells, names = tr["cells"], tr["metrics"]
@@ -66,7 +110,7 @@ def task_table_rows(report: dict, sep: str = " ") -> list[list[str]]:
                 row.append(" / ".join(num(c["metrics"][m]) for m in names) if c["status"] == "ok"
                            else status_text(c))
                 if r:
-                    row.append("")
+                    row.append(metric_gains_text(c, names) if c["status"] == "ok" else "")
             rows.append(row)
         row = ["" if len(names) > 1 else tr["task"], "score" if len(names) > 1 else metric_label(names[0])]
         for r in cols:
@@ -74,9 +118,15 @@ def task_table_rows(report: dict, sep: str = " ") -> list[list[str]]:
             row.append((num(c["score"]) + (sep + ci_text(c["ci"]) if c["ci"] else "")).strip()
                        if c["status"] == "ok" else status_text(c))
             if r:
-                row.append(gain_text(c["gain"], c["paired"]) if c["status"] == "ok" else "")
+                row.append(gain_text(c["gain"], c["paired"], c.get("gain_vs"), ref) if c["status"] == "ok" else "")
         rows.append(row)
     return rows
+
+
+TASK_TABLE_NOTE = ("n/p = not published for this reference row; missing = the run has no result for the task. "
+                   "Two-metric tasks show each metric's gain on their first line and the task score's gain on "
+                   "the second; – = no comparable row (local runs are compared with local runs only).")
+PUBLISHED_NOTES_TITLE = "Inconsistencies inside the paper (its numbers are shown as printed)"
 
 
 def task_table_header(report: dict) -> list[str]:
@@ -127,11 +177,14 @@ def totals_rows(report: dict) -> list[list[str]]:
             tot += f" ({t['total_source']})"
         elif t["total"] is None:
             tot = f"– ({t['n_tasks']}/9 tasks)"
-        row = [run["name"], run["where"], tot, "" if r == 0 else gain_text(t["gain"], t["paired"]),
+        ref = report["reference"]
+        row = [run["name"], run["where"], tot,
+               "" if r == 0 and t["gain"] is None else gain_text(t["gain"], t["paired"], t.get("gain_vs"), ref),
                "" if r == 0 else p_text(t["paired"], report["n_boot"])]
         if n_common:
             row += [num(t["common"]) + (" " + ci_text(t["common_ci"]) if t["common_ci"] else ""),
-                    "" if r == 0 else gain_text(t["common_gain"], t["common_paired"]),
+                    "" if r == 0 and t["common_gain"] is None
+                    else gain_text(t["common_gain"], t["common_paired"], t.get("gain_vs"), ref),
                     "" if r == 0 else p_text(t["common_paired"], report["n_boot"])]
         rows.append(row)
     return rows
@@ -169,10 +222,16 @@ def intro_lines(report: dict) -> list[str]:
         f"Reference: **{ref['name']}** ({ref['where']}). Numbers marked *val, local* were scored here on the "
         "validation split; *test, leaderboard* and *test, published* are the leaderboard's test-set numbers.",
         f"Intervals: 95% percentile bootstrap, {report['n_boot']} replicates, seed {report['seed']}; MuSeRC "
-        "questions and RuCoS queries are resampled whole. Δ% is the gain over the reference relative to its "
-        f"score (Table 3 style); {MARK} = paired bootstrap test against the reference on the same examples, "
-        "p < 0.05. Runs without examples (published rows, score files) have no intervals and no tests.",
+        "questions and RuCoS queries are resampled whole. " + GAIN_RULE + f" {MARK} = paired bootstrap test "
+        "against the reference on the same examples, p < 0.05. Runs without examples (published rows, score "
+        "files) have no intervals and no tests.",
     ]
+
+
+GAIN_RULE = ("Δ% is (new - old) / |old| x 100, per metric and for the task score (Table 3 style), between "
+             "comparable rows only: a local run against the reference when that is a local run on the same "
+             "split; a published row against the baseline its paper names, or against the reference when that "
+             "is a score file of leaderboard numbers; never a local val score against a leaderboard test score.")
 
 
 def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
@@ -184,9 +243,12 @@ def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
         [[str(i), r["name"] + (f" — {r['title']}" if r["title"] else ""), r["where"], r["kind"] or r["origin"],
           r["model"] or "", r["template"] or "", "yes" if r["has_examples"] else "no", r["source"]]
          for i, r in enumerate(report["runs"])]), ""]
-    out += ["## Per task (Table 3 style)", "", _md_table(task_table_header(report), task_table_rows(report)), ""]
-    out += ["n/p = not published for this reference row; missing = the run has no result for the task. "
-            + totals_only_note(report), ""]
+    if report.get("paper_table3"):
+        out += ["## " + table3_title(report), "", _md_table(table3_header(report), table3_rows(report)), ""]
+    if not report.get("published_only"):
+        out += ["## Per task (Table 3 style)", "", _md_table(task_table_header(report), task_table_rows(report)),
+                ""]
+        out += [TASK_TABLE_NOTE + " " + totals_only_note(report), ""]
     if has_board(report):
         out += ["## Leaderboard layout", "", _md_table(board_header(report), board_rows(report)), "",
                 "Metrics as the leaderboard prints them; val rows were scored locally, test rows are leaderboard "
@@ -198,6 +260,8 @@ def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
     if figures:
         out += ["## Charts", ""] + [f"![{name}]({path})" for name, path in figures.items()] + [""]
     out += _md_inside(report)
+    if report.get("published_notes"):
+        out += ["## " + PUBLISHED_NOTES_TITLE, ""] + [f"- {n}" for n in report["published_notes"]] + [""]
     if report["problems"]:
         out += ["## Notes and problems", ""] + [f"- {p}" for p in report["problems"]] + [""]
     return "\n".join(out).rstrip() + "\n"
@@ -249,7 +313,7 @@ def spread_rows(spread: dict) -> list[list[str]]:
 
 # --------------------------------------------------------------------------------------------------- csv / json
 
-CSV_COLUMNS = ["run", "numbers", "task", "metric", "value", "ci_low", "ci_high", "gain_pct", "diff_vs_ref",
+CSV_COLUMNS = ["run", "numbers", "task", "metric", "value", "ci_low", "ci_high", "gain_pct", "gain_vs", "diff_vs_ref",
                "diff_ci_low", "diff_ci_high", "p_value", "significant", "mcnemar_p", "n_items", "source", "status"]
 
 
@@ -279,19 +343,23 @@ def to_csv(report: dict) -> str:
     for tr in report["tasks"]:
         for run, c in zip(report["runs"], tr["cells"]):
             for m in tr["metrics"]:
-                row(run, tr["task"], m, c["metrics"][m], source=c["source"], status=c["status"])
+                g = c.get("metric_gains", {}).get(m)
+                row(run, tr["task"], m, c["metrics"][m], gain_pct=g, gain_vs=c.get("gain_vs") if g is not None
+                    else None, source=c["source"], status=c["status"])
             ci = c["ci"] or [None, None]
             row(run, tr["task"], "score", c["score"], ci_low=ci[0], ci_high=ci[1], gain_pct=c["gain"],
+                gain_vs=c.get("gain_vs") if c["gain"] is not None else None,
                 n_items=c["n"], source=c["source"], status=c["status"], **paired_kw(c["paired"]))
     for run, t in zip(report["runs"], report["totals"]):
         ci = t["total_ci"] or [None, None]
         row(run, "total", "total", t["total"], ci_low=ci[0], ci_high=ci[1], gain_pct=t["gain"],
-            source=t["total_source"], status="ok" if t["total"] is not None else "incomplete",
-            **paired_kw(t["paired"]))
+            gain_vs=t.get("gain_vs") if t["gain"] is not None else None, source=t["total_source"],
+            status="ok" if t["total"] is not None else "incomplete", **paired_kw(t["paired"]))
         if report["common_tasks"]:
             ci = t["common_ci"] or [None, None]
             row(run, "mean:" + "+".join(report["common_tasks"]), "mean", t["common"], ci_low=ci[0], ci_high=ci[1],
-                gain_pct=t["common_gain"], status="ok", **paired_kw(t["common_paired"]))
+                gain_pct=t["common_gain"], gain_vs=t.get("gain_vs") if t["common_gain"] is not None else None,
+                status="ok", **paired_kw(t["common_paired"]))
     return buf.getvalue()
 
 
@@ -309,16 +377,22 @@ def print_rich(report: dict, console: Any = None) -> None:
     console = console or Console()
     for line in intro_lines(report):
         console.print(line.replace("**", ""), highlight=False)
-    for title, head, rows in (("Per task (Table 3 style)", task_table_header(report),
-                               task_table_rows(report, sep="\n")),
-                              ("Totals (Tables 1-2 style)", totals_header(report), totals_rows(report))):
+    tables = []
+    if report.get("paper_table3"):
+        tables.append((table3_title(report), table3_header(report), table3_rows(report)))
+    if not report.get("published_only"):
+        tables.append(("Per task (Table 3 style)", task_table_header(report), task_table_rows(report, sep="\n")))
+    tables.append(("Totals (Tables 1-2 style)", totals_header(report), totals_rows(report)))
+    for title, head, rows in tables:
         table = Table(title=title, show_lines=False)
         for i, h in enumerate(head):
             table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
         for r in rows:
             table.add_row(*r)
         console.print(table)
-    if totals_only_note(report):
+    if totals_only_note(report) and not report.get("published_only"):
         console.print(totals_only_note(report), highlight=False)
+    for n in report.get("published_notes") or []:
+        console.print(f"[cyan]paper:[/] {n}", highlight=False, soft_wrap=True)
     for p in report["problems"]:
         console.print(f"[yellow]note:[/] {p}", highlight=False, soft_wrap=True)

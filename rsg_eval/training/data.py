@@ -46,7 +46,7 @@ def encode_source(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
     own special tokens (T5's SentencePiece appends </s>, FRED's GPT2 tokenizer appends nothing); an input
     longer than `max_len` keeps its end (the question) and a leading special prefix such as `<LM>`. The
     templates shorten the passage first, so this cut is rare."""
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"])  # cut below
     if len(ids) <= max_len:
         return ids
     special = set(getattr(tokenizer, "all_special_ids", []))
@@ -64,7 +64,7 @@ def encode_target(tokenizer: Any, text: str, max_len: int) -> list[int]:
     if eos is None:
         raise RSGError("the tokenizer has no eos_token (</s>); fine-tuning targets must end in it",
                        field="tokenizer.eos_token")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # cut below
     while ids and ids[-1] == eos:  # never two </s>
         ids.pop()
     return ids[: max_len - 1] + [eos]

@@ -6,6 +6,12 @@ item's labels with the task's official metric, keep the best state, and predict 
 has no train split: the TERRa model predicts it (as the leaderboard expects), with the TERRa template.
 
 Only rank 0 writes the run folder; every rank trains and scores its shard of val/test.
+
+One configuration per run folder (`rsg_eval.runs.RunFolder.claim`, on rank 0): templates are rendered on one item
+of every split first (nothing is created when one fails), then the folder is locked and this command's settings
+(`run_settings`: model identity, code version, data; per task split its template, data files and
+hyper-parameters) are compared with the folder's; a difference is refused unless `restart`, which clears the run
+folder's results and the tasks' checkpoints.
 """
 
 from __future__ import annotations
@@ -165,11 +171,11 @@ def run_finetune(
     names = resolve_tasks(list(tasks) if tasks else None)
     source = resolve_data(data)
     units = training_units(names)
+    # Templates are loaded and rendered on one item of every split before anything is written.
+    templates = {t: load_template(t, configs.for_task(t).template) for t, _ in units}
+    check_templates(units, templates, source)
 
-    made = None
-    if dist.main:  # only rank 0 touches the run folder; the others learn its path
-        made = str(runs.RunFolder.create(run or runs.default_run_name(model, "finetune"), root=root).path)
-    folder = runs.RunFolder(dist.broadcast(made))
+    folder = runs.RunFolder(runs.run_path(run or runs.default_run_name(model, "finetune"), root=root))
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else Path("checkpoints") / folder.path.name
     try:
         dev = torch.device(device) if device else (torch.device("cuda", dist.local_rank)
@@ -183,34 +189,47 @@ def run_finetune(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
-    templates = {t: load_template(t, configs.for_task(t).template) for t, _ in units}
+    shas = data_shas(source, units)
+    settings, per_task = run_settings(model, revision, units, templates, configs, source, dist, shas)
+    claim = _claim(folder, settings, per_task, restart, dist)  # rank 0 locks; a refusal reaches every rank
     out = FinetuneOutcome(folder)
-    if dist.main:
-        folder.write_config(_run_config(model, revision, names, units, templates, configs, source, dist,
-                                        ckpt_root))
-    epochs_rows = folder.read_epochs() if dist.main else []  # rows of tasks finished by earlier calls
+    epochs_rows: list[dict] = []  # rows of tasks finished by earlier calls
 
     current: tuple[str, Path] | None = None  # the task being trained, for its partial history on failure
     try:
+        if dist.main:
+            if restart:  # the results are cleared: so are every task's checkpoints (finished ones too)
+                from rsg_eval.tasks import TASK_NAMES
+
+                for t in TASK_NAMES:
+                    _discard_unfinished(ckpt_root / t)
+                reporter.note(f"--restart: cleared the results in {folder.path} and the checkpoints in {ckpt_root}")
+            folder.write_config(_merged_config(folder, _run_config(model, revision, names, units, templates,
+                                                                   configs, source, dist, ckpt_root)))
+            epochs_rows = folder.read_epochs()
+        dist.barrier()
         for train_task, predicts in units:
             cfg = configs.for_task(train_task)
             tpl = templates[train_task]
             fp_parts = {"model": model, "revision": revision, "template": tpl.name, "template_sha256": tpl.sha256,
-                        "code": CODE_VERSION, "train_task": train_task, "config": cfg.to_dict(),
-                        "data": str(source)}
+                        "code": CODE_VERSION, "train_task": train_task, "config": result_config(cfg, dist),
+                        "data": str(source), "data_sha256": {k: v for k, v in shas.items()
+                                                              if k.split("/")[0] in (train_task, *predicts)}}
             fp = runs.fingerprint(fp_parts)
-            if all(folder.is_done(t, s, fp) for t in predicts for s in SPLITS):
+            problems = {f"{t}/{s}": folder.task_problem(t, s, fp) for t in predicts for s in SPLITS}
+            if not any(problems.values()):
                 out.skipped.append(train_task)
                 reporter.skipped(train_task, "finished earlier with the same model, template and settings")
                 continue
+            for key, why in problems.items():
+                if why not in (None, "not finished") and dist.main:
+                    reporter.note(f"{key}: {why}; redoing it")
             if not source.has(train_task, "train"):
                 msg = f"{train_task}: no train split in {source}; it cannot be fine-tuned (skipped)"
                 out.failed[train_task] = msg
                 reporter.skipped(train_task, msg)
                 continue
             task_ckpt = ckpt_root / train_task
-            if restart and dist.main:
-                _discard_unfinished(task_ckpt)
             dist.barrier()
             current = (train_task, task_ckpt)
             try:
@@ -242,8 +261,114 @@ def run_finetune(
                 out.zip = folder.build_zip()
             except (OSError, RSGError):
                 pass  # a full disk here must not hide the error that stopped the run
+            finally:
+                claim.release()
     dist.barrier()
     return out
+
+
+def check_templates(units: list[tuple[str, list[str]]], templates: dict[str, Any], source: Any) -> None:
+    """Render each unit's template on the first item of every split it reads (train targets included), so a
+    template that fails does so before a model loads or a file is written. Reads only the first records of
+    each file (a RuCoS train file is large)."""
+    import itertools
+
+    from rsg_eval.io import iter_jsonl
+    from rsg_eval.tasks import parse_records
+
+    for train_task, predicts in units:
+        tpl = templates[train_task]
+        for t, split in [(train_task, "train"), *((p, s) for p in predicts for s in SPLITS)]:
+            if not source.has(t, split):
+                continue
+            path = source.path(t, split)
+            head = list(itertools.islice(iter_jsonl(path), 4))
+            first = next((it for it in parse_records(t, split, head, str(path)) if it.labels), None)
+            if first is not None:
+                tpl.render(first)
+
+
+def data_shas(source: Any, units: list[tuple[str, list[str]]]) -> dict[str, str | None]:
+    """{"Task/split": sha256 of the data file} for every file the units read (None: not in the data)."""
+    from rsg_eval.data import sha256_file
+
+    out: dict[str, str | None] = {}
+    for train_task, predicts in units:
+        for t, split in [(train_task, "train"), (train_task, "val"), *((p, s) for p in predicts for s in SPLITS)]:
+            out[f"{t}/{split}"] = sha256_file(source.path(t, split)) if source.has(t, split) else None
+    return out
+
+
+# Hyper-parameters the results do not depend on (or only through the global batch, recorded instead).
+NOT_SETTINGS = ("eval_batch_size", "save_every", "gradient_checkpointing", "batch_size", "grad_accum")
+
+
+def result_config(cfg: FinetuneConfig, dist: Dist) -> dict[str, Any]:
+    """The hyper-parameters a task's results depend on: all but NOT_SETTINGS, plus the global batch."""
+    hp = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SETTINGS}
+    hp["global_batch"] = cfg.batch_size * cfg.grad_accum * dist.world
+    return hp
+
+
+def run_settings(model: str, revision: str | None, units: list[tuple[str, list[str]]], templates: dict[str, Any],
+                 configs: ConfigSet, source: Any, dist: Dist, shas: dict[str, str | None]) -> tuple[dict, dict]:
+    """(run-level settings, {(task, split): per-task settings}) for `RunFolder.claim`. Per task split: the
+    template, the data files (its own, and the train/val files its model was trained and selected on) and the
+    hyper-parameters of the task that trains it, with the global batch instead of per-device batch x
+    accumulation (so 2 processes x batch 4 resume 1 x 8)."""
+    from rsg_eval.zeroshot import data_identity
+
+    settings: dict[str, Any] = {"model": model, "revision": revision, "code_version": CODE_VERSION,
+                                "data": data_identity(source)}
+    from rsg_eval.models.loading import TINY_NAME, _dir_fingerprint
+
+    local = Path(model).expanduser()
+    if model != TINY_NAME and local.is_dir():
+        settings["model_dir"] = _dir_fingerprint(local)
+    per_task: dict[tuple[str, str], dict] = {}
+    for train_task, predicts in units:
+        hp = result_config(configs.for_task(train_task), dist)
+        tpl = templates[train_task]
+        for t in predicts:
+            for split in SPLITS:
+                per_task[(t, split)] = {
+                    "trained_on": train_task, "template": tpl.name, "template_sha256": tpl.sha256,
+                    "hyperparameters": hp, "data_sha256": shas.get(f"{t}/{split}"),
+                    "train_data_sha256": shas.get(f"{train_task}/train"),
+                    "selection_data_sha256": shas.get(f"{train_task}/val")}
+    return settings, per_task
+
+
+def _claim(folder: runs.RunFolder, settings: dict, per_task: dict, restart: bool, dist: Dist) -> runs.Claim:
+    """Rank 0 claims the run folder (lock + settings check); a refusal is raised on every rank, so no process
+    waits for a partner that has stopped."""
+    claim, err = None, None
+    if dist.main:
+        try:
+            claim = folder.claim("finetune", settings, per_task=per_task, restart=restart, main=True)
+        except RSGError as exc:
+            err = exc
+    msg = dist.broadcast(str(err) if err is not None else None)
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise RSGError(msg)
+    return claim if claim is not None else folder.claim("finetune", settings, per_task=per_task, main=False)
+
+
+def _merged_config(folder: runs.RunFolder, cfg: dict[str, Any]) -> dict[str, Any]:
+    """This call's config merged with what earlier calls on the folder recorded (their tasks stay listed)."""
+    from rsg_eval.tasks import TASK_NAMES
+
+    try:
+        old = folder.read_config() or {}
+    except RSGError:
+        old = {}
+    for key in ("template", "template_sha256", "trained_on", "hyperparameters"):
+        if isinstance(old.get(key), dict):
+            cfg[key] = {**old[key], **cfg[key]}
+    cfg["tasks"] = [t for t in TASK_NAMES if t in set(old.get("tasks") or []) | set(cfg["tasks"])]
+    return cfg
 
 
 def _order_rows(rows: list[dict]) -> list[dict]:
