@@ -128,6 +128,26 @@ def _val_groups(keys: Any, counts: Any, *, n: int, val_fraction: float, val_max:
     return keys[:k]
 
 
+class KeySet:
+    """Membership in a sorted uint64 array: 8 bytes per key (a Python set of ints takes ~70)."""
+
+    def __init__(self, keys: Any) -> None:
+        import numpy as np
+
+        self.keys = np.sort(np.asarray(keys, dtype=np.uint64))
+
+    def __contains__(self, key: int) -> bool:
+        import numpy as np
+
+        if not self.keys.size:
+            return False
+        i = int(np.searchsorted(self.keys, np.uint64(key)))
+        return i < self.keys.size and int(self.keys[i]) == key
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+
 def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, val_max: int | None
                ) -> tuple[list[dict], list[dict]]:
     """Seeded train/val split of one task by groups (pieces of one document never straddle the split); the same
@@ -452,7 +472,7 @@ class _Builder:
         target = cfg.targets.get(task) if cfg.targets is not None else None
         # The cap: labelled examples first (a seeded sample of them when there are more than the target), then
         # teacher-made ones in the order they were made.
-        lab_keep: set | None = None
+        lab_keep: KeySet | None = None
         teach_keep = n_all - n_lab
         if target is not None:
             if n_lab > target:
@@ -461,7 +481,7 @@ class _Builder:
                     if i >= n_lab:
                         break
                     small.add(key64(seed, "cap", task, rec["id"], i))
-                lab_keep = set(small.result()[0].tolist())
+                lab_keep = KeySet(small.result()[0])
                 teach_keep = 0
             else:
                 teach_keep = min(teach_keep, target - n_lab)
@@ -486,8 +506,8 @@ class _Builder:
             small.add(key64(seed, "split", task, rec.get("_group") or rec["id"]))
         keys, counts = small.result()
         distinct_more = int(counts.sum()) < small.seen   # some groups were cut off: more than vt + 1 exist
-        val_keys = set(_val_groups(keys, counts, n=n, val_fraction=cfg.val_fraction, val_max=cfg.val_max,
-                                   distinct_more=distinct_more).tolist())
+        val_keys = KeySet(_val_groups(keys, counts, n=n, val_fraction=cfg.val_fraction, val_max=cfg.val_max,
+                                      distinct_more=distinct_more))
         d: dict[str, Any] = {"target": target, "built": 0, "train": 0, "val": 0}
         lengths: Counter = Counter()
         sources: Counter = Counter()
