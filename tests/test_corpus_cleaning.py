@@ -236,3 +236,14 @@ def test_hash_sorter_and_smallest_keys(tmp_path: Path) -> None:
     got, counts = sk.result()
     c = Counter(vals)
     assert got.tolist() == sorted(c)[:20] and counts.tolist() == [c[v] for v in sorted(c)[:20]]
+
+
+@pytest.mark.slow
+def test_memory_bench_runs_both_ways(tmp_path: Path) -> None:
+    from rsg_eval.corpus.bench import measure
+
+    stream, naive = measure(400, workdir=tmp_path), measure(400, naive=True, workdir=tmp_path)
+    assert sum(stream["made"].values()) == 400 and stream["made"]["exact copy"] > 0
+    # both ways remove the emoji texts and the exact copies; near copies may differ by a few (two MinHash schemes)
+    assert abs(stream["built"] - naive["built"]) <= 3 and stream["built"] < 400 - stream["made"]["emoji"]
+    assert 0 < stream["peak_mb"] < naive["peak_mb"] and stream["dedup_index_mb"] >= 0
