@@ -110,7 +110,8 @@ def _preset(bench: Any, batch: int, steps: int, tgt_len: int, checkpointing: boo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     pairs = bench.synthetic_pairs(batch * steps, vocab, 512, tgt_len, fixed=True)
-    bf16 = torch.cuda.is_bf16_supported()
+    from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
+    bf16 = cuda_bf16_native()
     row = bench.run_config(model, pairs, batch, False, dev, name="fredt5-1.7b", bf16=bf16, warmup=2,
                            max_steps=steps)
     params = sum(p.numel() for p in model.parameters())

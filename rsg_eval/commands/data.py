@@ -45,7 +45,7 @@ def check_cmd(
     data: Optional[str] = data_option(),
     tasks: Optional[List[str]] = tasks_option(),
 ) -> None:
-    """Validate a data folder: parse every split and print tasks, splits and counts."""
+    """Validate a data folder: parse every split and print tasks, splits and counts (exit status 2 on a problem)."""
     from rich.table import Table
 
     from rsg_eval.data import check_folder, resolve_data
@@ -70,7 +70,7 @@ def check_cmd(
                       "same file (the leaderboard scores its test predictions).", highlight=False)
     if bad:
         console.print(f"[red]{bad} problem(s)[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # bad input is exit status 2 everywhere (docs/bad-input.md)
 
 
 def register(app: typer.Typer) -> None:

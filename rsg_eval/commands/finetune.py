@@ -90,6 +90,8 @@ def register(app: typer.Typer) -> None:
         from rsg_eval.errors import RSGError
         from rsg_eval.training.config import TINY_DEFAULTS, load_config_set
         from rsg_eval.training.finetune import run_finetune
+        from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
+        require_seq2seq(model, "rsg finetune")
 
         flags = {"epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                  "schedule": schedule, "warmup_ratio": warmup_ratio, "max_source_len": max_source_len,

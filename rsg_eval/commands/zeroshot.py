@@ -45,12 +45,25 @@ def register(app: typer.Typer) -> None:
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
                                                                   "content-free input (text fields -> 'N/A')."),
         device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too big for "
+                                                                            "one GPU over the visible GPUs (and "
+                                                                            "CPU memory), in one process; "
+                                                                            "instead of --device."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default: bf16 on a GPU that has it, "
                                                                   "else fp32), bf16, fp32. fp16 is refused for "
                                                                   "T5."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
         prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the templates' prefix (FRED-T5 "
                                                                     "'<LM>' by default); '' for none."),
+        num_fewshot: int = typer.Option(0, "--num-fewshot", help="Solved examples from the train split (TERRa's "
+                                                                  "for LiDiRus) put before each item, drawn per "
+                                                                  "item; dropped first when the input is too "
+                                                                  "long."),
+        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw "
+                                                                                "(default: the run seed, 0)."),
+        shard_size: int = typer.Option(256, "--shard-size", hidden=True, help="Items per shard: the unit shared "
+                                                                              "out among processes and saved for "
+                                                                              "resume."),
         nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
                                                                 "and LiDiRus with the NLI head instead of "
                                                                 "prompts."),
@@ -58,20 +71,31 @@ def register(app: typer.Typer) -> None:
         more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
                                                          help="Further task names after --tasks."),
     ) -> None:
-        """Zero-shot evaluation: score each answer choice by its log-likelihood and pick the best.
+        """Zero-shot (or --num-fewshot) evaluation: score each answer choice by its log-likelihood, pick the best.
 
         Writes submissions/<run>/ (config.json, metrics.json, predictions/, logs/, state/, submission.zip) and
-        resumes an interrupted run: finished tasks with unchanged settings are skipped.
+        resumes an interrupted run: finished tasks with unchanged settings are skipped. Runs unchanged on several
+        GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
         from rsg_eval.errors import RSGError
-        from rsg_eval.zeroshot import ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot
+        from rsg_eval.zeroshot import (ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot,
+                                       shutdown_distributed)
 
         if more_tasks:  # `--tasks TERRa RCB`: typer options take one value, the rest arrive as arguments
             if not tasks:
                 raise RSGError(f"unexpected argument(s) {' '.join(more_tasks)}", expected="task names after --tasks")
             tasks = list(tasks) + list(more_tasks)
 
+        if nli_head and num_fewshot:
+            raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
+                           field="--num-fewshot", expected="one of --nli-head or --num-fewshot")
+        if device_map is not None and device not in (None, "auto"):  # refused before any work, as load_model would
+            raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
+                           field="--device-map", expected="--device-map alone, or --device alone")
         if nli_head:
+            from rsg_eval.models.loading import require_seq2seq
+
+            require_seq2seq(model, "--nli-head")
             run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
                          batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console,
                          **({"restart": True} if restart else {}))
@@ -79,8 +103,14 @@ def register(app: typer.Typer) -> None:
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
                                calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
-                               restart=restart)
-        result = run_zeroshot(opts, console=console, show_progress=not quiet)
+                               num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
+                               device_map=device_map, restart=restart)
+        try:
+            result = run_zeroshot(opts, console=console, show_progress=not quiet)
+        finally:
+            shutdown_distributed()
+        if not result.main:  # the other processes of a multi-process run: the main one reports
+            return
         print_summary(result)
         if result.interrupted:
             raise typer.Exit(130)

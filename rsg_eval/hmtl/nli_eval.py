@@ -45,7 +45,9 @@ def nli_probabilities(hier: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]
                       max_length: int = 512) -> torch.Tensor:
     """(N, n_nli) probabilities in the head's label order for (premise, hypothesis) pairs; batched by length so
     padding stays small (padding does not change a result: pooling and attention are masked)."""
-    texts = [nli_input(p, h) for p, h in pairs]
+    from rsg_eval.limits import cut_text
+
+    texts = [cut_text(nli_input(p, h), max_length) for p, h in pairs]  # never tokenise a crafted 200 MB text
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty((len(texts), len(hier.config.nli_labels)), dtype=torch.float32)
     device = next(hier.parameters()).device

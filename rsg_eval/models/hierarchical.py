@@ -313,9 +313,16 @@ class HierarchicalT5(nn.Module):
         its own), hmtl_heads.safetensors (heads + LM adapter), hmtl_config.json, and the tokenizer files.
         `extra(tmp_dir)` may add files (the trainer's resume state) before the directory is renamed into place.
         """
-        from safetensors.torch import save_file
+        from rsg_eval.io import guarded_write
 
         path = Path(path)
+        with guarded_write(path):  # a full disk: one line naming the checkpoint (the temp dir is removed below)
+            self._save_to(path, tokenizer, extra)
+        return path
+
+    def _save_to(self, path: Path, tokenizer: Any, extra: Callable[[Path], None] | None) -> None:
+        from safetensors.torch import save_file
+
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
@@ -338,7 +345,6 @@ class HierarchicalT5(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return path
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:

@@ -4,6 +4,7 @@ with no change by the user. Backend: nccl on CUDA, gloo on CPU."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -61,19 +62,22 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env() -> Dist:
-    """Join the process group the launcher described in the environment; a lone process gets Dist()."""
+def init_from_env(timeout_s: float | None = None) -> Dist:
+    """Join the process group the launcher described in the environment; a lone process gets Dist().
+
+    timeout_s: how long a collective may wait for a slow process (torch's default when None)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not tdist.is_initialized():
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-            tdist.init_process_group("nccl")
+            tdist.init_process_group("nccl", **kw)
         else:
-            tdist.init_process_group("gloo")
+            tdist.init_process_group("gloo", **kw)
     return Dist(rank=rank, world=world, local_rank=local)
 
 
