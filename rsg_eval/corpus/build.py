@@ -263,7 +263,8 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
         prog.start()
     try:
         b = _Builder(cfg, out, opts, problems, cleaner, deduper, specs, guard, prog)
-        summary = b.run()
+        with guarded_write(work):   # a full disk under work/ (stage files, shards) is one line naming it
+            summary = b.run()
     finally:
         if prog is not None:
             prog.stop()
