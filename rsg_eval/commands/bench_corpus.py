@@ -31,7 +31,7 @@ def corpus_cmd(
     naive_max: int = typer.Option(100_000, "--naive-max", help="Also run the in-memory builder (the naive way) "
                                   "up to this many records (0: never; it holds every record)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the synthetic data and the "
-                                           "builds (default: the system temp folder; ~0.6 GB per 1M records)."),
+                                           "builds (default: the system temp folder; ~3 GB at 1M records)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
     """Peak RSS of a fresh process building N synthetic records, streaming builder vs the in-memory way.
