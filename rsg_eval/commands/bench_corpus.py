@@ -51,7 +51,7 @@ def corpus_cmd(
             with console.status(f"{'naive' if naive else 'streaming'} build of {n} records"):
                 rows.append(measure(n, naive=naive, workdir=workdir))
     base = {w: next((r["peak_mb"] for r in rows if r["way"] == w), None) for w in ("streaming", "naive")}
-    table = Table(title="rsg build-corpus: peak RSS of a fresh process (ru_maxrss, interpreter and imports "
+    table = Table(title="rsg build-corpus: peak RSS of a fresh process (VmHWM, interpreter and imports "
                         "included) vs records")
     for col in ("records", "way", "peak RSS MB", "vs smallest", "seconds", "built", "dedup index on disk MB"):
         table.add_column(col, justify="left" if col == "way" else "right")
