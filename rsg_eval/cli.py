@@ -9,9 +9,10 @@ import sys
 import typer
 
 from rsg_eval import __version__
+from rsg_eval.commands._common import RsgTyper
 from rsg_eval.errors import RSGError
 
-app = typer.Typer(
+app = RsgTyper(
     name="rsg",
     help="Russian SuperGLUE for seq2seq models: data, metrics, zero-shot, fine-tuning, the hierarchical "
     "FRED-T5, submissions and reports.",
@@ -67,6 +68,14 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # click usage errors and the like
+        from rsg_eval.io import storage_error
+
+        err = storage_error(exc, getattr(exc, "filename", None))
+        if err is not None:  # a full disk that no writer turned into an RSGError: still one line, exit 2
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         try:
             import click
         except ImportError:  # newer typer vendors click as typer._click

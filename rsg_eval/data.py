@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -150,46 +151,136 @@ def safe_member_name(name: str) -> PurePosixPath | None:
     return p
 
 
-def safe_extract(zip_path: Path, target: Path) -> list[Path]:
-    """Extract a zip inside `target` only; refuse the whole zip if any member points outside it.
+_SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
 
-    macOS `__MACOSX/` junk is skipped. Extraction goes to a temporary folder that is renamed at the end, so
-    an interrupted extraction leaves nothing half-written.
+
+def task_member(rel: PurePosixPath) -> tuple[str, str] | None:
+    """(task, file name in lower case) when a zip member is a task file a DataSource reads
+    (`<Task>/<split>.jsonl`, `LiDiRus/LiDiRus.jsonl`, optionally under `combined/`), else None."""
+    parts = rel.parts[1:] if rel.parts and rel.parts[0].lower() == "combined" else rel.parts
+    if len(parts) != 2:
+        return None
+    task = next((t for t in TASK_NAMES if t.lower() == parts[0].lower()), None)
+    name = parts[1].lower()
+    if task is None or not (name in _SPLIT_FILES or (task == "LiDiRus" and name == "lidirus.jsonl")):
+        return None
+    return task, name
+
+
+def _temp_tag() -> str:
+    """host-pid, put into temporary names so that a later run can tell a dead process's leftovers."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def remove_stale_temps(folder: Path, prefix: str) -> list[Path]:
+    """Remove `folder/<prefix><host>-<pid>-...` entries left by a process of this host that is gone (killed
+    during an extraction or a download); entries of live processes (a parallel run) are left alone."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname().replace("-", "_")
+    for entry in folder.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        fields = entry.name[len(prefix):].split("-")
+        if len(fields) < 3 or fields[0] != host or not fields[1].isdigit() or _alive(int(fields[1])):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def safe_extract(zip_path: Path, target: Path) -> list[Path]:
+    """Extract the task files of a data zip inside `target` only; return the paths written.
+
+    Refused before anything is written: a member path outside the target (zip slip), two members with one
+    name (the second would silently replace the first), a zip without task files, task files larger together
+    than RSG_MAX_ZIP_BYTES, or one compressed more than RSG_MAX_ZIP_RATIO to 1 (a zip bomb). Other members
+    (notes, macOS `__MACOSX/` junk, anything else) are not extracted at all. Extraction goes to a temporary
+    folder renamed at the end; a failure removes it, and one left by a killed process is removed by the
+    next extraction.
     """
+    import zlib
+
+    from rsg_eval.io import guarded_write
+    from rsg_eval.limits import ZIP_BYTES, ZIP_RATIO
+
     try:
         zf = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile:
-        raise RSGError("not a valid zip file", file=zip_path) from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RSGError(f"not a valid zip file ({exc})", file=zip_path) from None
     with zf:
-        members = []
+        members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+        seen: dict[str, str] = {}
         for info in zf.infolist():
             rel = safe_member_name(info.filename)
             if rel is None:
                 raise RSGError(f"zip member {info.filename!r} would be written outside the target folder",
                                file=zip_path, expected="relative paths without '..'")
-            if rel.parts and rel.parts[0] == "__MACOSX" or info.is_dir():
+            if info.is_dir():
                 continue
-            members.append((info, rel))
+            key = str(rel).lower()  # task folders are matched case-insensitively: TERRa/ and terra/ collide
+            if key in seen:
+                both = f"{info.filename!r} twice" if seen[key] == info.filename else \
+                    f"{seen[key]!r} and {info.filename!r} (task folders match in any case)"
+                raise RSGError(f"the zip holds {both}; extracting both would silently keep only the last",
+                               file=zip_path, expected="each file once")
+            seen[key] = info.filename
+            if task_member(rel) is not None:
+                members.append((info, rel))
+        if not members:
+            raise RSGError("no RSG task files in the zip", file=zip_path,
+                           expected="<Task>/train.jsonl, val.jsonl, test.jsonl (LiDiRus/LiDiRus.jsonl), "
+                                    "optionally under combined/")
+        total = sum(info.file_size for info, _ in members)
+        if total > ZIP_BYTES.value():
+            raise ZIP_BYTES.error(f"its task files hold {total:,} bytes uncompressed", file=zip_path)
+        for info, _ in members:
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > (1 << 20) and ratio > ZIP_RATIO.value():
+                raise ZIP_RATIO.error(f"member {info.filename!r} is compressed {ratio:,.0f} to 1 "
+                                      f"({info.file_size:,} bytes uncompressed): a zip bomb?", file=zip_path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        prefix = f".{target.name}.extract-"
+        remove_stale_temps(target.parent, prefix)
         written: list[Path] = []
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{_temp_tag()}-", dir=target.parent))
         try:
-            for info, rel in members:
-                out = tmp.joinpath(*rel.parts)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                written.append(target.joinpath(*rel.parts))
-            if target.exists():
-                # Merge into an existing folder (several task zips share one data dir).
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        dest = target / f.relative_to(tmp)
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(f, dest)
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            with guarded_write(tmp):
+                for info, rel in members:
+                    out = tmp.joinpath(*rel.parts)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        with zf.open(info) as src, open(out, "wb") as dst:
+                            # zipfile stops at the declared size and checks the CRC: a lying header fails here
+                            shutil.copyfileobj(src, dst)
+                    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                        raise RSGError(f"damaged zip member {info.filename!r} ({exc})", file=zip_path,
+                                       expected="download the zip again") from None
+                    written.append(target.joinpath(*rel.parts))
+                if target.exists():
+                    # Merge into an existing folder (several task zips share one data dir).
+                    for f in tmp.rglob("*"):
+                        if f.is_file():
+                            dest = target / f.relative_to(tmp)
+                            dest.parent.mkdir(parents=True, exist_ok=True)
+                            os.replace(f, dest)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -224,7 +315,8 @@ def download(tasks: Iterable[str], data_dir: Path | None = None, *, force: bool 
         if not force and src.has(name, split) and src.has(name, "test"):
             continue
         url = DOWNLOAD_URL.format(task=name)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".zip", dir=data_dir)
+        remove_stale_temps(data_dir, f".{name}.download-")  # a zip left by a download that was killed
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.download-{_temp_tag()}-", suffix=".zip", dir=data_dir)
         os.close(fd)
         tmp = Path(tmp_name)
         try:

@@ -15,13 +15,21 @@ Light module (jinja2 + yaml, no torch). A template lives in `prompts/<task lower
       entailment: Да
       not_entailment: Нет
 
+Two optional keys shape few-shot prompts (`rsg zeroshot --num-fewshot K`): `fewshot_separator` goes between the
+solved examples and before the item (default a blank line, "\n\n"), `fewshot_answer_separator` between a solved
+example's input and its answer text (default " ").
+
 Tasks whose labels differ per item (RuCoS: the candidate entities) give one Jinja `choice:` instead of
 `choices:`, rendered once per label with the variable `label` bound to it
 (`{{ query | replace('@placeholder', label) }}`). Boolean labels are written `true`/`false`.
 
 Rendering uses `jinja2.sandbox.SandboxedEnvironment` with `StrictUndefined`: a template cannot reach Python
 internals and an unknown field is an error, not an empty string. Errors name the template file, the line
-(syntax errors) and the field.
+(syntax errors) and the field. The sandbox is also bounded (`_BoundedSandbox`): no string or list a template
+builds, and no rendered prompt or choice, may exceed RSG_MAX_PROMPT_CHARS; loop iterations and calls are
+counted against RSG_MAX_TEMPLATE_STEPS per render; deep recursion and numeric overflow are errors naming the
+file. With `max_tokens`, text fields are cut to max_tokens x RSG_MAX_CHARS_PER_TOKEN characters before
+anything is tokenised (rsg_eval.limits).
 
 API::
 
@@ -31,12 +39,18 @@ API::
     Template.render(item, tokenizer=None, max_tokens=None, prefix=None) -> Rendered(prompt, choices, truncated)
     Template.render_content_free(item, prefix=None) -> str   text fields -> "N/A" (for --calibrate)
     Template.sha256                   of the YAML file's bytes (goes into run fingerprints)
+    render_shot(template, item, label) -> str        a solved example: input + separator + the label's answer text
+    render_fewshot(template, item, shots, tokenizer=None, max_tokens=None, prefix=None) -> (Rendered, n_shots)
+    render_fewshot_content_free(template, item, shots, prefix=None) -> str
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +58,12 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 import yaml
-from jinja2 import StrictUndefined, meta
+from jinja2 import StrictUndefined, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from rsg_eval.errors import RSGError
+from rsg_eval.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
 from rsg_eval.tasks import TASK_NAMES, get_task
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -64,7 +80,10 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "DaNetQA": ("question", "passage"),
     "RuCoS": ("passage", "query", "entities"),
 }
-_KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice"}
+_KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice",
+         "fewshot_separator", "fewshot_answer_separator"}
+FEWSHOT_SEPARATOR = "\n\n"
+FEWSHOT_ANSWER_SEPARATOR = " "
 ELLIPSIS = " …"
 CONTENT_FREE = "N/A"
 
@@ -91,7 +110,7 @@ class Rendered:
 
 
 def _env() -> SandboxedEnvironment:
-    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    return _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
 def _label_key(label: Any) -> str:
@@ -117,6 +136,8 @@ class Template:
     description: str = ""
     default: bool = False
     sha256: str = ""
+    fewshot_separator: str = FEWSHOT_SEPARATOR
+    fewshot_answer_separator: str = FEWSHOT_ANSWER_SEPARATOR
     lines: dict[str, int] = field(default_factory=dict)   # YAML key -> first line of its value (1-based)
     _compiled: Any = field(default=None, repr=False)
     _compiled_choices: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -131,10 +152,10 @@ class Template:
         empty passage does not fit, the input is returned whole with `truncated=True` (the scorer's own
         length limit then applies).
         """
-        fields = dict(item.fields)
+        fields = cut_fields(item.fields, max_tokens)
         pre = self.prefix if prefix is None else prefix
         prompt = pre + self._render_main(fields)
-        choices = self.render_choices(item)
+        choices = self.render_choices(item, max_tokens=max_tokens)
         if tokenizer is None or not max_tokens or _n_tokens(tokenizer, prompt) <= max_tokens:
             return Rendered(prompt, choices, False)
         if not self.truncate:
@@ -170,9 +191,10 @@ class Template:
         pre = self.prefix if prefix is None else prefix
         return pre + self._render_main(fields)
 
-    def render_choices(self, item: Any) -> list[str]:
-        """Answer texts aligned with `item.labels`; an empty one is an error naming the label."""
-        fields = dict(item.fields)
+    def render_choices(self, item: Any, max_tokens: int | None = None) -> list[str]:
+        """Answer texts aligned with `item.labels`; an empty one is an error naming the label. With
+        `max_tokens`, text fields are first cut as in `render` (cut_fields)."""
+        fields = cut_fields(item.fields, max_tokens)
         out = []
         for label in item.labels:
             if self.choice is not None:
@@ -203,7 +225,20 @@ class Template:
                 tpl = self._compiled_choices.get(where)
                 if tpl is None:
                     tpl = self._compiled_choices[where] = _compile(self, where, source)
-            return tpl.render(**fields)
+            return _bounded_render(tpl, fields)
+        except _OverLimit as exc:
+            raise exc.limit.error(f"the template {exc.args[0]}", file=self.path, field=where) from None
+        except RecursionError:
+            raise RSGError("the template recurses without end (a macro that calls itself?)", file=self.path,
+                           field=where, expected="macros that stop calling themselves") from None
+        except OverflowError as exc:
+            if "MAX_RANGE" in str(exc):  # jinja's own cap on range()
+                raise RSGError("the template asked for a range of more than 100,000 numbers (the sandbox's "
+                               "limit); loop over the item's fields instead", file=self.path, field=where) from None
+            raise RSGError(f"the template failed: a number too large ({exc})", file=self.path, field=where) from None
+        except (ArithmeticError, ValueError, TypeError) as exc:
+            raise RSGError(f"the template failed: {type(exc).__name__}: {exc}", file=self.path,
+                           field=where) from None
         except jinja2.UndefinedError as exc:
             raise RSGError(f"undefined variable in the template: {exc.message}", file=self.path,
                            field=_undefined_name(exc) or where,
@@ -237,6 +272,59 @@ def _compile(tpl: Template, where: str, source: str) -> Any:
         base = tpl.lines.get(where.split(".")[0])
         line = base + (exc.lineno or 1) - 1 if base else exc.lineno
         raise RSGError(f"Jinja syntax error: {exc.message}", file=tpl.path, line=line, field=where) from None
+
+
+# --------------------------------------------------------------------------------------------------- few-shot
+
+def _choice_text(tpl: Template, item: Any, label: Any) -> str:
+    """The answer text of one label of `item` (render_choices renders every label; a shot needs one)."""
+    fields = dict(item.fields)
+    if tpl.choice is not None:
+        return tpl._render("choice", tpl.choice, {**fields, "label": label})
+    key = _label_key(label)
+    if key not in (tpl.choices or {}):
+        raise RSGError(f"no answer text for label {label!r}", file=tpl.path, field="choices",
+                       expected=list(tpl.choices or {}))
+    return tpl._render(f"choices.{key}", tpl.choices[key], fields)
+
+
+def render_shot(tpl: Template, item: Any, label: Any) -> str:
+    """One solved example: the item's input (no prefix) + `fewshot_answer_separator` + the answer text of `label`
+    (the verbaliser's text for the gold label, exactly what the model is asked to score for the real item)."""
+    return tpl._render_main(dict(item.fields)) + tpl.fewshot_answer_separator + _choice_text(tpl, item, label)
+
+
+def _join(tpl: Template, pre: str, shots: Sequence[str], main: str) -> str:
+    return pre + tpl.fewshot_separator.join([*shots, main])
+
+
+def render_fewshot(tpl: Template, item: Any, shots: Sequence[str], tokenizer: Any = None,
+                   max_tokens: int | None = None, prefix: str | None = None) -> tuple[Rendered, int]:
+    """The item's prompt with solved examples (`render_shot` texts) before it, and how many of them it kept.
+
+    prefix + shot_1 + sep + ... + shot_n + sep + item input. With a tokenizer and `max_tokens`, the last shots
+    are dropped one by one until the whole input fits; only when even no shot leaves room is the item's passage
+    shortened (`Template.render`). Without shots this is `Template.render` exactly, byte for byte.
+    """
+    if not shots:
+        return tpl.render(item, tokenizer=tokenizer, max_tokens=max_tokens, prefix=prefix), 0
+    pre = tpl.prefix if prefix is None else prefix
+    main = tpl._render_main(dict(item.fields))
+    choices = tpl.render_choices(item)
+    for n in range(len(shots), 0, -1):
+        prompt = _join(tpl, pre, shots[:n], main)
+        if tokenizer is None or not max_tokens or _n_tokens(tokenizer, prompt) <= max_tokens:
+            return Rendered(prompt, choices, False), n
+    return tpl.render(item, tokenizer=tokenizer, max_tokens=max_tokens, prefix=prefix), 0
+
+
+def render_fewshot_content_free(tpl: Template, item: Any, shots: Sequence[str], prefix: str | None = None) -> str:
+    """The content-free input for --calibrate with the same solved examples in front (the calibration then
+    measures the bias the examples induce too)."""
+    if not shots:
+        return tpl.render_content_free(item, prefix=prefix)
+    pre = tpl.prefix if prefix is None else prefix
+    return _join(tpl, pre, shots, tpl.render_content_free(item, prefix=""))
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -315,6 +403,11 @@ def parse_template(path: Path, task: str) -> Template:
                    prefix=str(raw.get("prefix") or ""), truncate=raw.get("truncate") or None,
                    description=str(raw.get("description") or ""), default=raw.get("default") is True,
                    sha256=hashlib.sha256(data).hexdigest(), lines=lines)
+    for key in ("fewshot_separator", "fewshot_answer_separator"):
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], str):
+                raise RSGError("must be a string (quote it in the YAML)", file=path, line=lines.get(key), field=key)
+            setattr(tpl, key, raw[key])
     _check_choices(tpl, raw, spec)
     fields = set(TASK_FIELDS[spec.name])
     if tpl.truncate is not None and tpl.truncate not in fields:
@@ -377,3 +470,199 @@ def _value_lines(node: Any) -> dict[str, int]:
             line += 1
         out[str(key.value)] = line
     return out
+
+
+# ------------------------------------------------------------------------------------------ bounded rendering
+# Jinja's sandbox keeps a template away from Python internals but not from memory and time: `{{ 'a' * 10**9 }}`,
+# nested loops, a macro that calls itself. The hooks below bound what one render can build and do. Kept apart
+# from the rendering logic above on purpose: every way of rendering (plain, few-shot) goes through `_render`.
+
+
+class _OverLimit(Exception):
+    """Raised inside a render that went over a limit; `_render` turns it into an RSGError naming the file."""
+
+    def __init__(self, what: str, limit: Limit) -> None:
+        super().__init__(what)
+        self.limit = limit
+
+
+@dataclass
+class _Steps:
+    left: int
+
+
+_STEPS: contextvars.ContextVar[_Steps | None] = contextvars.ContextVar("rsg_template_steps", default=None)
+_LOOP_GUARD = "__rsg_loop__"     # every {% for %} iterates through it (see _BoundedSandbox._parse)
+_CONCAT = "__rsg_concat__"       # every `~` concatenation goes through it
+_NUMBER = re.compile(r"\d+")
+_MACRO_STEPS = 10
+
+
+def _step(n: int = 1) -> None:
+    steps = _STEPS.get()
+    if steps is not None:
+        steps.left -= n
+        if steps.left < 0:
+            raise _OverLimit("took too many steps (loop iterations and calls)", TEMPLATE_STEPS)
+
+
+def _check_size(value: Any, what: str) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > PROMPT_CHARS.value():
+        raise _OverLimit(f"built {what} of {len(value):,} items", PROMPT_CHARS)
+    return value
+
+
+def _check_format_string(fmt: Any) -> None:
+    """`'%0999999999d' % x` and `'{:>999999999}'.format(x)` allocate their width first: refuse huge widths."""
+    if isinstance(fmt, str):
+        cap = PROMPT_CHARS.value()
+        for m in _NUMBER.finditer(fmt):
+            if len(m.group()) > 9 or int(m.group()) > cap:
+                raise _OverLimit(f"asked for a field width of {m.group()}", PROMPT_CHARS)
+
+
+# Callables whose int arguments are widths or counts that are allocated up front ('x'.ljust(10**9),
+# [1]|batch(10**9, 0)): such an argument beyond RSG_MAX_PROMPT_CHARS is refused before anything is built.
+_SIZED_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+_SIZED_FILTERS = frozenset({"center", "indent", "batch", "slice"})
+
+
+def _check_int_args(args: Any, what: str) -> None:
+    cap = PROMPT_CHARS.value()
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > cap:
+            raise _OverLimit(f"passed {a:,} to {what}", PROMPT_CHARS)
+
+
+def _loop_guard(iterable: Any) -> Any:
+    for x in iterable:
+        _step()
+        yield x
+
+
+def _concat(*parts: Any) -> str:
+    """`a ~ b ~ c`, with the length checked as it grows."""
+    cap = PROMPT_CHARS.value()
+    out = []
+    n = 0
+    for p in parts:
+        s = str(p)
+        n += len(s)
+        if n > cap:
+            raise _OverLimit(f"built a string of over {cap:,} characters with ~", PROMPT_CHARS)
+        out.append(s)
+    return "".join(out)
+
+
+class _Rewrite(NodeTransformer):
+    """Every `{% for %}` iterates through _loop_guard, every `~` goes through _concat (both then run as sandboxed
+    calls, so they are counted too)."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        self.generic_visit(node)
+        node.iter = nodes.Call(nodes.Name(_LOOP_GUARD, "load"), [node.iter], [], None, None, lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        self.generic_visit(node)
+        return nodes.Call(nodes.Name(_CONCAT, "load"), list(node.nodes), [], None, None, lineno=node.lineno)
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """A SandboxedEnvironment whose templates cannot build huge values or run for long (see above)."""
+
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.globals.pop("lipsum", None)  # paragraphs of Latin: no use in a prompt, and unbounded
+        self.globals[_LOOP_GUARD] = _loop_guard
+        self.globals[_CONCAT] = _concat
+        # Filters are called directly by compiled templates (not through `call`): wrap each one.
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = _Rewrite().visit(super()._parse(source, name, filename))
+        tree.set_environment(self)
+        return tree
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _step()
+        cap = PROMPT_CHARS.value()
+        if operator == "*":
+            seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > cap:
+                raise _OverLimit(f"multiplied a sequence of {len(seq):,} by {n:,}", PROMPT_CHARS)
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 and \
+                    right * math.log2(abs(left)) > 64 * cap:
+                raise _OverLimit(f"raised {left} to the power {right:,}", PROMPT_CHARS)
+        elif operator == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and \
+                    len(left) + len(right) > cap:
+                raise _OverLimit(f"built a value of {len(left) + len(right):,} items with +", PROMPT_CHARS)
+        elif operator == "%":
+            _check_format_string(left)
+        return _check_size(super().call_binop(context, operator, left, right), "a value")
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # A macro call costs about 50 times a loop iteration (jinja builds its frame and output buffer).
+        _step(_MACRO_STEPS if isinstance(__obj, jinja2.runtime.Macro) else 1)
+        name = getattr(__obj, "__name__", "")
+        if name in _SIZED_METHODS:
+            _check_int_args((*args, *kwargs.values()), name)
+        return _check_size(super().call(__context, __obj, *args, **kwargs), "a value")
+
+    def wrap_str_format(self, value: Any) -> Any:
+        """`'{:>999999999}'.format(x)`: the format string is checked when `.format` is looked up."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format_string(value.__self__)
+        return wrapped
+
+
+def _bounded_filter(name: str, func: Any) -> Any:
+    """`func` counting a step, refusing huge widths (see _SIZED_FILTERS) and checking the size of its result."""
+    skip = 2 if hasattr(func, "jinja_pass_arg") else 1  # (context or environment,) value, then the arguments
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _step()
+        if name in _SIZED_FILTERS:
+            _check_int_args((*args[skip:], *kwargs.values()), f"the {name} filter")
+        if name == "format":
+            _check_format_string(args[skip - 1] if len(args) >= skip else None)
+        return _check_size(func(*args, **kwargs), f"a value with the {name} filter")
+
+    if hasattr(func, "jinja_pass_arg"):  # so jinja still passes the context / environment it asks for
+        bounded.jinja_pass_arg = func.jinja_pass_arg  # type: ignore[attr-defined]
+    bounded.__name__ = getattr(func, "__name__", name)
+    return bounded
+
+
+def _bounded_render(tpl: jinja2.Template, fields: Mapping[str, Any]) -> str:
+    """Render with a fresh step budget, streaming the output so that its size is checked as it grows."""
+    cap = PROMPT_CHARS.value()
+    token = _STEPS.set(_Steps(TEMPLATE_STEPS.value()))
+    try:
+        out: list[str] = []
+        n = 0
+        for piece in tpl.generate(**fields):
+            n += len(piece)
+            if n > cap:
+                raise _OverLimit(f"rendered over {cap:,} characters", PROMPT_CHARS)
+            out.append(piece)
+        return "".join(out)
+    finally:
+        _STEPS.reset(token)
+
+
+def cut_fields(fields: Mapping[str, Any], max_tokens: int | None) -> dict[str, Any]:
+    """The fields with every string cut to `max_tokens` x RSG_MAX_CHARS_PER_TOKEN characters (its start kept).
+
+    No token spans that many characters, so a cut field is still far longer than the model can read: the
+    template's `truncate` field is shortened further to fit (from its start, as without the cut), and any other
+    field this long makes an input that does not fit whatever is done. The cut keeps a crafted 200 MB passage
+    from reaching the tokenizer (gigabytes of ids)."""
+    if not max_tokens:
+        return dict(fields)
+    return {k: (cut_text(v, max_tokens) if isinstance(v, str) else v) for k, v in fields.items()}

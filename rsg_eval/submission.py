@@ -17,7 +17,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
 from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_bytes, atomic_write_text, dumps_jsonl, iter_jsonl_text
+from rsg_eval.io import atomic_write_bytes, atomic_write_text, dumps_jsonl, iter_jsonl_text, iter_lines
+from rsg_eval.limits import SUBMISSION_BYTES
+from rsg_eval.metrics import normalize_answer
 from rsg_eval.tasks import BOOL, NLI2, NLI3, TASK_NAMES, Item, get_task
 
 ZIP_FOLDER = "submission"
@@ -38,20 +40,21 @@ def spell(task: str, label: Any) -> Any:
     return label
 
 
-def unspell(task: str, value: Any, *, strict: bool) -> Any:
+def unspell(task: str, value: Any, *, strict: bool, json_bools: bool = False) -> Any:
     """JSON value from a submission line -> canonical label; raise ValueError with the valid choices.
 
-    Strict mode accepts only the official sample's spelling; lenient mode also accepts the forms other
-    official tools wrote (JSON booleans, either case), so `rsg score` can read them.
+    Strict mode accepts only the official sample's spelling (and, with `json_bools`, JSON true/false for the
+    yes/no tasks: the official TF-IDF baseline wrote those and the leaderboard scored them); lenient mode also
+    accepts the forms other official tools wrote (JSON booleans, either case), so `rsg score` can read them.
     """
     if task in ("RUSSE", "DaNetQA", "RWSD"):
         exact = _BOOL_TITLE if task == "RWSD" else _BOOL_LOWER
         for canon, s in exact.items():
             if value == s:
                 return canon
+        if isinstance(value, bool) and (json_bools or not strict):
+            return value
         if not strict:
-            if isinstance(value, bool):
-                return value
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
         raise ValueError(f"invalid label {value!r}", tuple(exact.values()))
@@ -151,24 +154,57 @@ def read_submission_texts(path: str | Path) -> dict[str, tuple[str, str]]:
                 if task in out:
                     raise RSGError(f"two files for {task} in the zip ({out[task][0]} and {info.filename})",
                                    file=path, expected="one <Task>.jsonl per task")
-                out[task] = (f"{path}!{info.filename}", _decode(zf.read(info), f"{path}!{info.filename}"))
+                source = f"{path}!{info.filename}"
+                out[task] = (source, _decode(_read_member(zf, info, source), source))
         return out
     if path.is_file():
         task = _task_of_member(path.name)
         if task is None:
             raise RSGError("cannot tell the task from the file name", file=path,
                            expected=", ".join(f"{t}.jsonl" for t in TASK_NAMES) + " (or pass --task)")
-        return {task: (str(path), _decode(path.read_bytes(), str(path)))}
+        return {task: (str(path), _decode(read_prediction_bytes(path), str(path)))}
     if path.is_dir():
         for f in sorted(path.iterdir()):
             task = _task_of_member(f.name)
             if task and f.is_file():
-                out[task] = (str(f), _decode(f.read_bytes(), str(f)))
+                out[task] = (str(f), _decode(read_prediction_bytes(f), str(f)))
         if not out:
             raise RSGError("no <Task>.jsonl prediction files here", file=path,
                            expected=", ".join(f"{t}.jsonl" for t in TASK_NAMES))
         return out
     raise RSGError("no such file or folder", file=path)
+
+
+def read_prediction_bytes(path: Path) -> bytes:
+    """A prediction file's bytes, refused beyond RSG_MAX_SUBMISSION_BYTES before it is read."""
+    cap = SUBMISSION_BYTES.value()
+    size = path.stat().st_size
+    if size > cap:
+        raise SUBMISSION_BYTES.error(f"a prediction file of {size:,} bytes", file=path)
+    with open(path, "rb") as fh:
+        data = fh.read(cap + 1)  # the file may grow between stat and read
+    if len(data) > cap:
+        raise SUBMISSION_BYTES.error("a prediction file over the size limit", file=path)
+    return data
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
+    """One zip member's bytes, refused beyond RSG_MAX_SUBMISSION_BYTES before (declared size) and while (real
+    size: a header may lie) it is decompressed. A damaged member is an RSGError, not a zlib traceback."""
+    import zlib
+
+    cap = SUBMISSION_BYTES.value()
+    if info.file_size > cap:
+        raise SUBMISSION_BYTES.error(f"a prediction file of {info.file_size:,} bytes uncompressed", file=source)
+    try:
+        with zf.open(info) as fh:
+            data = fh.read(cap + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise RSGError(f"damaged zip member ({exc})", file=source,
+                       expected="a zip written by `rsg submit zip` or any zip tool") from None
+    if len(data) > cap:
+        raise SUBMISSION_BYTES.error("a prediction file over the size limit", file=source)
+    return data
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -196,13 +232,18 @@ def parse_lines(task: str, text: str, source: str, *, strict: bool = False) -> d
                 msg, expected = label.args if len(label.args) == 2 else (label.args[0], None)
                 raise RSGError(msg, file=source, line=lineno, field=field, expected=expected)
             if key in preds:
-                raise RSGError(f"duplicate idx {key}", file=source, line=lineno, field=field,
+                raise RSGError(f"duplicate idx {key}", file=source, line=lineno, field=_idx_field(field),
                                expected="each idx exactly once")
             preds[key] = label
     return preds
 
 
-def _line_preds(task: str, rec: dict, strict: bool) -> list[tuple[int | None, Any, str]]:
+def _idx_field(label_field: str) -> str:
+    """The idx field next to a label field: "label" -> "idx", "passage...answers[2].label" -> "...answers[2].idx"."""
+    return label_field[: -len("label")] + "idx" if label_field.endswith("label") else "idx"
+
+
+def _line_preds(task: str, rec: dict, strict: bool, json_bools: bool = False) -> list[tuple[int | None, Any, str]]:
     """(key, label or ValueError, field path) for each prediction in one line."""
     try:
         if "idx" not in rec:
@@ -236,7 +277,7 @@ def _line_preds(task: str, rec: dict, strict: bool) -> list[tuple[int | None, An
         if "label" not in rec:
             raise ValueError("missing field", "label")
         try:
-            return [(key, unspell(task, rec["label"], strict=strict), "label")]
+            return [(key, unspell(task, rec["label"], strict=strict, json_bools=json_bools), "label")]
         except ValueError as exc:
             return [(key, exc, "label")]
     except ValueError as exc:
@@ -248,7 +289,7 @@ def read_predictions(path: str | Path, task: str | None = None, *, strict: bool 
     path = Path(path)
     if task is not None and path.is_file() and path.suffix.lower() == ".jsonl":
         name = get_task(task).name  # a single file named anything, its task given explicitly
-        return parse_lines(name, _decode(path.read_bytes(), str(path)), str(path), strict=strict)
+        return parse_lines(name, _decode(read_prediction_bytes(path), str(path)), str(path), strict=strict)
     texts = read_submission_texts(path)
     if task is None:
         if len(texts) != 1:
@@ -269,6 +310,7 @@ class Problem:
     file: str
     line: int | None
     message: str
+    level: str = "error"   # "error": the leaderboard would reject or misgrade it; "warning": accepted, but look
 
     def __str__(self) -> str:
         return f"{self.file}{':' + str(self.line) if self.line else ''}: {self.message}"
@@ -280,6 +322,9 @@ def check_zip(zip_path: str | Path, data: Any, tasks: Iterable[str] | None = Non
     Checks: a file for each task, valid JSON lines, every test idx exactly once and no others, labels of the
     right type and exact spelling, MuSeRC passage/question/answer ids as in test.jsonl, a zip without paths
     that escape its folder. Tasks whose test file the data lacks are skipped (reported as a note by the CLI).
+    Warnings (level "warning") flag what the leaderboard accepts but may not mean what the user thinks: JSON
+    true/false for RUSSE, RWSD and DaNetQA (the official TF-IDF baseline's spelling), a RuCoS label that is
+    none of its passage's entities.
     """
     from rsg_eval.data import resolve_data, safe_member_name
     from rsg_eval.tasks import load_items
@@ -298,7 +343,7 @@ def check_zip(zip_path: str | Path, data: Any, tasks: Iterable[str] | None = Non
     try:
         texts = read_submission_texts(zip_path)
     except RSGError as exc:
-        return problems + [Problem(str(zip_path), None, exc.message)]
+        return problems + [Problem(exc.file or str(zip_path), exc.line, exc.message)]
     src = resolve_data(data)
     for name in ([get_task(t).name for t in tasks] if tasks else list(TASK_NAMES)):
         if not src.has(name, "test"):
@@ -322,21 +367,30 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
         for it in items:
             structure.setdefault(it.doc, {}).setdefault(it.group, []).append(it.key)
     records: list[tuple[int, dict]] = []
-    for lineno, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:  # one line at a time, so a broken line does not hide the problems after it
-            records.extend((lineno, rec) for _, rec in iter_jsonl_text(raw, source))
-        except RSGError as exc:
-            problems.append(Problem(source, lineno, exc.message))
-            records.append((lineno, {}))
+    try:
+        for lineno, raw in iter_lines(text.lstrip("\ufeff"), source):
+            if not raw.strip():
+                continue
+            try:  # one line at a time, so a broken line does not hide the problems after it
+                records.extend((lineno, rec) for _, rec in iter_jsonl_text(raw, source))
+            except RSGError as exc:
+                problems.append(Problem(source, lineno, exc.message))
+                records.append((lineno, {}))
+    except RSGError as exc:  # a line over the length limit: the lines after it are not read
+        problems.append(Problem(source, exc.line, exc.message))
+    bool_lines: list[int] = []
+    off_entity: list[tuple[int, Any, str]] = []
+    # RuCoS is scored after ReCoRD normalisation ("Косово." == "косово"): compare in that form.
+    candidates = {it.key: {normalize_answer(c) for c in it.labels} for it in items} if task == "RuCoS" else {}
     for lineno, rec in records:
         if not rec:
             continue
         top = rec.get("idx")
         if isinstance(top, int) and not isinstance(top, bool):
             lines_idx.append(top)
-        for key, label, fld in _line_preds(task, rec, strict=True):
+        if task in ("RUSSE", "RWSD", "DaNetQA") and isinstance(rec.get("label"), bool):
+            bool_lines.append(lineno)
+        for key, label, fld in _line_preds(task, rec, strict=True, json_bools=True):
             if isinstance(label, ValueError):
                 msg, exp = label.args if len(label.args) == 2 else (label.args[0], None)
                 problems.append(Problem(source, lineno, f"field '{fld}': {msg}" + (f" (expected: {_fmt(exp)})"
@@ -351,6 +405,8 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
             elif key not in expected_keys:
                 what = "answer idx" if task == "MuSeRC" else "idx"
                 problems.append(Problem(source, lineno, f"{what} {key} is not in the test file"))
+            elif task == "RuCoS" and normalize_answer(label) not in candidates[key]:
+                off_entity.append((lineno, key, label))
             seen.setdefault(key, lineno)
         if task == "MuSeRC" and isinstance(top, int) and top in structure:
             got = {q.get("idx"): [a.get("idx") for a in q.get("answers", []) if isinstance(a, dict)]
@@ -370,6 +426,20 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
                                               f"(first: {missing[:10]})"))
     if lines_idx != sorted(lines_idx):
         problems.append(Problem(source, None, "lines are not sorted by idx"))
+    if bool_lines:
+        spelled = ", ".join(json.dumps(spell(task, v)) for v in (False, True))
+        problems.append(Problem(
+            source, bool_lines[0],
+            f"{len(bool_lines)} label(s) are JSON booleans (first on this line); the leaderboard scored this "
+            f"spelling (the official TF-IDF baseline's), but its own sample writes the strings {spelled}: "
+            f"`rsg submit zip` does", level="warning"))
+    if off_entity:
+        line, key, label = off_entity[0]
+        problems.append(Problem(
+            source, line,
+            f"{len(off_entity)} label(s) match none of their passage's entities, even ignoring case and "
+            f"punctuation (first on this line: idx {key}, {json.dumps(label, ensure_ascii=False)}); they are "
+            f"scored by word overlap with the gold answer, so they can at best be partly right", level="warning"))
     return problems
 
 

@@ -392,10 +392,20 @@ _PARSERS: dict[str, Callable[[_Rec, str], list[Item]]] = {
 }
 
 
+class EmptyTaskFile(RSGError):
+    """A task file without records (or without anything to predict): an error wherever it is read, so that an
+    empty val.jsonl cannot give empty metrics and exit status 0. Fine-tuning reports an empty train file as a
+    task that cannot be trained (and goes on with the others)."""
+
+
 def parse_records(task: str, split: str, records: list[tuple[int, dict]], source: str) -> list[Item]:
-    """Parse (line number, record) pairs of one task file into items; duplicate ids are an error."""
+    """Parse (line number, record) pairs of one task file into items; duplicate ids are an error, and so is
+    a file without a record or an item (an empty val.jsonl would otherwise give empty metrics and exit 0)."""
     task = get_task(task).name
     check_split(task, split)
+    if not records:
+        raise EmptyTaskFile(f"the {task} {split} file holds no records", file=source,
+                       expected="one JSON object per line (download the data again, or drop this task with --tasks)")
     parser = _PARSERS[task]
     items: list[Item] = []
     seen: dict[int, int] = {}
@@ -408,6 +418,9 @@ def parse_records(task: str, split: str, records: list[tuple[int, dict]], source
                 raise r.err(f"duplicate {what} {it.key} (first on line {seen[it.key]})", "idx")
             seen[it.key] = lineno
         items.extend(new)
+    if not items:
+        raise EmptyTaskFile(f"the {task} {split} file holds {len(records)} record(s) but nothing to predict",
+                       file=source, expected="MuSeRC passages with questions and answers")
     return items
 
 

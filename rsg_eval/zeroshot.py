@@ -5,9 +5,18 @@ For every task and split: load the items (`--limit` keeps whole groups), render 
 (`rsg_eval.scoring.score_choices`: encoder once per prompt), take the argmax into `Item.labels`, and write the
 task's predictions, per-item logs and state atomically (`rsg_eval.runs`). A task whose state holds the same
 fingerprint (model id + revision or local-dir hash, dtype, template sha256, prefix, code version, normalisation,
-calibration, limit, data file sha256) is skipped, and the model is loaded only when some task is still to do, so
-rerunning an interrupted command resumes it and rerunning a finished one costs seconds. At the end: metrics.json
-(val) and the leaderboard zip (test).
+calibration, limit, data file sha256, and with --num-fewshot K > 0: K, its seed, the train file's sha256) is
+skipped, and the model is loaded only when some task is still to do, so rerunning an interrupted command resumes
+it and rerunning a finished one costs seconds. At the end: metrics.json (val) and the leaderboard zip (test).
+
+Few-shot (`num_fewshot` K): each item's prompt starts with K solved train examples (`rsg_eval.fewshot`: drawn per
+task and item key, so the same whatever the batch size, --limit, task order or process count), dropped from the
+last one when the input is too long, before the item's passage is shortened (`prompts.render_fewshot`).
+
+Work is done in shards of `shard_size` items, cut from the items alone; each finished shard is saved under
+state/shards/ at once, so an interrupted task resumes from its last shard. Under `accelerate launch` or `torchrun`
+the shards are shared out among the processes and gathered on the main process, which alone writes the run
+folder: the files are byte for byte those of one process (same shards, same batches, same floats).
 
 One configuration per run folder (`rsg_eval.runs.RunFolder.claim`): before anything is loaded, every template is
 rendered on one item of each split (a broken template creates nothing), then the folder is locked and its
@@ -18,14 +27,17 @@ API::
 
     ZeroShotOptions(model, data=None, tasks=None, split="val", template=None, batch_size=16, limit=None,
                     run=None, root="submissions", normalize="sum", calibrate=False, device=None, dtype=None,
-                    revision=None, prefix=None, seed=0, restart=False)
-    plan_jobs(opts) -> (DataSource, list[Job])          validates everything without loading a model
+                    revision=None, prefix=None, seed=0, num_fewshot=0, fewshot_seed=None, shard_size=256,
+                    restart=False)
+    plan_jobs(opts, ident=None, *, draw=True) -> (DataSource, list[Job])   validates everything without a model
+    attach_shots(opts, src, jobs)                       draws the few-shot examples of jobs planned with draw=False
     run_zeroshot(opts, *, console=None, show_progress=True, loaded=None) -> ZeroShotResult
     parse_batch_size("16" | "auto") -> int | "auto"
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import subprocess
@@ -66,6 +78,10 @@ class ZeroShotOptions:
     revision: str | None = None
     prefix: str | None = None
     seed: int = 0
+    num_fewshot: int = 0              # solved train examples before each item (rsg_eval.fewshot)
+    fewshot_seed: int | None = None   # default: seed
+    shard_size: int = 256             # items per shard: the unit shared out among processes and saved for resume
+    device_map: str | None = None     # "auto": spread a model too big for one GPU over several (accelerate)
     restart: bool = False             # clear the run folder's results and start over
 
 
@@ -79,6 +95,8 @@ class Job:
     items: list                       # rsg_eval.tasks.Item, already limited
     parts: dict
     fingerprint: str
+    shots: dict | None = None         # item.key -> [train Item] (few-shot examples; None when K = 0 or not drawn)
+    shot_texts: dict = field(default_factory=dict, repr=False)   # shot key -> rendered text (cache)
 
 
 @dataclass
@@ -98,6 +116,7 @@ class ZeroShotResult:
     metrics: dict | None = None
     zip: ZipResult | None = None
     interrupted: bool = False
+    main: bool = True                 # False on the other processes of a multi-process run (they write nothing)
 
 
 # --------------------------------------------------------------------------------------------------- planning
@@ -127,6 +146,10 @@ def _check_options(opts: ZeroShotOptions) -> None:
     opts.batch_size = parse_batch_size(opts.batch_size)
     if opts.limit is not None and opts.limit < 1:
         raise RSGError(f"--limit must be at least 1, got {opts.limit}", field="--limit")
+    if opts.num_fewshot is None or opts.num_fewshot < 0:
+        raise RSGError(f"--num-fewshot must be 0 or more, got {opts.num_fewshot}", field="--num-fewshot")
+    if opts.shard_size < 1:
+        raise RSGError(f"--shard-size must be at least 1, got {opts.shard_size}", field="--shard-size")
 
 
 def _sha256_file(path: Path) -> str:
@@ -150,13 +173,19 @@ def model_identity(opts: ZeroShotOptions) -> dict:
     return ident
 
 
-def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None) -> tuple[Any, list[Job]]:
+def fewshot_seed(opts: ZeroShotOptions) -> int:
+    return opts.seed if opts.fewshot_seed is None else opts.fewshot_seed
+
+
+def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = True) -> tuple[Any, list[Job]]:
     """Validate the options, data and templates and build the job list; loads no model.
 
     Every user error (unknown task or split, missing data file, broken template, bad item) surfaces here,
-    before minutes go into loading a model.
+    before minutes go into loading a model. `draw=False` leaves the few-shot draw to `attach_shots` (the runner
+    draws only for the task splits still to do).
     """
     from rsg_eval.data import resolve_data
+    from rsg_eval.fewshot import pool_path
     from rsg_eval.prompts import load_template
     from rsg_eval.tasks import limit_groups, load_items, resolve_tasks
 
@@ -167,17 +196,40 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None) -> tuple[Any, li
     jobs: list[Job] = []
     for task in tasks:
         tpl = load_template(task, opts.template)
+        # Few-shot settings join the fingerprint only when used, so zero-shot run folders keep resuming.
+        fewshot = {} if not opts.num_fewshot else {
+            "num_fewshot": opts.num_fewshot, "fewshot_seed": fewshot_seed(opts),
+            "fewshot_data_sha256": _sha256_file(pool_path(src, task))}
         for split in splits_of(opts.split):
             path = src.path(task, split)
             items = limit_groups(load_items(src, task, split), opts.limit)
             parts = {
                 **ident, "task": task, "split": split, "template": tpl.name, "template_sha256": tpl.sha256,
                 "prefix": opts.prefix, "code_version": CODE_VERSION, "normalize": opts.normalize,
-                "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": _sha256_file(path),
+                "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": _sha256_file(path), **fewshot,
             }
             jobs.append(Job(task, split, tpl, items, parts, fingerprint(parts)))
             check_renders(jobs[-1], opts)
+    if draw:
+        attach_shots(opts, src, jobs)
     return src, jobs
+
+
+def attach_shots(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job]) -> None:
+    """Draw each item's few-shot examples (rsg_eval.fewshot: seeded per task and item key, so the draw is the
+    same whatever the batch size, process count, --limit or task order). No-op for K = 0."""
+    if not opts.num_fewshot:
+        return
+    from rsg_eval.fewshot import draw_shots, load_pool
+
+    pools: dict[str, Any] = {}
+    for job in jobs:
+        if job.shots is not None:
+            continue
+        if job.task not in pools:
+            pools[job.task] = load_pool(src, job.task)
+        pool, seed = pools[job.task], fewshot_seed(opts)
+        job.shots = {it.key: draw_shots(pool, it, opts.num_fewshot, seed) for it in job.items}
 
 
 def check_renders(job: Job, opts: ZeroShotOptions) -> None:
@@ -206,8 +258,12 @@ def run_settings(opts: ZeroShotOptions, src: Any, jobs: list[Job]) -> tuple[dict
     first = jobs[0].parts if jobs else {}
     settings = {k: first.get(k) for k in keep}
     settings.update(template=opts.template or "default", data=data_identity(src))
+    if opts.num_fewshot:  # only then: zero-shot folders keep their recorded settings
+        settings.update(num_fewshot=opts.num_fewshot, fewshot_seed=fewshot_seed(opts))
     per_task = {(j.task, j.split): {"template": j.template.name, "template_sha256": j.template.sha256,
-                                     "data_sha256": j.parts["data_sha256"]} for j in jobs}
+                                     "data_sha256": j.parts["data_sha256"],
+                                     **({"fewshot_data_sha256": j.parts["fewshot_data_sha256"]}
+                                        if "fewshot_data_sha256" in j.parts else {})} for j in jobs}
     return settings, per_task
 
 
@@ -222,6 +278,8 @@ def _run_folder(opts: ZeroShotOptions) -> RunFolder:
         tags.append("cal")
     if opts.limit:
         tags.append(f"limit{opts.limit}")
+    if opts.num_fewshot:
+        tags.append(f"{opts.num_fewshot}shot")
     return RunFolder(run_path(opts.run, model=opts.model, kind=KIND, tags=tags, root=opts.root))
 
 
@@ -265,8 +323,8 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
     splits = set(old.get("splits", [])) | {j.split for j in jobs}
     model_info = dict(old.get("model_info") or {})
     if info:
-        model_info = {k: info.get(k) for k in ("source", "model_type", "dtype", "device", "parameters",
-                                                 "max_input_tokens", "fingerprint", "commit_hash",
+        model_info = {k: info.get(k) for k in ("source", "kind", "model_type", "dtype", "device", "device_map",
+                                                 "parameters", "max_input_tokens", "fingerprint", "commit_hash",
                                                  "tie_word_embeddings", "tokenizer_appends_eos")}
     cfg = {
         **old,
@@ -276,6 +334,7 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
         "templates": {**old.get("templates", {}), **{j.task: j.template.name for j in jobs}},
         "template_sha256": {**old.get("template_sha256", {}), **{j.task: j.template.sha256 for j in jobs}},
         "prefix": opts.prefix, "normalize": opts.normalize, "calibrate": opts.calibrate, "limit": opts.limit,
+        "num_fewshot": opts.num_fewshot, "fewshot_seed": fewshot_seed(opts),
         "batch_size": opts.batch_size, "device": opts.device or "auto", "dtype": opts.dtype or "auto",
         "seed": opts.seed, "split": "all" if splits >= {"val", "test"} else sorted(splits)[0],
         "splits": sorted(splits), "tasks": [t for t in TASK_NAMES if t in tasks], "data": str(src),
@@ -288,14 +347,39 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
 
 # --------------------------------------------------------------------------------------------------- running
 
+# How long a process that has finished its shards waits for the others at the final gather (torch's default, 30
+# minutes for gloo and 10 for NCCL, is shorter than one slow shard of a 13B model can take).
+DIST_TIMEOUT_S = 12 * 3600
+LEAVE_TIMEOUT_S = 600  # the final wait for the main process to finish writing (gloo; NCCL waits DIST_TIMEOUT_S)
+SHARD_DIR = Path("state") / "shards"
+
+
 def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tuple[dict, list[dict], int]:
-    """Render, score and pick: (preds by key, log rows, number of truncated prompts)."""
+    """Render, score and pick `job.items` (a whole task split or one shard of it): (preds by key, log rows,
+    number of prompts whose passage was shortened). With few-shot examples each row also lists the keys of the
+    train examples its prompt kept (`shots`)."""
+    from rsg_eval.fewshot import gold_label, shot_id
+    from rsg_eval.prompts import render_fewshot, render_fewshot_content_free, render_shot
     from rsg_eval.scoring import predict, score_choices
 
     tok, max_tokens = loaded.tokenizer, loaded.info.get("max_input_tokens")
+    tpl = job.template
     scored = [it for it in job.items if it.labels]  # a RuCoS passage without entities has nothing to rank
-    rendered = [job.template.render(it, tokenizer=tok, max_tokens=max_tokens, prefix=opts.prefix) for it in scored]
-    cal = [job.template.render_content_free(it, prefix=opts.prefix) for it in scored] if opts.calibrate else None
+    # The templates' prefix (FRED-T5's "<LM>") means nothing to a decoder-only model: none unless asked for.
+    prefix = "" if opts.prefix is None and loaded.info.get("kind") == "causal" else opts.prefix
+    rendered, kept, cal = [], {}, ([] if opts.calibrate else None)
+    for it in scored:
+        drawn = (job.shots or {}).get(it.key, [])
+        texts = []
+        for shot in drawn:  # one train example serves many items: render it once
+            if shot.key not in job.shot_texts:
+                job.shot_texts[shot.key] = render_shot(tpl, shot, gold_label(shot))
+            texts.append(job.shot_texts[shot.key])
+        r, n = render_fewshot(tpl, it, texts, tokenizer=tok, max_tokens=max_tokens, prefix=prefix)
+        rendered.append(r)
+        kept[it.key] = [shot_id(s) for s in drawn[:n]]
+        if cal is not None:
+            cal.append(render_fewshot_content_free(tpl, it, texts[:n], prefix=prefix))
     scores = score_choices(loaded.model, tok, [r.prompt for r in rendered], [r.choices for r in rendered],
                            batch_size=opts.batch_size, normalize=opts.normalize, calibrate=opts.calibrate,
                            calibration_prompts=cal, max_input_tokens=max_tokens, progress=advance)
@@ -311,84 +395,409 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
         else:
             preds[it.key] = ""
             rows.append(log_row(it, "", prompt=None, choices=[], scores=[]))
+        if job.shots is not None:
+            rows[-1]["shots"] = kept.get(it.key, [])
     return preds, rows, sum(r.truncated for r in rendered)
+
+
+# -- shards: the unit of work. A pending task split is cut into runs of `shard_size` items; the cut depends on
+# nothing but the items and the size, so the same shards (and the same batches inside them, hence the same
+# floats) come out of 1 process or 8, and a shard scored by an interrupted run of any width is reused by the next.
+
+@dataclass
+class _Shard:
+    key: str           # the input's fingerprint: job parts without the split, plus the shard size
+    task: str
+    index: int
+    start: int
+    end: int
+    job: Job           # the first pending job with this input (LiDiRus val and test share one input)
+    cost: float        # rough work estimate for sharing shards out among processes
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return self.key, self.index
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.task}-{self.key[:16]}-{self.index:05d}.json"
+
+    def keys(self) -> list:
+        return [it.key for it in self.job.items[self.start:self.end]]
+
+
+def _input_key(job: Job, opts: ZeroShotOptions) -> str:
+    return fingerprint({**{k: v for k, v in job.parts.items() if k != "split"}, "shard_size": opts.shard_size})
+
+
+def _item_cost(item: Any) -> float:
+    """Characters the encoder reads plus a share per answer choice the decoder scores."""
+    chars = sum(len(v) for v in item.fields.values() if isinstance(v, str))
+    return chars + 64 * len(item.labels)
+
+
+def _plan_shards(pending: Sequence[Job], opts: ZeroShotOptions) -> tuple[list[_Shard], dict[str, list[Job]]]:
+    """Shards of the pending jobs (one set per distinct input), in job order, and the jobs of each input."""
+    shards: list[_Shard] = []
+    jobs_of: dict[str, list[Job]] = {}
+    for job in pending:
+        key = _input_key(job, opts)
+        if key in jobs_of:
+            jobs_of[key].append(job)
+            continue
+        jobs_of[key] = [job]
+        for i, start in enumerate(range(0, len(job.items), opts.shard_size)):
+            end = min(start + opts.shard_size, len(job.items))
+            shards.append(_Shard(key, job.task, i, start, end, job,
+                                 sum(_item_cost(it) for it in job.items[start:end])))
+    return shards, jobs_of
+
+
+def _assign(shards: Sequence[_Shard], world: int) -> list[list[_Shard]]:
+    """Share shards out among `world` processes: each next shard to the least loaded one (ties: lowest rank).
+    Who scores a shard never changes what it holds, so this only balances time."""
+    loads = [0.0] * world
+    out: list[list[_Shard]] = [[] for _ in range(world)]
+    for sh in shards:
+        r = min(range(world), key=lambda i: (loads[i], i))
+        loads[r] += sh.cost
+        out[r].append(sh)
+    return out
+
+
+def _shard_path(run: RunFolder, sh: _Shard) -> Path:
+    return run.path / SHARD_DIR / sh.file_name
+
+
+def _read_shard(run: RunFolder, sh: _Shard) -> dict | None:
+    """A finished shard's result from disk, or None when absent or not exactly this shard (then it is redone)."""
+    import json
+
+    path = _shard_path(run, sh)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = sh.keys()
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if (not isinstance(rows, list) or data.get("key") != sh.key or data.get("index") != sh.index
+            or data.get("keys") != keys or [r.get("key") if isinstance(r, dict) else None for r in rows] != keys):
+        return None
+    return data
+
+
+def _write_shard(run: RunFolder, sh: _Shard, result: dict) -> None:
+    from rsg_eval.io import atomic_write_json
+
+    path = _shard_path(run, sh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result, indent=None)
+
+
+def _remove_stale_shards(run: RunFolder, shards: Sequence[_Shard], tasks: set[str]) -> None:
+    """Shard files of these tasks that no pending shard will read (other settings, or left by a run killed
+    between writing a task and removing its shards) can never be used again: remove them."""
+    folder = run.path / SHARD_DIR
+    if not folder.is_dir():
+        return
+    live = {sh.file_name for sh in shards}
+    for f in folder.glob("*.json"):
+        if f.name.split("-", 1)[0] in tasks and f.name not in live:
+            f.unlink(missing_ok=True)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, RSGError) else f"{type(exc).__name__}: {exc}"
+
+
+def _on_main(dist: Any, fn: Any) -> Any:
+    """Run `fn` on the main process only and hand its result to every process; when it fails there, every
+    process raises (none is left waiting for a message that never comes)."""
+    if not dist.active:
+        return fn()
+    if dist.main:
+        try:
+            out = fn()
+        except BaseException as exc:
+            dist.broadcast(("error", _describe(exc)))
+            raise
+        return dist.broadcast(("ok", out))[1]
+    status, value = dist.broadcast(None)
+    if status == "error":
+        raise RSGError(value)
+    return value
+
+
+def _agree(dist: Any, exc: BaseException | None) -> None:
+    """Every process reports whether its step worked; if one failed, all stop."""
+    if dist.active:
+        msgs = dist.gather(None if exc is None else _describe(exc))
+        if exc is None:
+            bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+            if bad:
+                raise RSGError(f"process {bad[0][0]} of {dist.world} failed: {bad[0][1]}")
+    if exc is not None:
+        raise exc
+
+
+def _gather_to_main(dist: Any, obj: Any) -> list[Any] | None:
+    """Every process's object on the main process (in rank order); None elsewhere."""
+    import torch.distributed as tdist
+
+    out = [None] * dist.world if dist.main else None
+    tdist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict) -> tuple:
+    """Main process only, before any model loads: claim the run folder (lock + one-configuration check; kept in
+    `held` until run_zeroshot releases it), find the task splits still to do and the shards of them that an
+    earlier (possibly wider or narrower) run already finished. -> (path, pending job indices, found shard ids,
+    lines to print)."""
+    run = _run_folder(opts)
+    settings, per_task = run_settings(opts, src, jobs)
+    held["claim"] = run.claim(KIND, settings, per_task=per_task, restart=opts.restart, main=True)
+    held["run"] = run
+    notes = [f"[yellow]--restart: cleared the results in {run.path}[/]"] if held["claim"].restarted else []
+    pending = []
+    for i, j in enumerate(jobs):
+        why = run.task_problem(j.task, j.split, j.fingerprint)
+        if why is None:
+            continue
+        if why != "not finished":
+            notes.append(f"[yellow]{j.task}/{j.split}: {why}; redoing it[/]")
+        pending.append(i)
+    shards, _ = _plan_shards([jobs[i] for i in pending], opts)
+    if run.path.is_dir():
+        _remove_stale_shards(run, shards, {j.task for j in jobs})
+    found = [sh.id for sh in shards if _read_shard(run, sh) is not None]
+    return str(run.path), pending, found, notes
+
+
+def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
+    """Under a launcher each process scores on its own GPU (LOCAL_RANK); --device cuda:N is taken as given."""
+    if not dist.active:
+        return opts.device
+    if opts.device_map is not None:  # one model over several GPUs in one process: no room for a process per GPU
+        raise RSGError(f"--device-map {opts.device_map} spreads one model over the GPUs of one process; under "
+                       "torchrun/accelerate each process holds a whole model", field="--device-map",
+                       expected="--device-map in a single process, or several processes without it")
+    import torch
+
+    if opts.device in (None, "auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{dist.local_rank}"
+    return opts.device
 
 
 def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: bool = True,
                  loaded: Any = None) -> ZeroShotResult:
-    """Evaluate, resume-aware; see the module docstring. `loaded` (a models.loading.Loaded) skips loading."""
+    """Evaluate, resume-aware; see the module docstring. `loaded` (a models.loading.Loaded) skips loading.
+
+    Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) every process plans the same jobs and shards, scores
+    its share of the shards and saves each under state/shards/; the main process alone claims the run folder
+    (lock + one-configuration check), writes config, task results, metrics and zip, and gathers the others'
+    shards: it writes exactly what one process writes.
+    """
     from rich.console import Console
 
+    from rsg_eval.training.dist import init_from_env
+
+    dist = init_from_env(timeout_s=DIST_TIMEOUT_S)
     console = console or Console(stderr=True)
-    src, jobs = plan_jobs(opts)
-    run = _run_folder(opts)
-    settings, per_task = run_settings(opts, src, jobs)
-    claim = run.claim(KIND, settings, per_task=per_task, restart=opts.restart)  # lock + one-configuration check
+    if not dist.main:  # one voice: the other processes only score
+        console, show_progress = Console(stderr=True, quiet=True), False
+    src, jobs = plan_jobs(opts, draw=False)  # the same on every process (deterministic)
+    held: dict = {}  # main process: the claimed RunFolder and its claim
+    interrupted = False
     try:
-        if claim.restarted:
-            console.print(f"[yellow]--restart: cleared the results in {run.path}[/]")
-        return _run_claimed(opts, run, src, jobs, console, show_progress, loaded)
+        path, pending_idx, found_ids, notes = _on_main(dist, lambda: _setup_main(opts, src, jobs, held))
+        for note in notes:
+            console.print(note, soft_wrap=True)
+        run = held["run"] if dist.main else RunFolder(path)
+        result = _run_claimed(opts, run, src, jobs, pending_idx, found_ids, dist, console, show_progress, loaded)
+        interrupted = result.interrupted
+        return result
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        claim.release()
+        if "claim" in held:
+            held["claim"].release()
+        if not interrupted:  # (Ctrl-C reaches every process; none would come to the barrier in time)
+            _leave_together(dist)
 
 
-def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job], console: Any,
-                 show_progress: bool, loaded: Any) -> ZeroShotResult:
-    """run_zeroshot's work once the run folder is claimed (locked, settings checked)."""
+def _leave_together(dist: Any) -> None:
+    """Every process waits here until the main one is done writing: under torchrun a process that exits with an
+    error first gets the others killed, perhaps while the main one still writes the finished tasks' results."""
+    if not dist.active:
+        return
+    import datetime as dt
+
+    import torch.distributed as tdist
+
+    try:
+        if tdist.get_backend() == "gloo":  # bounded: a process that is gone is not waited for forever
+            tdist.monitored_barrier(timeout=dt.timedelta(seconds=LEAVE_TIMEOUT_S), wait_all_ranks=True)
+        else:
+            tdist.barrier()
+    except RuntimeError:
+        pass  # a process did not come: nothing left to protect; the error that caused it is already on its way
+
+
+def shutdown_distributed() -> None:
+    """End of a `rsg zeroshot` process: leave the process group cleanly (a process that exits with it still up
+    can abort in gloo's teardown while another is still running). A no-op in a single process."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job], pending_idx: list[int],
+                 found_ids: list, dist: Any, console: Any, show_progress: bool, loaded: Any) -> ZeroShotResult:
+    """run_zeroshot's work once the main process has claimed the run folder (locked, settings checked)."""
+    import dataclasses
+
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    result = ZeroShotResult(run)
-    pending = []
-    for j in jobs:
-        why = run.task_problem(j.task, j.split, j.fingerprint)
-        if why is None:
+    result = ZeroShotResult(run, main=dist.main)
+    pending = [jobs[i] for i in pending_idx]
+    pending_set = set(pending_idx)
+    for i, j in enumerate(jobs):
+        if i not in pending_set:
             result.outcomes.append(TaskOutcome(j.task, j.split, "skipped", len(j.items)))
             console.print(f"[dim]{j.task}/{j.split}: already finished with the same settings, skipped[/]")
-            continue
-        if why != "not finished":
-            console.print(f"[yellow]{j.task}/{j.split}: {why}; redoing it[/]", soft_wrap=True)
-        pending.append(j)
-    if pending and loaded is None:
+    shards, jobs_of = _plan_shards(pending, opts)
+    found = set(map(tuple, found_ids))
+    todo = [sh for sh in shards if sh.id not in found]
+    if found:
+        console.print(f"[dim]{len(found)} of {len(shards)} shards already scored by an earlier run, reused[/]")
+    attach_shots(opts, src, [sh.job for sh in todo])  # a bad train file fails here, before the model loads
+    if todo and loaded is None:
         # Load before writing anything: a model that does not load leaves no half-made run folder behind.
         from rsg_eval.models.loading import load_model
 
         console.print(f"loading model [bold]{opts.model}[/] ...")
-        loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype, revision=opts.revision)
-    if pending or run.read_config() is None:  # a rerun that only skips leaves config.json as it was
-        _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
+        err = None
+        try:
+            loaded = load_model(opts.model, device=_device_for(opts, dist), dtype=opts.dtype,
+                                revision=opts.revision, causal_ok=True,
+                                device_map=opts.device_map)
+        except Exception as exc:  # every process must hear of it, or the others wait for this one forever
+            err = exc
+        _agree(dist, err)
+    info = loaded.info if loaded is not None else {}
+    mine = _assign(todo, dist.world)[dist.rank]
+    done: dict[tuple[str, int], dict] = {}     # shard id -> result (main: every shard it knows of)
+    fresh: dict[tuple[str, int], dict] = {}    # shards this process scored in this call
+    written: set[int] = set()                  # ids of pending jobs whose task results are written
+
+    def write_ready(bars: dict) -> None:
+        """Main process: write every task split whose shards are all known (scored here or found on disk)."""
+        for key, group in jobs_of.items():
+            mine_of_key = [sh for sh in shards if sh.key == key]
+            for sh in mine_of_key:
+                if sh.id not in done:
+                    got = _read_shard(run, sh)
+                    if got is not None:
+                        done[sh.id] = got
+            if not all(sh.id in done for sh in mine_of_key):
+                continue
+            for job in group:
+                if id(job) in written:
+                    continue
+                results = [done[sh.id] for sh in mine_of_key]
+                rows = [row for r in results for row in r["rows"]]
+                preds = {it.key: row["pred"] for it, row in zip(job.items, rows)}
+                n_trunc = sum(r["n_truncated"] for r in results)
+                secs = round(sum(r["seconds"] for r in results), 3)
+                model = (results[0].get("model") if results else None) or {}  # what scored it (maybe earlier)
+                extra = {"template": job.template.name, "n_truncated": n_trunc, "seconds": secs,
+                         "model_fingerprint": model.get("fingerprint"), "dtype": model.get("dtype"),
+                         "device": model.get("device")}
+                if job.shots is not None or opts.num_fewshot:
+                    extra["n_shots_dropped"] = sum(r.get("n_shots_dropped", 0) for r in results)
+                run.write_task(job.task, job.split, job.items, preds, rows, job.fingerprint, parts=job.parts,
+                               extra=extra)
+                written.add(id(job))
+                if id(job) in bars:
+                    bars["progress"].update(bars[id(job)], completed=len(job.items))
+                result.outcomes.append(TaskOutcome(job.task, job.split, "done", len(job.items), secs, n_trunc))
+            if all(id(j) in written for j in group):  # consumed: the task results hold it all now
+                for sh in mine_of_key:
+                    _shard_path(run, sh).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # only when empty: other tasks' shards may still be there
+                    (run.path / SHARD_DIR).rmdir()
+
     try:
-        if pending:
-            torch.manual_seed(opts.seed)
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
-                same_input: dict[str, tuple] = {}  # LiDiRus val and test read one file: score it once
-                for job in pending:
-                    bar = progress.add_task(f"{job.task}/{job.split}", total=len(job.items))
+        torch.manual_seed(opts.seed)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
+            bars: dict = {"progress": progress}
+            for job in pending:
+                bars[id(job)] = progress.add_task(f"{job.task}/{job.split}", total=len(job.items))
+            error: BaseException | None = None
+            try:
+                if dist.main and (pending or run.read_config() is None):  # a rerun that only skips keeps it
+                    _write_config(run, opts, src, jobs, loaded.info if loaded is not None else None)
+                if dist.main:
+                    write_ready(bars)  # task splits whose shards were all scored before
+                for sh in mine:
                     t0 = time.perf_counter()
-                    key = fingerprint({k: v for k, v in job.parts.items() if k != "split"})
-                    if key not in same_input:
-                        same_input[key] = _score_job(job, loaded, opts, lambda n, bar=bar: progress.advance(bar, n))
-                    preds, rows, n_trunc = same_input[key]
-                    run.write_task(job.task, job.split, job.items, preds, rows, job.fingerprint, parts=job.parts,
-                                   extra={"template": job.template.name, "n_truncated": n_trunc,
-                                          "seconds": round(time.perf_counter() - t0, 3),
-                                          "model_fingerprint": loaded.info.get("fingerprint"),
-                                          "dtype": loaded.info.get("dtype"), "device": loaded.info.get("device")})
-                    progress.update(bar, completed=len(job.items))
-                    result.outcomes.append(TaskOutcome(job.task, job.split, "done", len(job.items),
-                                                       time.perf_counter() - t0, n_trunc))
+
+                    def advance(n: int, sh: _Shard = sh) -> None:
+                        for job in jobs_of[sh.key]:
+                            progress.advance(bars[id(job)], n)
+
+                    part = dataclasses.replace(sh.job, items=sh.job.items[sh.start:sh.end])
+                    _, rows, n_trunc = _score_job(part, loaded, opts, advance)
+                    res = {"key": sh.key, "task": sh.task, "index": sh.index, "start": sh.start, "end": sh.end,
+                           "keys": sh.keys(), "rows": rows, "n_truncated": n_trunc,
+                           "seconds": round(time.perf_counter() - t0, 3),
+                           "model": {k: info.get(k) for k in ("fingerprint", "dtype", "device")}}
+                    if part.shots is not None:
+                        res["n_shots_dropped"] = sum(len(part.shots.get(r["key"], [])) - len(r["shots"])
+                                                     for r in rows if r["prompt"] is not None)
+                    _write_shard(run, sh, res)  # saved for resume before anything else happens
+                    done[sh.id] = fresh[sh.id] = res
+                    if dist.main:
+                        write_ready(bars)
+            except Exception as exc:
+                if not dist.active:
+                    raise
+                error = exc  # still join the gather below, so that no process waits for this one forever
+            if dist.active:
+                # The shards travel over the process group too: the run folder need not be on a shared disk.
+                got = _gather_to_main(dist, (None if error is None else _describe(error),
+                                             {} if dist.main else fresh))
+                if dist.main:
+                    for msg, results in got:
+                        done.update(results)
+                    bad = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
+                    if error is None and bad:
+                        error = RSGError(f"process {bad[0][0]} of {dist.world} failed: {bad[0][1]}")
+                    try:
+                        write_ready(bars)
+                    except Exception as exc:
+                        error = error or exc
+            if error is not None:
+                raise error
     except KeyboardInterrupt:
         result.interrupted = True
-        console.print("[yellow]interrupted: finished tasks are saved; rerun the same command to resume[/]")
+        console.print("[yellow]interrupted: finished tasks and shards are saved; rerun the same command to "
+                      "resume[/]")
     finally:
         # Whatever happened, the metrics and zip reflect every task finished so far.
-        if run.path.is_dir() and run.finished("val"):
+        if dist.main and run.path.is_dir() and run.finished("val"):
             result.metrics = run.write_metrics("val")
-        if run.path.is_dir() and run.finished("test"):
+        if dist.main and run.path.is_dir() and run.finished("test"):
             result.zip = run.build_zip()
         for split in ("val", "test"):
-            for task, why in (run.ignored(split).items() if run.path.is_dir() else ()):
+            for task, why in (run.ignored(split).items() if dist.main and run.path.is_dir() else ()):
                 console.print(f"[yellow]{task}/{split}: {why}: left out of metrics.json and the zip[/]",
                               soft_wrap=True)
     return result

@@ -1,15 +1,17 @@
-"""The zero-shot benchmark at a toy size: it runs all three ways of scoring and reports identical predictions.
-Speed is not asserted here (it is measured by `rsg bench zeroshot` and recorded in docs/benchmarks.md)."""
+"""The zero-shot benchmark at a toy size: every way of scoring, both architectures, identical predictions, peak
+memory per way. Speed is not asserted here (it is measured by `rsg bench zeroshot`; docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
-from rsg_eval.bench.zeroshot import parus_like, rucos_like, run_bench
+from rsg_eval.bench.zeroshot import MEMORY_CPU, compare_ways, parus_like, peak_memory, rucos_like, run_bench
 
 TOY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, num_decoder_layers=1)
+TOY_CAUSAL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
 
 
 def test_inputs_have_the_promised_shape():
@@ -23,18 +25,55 @@ def test_inputs_have_the_promised_shape():
     assert all(len(c) == 2 for c in par.choices)
 
 
-def test_bench_reports_identical_predictions():
+def test_bench_reports_identical_predictions_and_memory_per_way():
     report = run_bench(docs=2, parus_docs=3, passage_words=60, model_overrides=TOY, threads=1)
-    assert report["model"]["d_model"] == 32 and report["device"] == "cpu"
-    names = [c["name"] for c in report["cases"]]
-    assert names == ["RuCoS-like", "PARus-like"]
+    assert report["arch"] == "seq2seq" and report["model"]["d_model"] == 32 and report["device"] == "cpu"
+    assert [c["case"] for c in report["cases"]] == ["RuCoS-like", "PARus-like"]
     for c in report["cases"]:
-        assert c["same_predictions"] is True
-        assert c["max_abs_diff"] < 1e-3
-        assert set(c["seconds"]) == {"naive", "encoder_once", "kv_once", "fast"}
-        assert c["ratio_vs_naive"]["naive"] == 1.0
-        assert all(v > 0 for v in c["docs_per_s"].values())
-    assert report["cases"][0]["choices_per_doc"] == 15
+        assert c["same_predictions"] is True and c["max_abs_diff"] < 1e-3
+        assert list(c["ways"]) == ["naive", "encoder_once", "prompt_once", "fast"]
+        assert c["ways"]["naive"]["ratio_vs_naive"] == 1.0
+        assert all(w["prompts_per_s"] > 0 and w["peak_memory_bytes"] > 0 and w["peak_memory_one_prompt_bytes"] > 0
+                   for w in c["ways"].values())
+        assert c["memory_measure"] == MEMORY_CPU
+    rucos = report["cases"][0]
+    assert rucos["choices_per_prompt"] == 15
+    # Scoring one prompt with all its choices at once: a full pass per choice holds far more than ours.
+    one = {w: rucos["ways"][w]["peak_memory_one_prompt_bytes"] for w in rucos["ways"]}
+    assert one["naive"] > 2 * one["fast"], one
+
+
+def test_causal_bench():
+    report = run_bench(arch="causal", docs=2, parus_docs=2, passage_words=60, model_overrides=TOY_CAUSAL, threads=1)
+    assert report["model"]["model_type"] == "llama" and report["model"]["hidden_size"] == 32
+    for c in report["cases"]:
+        assert c["same_predictions"] is True and c["max_abs_diff"] < 1e-3
+        assert list(c["ways"]) == ["naive", "prompt_once", "fast"]
+
+
+def test_compare_ways_on_a_loaded_model():
+    """The entry point other benchmarks call: a loaded model, a case, the ways to compare."""
+    from rsg_eval.models.tiny import build_tiny
+
+    model, tok = build_tiny(**TOY)
+    res = compare_ways(model, tok, rucos_like(2, passage_words=40, candidates=4), ways=["naive", "fast"],
+                       repeats=1, memory=False)
+    assert set(res["ways"]) == {"naive", "fast"} and res["prompts"] == 2 and res["same_predictions"]
+    assert res["ways"]["fast"]["peak_memory_bytes"] is None and res["dtype"] == "float32"
+    assert res["ways"]["fast"]["seconds"] > 0 and res["ways"]["fast"]["prompts_per_s"] > 0
+
+
+def test_peak_memory_on_cpu_counts_what_the_run_allocates():
+    def allocate():
+        a = torch.ones(1 << 18)  # 1 MiB
+        b = torch.ones(1 << 19)  # 2 MiB, both alive: 3 MiB peak
+        del a
+        c = torch.ones(1 << 18)  # 2 + 1 MiB again
+        return float(b.sum() + c.sum())
+
+    out, peak, how = peak_memory(allocate, torch.device("cpu"))
+    assert out == float((1 << 19) + (1 << 18)) and how == MEMORY_CPU
+    assert 3 << 20 <= peak < (3 << 20) + 4096
 
 
 def test_cli_writes_json(tmp_path):
@@ -42,8 +81,14 @@ def test_cli_writes_json(tmp_path):
 
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", "zeroshot", "--docs", "1", "--parus-docs", "2", "--d-model", "16",
-                                   "--layers", "1", "--threads", "1", "--json", str(out)])
+                                   "--layers", "1", "--threads", "1", "--no-memory", "--json", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text(encoding="utf-8"))
     assert [c["same_predictions"] for c in data["cases"]] == [True, True]
     assert "RuCoS-like" in res.output
+    res = CliRunner().invoke(app, ["bench", "zeroshot", "--arch", "causal", "--docs", "1", "--parus-docs", "1",
+                                   "--d-model", "16", "--layers", "1", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "peak" in res.output
+    res = CliRunner().invoke(app, ["bench", "zeroshot", "--arch", "rnn"])
+    assert res.exit_code == 2 or "unknown architecture" in str(res.exception)

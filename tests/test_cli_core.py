@@ -65,7 +65,7 @@ def test_submit_check_and_zip(tmp_path):
     (folder / "PARus.jsonl").write_text('{"idx": 0, "label": "0"}\n')
     write_zip(folder, tmp_path / "bad.zip")
     bad = rsg("submit", "check", tmp_path / "bad.zip", "--data", "sample")
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # a bad submission is bad input: exit status 2, like everywhere
     assert "PARus.jsonl:1" in bad.stdout and "invalid label '0'" in bad.stdout
     assert "4 test items have no prediction" in bad.stdout
 

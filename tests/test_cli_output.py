@@ -62,7 +62,7 @@ def test_submit_check_on_a_partial_zip_hints_at_tasks(tmp_path: Path) -> None:
         "".join(json.dumps({"idx": i, "label": "entailment"}) + "\n" for i in range(5)), encoding="utf-8")
     assert _rsg("submit", "zip", str(preds), "--out", str(tmp_path / "p.zip")).returncode == 0
     proc = _rsg("submit", "check", str(tmp_path / "p.zip"), "--data", "sample")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a bad submission is bad input: exit status 2
     assert "missing RCB.jsonl" in proc.stdout
     assert "hint: the zip holds 1 of 9 tasks; to check only those, add --tasks TERRa" in proc.stdout
     # The hint's command works as written.
@@ -77,5 +77,5 @@ def test_submit_check_gives_no_hint_for_a_complete_but_wrong_zip(tmp_path: Path)
     (preds / "TERRa.jsonl").write_text(json.dumps({"idx": 0, "label": "entailment"}) + "\n", encoding="utf-8")
     assert _rsg("submit", "zip", str(preds), "--out", str(tmp_path / "p.zip")).returncode == 0
     proc = _rsg("submit", "check", str(tmp_path / "p.zip"), "--data", "sample", "--tasks", "TERRa")
-    assert proc.returncode == 1 and "4 test items have no prediction" in proc.stdout
+    assert proc.returncode == 2 and "4 test items have no prediction" in proc.stdout
     assert "hint" not in proc.stdout

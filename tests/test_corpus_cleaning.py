@@ -74,9 +74,10 @@ def test_clean_config_errors() -> None:
 
 def test_dedup_exact_and_near_per_task() -> None:
     d = Deduper(CleanConfig())
-    near = LONG.replace("десять лет назад", "десять лет тому назад")
+    text = LONG + " Авторы связывают это с тёплыми течениями и просят продолжить наблюдения ещё на пять лет."
+    near = text.replace("пять лет.", "пять месяцев.")   # the last shingle differs: Jaccard 31/33 = 0.94
     other = "Городские власти Екатеринбурга объявили о ремонте трамвайных путей на центральных улицах в мае."
-    keep = [d.keep(_rec(t)) for t in (LONG, "  " + LONG.upper(), near, other)]
+    keep = [d.keep(_rec(t)) for t in (text, "  " + text.upper(), near, other)]
     assert keep == [True, False, False, True]
     assert dict(d.counts["text"]) == {"exact duplicate": 1, "near duplicate": 1}
     # the same text under another task is not a duplicate (dedup is per task)
@@ -160,3 +161,94 @@ def test_example_config_parses() -> None:
     lenta = next(s for s in cfg.sources if s.name == "lenta")
     mapped = {v for v in lenta.opts["label_map"].values() if v is not None}
     assert mapped <= set(cfg.mc_classes or ())  # every mapped topic is one of the 17 classes
+
+
+# ---------------------------------------------------------------- the streaming parts
+
+
+def test_batched_dedup_decides_as_one_by_one(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = LONG.split()
+    texts = []
+    for i in range(60):
+        if texts and rng.random() < 0.3:
+            texts.append(rng.choice(texts))                      # an exact copy
+        elif texts and rng.random() < 0.3:
+            w = rng.choice(texts).split()
+            w[-1] = "иначе."                                      # a near copy (the last word)
+            texts.append(" ".join(w))
+        else:
+            texts.append(" ".join(rng.sample(words, len(words))) + f" номер {i}.")
+    recs = [_rec(t) for t in texts]
+    one = Deduper(CleanConfig(), tmp_path / "one.sqlite")
+    keep_one = [one.keep(r) for r in recs]
+    batched = Deduper(CleanConfig(), tmp_path / "b.sqlite", batch=7)
+    kept = list(batched.filter(recs))
+    assert kept == [r for r, k in zip(recs, keep_one) if k]
+    assert batched.counts == one.counts and one.counts["text"]["exact duplicate"] > 0
+    assert one.counts["text"]["near duplicate"] > 0
+    # the index lives on disk: a key per band per kept record plus one for the exact check
+    assert one.store.size == sum(keep_one) * (one.bands + 1)
+    one.close()
+    batched.close()
+
+
+def test_lsh_parameters_match_datasketch() -> None:
+    from rsg_eval.corpus.cleaning import lsh_params
+
+    lsh = pytest.importorskip("datasketch.lsh")
+    for threshold, perms in ((0.85, 128), (0.7, 128), (0.9, 64), (0.5, 256)):
+        assert lsh_params(threshold, perms) == lsh._optimal_param(threshold, perms, 0.5, 0.5)
+    assert lsh_params(0.85, 128) == (8, 16)
+
+
+def test_minhash_estimates_jaccard() -> None:
+    from rsg_eval.corpus.cleaning import MinHasher
+
+    m = MinHasher(num_perm=256, shingle=1)
+    a = " ".join(f"слово{i}" for i in range(120))
+    b = " ".join(f"слово{i}" for i in range(40, 160))   # 80 shared of 160: Jaccard 0.5
+    est = float((m(a) == m(b)).mean())
+    assert abs(est - 0.5) < 0.1 and (m(a) == m(a)).all()
+    assert m("одно слово").shape == (256,)                 # fewer words than the shingle size: one shingle
+
+
+def test_hash_sorter_and_smallest_keys(tmp_path: Path) -> None:
+    import random
+    from collections import Counter
+
+    from rsg_eval.corpus.stage import HashSorter, SmallestKeys
+
+    rng = random.Random(1)
+    keys = [rng.getrandbits(64) for _ in range(3000)] + [7, 7, 7]
+    hs = HashSorter(tmp_path / "s", max_bytes=4000)   # tiny buckets: every bucket is split again on reading
+    for i, k in enumerate(keys):
+        hs.add(k, {"i": i, "k": k})
+    out = list(hs)
+    assert [r["k"] for r in out] == sorted(keys)
+    assert [r["i"] for r in out if r["k"] == 7] == [3000, 3001, 3002]   # ties keep their order
+    vals = [rng.randrange(500) for _ in range(5000)]
+    sk = SmallestKeys(20, chunk=64)
+    for v in vals:
+        sk.add(v)
+    got, counts = sk.result()
+    c = Counter(vals)
+    assert got.tolist() == sorted(c)[:20] and counts.tolist() == [c[v] for v in sorted(c)[:20]]
+
+
+@pytest.mark.slow
+def test_memory_bench_runs_both_ways(tmp_path: Path) -> None:
+    import numpy as np
+
+    from rsg_eval.corpus.bench import measure
+
+    ballast = np.ones(300 << 17)   # 300 MB in this (parent) process: a child must not report it as its own
+    ballast[::4096] = 2.0          # touch every page
+    stream, naive = measure(400, workdir=tmp_path), measure(400, naive=True, workdir=tmp_path)
+    assert stream["peak_mb"] < 200 and naive["peak_mb"] < 300
+    assert sum(stream["made"].values()) == 400 and stream["made"]["exact copy"] > 0
+    # both ways remove the emoji texts and the exact copies; near copies may differ by a few (two MinHash schemes)
+    assert abs(stream["built"] - naive["built"]) <= 3 and stream["built"] < 400 - stream["made"]["emoji"]
+    assert 0 < stream["peak_mb"] < naive["peak_mb"] and stream["dedup_index_mb"] >= 0

@@ -167,8 +167,10 @@ def _cfg(**kw) -> FinetuneConfig:
     return FinetuneConfig(**base)
 
 
-def _run(tiny, pairs, tok, cfg, ckpt, hooks=None):
+def _run(tiny, pairs, tok, cfg, ckpt, hooks=None, dtype=None):
     model, _ = tiny()
+    if dtype is not None:
+        model.to(dtype)
     model.train()
     res = train(model, tok, pairs, cfg, evaluate=lambda m: {"loss": mean_nll(m, tok, pairs[:6]),
                                                            "score": -mean_nll(m, tok, pairs[:6])},
@@ -312,23 +314,38 @@ def test_bench_counts_the_same_examples_with_and_without_grouping(tiny):
 
 def test_accumulation_and_checkpointing_do_not_change_the_update(tiny, terra_pairs, tmp_path):
     """The loss is the mean token NLL over the whole optimizer step, so batch 8 = batch 4 x accumulation 2 =
-    batch 2 x accumulation 4 (same plan, same weights up to float noise); gradient checkpointing recomputes
-    activations and must not change anything either (dropout off)."""
+    batch 2 x accumulation 4 (same plan, same update up to rounding); gradient checkpointing recomputes
+    activations and must not change anything either (dropout off).
+
+    What "up to rounding" means: the micro-batches pad to different lengths and sum in a different order, so
+    the gradients differ in their last bits; Adam divides each gradient element by its own magnitude, so an
+    element whose gradient is near zero can move by up to lr per step on noise alone (float32 on an AMD EPYC:
+    1.5e-5 in one weight, against updates of 3e-3). An element-wise tolerance is thus either CPU-dependent or
+    meaningless. The models run in float64 (rounding ~1e-16 instead of ~1e-7) and each weight tensor's
+    distance is measured against the size of its own update: float64 rounding gives ~3e-6 of the update
+    (T5's layer norm still squares in float32), while averaging the loss per micro-batch instead of per
+    step (the bug this guards against) gives ~0.3."""
     tok, pairs = terra_pairs
     common = dict(epochs=1, dropout=0.0, save_every=0, group_by_length=False, max_grad_norm=1.0)
+    init = {k: v.double() for k, v in tiny()[0].state_dict().items()}
     runs = {}
     for name, kw in {"b8": dict(batch_size=8, grad_accum=1), "b4x2": dict(batch_size=4, grad_accum=2),
                      "b2x4": dict(batch_size=2, grad_accum=4),
                      "b8gc": dict(batch_size=8, grad_accum=1, gradient_checkpointing=True)}.items():
-        model, res = _run(tiny, pairs, tok, _cfg(**common, **kw), tmp_path / name)
+        model, res = _run(tiny, pairs, tok, _cfg(**common, **kw), tmp_path / name, dtype=torch.float64)
         runs[name] = (model.state_dict(), res.state.history[0])
     ref_w, ref_h = runs["b8"]
     # b4x2 and b2x4 see the same examples per step only if the plan's global batches line up: batch 8 with
     # 12 pairs = [8, 4]; batch 4 x 2 = [4+4, 4]; batch 2 x 4 = [2+2+2+2, 2+2] -> the same two steps
     for name in ("b4x2", "b2x4", "b8gc"):
         w, h = runs[name]
-        assert h["train_loss"] == pytest.approx(ref_h["train_loss"], rel=1e-5), name
-        assert all(torch.allclose(ref_w[k], w[k], atol=1e-5) for k in ref_w), name
+        assert h["train_loss"] == pytest.approx(ref_h["train_loss"], rel=1e-6), name  # float32 layer norm: ~4e-9
+        for k in ref_w:
+            update = (ref_w[k] - init[k]).norm()
+            if update == 0:  # untouched (e.g. no gradient reaches it): must stay exactly as it was
+                assert torch.equal(w[k], ref_w[k]), (name, k)
+            else:
+                assert (w[k] - ref_w[k]).norm() <= 1e-4 * update, (name, k)
 
 
 def test_ctrl_c_saves_at_the_next_step_boundary_and_resumes_exactly(tiny, terra_pairs, tmp_path):

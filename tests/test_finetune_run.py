@@ -151,7 +151,7 @@ def test_two_processes_match_one(learn_run, tmp_path):
     d, single = learn_run
     args = ["finetune", "--model", "tiny", "--data", str(d / "data"), "--tasks", "TERRa", "--epochs",
             str(LEARN["epochs"]), "--batch-size", "4", "--lr", str(LEARN["lr"]), "--warmup-ratio", "0",
-            "--max-source-len", "64", "--max-target-len", "8", "--run", str(tmp_path / "run2"),
+            "--max-source-length", "64", "--max-target-length", "8", "--run", str(tmp_path / "run2"),
             "--checkpoint-dir", str(tmp_path / "ck2"), "-q"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # `--` keeps torchrun's own parser away from our flags (it would read --run as its --run-path)

@@ -66,7 +66,8 @@ def test_run_folder_and_predictions(ckpt, tmp_path):
             p = nli_probabilities(hier, loaded.tokenizer, [(it.fields["premise"], it.fields["hypothesis"])],
                                   batch_size=1)[0]
             assert row["pred"] == decide(task, p, HEAD, it.labels)[0]
-            assert row["scores"] == pytest.approx(decide(task, p, HEAD, it.labels)[1], abs=1e-5)
+            # batch 4 vs batch 1: float32 rounding relative to the log-probability (measured 2e-6 absolute)
+            assert row["scores"] == pytest.approx(decide(task, p, HEAD, it.labels)[1], rel=1e-5, abs=1e-6)
     # A rerun skips finished tasks; only entailment tasks are accepted.
     again = run_nli_head_eval(ckpt, data="sample", split="val", run_dir=run_dir)
     assert not again.done and len(again.skipped) == 3
@@ -91,6 +92,37 @@ def test_zeroshot_cli_dispatches_to_the_nli_head(ckpt, tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert cfg["kind"] == "nli-head" and cfg["tasks"] == ["RCB"] and cfg["limit"] == 2
     assert len((run_dir / "logs" / "val" / "RCB.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_nli_head_cli_prints_the_zeroshot_summary_and_its_partial_zip(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    run_dir = tmp_path / "cli-all"
+    r = CliRunner().invoke(app, ["zeroshot", "--model", str(ckpt), "--data", "sample", "--nli-head", "--tasks",
+                                 "RCB", "TERRa", "--limit", "2", "--run", str(run_dir), "-q"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["tasks"]
+    out = r.output
+    # the prompted zero-shot's table: a row per task with its metrics and score, then the total
+    assert "val metrics" in out
+    for task in ("RCB", "TERRa"):
+        row = next(ln for ln in out.splitlines() if ln.startswith(f"│ {task} "))
+        assert f"{metrics[task]['score']:.4f}" in row and "acc" in row
+    assert "needs all nine tasks" in out
+    assert f"run folder: {run_dir} (4 task splits evaluated, 0 skipped" in out
+    # the zip: where it is, that it is partial, and why it cannot be complete
+    zip_path = run_dir / "submission-partial.zip"
+    assert zip_path.is_file() and not (run_dir / "submission.zip").exists()
+    assert f"partial zip {zip_path}: 2 of 9 tasks; missing LiDiRus, PARus" in out
+    assert "the NLI head answers only LiDiRus, RCB and TERRa" in out
+    # a rerun says it skipped them and prints the same table
+    again = CliRunner().invoke(app, ["zeroshot", "--model", str(ckpt), "--data", "sample", "--nli-head", "--tasks",
+                                     "RCB,TERRa", "--limit", "2", "--run", str(run_dir), "-q"])
+    assert again.exit_code == 0, again.output
+    assert "(0 task splits evaluated, 4 skipped as already finished" in again.output
+    assert "val metrics" in again.output and f"partial zip {zip_path}" in again.output
 
 
 def test_block1_predictions_batch_invariant(ckpt):

@@ -239,7 +239,7 @@ DEFAULTS = {
     "seed": 0,                   # paper: not stated
     "max_steps_per_epoch": None,
     "save_steps": 0,
-    "no_progress": False,
+    "quiet": False,
     "dist_timeout": 7200.0,      # several processes: seconds a collective may wait (torch's NCCL default: 600)
     "restart": False,            # run folder: resume unless asked to start over
 }
@@ -262,7 +262,7 @@ def test_every_train_hmtl_default_is_pinned():
     assert got == DEFAULTS
     cfg = TrainConfig(model="m", corpus="c", out="o")
     for name, want in DEFAULTS.items():
-        if name in ("task_weights", "no_progress", "restart"):  # restart is an argument of train(), not config
+        if name in ("task_weights", "quiet", "restart"):  # restart is an argument of train(), not config
             continue
         assert getattr(cfg, name) == want, name
     assert cfg.task_weights == {t: 1.0 for t in TASKS}

@@ -151,8 +151,8 @@ def test_paper_schedule_note_via_cli(tmp_path):
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["train-hmtl", "--model", "tiny", "--corpus", "sample", "--out", str(out),
                                  "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "2",
-                                 "--grad-accum", "1", "--max-length", "48", "--max-target-length", "16",
-                                 "--no-gradient-checkpointing", "--task-weights", "title=0", "--no-progress",
+                                 "--grad-accum", "1", "--max-source-length", "48", "--max-target-length", "16",
+                                 "--no-gradient-checkpointing", "--task-weights", "title=0", "--quiet",
                                  "--adapter-layout", "shared-mc-ner", "--ner-loss", "multilabel"])
     assert r.exit_code == 0, r.output
     log = (out / "train.log").read_text(encoding="utf-8")

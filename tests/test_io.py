@@ -28,8 +28,9 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(RSGError, match="the disk is full") as exc:  # one line naming the file, not an OSError
         atomic_write_text(f, "new")
+    assert exc.value.file == str(f) and "run the same command again" in str(exc.value)
     assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 

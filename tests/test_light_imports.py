@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 LIGHT = ["rsg_eval.tasks", "rsg_eval.metrics", "rsg_eval.data", "rsg_eval.submission", "rsg_eval.io",
-         "rsg_eval.cli"]
+         "rsg_eval.limits", "rsg_eval.models.weight_files", "rsg_eval.cli", "rsg_eval.fewshot"]
 
 
 def _no_torch(code: str) -> None:

@@ -184,3 +184,138 @@ def test_dtype_rules():
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(RSGError, match="no GPU"):
         load_model("tiny", device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------- decoder-only
+
+
+def test_tiny_causal_is_a_deterministic_llama_with_the_tiny_tokenizer():
+    from rsg_eval.models.tiny import build_tiny_causal
+
+    m1, t1 = build_tiny_causal()
+    m2, _ = build_tiny_causal()
+    assert _weights_hash(m1) == _weights_hash(m2)
+    assert _weights_hash(build_tiny_causal(seed=1)[0]) != _weights_hash(m1)
+    cfg = m1.config
+    assert cfg.model_type == "llama" and not cfg.is_encoder_decoder and not cfg.tie_word_embeddings
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention, as modern Llamas
+    assert t1.backend_tokenizer.to_str() == build_tiny_tokenizer().backend_tokenizer.to_str()
+    assert cfg.vocab_size == len(t1) and cfg.max_position_embeddings == 512
+    loaded = load_model("tiny-causal", causal_ok=True)
+    assert loaded.info["kind"] == "causal" and loaded.info["model"] == "tiny-causal"
+    assert loaded.info["fingerprint"].startswith("tiny-causal-") and loaded.info["max_input_tokens"] == 512
+    assert load_model("tiny").info["kind"] == "seq2seq"
+
+
+def _save_causal(kind: str, path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rsg_eval.models.tiny import build_tiny_causal
+
+    if kind == "llama":
+        model, tok = build_tiny_causal(seed=4)
+    else:
+        tok = build_tiny_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                               bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_local_decoder_only_folder_loads_through_the_hub_path(tmp_path, kind):
+    """A Llama- or GPT-2-shaped folder saved with save_pretrained loads by its config (AutoModelForCausalLM) and
+    scores exactly as the model it was saved from."""
+    from rsg_eval.models.loading import model_kind
+    from rsg_eval.scoring import score_choices
+
+    model, tok = _save_causal(kind, tmp_path / kind)
+    assert model_kind(tmp_path / kind) == "causal" and model_kind("tiny-causal") == "causal"
+    loaded = load_model(tmp_path / kind, causal_ok=True)
+    assert type(loaded.model) is type(model) and loaded.info["kind"] == "causal"
+    assert loaded.info["source"] == "local" and loaded.info["model_type"] == kind
+    assert _weights_hash(loaded.model) == _weights_hash(model)
+    prompts, choices = ["Вопрос: верно ли это?", "Мальчик уронил стакан."], [["да", "нет"], ["Он разбился.", "Нет."]]
+    assert score_choices(loaded.model, loaded.tokenizer, prompts, choices) == \
+        score_choices(model, tok, prompts, choices)
+    # The context: the tokenizer's 512, capped by the positions the model has (GPT-2 here: 256).
+    assert loaded.info["max_input_tokens"] == (256 if kind == "gpt2" else 512)
+
+
+def test_decoder_only_models_are_refused_where_seq2seq_is_needed(tmp_path):
+    from rsg_eval.models.loading import require_seq2seq
+
+    _save_causal("llama", tmp_path / "m")
+    for name in ("tiny-causal", str(tmp_path / "m")):
+        with pytest.raises(RSGError, match=r"decoder-only model .*seq2seq models only"):
+            load_model(name)  # without causal_ok: fine-tuning, train-hmtl, --nli-head
+        with pytest.raises(RSGError, match=f"'{name}' is a decoder-only model; rsg finetune works with seq2seq"):
+            require_seq2seq(name, "rsg finetune")
+    require_seq2seq("tiny", "rsg finetune")
+    require_seq2seq("some-org/unknown-hub-id", "rsg finetune")  # unknown without the network: load_model decides
+
+
+# ----------------------------------------------------------------------------------------------- placement, bf16
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-causal"])
+def test_device_map_auto_loads_and_scores_identically(tmp_path, name):
+    """--device-map auto (accelerate's big-model loading): the built-in models and saved folders load with it and
+    score exactly as without it. On a CPU-only machine everything lands on the CPU."""
+    from rsg_eval.scoring import score_choices
+
+    prompts, choices = ["<LM>Вопрос: верно ли это?"], [["да", "нет", "не знаю"]]
+    plain = load_model(name, causal_ok=True)
+    want = score_choices(plain.model, plain.tokenizer, prompts, choices)
+    spread = load_model(name, causal_ok=True, device_map="auto")
+    assert spread.info["device_map"] == {"": "cpu"}
+    assert score_choices(spread.model, spread.tokenizer, prompts, choices) == want
+    plain.model.save_pretrained(tmp_path / "m")
+    plain.tokenizer.save_pretrained(tmp_path / "m")
+    from_dir = load_model(tmp_path / "m", causal_ok=True, device_map="auto")
+    assert from_dir.info["device_map"] == {"": "cpu"}
+    assert score_choices(from_dir.model, from_dir.tokenizer, prompts, choices) == want
+    with pytest.raises(RSGError, match="give one"):
+        load_model(name, causal_ok=True, device="cpu", device_map="auto")
+    with pytest.raises(RSGError, match="unknown device map"):
+        load_model(name, causal_ok=True, device_map="everywhere")
+
+
+def test_auto_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on V100/T4 through emulation; "auto" must not pick bf16 there."""
+    from rsg_eval.models import loading
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert loading.cuda_bf16_native() is native
+        assert resolve_dtype("auto", cuda) == (torch.bfloat16 if native else torch.float32)
+
+    def old_torch(*args):  # torch < 2.3: no including_emulation argument
+        if args:
+            raise TypeError("unexpected argument")
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: old_torch(*kw.values()))
+    for major, native in ((7, False), (8, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, major=major: (major, 0))
+        assert loading.cuda_bf16_native() is native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.cuda_bf16_native() is False
+
+
+def test_every_auto_bf16_decision_goes_through_the_native_check():
+    """No call site asks torch.cuda.is_bf16_supported() directly (it says True for emulated bf16)."""
+    from pathlib import Path
+
+    import rsg_eval
+
+    root = Path(rsg_eval.__file__).parent
+    hits = [str(p.relative_to(root)) for p in root.rglob("*.py")
+            if "is_bf16_supported(" in p.read_text(encoding="utf-8")]
+    assert hits == ["models/loading.py"]

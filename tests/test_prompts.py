@@ -79,7 +79,10 @@ def test_per_item_choices():
     assert load_template("MuSeRC", "yesno").render(muserc).choices == ["Нет", "Да"]
 
 
-def test_truncation_shortens_only_the_passage(tmp_path):
+def test_truncation_shortens_only_the_passage(tmp_path, monkeypatch):
+    # fields are cut at max_tokens x RSG_MAX_CHARS_PER_TOKEN characters before tokenisation (tests/test_limits.py);
+    # this test's 490-character passage at max_tokens=10 stays under that cut with 64 characters per token
+    monkeypatch.setenv("RSG_MAX_CHARS_PER_TOKEN", "64")
     tpl = load_template("DaNetQA", "yesno")
     passage = " ".join(f"w{i}" for i in range(100))
     it = _item("DaNetQA", {"passage": passage, "question": "Это правда?"}, (False, True))

@@ -64,6 +64,12 @@ TINY = Sizes(model="tiny", batch=2, src_len=32, tgt_len=8, steps=1, warmup=1, hm
              ee=dict(d_model=32, d_ff=64, num_heads=4, layers=4, split=1, batch=2, seq_len=16), ee_repeats=1)
 
 
+def _bf16_native() -> bool:
+    from rsg_eval.models.loading import cuda_bf16_native
+
+    return cuda_bf16_native()
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -125,7 +131,7 @@ def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> 
         model = HierarchicalT5.from_base(base, split="0.25").to(device).train()
     model.seq2seq.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.seq2seq.config.use_cache = False
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device.type == "cuda" and _bf16_native()
     g = torch.Generator().manual_seed(0)
     n_mc, n_ner = len(model.config.mc_labels), len(model.config.ner_labels)
     b, S, T = s.batch, s.src_len, s.tgt_len
@@ -174,42 +180,20 @@ def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> 
 
 def _zeroshot_compare(model: Any, tokenizer: Any, case: Any, batch_size: int, device: torch.device
                       ) -> dict[str, Any]:
-    """Naive vs our scoring on one case: {"ways": {way: {seconds, prompts_per_s, peak_mib}}, "same_predictions",
-    "ours", "naive"}.
+    """Naive vs our scoring on one case through the scoring bench's `compare_ways` (rsg_eval.bench.zeroshot: it
+    times each way with synchronised clocks, checks the predictions and measures each way's peak memory):
+    {"naive": way, "ours": way, "same_predictions", "ways": {way: {seconds, prompts_per_s, peak_mib}}}."""
+    from rsg_eval.bench.zeroshot import compare_ways
+    from rsg_eval.scoring import modes_for
 
-    Adapter: the scoring work (issue 15 items 1-3) adds `compare_ways` to rsg_eval.bench.zeroshot, which times
-    the ways and measures each one's peak memory; until it is there, the bench's current per-mode timer runs here
-    and the peak is read around each way."""
-    from rsg_eval.bench import zeroshot as zb
-
-    if hasattr(zb, "compare_ways"):
-        from rsg_eval.scoring import modes_for
-
-        modes = modes_for(model)
-        ways = (modes[0], modes[-1])
-        res = zb.compare_ways(model, tokenizer, case, ways=ways, batch_size=batch_size, repeats=1)
-        return {"naive": ways[0], "ours": ways[1], "same_predictions": bool(res["same_predictions"]),
-                "ways": {w: {"seconds": r["seconds"], "prompts_per_s": r["prompts_per_s"],
-                             "peak_mib": (r["peak_memory_bytes"] / 2**20
-                                          if r.get("peak_memory_bytes") is not None else None)}
-                         for w, r in res["ways"].items()}}
-    from rsg_eval.scoring import predict
-
-    ways = ("naive", "fast")
-    small = type(case)(case.name, case.prompts[:2], case.choices[:2])
-    for w in ways:  # warm-up
-        zb._time_mode(model, tokenizer, small, w, batch_size)
-    out: dict[str, Any] = {"naive": ways[0], "ours": ways[1], "ways": {}}
-    preds = {}
-    for w in ways:
-        _reset_peak(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        secs, _, scores = zb._time_mode(model, tokenizer, case, w, batch_size)
-        preds[w] = predict(scores)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
-        out["ways"][w] = {"seconds": secs, "prompts_per_s": len(case.prompts) / secs, "peak_mib": peak}
-    out["same_predictions"] = preds[ways[0]] == preds[ways[1]]
-    return out
+    modes = modes_for(model)            # from the reference (naive) to ours
+    ways = (modes[0], modes[-1])
+    res = compare_ways(model, tokenizer, case, ways=ways, batch_size=batch_size, repeats=1)
+    return {"naive": ways[0], "ours": ways[1], "same_predictions": bool(res["same_predictions"]),
+            "ways": {w: {"seconds": r["seconds"], "prompts_per_s": r["prompts_per_s"],
+                         "peak_mib": (r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") is not None
+                                      else None)}
+                     for w, r in res["ways"].items()}}
 
 
 def section_zeroshot(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
@@ -219,7 +203,7 @@ def section_zeroshot(s: Sizes, device: torch.device, peak: float | None) -> dict
 
     model, _ = build_model(s.model, device)
     model.eval()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and _bf16_native():
         model.to(torch.bfloat16)  # as `rsg zeroshot --dtype auto` loads it on such a GPU
     tok = build_tiny_tokenizer()
     case = rucos_like(s.zs_docs, passage_words=s.zs_passage_words, candidates=s.zs_candidates)
@@ -240,7 +224,7 @@ def section_zeroshot(s: Sizes, device: torch.device, peak: float | None) -> dict
 def section_early_exit(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
     from rsg_eval.hmtl.bench import run_bench
 
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device.type == "cuda" and _bf16_native()
     r = run_bench(**s.ee, repeats=s.ee_repeats, device=str(device), bf16=bf16, peak_tflops=peak)
     return {"speedup": r["speedup"], "same_predictions": r["same_predictions"],
             "seconds": r["seconds"], "mfu": r["mfu"], "peak_mib": r.get("peak_memory_mib"),

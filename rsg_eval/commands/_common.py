@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 # Rich lays output out for 80 columns when it does not write to a terminal, so a table piped to a file or `less`
 # cuts names ("RuCoS-li…"). Off a terminal we give it this wide virtual width instead: tables still take only
@@ -25,16 +27,148 @@ def make_console(*, stderr: bool = False) -> Console:
 console = make_console()
 err_console = make_console(stderr=True)
 
-DATA_HELP = "RSG data: a folder like the official download (or a zip of it), 'sample' for the bundled sample; " \
-            "default: the download cache ($RSG_DATA_DIR)."
+DATA_HELP = "RSG data: a folder like the official download (or a zip of it), or 'sample' for the bundled sample."
+DATA_DEFAULT = "the download cache, $RSG_DATA_DIR"
 
 
-def data_option(default: Optional[str] = None) -> typer.models.OptionInfo:
-    return typer.Option(default, "--data", help=DATA_HELP)
+def data_option(default: Optional[str] = None, help: str = DATA_HELP) -> typer.models.OptionInfo:
+    return typer.Option(default, "--data", help=help, show_default=DATA_DEFAULT if default is None else True)
 
 
-def tasks_option() -> typer.models.OptionInfo:
-    return typer.Option(None, "--tasks", "-t", help="Tasks (names or comma-separated; default all nine).")
+def tasks_option(help: str = "Tasks: names, comma-separated or after one --tasks (--tasks TERRa RCB).",
+                 default: str = "all nine") -> typer.models.OptionInfo:
+    return typer.Option(None, "--tasks", "-t", help=help, show_default=default)
+
+
+def quiet_option(help: str = "No progress bars.") -> typer.models.OptionInfo:
+    return typer.Option(False, "--quiet", "-q", help=help)
+
+
+# ------------------------------------------------------------------------------------------ one CLI grammar
+# One spelling per idea across all commands (tests/test_cli_grammar.py holds the table and walks every option).
+# Spellings that commands used before are kept working for a release as hidden aliases: they are not options
+# at all (so --help never lists them) but are rewritten to the canonical spelling before click parses, which
+# guarantees that an alias parses to exactly the value of its canonical form.
+
+
+@dataclass(frozen=True)
+class Alias:
+    """`old` parses as `new`; with `value`, `old` was a flag for one value of `new` (--no-bf16 = --bf16 off).
+    It applies to every command that has the option `new` and has no option of its own spelled `old` (so the
+    train-hmtl alias --split -> --encoder-split leaves zeroshot's data --split alone)."""
+
+    old: str
+    new: str
+    value: Optional[str] = None
+
+
+ALIASES: tuple[Alias, ...] = (
+    Alias("--no-progress", "--quiet"),                  # train-hmtl, build-corpus
+    Alias("--max-source-len", "--max-source-length"),   # finetune
+    Alias("--max-length", "--max-source-length"),       # train-hmtl
+    Alias("--src-len", "--max-source-length"),          # bench finetune
+    Alias("--max-target-len", "--max-target-length"),   # finetune
+    Alias("--tgt-len", "--max-target-length"),          # bench finetune
+    Alias("--seq-len", "--source-length"),              # bench hmtl
+    Alias("--no-bf16", "--bf16", "off"),                # finetune (its bare --bf16 is BARE_VALUES below)
+    Alias("--rsg-data", "--data"),                      # build-corpus
+    Alias("--data-dir", "--data"),                      # data download
+    Alias("--save-steps", "--save-every"),              # train-hmtl
+    Alias("--lr-max", "--lr"),                          # train-hmtl
+    Alias("--rounds", "--repeats"),                     # bench finetune
+    Alias("--batch", "--batch-size"),                   # bench hmtl
+    Alias("--split", "--encoder-split"),                # train-hmtl, bench hmtl (--split is a data split)
+)
+# An option that takes a value but used to be a plain flag: given with no value, it means this value.
+BARE_VALUES = {"--bf16": "on"}
+# Options that also take the plain words after them (`--tasks TERRa RCB`), in commands without arguments.
+GREEDY = ("--tasks",)
+
+
+def canonical_args(command: Any, args: list[str]) -> tuple[list[str], list[str]]:
+    """Rewrite hidden aliases in `args` for `command` (a click command). Returns (args, notes): a note per old
+    spelling used, saying the new one."""
+    names: dict[str, Any] = {}          # every spelling of every option -> the option
+    for p in command.params:
+        if p.param_type_name == "option":
+            for n in (*p.opts, *p.secondary_opts):
+                names[n] = p
+    aliases = {a.old: a for a in ALIASES if a.new in names and a.old not in names}
+    has_arguments = any(p.param_type_name == "argument" and not getattr(p, "hidden", False) for p in command.params)
+
+    def takes_value(name: str) -> bool:
+        p = names.get(name)
+        return p is not None and not p.is_flag and not getattr(p, "count", False) and name in p.opts
+
+    out: list[str] = []
+    notes: list[str] = []
+    greedy: Optional[str] = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            out += args[i - 1:]
+            break
+        if greedy and not a.startswith("-"):
+            out += [greedy, a]
+            continue
+        greedy = None
+        if not a.startswith("-") or a == "-":
+            out.append(a)
+            continue
+        if a.startswith("--"):
+            name, eq, _ = a.partition("=")
+        else:  # a short option, its value maybe attached (-tTERRa)
+            name, eq = a[:2], "=" if len(a) > 2 and takes_value(a[:2]) else ""
+        if name in aliases and not (eq and aliases[name].value):
+            al = aliases[name]
+            if al.value is not None:
+                out += [al.new, al.value]
+                notes.append(f"{al.old} is now {al.new} {al.value}")
+                continue
+            notes.append(f"{al.old} is now {al.new}")
+            a, name = al.new + a[len(name):], al.new
+        if name in BARE_VALUES and takes_value(name) and not eq and (i >= len(args) or args[i].startswith("-")):
+            out += [name, BARE_VALUES[name]]
+            notes.append(f"{name} without a value is now {name} {BARE_VALUES[name]}")
+            continue
+        out.append(a)
+        if takes_value(name) and not eq and i < len(args):
+            out.append(args[i])
+            i += 1
+        p = names.get(name)
+        if p is not None and not has_arguments and any(o in GREEDY for o in p.opts):
+            greedy = name
+    return out, notes
+
+
+class RsgCommand(TyperCommand):
+    """A typer command with the hidden aliases above and a usage line that shows arguments as NAME, [NAME] and
+    NAME... (typer's own shows {name}, and `[]...` for a hidden argument)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args, notes = canonical_args(self, list(args))
+        if notes and not ctx.resilient_parsing and os.environ.get("RANK", "0") == "0":
+            for note in dict.fromkeys(notes):
+                typer.echo(f"note: {note} (the old spelling still works for now; see --help)", err=True)
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name != "argument" or getattr(p, "hidden", False):
+                continue
+            name = p.metavar or (p.name or "").upper()
+            pieces.append((name if p.required else f"[{name}]") + ("..." if p.nargs != 1 else ""))
+        return pieces
+
+
+class RsgTyper(typer.Typer):
+    """typer.Typer whose commands are RsgCommand: use it for every app and sub-app of `rsg`."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or RsgCommand, **kwargs)
 
 
 def fmt(x: object, digits: int = 3) -> str:
@@ -50,7 +184,7 @@ def print_zip(z: object, hint: str = "") -> None:
     if z is None or getattr(z, "path", None) is None:
         return
     if z.complete:
-        console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)")
-    else:
+        console.print(f"leaderboard zip: [bold green]{z.path}[/] (all nine tasks)", soft_wrap=True)
+    else:  # soft_wrap: a path stays on one line, whole, also in a log file
         console.print(f"[yellow]partial zip[/] {z.path}: {len(z.tasks)} of 9 tasks; missing "
-                      f"{', '.join(z.missing)}{hint}")
+                      f"{', '.join(z.missing)}{hint}", soft_wrap=True)

@@ -20,36 +20,40 @@ PEERS = ("hf-trainer",)
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("finetune")
     def bench_finetune_cmd(
-        models: Optional[List[str]] = typer.Option(None, "--model", help="tiny and/or small (d_model 256, 4+4 "
-                                                                         "layers); default both (--against: "
-                                                                         "small)."),
-        examples: Optional[int] = typer.Option(None, "--examples", help="Example pool per model (default: tiny "
-                                                                        "256, small 64; --against: the whole "
-                                                                        "train split)."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per step (default 8; "
-                                                                                  "--preset: 12)."),
-        max_src: int = typer.Option(512, "--src-len", help="Longest source (synthetic lengths 30-512)."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+        models: Optional[List[str]] = typer.Option(None, "--model", "-m", help="tiny and/or small (d_model 256, "
+                                                                               "4+4 layers); --against takes one.",
+                                                   show_default="both; --against: small"),
+        examples: Optional[int] = typer.Option(None, "--examples", help="Example pool per model.",
+                                               show_default="tiny 256, small 64; --against: the whole train split"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per step.",
+                                                 show_default="8; --preset: 12"),
+        max_src: int = typer.Option(512, "--max-source-length", help="Longest source (synthetic lengths 30 up to "
+                                                                     "it)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads.",
+                                              show_default="torch's"),
         preset: Optional[str] = typer.Option(None, "--preset", help="fredt5-1.7b: time training steps of a "
                                                                     "random FRED-T5-1.7B-sized model (needs a "
                                                                     "GPU): batch 12, length 512, bf16, gradient "
-                                                                    "checkpointing; with MFU. tiny: the same "
-                                                                    "procedure on the tiny model (any device)."),
-        rounds: int = typer.Option(2, "--rounds", help="Alternate shuffled/grouped this many times per model and "
+                                                                    "checkpointing, with MFU. tiny: the same "
+                                                                    "procedure on the tiny model (any device).",
+                                            show_default="none: the tiny/small comparison"),
+        rounds: int = typer.Option(2, "--repeats", help="Alternate shuffled/grouped this many times per model and "
                                                        "keep each one's fastest epoch (load on a shared machine "
                                                        "only ever slows a run down). --against interleaves its "
-                                                       "runs step by step instead."),
+                                                       "runs in turns instead."),
         steps: int = typer.Option(5, "--steps", min=1, help="Timed steps for --preset (after 2 warm-up steps)."),
-        tgt_len: int = typer.Option(512, "--tgt-len", help="Target length for --preset."),
-        no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing",
-                                              help="--preset without gradient checkpointing."),
+        tgt_len: int = typer.Option(512, "--max-target-length", help="Target length for --preset (every target "
+                                                                      "this long)."),
+        checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                           help="Gradient checkpointing in --preset."),
         against: Optional[str] = typer.Option(None, "--against", help="hf-trainer: our loop vs transformers' "
                                                                       "Seq2SeqTrainer (group_by_length=True) on "
                                                                       "one epoch of the same token pairs, same "
-                                                                      "init and optimizer, losses compared."),
-        data: Optional[str] = typer.Option(None, "--data", help="--against: RSG data folder or zip (default: the "
-                                                                "cache); without the task's train split, "
-                                                                "synthetic TERRa-shaped pairs."),
+                                                                      "init and optimizer, losses compared.",
+                                              show_default="none: the tiny/small comparison"),
+        data: Optional[str] = typer.Option(None, "--data", help="--against: RSG data folder or zip; without the "
+                                                                "task's train split, synthetic TERRa-shaped pairs.",
+                                           show_default="the data cache"),
         task: str = typer.Option("TERRa", "--task", help="--against: the task whose train split is used."),
         check_steps: int = typer.Option(40, "--check-steps", min=0, help="--against: steps the Trainer also runs "
                                                                          "on our exact batches, whose losses must "
@@ -59,10 +63,12 @@ def register(bench_app: typer.Typer) -> None:
         profile: int = typer.Option(0, "--profile", min=0, help="--against: instead of timing epochs, profile this "
                                                                 "many steps of the Trainer, of our loop with "
                                                                 "transformers' modules and of ours, and print "
-                                                                "the ops that take the time."),
+                                                                "the ops that take the time (0 = time epochs)."),
         peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 peak of the device for MFU "
-                                                                                "when it is not in the table."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+                                                                                "when it is not in the table.",
+                                                    show_default="the device table"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here.",
+                                                show_default="not written"),
     ) -> None:
         """Examples/s, tokens/s and peak memory of fine-tuning steps; ratios grouped / ungrouped in one run."""
         import torch
@@ -80,7 +86,7 @@ def register(bench_app: typer.Typer) -> None:
         if preset:
             if preset not in PRESETS:
                 raise RSGError(f"unknown preset {preset!r}", field="preset", expected=list(PRESETS))
-            _preset(bench, preset, batch_size or 12, steps, tgt_len, not no_checkpointing, peak_tflops, json_out)
+            _preset(bench, preset, batch_size or 12, steps, tgt_len, checkpointing, peak_tflops, json_out)
             return
         batch = batch_size or 8
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +215,9 @@ def _against(models: list[str] | None, examples: int | None, batch: int, data: s
         console.print(f"[yellow]{source}[/]")
     if examples:
         pairs = pairs[:examples]
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    from rsg_eval.models.loading import cuda_bf16_native
+
+    bf16 = device.type == "cuda" and cuda_bf16_native()
     if profile:
         _profile(factory, pairs, cfg, device, profile, json_out)
         return

@@ -17,17 +17,19 @@ def register(bench_app: typer.Typer) -> None:
 def gpu_cmd(
     tiny: bool = typer.Option(False, "--tiny", help="Every section at tiny size on the CPU, in seconds (a check "
                                                     "that the command works; its figures mean nothing)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N (default: the first GPU; --tiny: "
-                                                                "cpu)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N.",
+                                         show_default="the first GPU; --tiny: cpu"),
     out: Path = typer.Option(Path("bench-gpu"), "--out", help="Write OUT.json and OUT.md (the table)."),
     sections: Optional[List[str]] = typer.Option(None, "--section", help="Only these sections (repeatable): "
                                                                          "finetune, hierarchical, zeroshot, "
-                                                                         "early_exit."),
+                                                                         "early_exit.", show_default="all four"),
     budget: float = typer.Option(600.0, "--budget", min=1, help="Seconds; a section that would start later is "
                                                                 "skipped with a line."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 peak of the device for MFU "
-                                                                            "when it is not in the table."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+                                                                            "when it is not in the table.",
+                                                show_default="the device table"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.",
+                                          show_default="torch's"),
 ) -> None:
     """FRED-T5-1.7B-sized random model on one GPU: fine-tuning step (time, MFU, memory), hierarchical step,
     zero-shot scoring at the RuCoS shape (ours vs naive) and the early-exit ratio; one JSON and one table."""

@@ -17,15 +17,19 @@ def hmtl_cmd(
     d_model: int = typer.Option(256, "--d-model", min=8, help="Model width (scaled down from 1536)."),
     d_ff: int = typer.Option(704, "--d-ff", min=8, help="Feed-forward width (FRED's d_ff/d_model = 2.67)."),
     layers: int = typer.Option(24, "--layers", min=2, help="Encoder layers (FRED-T5-1.7B: 24)."),
-    split: int = typer.Option(6, "--split", min=1, help="Block-1 layers (FRED-T5-1.7B: 6)."),
-    batch: int = typer.Option(16, "--batch", min=1, help="Sequences per batch (same batch for both ways)."),
-    seq_len: int = typer.Option(128, "--seq-len", min=4, help="Padded sequence length."),
+    split: int = typer.Option(6, "--encoder-split", min=1, help="Block-1 layers (FRED-T5-1.7B: 6)."),
+    batch: int = typer.Option(16, "--batch-size", "-b", min=1, help="Sequences per batch (same batch for both "
+                                                                    "ways)."),
+    seq_len: int = typer.Option(128, "--source-length", min=4, help="Tokens per sequence (all padded to it)."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats per way (best kept)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (GPU only; MFU is quoted for bf16 runs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.",
+                                          show_default="torch's"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here.",
+                                            show_default="not written"),
+    bf16: str = typer.Option("auto", "--bf16", help="bf16 autocast: auto (on a GPU with native bf16), on, off. "
+                             "MFU is quoted for bf16 runs."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 peak of the device for MFU "
-                                                                            "when it is not in the table."),
+                                                "when it is not in the table.", show_default="the device table"),
 ) -> None:
     """Topic + NER inference: Block 1 only (early exit) vs the full encoder, on a random 24-layer T5.
 
@@ -41,12 +45,20 @@ def hmtl_cmd(
     if d_model % 4:
         raise RSGError("--d-model must be a multiple of 4 (4 attention heads)", field="d_model")
     if split >= layers:
-        raise RSGError(f"--split {split} leaves no Block 2 in {layers} layers", field="split",
+        raise RSGError(f"--encoder-split {split} leaves no Block 2 in {layers} layers", field="--encoder-split",
                        expected=f"1..{layers - 1}")
+    if bf16 not in ("auto", "on", "off"):
+        raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
+    import torch
+
+    from rsg_eval.models.loading import cuda_bf16_native
+
+    on_gpu = torch.device(device).type == "cuda"
+    use_bf16 = on_gpu and (bf16 == "on" or (bf16 == "auto" and cuda_bf16_native()))
     console = make_console()
     with console.status("benchmark"):
         r = run_bench(d_model=d_model, d_ff=d_ff, layers=layers, split=split, batch=batch, seq_len=seq_len,
-                      repeats=repeats, threads=threads, device=device, bf16=bf16, peak_tflops=peak_tflops)
+                      repeats=repeats, threads=threads, device=device, bf16=use_bf16, peak_tflops=peak_tflops)
     m = r["model"]
     table = Table(title=f"topic + NER inference, random T5 encoder d_model {m['d_model']}, {m['layers']} layers "
                         f"(Block 1 = {m['split']}), batch {r['batch']} x {r['seq_len']} tokens, {r['device']}, "
@@ -64,7 +76,7 @@ def hmtl_cmd(
     if mfu:
         console.print(peak_line(r["device_name"], (r["peak"]["name"], r["peak"]["tflops"])))
     else:
-        console.print("MFU omitted: " + ("a CPU run" if r["device_name"] == "CPU" else "an fp32 run (--bf16 for "
+        console.print("MFU omitted: " + ("a CPU run" if r["device_name"] == "CPU" else "an fp32 run (--bf16 on for "
                                          "MFU against the bf16 peak)" if not r["bf16"] else
                                          f"no bf16 peak known for {r['device_name']!r} (--peak-tflops sets one)"))
     console.print(f"same predictions: {r['same_predictions']} (max |logit diff| {r['max_abs_logit_diff']:.2e})")

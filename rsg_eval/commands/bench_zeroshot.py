@@ -12,9 +12,16 @@ import typer
 
 from rsg_eval.commands._common import console, fmt
 
-
-WAYS = (("naive", "naive"), ("encoder_once", "encoder once"), ("kv_once", "+ cross K/V once"),
-        ("fast", "ours: + shared prefix"))
+LABELS = {"naive": "naive", "encoder_once": "encoder once", "prompt_once": "prompt once", "fast": "ours"}
+CAPTIONS = {
+    "seq2seq": "naive = one encoder+decoder pass per (prompt, choice), as lm-evaluation-harness; encoder once = "
+               "the encoder once per prompt, transformers' decoder per pair (encoder states and cross-attention "
+               "K/V copied/projected per pair); prompt once = all choices of a prompt in one decoder row against "
+               "its K/V; ours: + the choices' common token prefix once per prompt",
+    "causal": "naive = one forward over prompt + choice per (prompt, choice), as lm-evaluation-harness; prompt "
+              "once = the prompt's KV cache once per prompt, all its choices in one row after it; ours: + the "
+              "choices' common token prefix in the cached context",
+}
 
 
 def register(bench_app: typer.Typer) -> None:
@@ -22,60 +29,83 @@ def register(bench_app: typer.Typer) -> None:
 
 
 def zeroshot_cmd(
+    arch: str = typer.Option("seq2seq", "--arch", help="seq2seq (a random T5) or causal (a random Llama)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
-    docs: int = typer.Option(16, "--docs", min=1, help="RuCoS-like documents (15 choices each)."),
-    parus_docs: Optional[int] = typer.Option(None, "--parus-docs", min=1,
-                                             help="PARus-like documents (default 8 x --docs)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Same batch size for every way of scoring."),
+    docs: int = typer.Option(16, "--docs", min=1, help="RuCoS-like documents."),
+    candidates: int = typer.Option(15, "--candidates", min=2, help="Candidate entities per RuCoS-like document."),
+    parus_docs: Optional[int] = typer.Option(None, "--parus-docs", min=1, help="PARus-like documents.",
+                                             show_default="8 x --docs"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Same batch size for every way of "
+                                                                         "scoring."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Timed repeats per way (best kept)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads.",
+                                          show_default="torch's"),
     d_model: int = typer.Option(256, "--d-model", min=8, help="Model width."),
-    layers: int = typer.Option(4, "--layers", min=1, help="Encoder layers = decoder layers."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    layers: int = typer.Option(4, "--layers", min=1, help="Layers (seq2seq: encoder = decoder layers)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Also measure each way's peak memory (one "
+                                                                   "more untimed run per way)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here.",
+                                            show_default="not written"),
 ) -> None:
-    """Examples/s of our scoring (encoder, cross-attention K/V, shared prefix once per prompt) vs naive scoring.
+    """Prompts/s and peak memory of our scoring (prompt once, choices side by side, shared prefix once) vs naive.
 
-    One random T5 (default d_model 256, 4+4 layers), RuCoS-like inputs (passage of several hundred tokens,
-    15 candidates) and PARus-like inputs (short, 2 choices). Fails (exit 1) if the predictions differ.
+    One random model (seq2seq: T5 d_model 256, 4+4 layers; causal: Llama hidden 256, 4 layers), RuCoS-like inputs
+    (passage of several hundred tokens, 15 candidates) and PARus-like inputs (short, 2 choices). Every timer is
+    synchronised with the device. Fails (exit 1) if the predictions differ.
     """
     from rich.table import Table
 
-    from rsg_eval.bench.zeroshot import run_bench
+    from rsg_eval.bench.zeroshot import ARCHS, run_bench
     from rsg_eval.errors import RSGError
     from rsg_eval.io import atomic_write_json
     from rsg_eval.models.loading import resolve_device
 
+    if arch not in ARCHS:
+        raise RSGError(f"unknown architecture {arch!r}", field="--arch", expected=ARCHS)
     dev = resolve_device(device)
     if d_model % 4:
         raise RSGError("--d-model must be a multiple of 4 (4 attention heads)", field="d_model")
-    overrides = dict(d_model=d_model, d_ff=4 * d_model, d_kv=d_model // 4, num_layers=layers,
-                     num_decoder_layers=layers)
+    if arch == "seq2seq":
+        overrides = dict(d_model=d_model, d_ff=4 * d_model, d_kv=d_model // 4, num_layers=layers,
+                         num_decoder_layers=layers)
+    else:
+        overrides = dict(hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=layers)
     with console.status("benchmark") as status:
-        report = run_bench(docs=docs, parus_docs=parus_docs, device=str(dev), batch_size=batch_size,
-                           repeats=repeats, threads=threads, model_overrides=overrides,
+        report = run_bench(arch=arch, docs=docs, parus_docs=parus_docs, device=str(dev), batch_size=batch_size,
+                           repeats=repeats, threads=threads, model_overrides=overrides, memory=memory,
+                           candidates=candidates,
                            on_step=lambda s: status.update(f"timing {s}"))
     m = report["model"]
-    table = Table(title=f"zero-shot scoring, random T5 d_model {m['d_model']} {m['num_layers']}+"
-                        f"{m['num_decoder_layers']} layers ({m['parameters'] / 1e6:.1f} M params), {report['device']}, "
-                        f"{report['threads']} threads, batch {report['batch_size']}")
-    for col in ("inputs", "scoring", "docs/s", "vs naive", "vs naive (CPU time)", "same preds", "max |dLL|"):
+    width = m.get("d_model", m.get("hidden_size"))
+    depth = (f"{m['num_layers']}+{m['num_decoder_layers']}" if arch == "seq2seq" else str(m["num_hidden_layers"]))
+    table = Table(title=f"zero-shot scoring, random {m['model_type']} width {width}, {depth} layers "
+                        f"({m['parameters'] / 1e6:.1f} M params), {report['device']}, {report['threads']} threads, "
+                        f"batch {report['batch_size']}")
+    for col in ("inputs", "scoring", "prompts/s", "vs naive", "vs naive CPU", "peak MiB", "1 prompt MiB",
+                "same preds", "max |dLL|"):
         table.add_column(col, justify="left" if col in ("inputs", "scoring") else "right")
     ok = True
     shapes: list[str] = []
+    measure = None
     for c in report["cases"]:
         ok &= c["same_predictions"]
-        shapes.append(f"{c['name']}: {c['docs']} docs x {c['choices_per_doc']:.0f} choices, prompt "
+        measure = c.get("memory_measure") or measure
+        shapes.append(f"{c['case']}: {c['prompts']} prompts x {c['choices_per_prompt']:.0f} choices, prompt "
                       f"{c['prompt_tokens']:.0f} tokens, choice {c['choice_tokens']:.0f} tokens")
-        for i, (mode, label) in enumerate(WAYS):
-            table.add_row(c["name"] if i == 0 else "", label, fmt(c["docs_per_s"][mode], 2),
-                          fmt(c["ratio_vs_naive"][mode], 1) + "x", fmt(c["cpu_ratio_vs_naive"][mode], 1) + "x",
+        ways = list(c["ways"])
+        for i, way in enumerate(ways):
+            w = c["ways"][way]
+            peak, one = w.get("peak_memory_bytes"), w.get("peak_memory_one_prompt_bytes")
+            table.add_row(c["case"] if i == 0 else "", LABELS.get(way, way), fmt(w["prompts_per_s"], 2),
+                          fmt(w["ratio_vs_naive"], 1) + "x", fmt(w["cpu_ratio_vs_naive"], 1) + "x",
+                          f"{peak / 2 ** 20:.1f}" if peak is not None else "-",
+                          f"{one / 2 ** 20:.1f}" if one is not None else "-",
                           ("yes" if c["same_predictions"] else "[red]NO[/]") if i == 0 else "",
-                          f"{c['max_abs_diff']:.1e}" if i == 0 else "", end_section=i == len(WAYS) - 1)
-    table.caption = "naive = one encoder+decoder pass per (prompt, choice), as lm-evaluation-harness; then " \
-                    "the encoder once per prompt; + the decoder's cross-attention K/V once per prompt; ours: + " \
-                    "the choices' common token prefix decoded once per prompt; " \
-                    "ratios by wall time and by this process's CPU time (fairer on a shared machine)\n" + \
-                    "\n".join(shapes)
+                          f"{c['max_abs_diff']:.1e}" if i == 0 else "", end_section=i == len(ways) - 1)
+    table.caption = (CAPTIONS[arch] + "; ratios by wall time and by this process's CPU time (fairer on a shared "
+                     "machine)" + (f"; peak memory: {measure}; peak MiB: the run above (batch size = prompts "
+                                   "per call for ours, pairs per call for naive); 1 prompt MiB: one prompt with "
+                                   "all its choices in one call" if measure else "") + "\n" + "\n".join(shapes))
     console.print(table)
     if json_out:
         atomic_write_json(json_out, report)

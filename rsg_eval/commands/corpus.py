@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from rsg_eval.commands._common import quiet_option
 from rsg_eval.errors import RSGError
 
 
@@ -30,31 +31,58 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(..., "--config", "-c", help="Corpus config (YAML); see configs/corpus_example.yaml."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (train.jsonl, val.jsonl, labels.json, "
                                  "summary.json, work/). Rerunning into the same folder resumes the annotation."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Read at most N records per source (quick trial)."),
-        teacher: list[str] = typer.Option([], "--teacher", help="TASK=MODEL (hub id or folder) for qa, qg, "
-                                          "summarization, title, paraphrase; repeatable; overrides the config."),
-        rsg_data: Optional[str] = typer.Option(None, "--rsg-data", help="RSG data (DIR, ZIP or 'sample') whose "
-                                               "val/test texts the leakage guard checks against."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Read at most N records per source (quick trial).",
+                                            show_default="all"),
+        teacher: list[str] = typer.Option([], "--teacher", help="TASK=MODEL (hub id or folder) for ner, mc, nli, "
+                                          "qa, qg, summarization, title, paraphrase; repeatable; overrides the "
+                                          "config.", show_default="the config's"),
+        rsg_data: Optional[str] = typer.Option(None, "--data", help="RSG data (a folder like the official "
+                                               "download, a zip of it, or 'sample') whose val/test texts the "
+                                               "leakage guard checks against.",
+                                               show_default="the config's leakage.rsg_data, else the download "
+                                                            "cache"),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record or failing teacher "
                                     "batch instead of skipping and counting it."),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute annotation shards in which a "
                                           "teacher batch failed."),
         device: Optional[str] = typer.Option(None, "--device", help="Teacher device: auto (GPU when present), "
-                                             "cpu, cuda:0."),
-        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+                                             "cpu, cuda, cuda:N.", show_default="auto"),
+        quiet: bool = quiet_option(),
+        subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Also cut a seeded, per-task "
+                                             "stratified subset of N train examples (the paper's 10k corpus) "
+                                             "into OUT/subset-N; a corpus already built from this config is "
+                                             "not rebuilt. Overrides `subset:` in the config.",
+                                             show_default="the config's subset:, else none"),
+        subset_out: Optional[Path] = typer.Option(None, "--subset-out", help="Folder for the subset.",
+                                                  show_default="OUT/subset-N"),
     ) -> None:
-        """Build the multi-task corpus for `rsg train-hmtl` from your sources (see docs/corpus.md)."""
+        """Build the multi-task corpus for `rsg train-hmtl` from your sources (docs/corpus.md)."""
         from rsg_eval.commands._common import make_console
-        from rsg_eval.corpus.build import BuildOptions, build_corpus, removal_lines, summary_table
-        from rsg_eval.corpus.config import load_config
+        from rsg_eval.corpus.build import (BuildOptions, build_corpus, build_fingerprint, finished_build,
+                                           removal_lines, summary_table)
+        from rsg_eval.corpus.config import SubsetSpec, load_config
+        from rsg_eval.corpus.subset import cut_subset, subset_table
 
         console = make_console(stderr=True)
         cfg = load_config(config)
         opts = BuildOptions(limit=limit, teachers=_teachers(teacher), rsg_data=rsg_data, strict=strict,
-                            retry_failed=retry_failed, device=device, progress=not no_progress,
+                            retry_failed=retry_failed, device=device, progress=not quiet,
                             echo=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
-        summary = build_corpus(cfg, out, opts)
-        for line in removal_lines(summary):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-        make_console().print(summary_table(summary))
-        console.print(f"wrote {out}/train.jsonl, val.jsonl, labels.json, summary.json", highlight=False)
+        sub = cfg.subset
+        if subset is not None:
+            sub = SubsetSpec(train=subset, val=sub.val if sub else None, seed=sub.seed if sub else None)
+        done = finished_build(out, build_fingerprint(cfg, opts)) if sub is not None else None
+        if done is not None:
+            console.print(f"{out} is already built from this config: cutting the subset only", highlight=False,
+                          markup=False, soft_wrap=True)
+        else:
+            summary = build_corpus(cfg, out, opts)
+            for line in removal_lines(summary):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            make_console().print(summary_table(summary))
+            console.print(f"wrote {out}/train.jsonl, val.jsonl, labels.json, summary.json", highlight=False)
+        if sub is not None:
+            dest = subset_out or out / f"subset-{sub.train}"
+            s = cut_subset(out, dest, sub.train, sub.val, cfg.seed if sub.seed is None else sub.seed)
+            make_console().print(subset_table(s))
+            console.print(f"wrote the subset to {dest}", highlight=False, markup=False, soft_wrap=True)

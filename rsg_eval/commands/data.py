@@ -7,16 +7,18 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, tasks_option
+from rsg_eval.commands._common import RsgTyper, console, data_option, tasks_option
 
-data_app = typer.Typer(help="Get and check the official RSG files.", no_args_is_help=True)
+data_app = RsgTyper(help="Get and check the official RSG files.", no_args_is_help=True)
 
 
 @data_app.command("download")
 def download_cmd(
     tasks: Optional[List[str]] = tasks_option(),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where to put the data "
-                                            "(default: $RSG_DATA_DIR or the user cache folder)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data", help="Folder to put the data in (then pass the same "
+                                            "--data to the other commands).",
+                                            show_default="the download cache, $RSG_DATA_DIR or the user cache "
+                                                         "folder"),
     force: bool = typer.Option(False, "--force", help="Download again even if the files are there."),
 ) -> None:
     """Download the official per-task zips, check their sha256 and extract them safely."""
@@ -45,7 +47,7 @@ def check_cmd(
     data: Optional[str] = data_option(),
     tasks: Optional[List[str]] = tasks_option(),
 ) -> None:
-    """Validate a data folder: parse every split and print tasks, splits and counts."""
+    """Validate a data folder: parse every split and print tasks, splits and counts (exit status 2 on a problem)."""
     from rich.table import Table
 
     from rsg_eval.data import check_folder, resolve_data
@@ -70,7 +72,7 @@ def check_cmd(
                       "same file (the leaderboard scores its test predictions).", highlight=False)
     if bad:
         console.print(f"[red]{bad} problem(s)[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # bad input is exit status 2 everywhere (docs/bad-input.md)
 
 
 def register(app: typer.Typer) -> None:

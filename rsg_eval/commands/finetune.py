@@ -11,103 +11,118 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, fmt, print_zip
+from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
+
+
+# The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
+# and of the run folder's config.json, which is why a few differ from the option's spelling).
+CONFIG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
+               "schedule": "schedule", "warmup_ratio": "warmup_ratio", "max_source_length": "max_source_len",
+               "max_target_length": "max_target_len", "eval_every": "eval_every",
+               "early_stopping": "early_stopping", "max_steps": "max_steps", "save_every": "save_every",
+               "seed": "seed", "normalize": "normalize", "template": "template",
+               "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16",
+               "group_by_length": "group_by_length"}
 
 
 def register(app: typer.Typer) -> None:
+    from rsg_eval.training.config import FinetuneConfig  # torch-free: the defaults --help shows
+
+    d = FinetuneConfig()
+
     @app.command("finetune")
     def finetune_cmd(
+        ctx: typer.Context,
         model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
                                                              "as ai-forever/FRED-T5-1.7B, a local model folder, "
                                                              "or a hierarchical checkpoint folder."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per task (default 20)."),
-        tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Tasks (names or comma-separated; "
-                                                                              "default all nine). LiDiRus is "
-                                                                              "predicted by the TERRa model."),
-        data: Optional[str] = typer.Option(None, "--data", help="RSG data: a folder like the official download, "
-                                                                "a zip of it, or 'sample'; default: the download "
-                                                                "cache ($RSG_DATA_DIR)."),
-        run: Optional[str] = typer.Option(None, "--run", help="Run name under --root, or a folder path; default "
-                                                              "<model>-finetune-<date>. Rerunning resumes it."),
+        epochs: int = typer.Option(d.epochs, "--epochs", help="Epochs per task."),
+        tasks: Optional[List[str]] = tasks_option("Tasks: names, comma-separated or after one --tasks (--tasks "
+                                                  "TERRa RCB). LiDiRus is predicted by the TERRa model."),
+        data: Optional[str] = data_option(),
+        run: Optional[str] = typer.Option(None, "--run", help="Run name under --root, or a folder path. Rerunning "
+                                                              "resumes it.", show_default="<model>-finetune-<date>"),
         root: Path = typer.Option(Path("submissions"), "--root", help="Folder that holds run folders."),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with `defaults:` and per-task "
                                                                            "`tasks:` hyper-parameters (see "
-                                                                           "configs/finetune_fredt5_1.7b.yaml)."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per device per "
-                                                                                  "micro-batch (default 8)."),
-        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
-        lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 1e-4)."),
-        schedule: Optional[str] = typer.Option(None, "--schedule", help="Decay after warm-up: linear, cosine, "
-                                                                        "constant."),
-        warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Share of steps warming up."),
-        max_source_len: Optional[int] = typer.Option(None, "--max-source-len", help="Encoder tokens (512)."),
-        max_target_len: Optional[int] = typer.Option(None, "--max-target-len", help="Decoder tokens incl. </s>."),
-        eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate val every N optimizer "
-                                                                            "steps (default: every epoch)."),
-        early_stopping: Optional[int] = typer.Option(None, "--early-stopping", help="Stop a task after N "
-                                                                                    "evaluations without "
-                                                                                    "improvement (0 = off)."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap optimizer steps per task."),
-        save_every: Optional[int] = typer.Option(None, "--save-every", help="Also save last/ every N optimizer "
-                                                                            "steps (default: at each "
-                                                                            "evaluation), bounding what a kill "
-                                                                            "loses."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for everything (default 0)."),
-        normalize: Optional[str] = typer.Option(None, "--normalize", help="Val/test choice score: sum "
-                                                                          "(default), token or byte, as in "
-                                                                          "zero-shot."),
-        template: Optional[str] = typer.Option(None, "--template", help="Template name for every task; default: "
-                                                                        "each task's default."),
-        gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/"
-                                                                    "--no-gradient-checkpointing",
-                                                              help="Recompute activations in backward to save "
-                                                                   "memory."),
-        bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU only; default on "
-                                                                           "when the GPU supports it). Never "
-                                                                           "fp16."),
-        group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length",
-                                                       help="Batch examples of similar length (default on)."),
+                                                                           "configs/finetune_fredt5_1.7b.yaml); "
+                                                                           "its values replace the defaults "
+                                                                           "shown here, options typed here win "
+                                                                           "over it.",
+                                              show_default="none; --model tiny: configs/finetune_tiny.yaml"),
+        batch_size: int = typer.Option(d.batch_size, "--batch-size", "-b", help="Examples per device per "
+                                                                                 "micro-batch."),
+        grad_accum: int = typer.Option(d.grad_accum, "--grad-accum", help="Micro-batches per optimizer step."),
+        lr: float = typer.Option(d.lr, "--lr", help="Peak AdamW learning rate."),
+        schedule: str = typer.Option(d.schedule, "--schedule", help="Decay after warm-up: linear, cosine or "
+                                                                    "constant."),
+        warmup_ratio: float = typer.Option(d.warmup_ratio, "--warmup-ratio", help="Share of the optimizer steps "
+                                                                                  "spent warming up."),
+        max_source_length: int = typer.Option(d.max_source_len, "--max-source-length",
+                                              help="Encoder tokens; the template shortens the passage to fit "
+                                                   "(config key max_source_len)."),
+        max_target_length: int = typer.Option(d.max_target_len, "--max-target-length",
+                                              help="Decoder tokens, </s> included (config key max_target_len)."),
+        eval_every: int = typer.Option(d.eval_every, "--eval-every", help="Evaluate val every N optimizer steps; "
+                                                                          "0 = after every epoch."),
+        early_stopping: int = typer.Option(d.early_stopping, "--early-stopping", help="Stop a task after N "
+                                                                                      "evaluations without "
+                                                                                      "improvement; 0 = off."),
+        max_steps: int = typer.Option(d.max_steps, "--max-steps", help="Cap optimizer steps per task; 0 = no "
+                                                                       "cap."),
+        save_every: int = typer.Option(d.save_every, "--save-every", help="Also save a resume point (last/) every "
+                                                                          "N optimizer steps, bounding what a "
+                                                                          "kill loses; 0 = at each evaluation."),
+        seed: int = typer.Option(d.seed, "--seed", help="Seed for everything."),
+        normalize: str = typer.Option(d.normalize, "--normalize", help="Val/test choice score: sum, token or "
+                                                                       "byte, as in zero-shot."),
+        template: Optional[str] = typer.Option(None, "--template", help="Template name for every task.",
+                                               show_default="each task's default"),
+        gradient_checkpointing: bool = typer.Option(d.gradient_checkpointing,
+                                                    "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                    help="Recompute activations in backward to save memory."),
+        bf16: str = typer.Option("auto", "--bf16", help="bf16 autocast: auto (on a GPU that supports it), on, off. "
+                                                        "GPU only; never fp16."),
+        group_by_length: bool = typer.Option(d.group_by_length, "--group-by-length/--no-group-by-length",
+                                             help="Batch examples of similar length."),
         checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where best/ and last/ go, "
-                                                                                     "per task; default "
-                                                                                     "checkpoints/<run>/."),
+                                                                                     "per task.",
+                                                      show_default="checkpoints/<run>/"),
         restart: bool = typer.Option(False, "--restart", help="Clear the run folder's results and the tasks' "
                                                               "checkpoints and start over (needed to change "
                                                               "settings in an existing --run: one folder holds "
                                                               "one configuration)."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: this "
-                                                                    "process's GPU, else CPU). Under torchrun "
-                                                                    "or accelerate: cuda (each process its own "
-                                                                    "GPU)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto (this process's GPU, else CPU), cpu, "
+                                                                    "cuda, cuda:N. Under torchrun or accelerate: "
+                                                                    "auto or cuda (each process its own GPU).",
+                                             show_default="auto"),
         dist_timeout: float = typer.Option(7200.0, "--dist-timeout", min=1, help="Seconds a process may wait for "
                                                                                  "the others under a launcher "
                                                                                  "(torch's NCCL default is 600)."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
-        more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
-                                                         help="Further task names after --tasks."),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).",
+                                               show_default="the hub's default branch"),
+        quiet: bool = quiet_option("No progress display."),
     ) -> None:
         """Fine-tune on each task (input: the rendered prompt; target: the gold answer + </s>), keep the best
         epoch by the task's val metric, and predict val and test by rank classification.
 
         Writes submissions/<run>/ like `rsg zeroshot` plus epochs.csv; checkpoints go to --checkpoint-dir.
-        A killed run resumes from its last checkpoint when rerun; finished tasks are skipped.
+        A killed run resumes from its last checkpoint when rerun; finished tasks are skipped. The defaults shown
+        are the built-in ones: a --config file replaces them (and --model tiny without --config uses
+        configs/finetune_tiny.yaml's smaller ones); options typed on the command line win over both.
         """
         from rsg_eval.errors import RSGError
         from rsg_eval.training.config import TINY_DEFAULTS, load_config_set
         from rsg_eval.training.finetune import run_finetune
+        from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
+        require_seq2seq(model, "rsg finetune")
 
-        flags = {"epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                 "schedule": schedule, "warmup_ratio": warmup_ratio, "max_source_len": max_source_len,
-                 "max_target_len": max_target_len, "eval_every": eval_every, "early_stopping": early_stopping,
-                 "max_steps": max_steps, "save_every": save_every, "seed": seed, "normalize": normalize,
-                 "template": template,
-                 "gradient_checkpointing": gradient_checkpointing, "bf16": bf16, "group_by_length": group_by_length}
-        configs = load_config_set(config, {k: v for k, v in flags.items() if v is not None},
-                                  base=TINY_DEFAULTS if model == "tiny" else None)
-        if more_tasks:  # `--tasks TERRa RCB`: typer options take one value, the rest arrive as arguments
-            if not tasks:
-                raise RSGError(f"unexpected argument(s) {' '.join(more_tasks)}", expected="task names after --tasks")
-            tasks = list(tasks) + list(more_tasks)
+        if bf16 not in ("auto", "on", "off"):
+            raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
+        given = {name: value for name, value in ctx.params.items()
+                 if name in CONFIG_KEYS and ctx.get_parameter_source(name).name != "DEFAULT"}  # typed here
+        flags = {CONFIG_KEYS[name]: value for name, value in given.items()}
+        configs = load_config_set(config, flags, base=TINY_DEFAULTS if model == "tiny" else None)
         task_list = [t.strip() for spec in (tasks or []) for t in spec.split(",") if t.strip()] or None
         reporter = _RichReporter(quiet)
         try:
@@ -125,8 +140,17 @@ def register(app: typer.Typer) -> None:
             raise RSGError("not fine-tuned: " + "; ".join(out.failed.values()))
 
 
+# The bar and the evaluation lines show one quantity under one label: the token-weighted mean train loss over the
+# optimizer steps since the previous evaluation. The bar's value runs; at an evaluation step it is exactly what
+# that evaluation logs (its line, and epochs.csv's train_loss).
+LOSS_LABEL = "train loss {:.4f} (mean over the steps since the previous evaluation)"
+
+
 class _RichReporter:
-    """Rich progress (task bar with epoch, step, loss, last val score) on the main process only."""
+    """Progress on the main process only, in the order things happen: per task a header line, its evaluation
+    lines while it trains (printed above the live bar, through the bar's own console), then the bar's final state
+    and the best epoch. Each task has a bar of its own that stops when the task ends: piped to a file, where rich
+    draws a bar only when it stops, the bar lands after its task's evaluation lines, not after every task's."""
 
     def __init__(self, quiet: bool) -> None:
         import os
@@ -136,59 +160,76 @@ class _RichReporter:
         self.progress: Any = None
         self.bar: Any = None
         self.last_val = ""
+        self.last_loss: float | None = None
 
     def __enter__(self) -> "_RichReporter":
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=console, transient=False)
-            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
         if self.progress is not None:
-            self.progress.__exit__(*exc)
+            self.progress.stop()
+            self.progress = self.bar = None
+
+    def _print(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else console).print(text)
 
     def task_start(self, task: str, predicts: list[str], n_pairs: int, total_steps: int, resumed: int | None) -> None:
         if self.quiet:
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._stop()
         extra = f" (+ predicts {', '.join(p for p in predicts if p != task)})" if len(predicts) > 1 else ""
-        self.progress.console.print(f"[bold]{task}[/]{extra}: {n_pairs} training examples, {total_steps} "
-                                    f"optimizer steps" + (f", resuming at step {resumed}" if resumed else ""))
-        self.last_val = ""
+        console.print(f"[bold]{task}[/]{extra}: {n_pairs} training examples, {total_steps} optimizer steps"
+                      + (f", resuming at step {resumed}" if resumed else ""))
+        self.last_val, self.last_loss = "", None
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.progress.start()
         self.bar = self.progress.add_task(task, total=total_steps, completed=resumed or 0, info="")
 
     def step(self, task: str, state: Any, loss: float) -> None:
         if self.quiet or self.bar is None:
             return
+        tokens = getattr(state, "loss_tokens", 0) or 0
+        if tokens:  # token-weighted mean since the last evaluation, exactly as the next evaluation will log it
+            self.last_loss = float(state.loss_sum) / float(tokens)
+        shown = "" if self.last_loss is None else " " + LOSS_LABEL.format(self.last_loss)
         self.progress.update(self.bar, completed=state.step,
-                             info=f"epoch {state.epoch + (1 if state.micro else 0)} step {state.step} loss "
-                                  f"{loss:.4f}{self.last_val}")
+                             info=f"epoch {state.epoch + (1 if state.micro else 0)}{shown}{self.last_val}")
 
     def evaluated(self, task: str, row: dict) -> None:
         if self.quiet:
             return
-        self.last_val = f" val {row['score']:.4f}"
-        metrics = " ".join(f"{k} {fmt(v, 4)}" for k, v in row.items() if k not in ("task", "epoch", "step"))
-        self.progress.console.print(f"  {task} epoch {row['epoch']} step {row['step']}: {metrics}")
+        self.last_val = f", val score {row['score']:.4f} (last evaluation)"
+        loss = row.get("train_loss")
+        if isinstance(loss, (int, float)) and loss == loss:
+            self.last_loss = float(loss)
+        metrics = " ".join(f"{k} {fmt(v, 4)}" for k, v in row.items()
+                           if k not in ("task", "epoch", "step", "train_loss"))
+        head = LOSS_LABEL.format(loss) + ", " if isinstance(loss, (int, float)) else ""
+        self._print(f"  {task} epoch {row['epoch']} step {row['step']}: {head}val {metrics}")
 
     def task_done(self, task: str, result: dict) -> None:
         if self.quiet:
             return
+        self._stop()
         why = f", stopped: {result['stopped']}" if result.get("stopped") else ""
-        self.progress.console.print(f"  {task}: best val score {fmt(result['best_metrics'].get('score'), 4)} at "
-                                    f"epoch {result['best_epoch']} (step {result['best_step']}){why}")
+        console.print(f"  {task}: best val score {fmt(result['best_metrics'].get('score'), 4)} at "
+                      f"epoch {result['best_epoch']} (step {result['best_step']}){why}")
 
     def skipped(self, task: str, why: str) -> None:
         if not self.quiet:
-            self.progress.console.print(f"[dim]{task}: {why}[/]")
+            self._print(f"[dim]{task}: {why}[/]")
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            self.progress.console.print(text)
+            self._print(text)
 
 
 def _summary(out: Any) -> None:

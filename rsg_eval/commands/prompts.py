@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from rsg_eval.commands._common import console
+from rsg_eval.commands._common import RsgTyper, console, data_option
 
-prompts_app = typer.Typer(help="Prompt templates (prompts/<task>/<name>.yaml): list them, show rendered examples.",
+prompts_app = RsgTyper(help="Prompt templates (prompts/<task>/<name>.yaml): list them, show rendered examples.",
                           no_args_is_help=True)
 
 
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 @prompts_app.command("list")
 def list_cmd(
-    task: Optional[str] = typer.Argument(None, help="Only this task."),
+    task: Optional[str] = typer.Argument(None, metavar="TASK", help="Only this task (default: all nine)."),
 ) -> None:
     """List the templates of each task (the default one first) with their descriptions."""
     from rich.table import Table
@@ -38,13 +38,14 @@ def list_cmd(
 
 @prompts_app.command("show")
 def show_cmd(
-    task: str = typer.Argument(..., help="Task name (e.g. TERRa)."),
-    template: Optional[str] = typer.Option(None, "--template", help="Template name or a .yaml path "
-                                                                     "(default: the task's default)."),
-    n: int = typer.Option(3, "-n", min=1, help="How many examples."),
-    data: str = typer.Option("sample", "--data", help="RSG data folder or zip, or 'sample' (the default)."),
-    split: str = typer.Option("val", "--split", help="Split to take the examples from."),
-    prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the template's prefix ('' for none)."),
+    task: str = typer.Argument(..., metavar="TASK", help="Task name (e.g. TERRa)."),
+    template: Optional[str] = typer.Option(None, "--template", help="Template name or a .yaml path.",
+                                           show_default="the task's default"),
+    n: int = typer.Option(3, "--examples", "-n", min=1, help="How many examples."),
+    data: str = data_option("sample"),
+    split: str = typer.Option("val", "--split", help="Data split to take the examples from: train, val or test."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the template's prefix ('' for none).",
+                                         show_default="the template's"),
 ) -> None:
     """Print rendered prompts and their answer choices for the first N examples of a task."""
     from rich.panel import Panel

@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+from rsg_eval.commands._common import quiet_option
+
 
 def _default_out(runs: list[str], against: list[str]) -> Path:
     names = [Path(r).stem if Path(r).suffix else Path(r).name for r in runs] + list(against)
@@ -21,18 +23,21 @@ def _default_out(runs: list[str], against: list[str]) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
-        runs: Optional[List[str]] = typer.Argument(None, help="Run folders (the first is the reference) or "
-                                                   "score files (.yaml/.json with leaderboard numbers). None with "
+        runs: Optional[List[str]] = typer.Argument(None, metavar="RUN", help="Run folders (the first is the "
+                                                   "reference) or score files (.yaml/.json with leaderboard numbers). "
+                                                   "None with "
                                                    "--against paper: the paper's own Tables 1-3."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: reports/<run names joined by -vs->)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder.",
+                                           show_default="reports/<run names joined by -vs->"),
         formats: str = typer.Option("md,html,csv,json", "--format", help="Comma-separated: md, html, csv, json."),
         against: List[str] = typer.Option([], "--against", help="Add published reference rows: paper, "
-                                          "leaderboard, or a score file. Repeatable."),
-        split: str = typer.Option("val", "--split", help="Which logs of the run folders to score."),
+                                          "leaderboard, or a score file. Repeatable.", show_default="none"),
+        split: str = typer.Option("val", "--split", help="Data split whose logs in the run folders are scored "
+                                                         "(val: the test split has no public labels)."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed (same seed, same report)."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates."),
         examples: int = typer.Option(5, "--examples", help="Disagreement examples per task and run."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the tables."),
+        quiet: bool = quiet_option("Do not print the tables (the files are written all the same)."),
     ) -> None:
         """Compare runs task by task: metrics, 95% bootstrap intervals, gains over the first run with paired
         tests, totals, charts, LiDiRus diagnostics, confusion matrices and disagreements."""
@@ -48,4 +53,6 @@ def register(app: typer.Typer) -> None:
             print_rich(report, console)
         folder = out or _default_out(runs, against)
         paths = write_report(report, folder, fmts)
-        console.print(f"wrote {len(paths)} files to {folder}/: " + ", ".join(p.name for p in paths), highlight=False)
+        # each path as it lies under the folder: the charts are in figures/, not next to report.md
+        shown = [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in paths]
+        console.print(f"wrote {len(paths)} files to {folder}/: " + ", ".join(shown), highlight=False, soft_wrap=True)

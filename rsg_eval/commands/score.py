@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt
+from rsg_eval.commands._common import console, data_option, fmt, tasks_option
 
 
 def score_predictions(pred: Path, data: object, split: str = "val", task: str | None = None,
@@ -50,14 +50,17 @@ def score_predictions(pred: Path, data: object, split: str = "val", task: str | 
 def register(app: typer.Typer) -> None:
     @app.command("score")
     def score_cmd(
-        pred: Path = typer.Argument(..., help="Predictions in leaderboard line format: a folder of <Task>.jsonl, "
-                                              "a zip, or one .jsonl file."),
+        pred: Path = typer.Argument(..., metavar="PREDICTIONS", help="Predictions in leaderboard line format: a "
+                                    "folder of <Task>.jsonl, a zip, or one .jsonl file."),
         data: Optional[str] = data_option(),
-        split: str = typer.Option("val", "--split", help="Split the predictions are for (val or train)."),
+        split: str = typer.Option("val", "--split", help="Data split the predictions are for: val or train "
+                                                         "(test has no public labels)."),
         task: Optional[str] = typer.Option(None, "--task", help="Task of a single .jsonl file whose name "
-                                                                "does not say it."),
-        tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Only these tasks."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
+                                                                "does not say it.", show_default="from the file name"),
+        tasks: Optional[List[str]] = tasks_option("Only these tasks (names or comma-separated).",
+                                                  "every task in PREDICTIONS"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here.",
+                                                show_default="not written"),
         diagnostics: bool = typer.Option(False, "--diagnostics", help="Show LiDiRus MCC per category."),
     ) -> None:
         """Compute the leaderboard's metrics locally and the total (when all nine tasks are there)."""

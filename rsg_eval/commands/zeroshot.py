@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, fmt, print_zip
+from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
 
 
 def register(app: typer.Typer) -> None:
@@ -18,24 +18,22 @@ def register(app: typer.Typer) -> None:
     def zeroshot_cmd(
         model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
                                                              "as ai-forever/FRED-T5-1.7B, or a local model folder."),
-        data: Optional[str] = typer.Option(None, "--data", help="RSG data: a folder like the official download, "
-                                                                "a zip of it, or 'sample'; default: the download "
-                                                                "cache ($RSG_DATA_DIR)."),
-        tasks: Optional[List[str]] = typer.Option(None, "--tasks", "-t", help="Tasks (names or comma-separated; "
-                                                                              "default all nine)."),
+        data: Optional[str] = data_option(),
+        tasks: Optional[List[str]] = tasks_option(),
         split: str = typer.Option("all", "--split", help="val (scored locally), test (for the leaderboard zip) or "
                                                          "all (both)."),
         template: Optional[str] = typer.Option(None, "--template", help="Template name for every task (see `rsg "
-                                                                        "prompts list`) or a .yaml path; default: "
-                                                                        "each task's default."),
+                                                                        "prompts list`) or a .yaml path.",
+                                               show_default="each task's default"),
         batch_size: str = typer.Option("16", "--batch-size", "-b", help="Prompts per batch, or 'auto' (halves on "
                                                                         "out-of-memory). Results do not depend on "
                                                                         "it."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N groups per task and split (a "
-                                                                  "MuSeRC question or RuCoS query stays whole)."),
-        run: Optional[str] = typer.Option(None, "--run", help="Run name under --root, or a folder path; default "
-                                                              "<model>-zeroshot[-settings]-<date>. Rerunning "
-                                                              "with the same name resumes."),
+                                                                  "MuSeRC question or RuCoS query stays whole).",
+                                            show_default="all"),
+        run: Optional[str] = typer.Option(None, "--run", help="Run name under --root, or a folder path. Rerunning "
+                                                              "with the same name resumes.",
+                                          show_default="<model>-zeroshot[-settings]-<date>"),
         root: Path = typer.Option(Path("submissions"), "--root", help="Folder that holds run folders."),
         restart: bool = typer.Option(False, "--restart", help="Clear the run folder's results and start over "
                                                               "(needed to change settings in an existing "
@@ -44,50 +42,84 @@ def register(app: typer.Typer) -> None:
                                                                  "token (per token) or byte (per UTF-8 byte)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
                                                                   "content-free input (text fields -> 'N/A')."),
-        device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default: bf16 on a GPU that has it, "
-                                                                  "else fp32), bf16, fp32. fp16 is refused for "
-                                                                  "T5."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-        prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the templates' prefix (FRED-T5 "
-                                                                    "'<LM>' by default); '' for none."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto (this process's GPU, else CPU), cpu, "
+                                                                    "cuda, cuda:N.", show_default="auto"),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too big for "
+                                                                            "one GPU over the visible GPUs (and "
+                                                                            "CPU memory), in one process; "
+                                                                            "instead of --device.",
+                                                  show_default="off"),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype: auto (bf16 on a GPU that has "
+                                                                  "it, else fp32), bf16, fp32. fp16 is refused "
+                                                                  "for T5.", show_default="auto"),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).",
+                                               show_default="the hub's default branch"),
+        prefix: Optional[str] = typer.Option(None, "--prefix", help="Override the templates' prefix; '' for "
+                                                                    "none.", show_default="the template's, "
+                                                                                          "FRED-T5 '<LM>'"),
+        num_fewshot: int = typer.Option(0, "--num-fewshot", help="Solved examples from the train split (TERRa's "
+                                                                  "for LiDiRus) put before each item, drawn per "
+                                                                  "item; dropped first when the input is too "
+                                                                  "long."),
+        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw.",
+                                                   show_default="the run seed, 0"),
+        shard_size: int = typer.Option(256, "--shard-size", hidden=True, help="Items per shard: the unit shared "
+                                                                              "out among processes and saved for "
+                                                                              "resume."),
         nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
                                                                 "and LiDiRus with the NLI head instead of "
                                                                 "prompts."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-        more_tasks: Optional[List[str]] = typer.Argument(None, hidden=True, metavar="",
-                                                         help="Further task names after --tasks."),
+        quiet: bool = quiet_option(),
     ) -> None:
-        """Zero-shot evaluation: score each answer choice by its log-likelihood and pick the best.
+        """Zero-shot (or --num-fewshot) evaluation: score each answer choice by its log-likelihood, pick the best.
 
         Writes submissions/<run>/ (config.json, metrics.json, predictions/, logs/, state/, submission.zip) and
-        resumes an interrupted run: finished tasks with unchanged settings are skipped.
+        resumes an interrupted run: finished tasks with unchanged settings are skipped. Runs unchanged on several
+        GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
         from rsg_eval.errors import RSGError
-        from rsg_eval.zeroshot import ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot
+        from rsg_eval.zeroshot import (ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot,
+                                       shutdown_distributed)
 
-        if more_tasks:  # `--tasks TERRa RCB`: typer options take one value, the rest arrive as arguments
-            if not tasks:
-                raise RSGError(f"unexpected argument(s) {' '.join(more_tasks)}", expected="task names after --tasks")
-            tasks = list(tasks) + list(more_tasks)
-
+        if nli_head and num_fewshot:
+            raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
+                           field="--num-fewshot", expected="one of --nli-head or --num-fewshot")
+        if device_map is not None and device not in (None, "auto"):  # refused before any work, as load_model would
+            raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
+                           field="--device-map", expected="--device-map alone, or --device alone")
         if nli_head:
-            run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
-                         batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, console=console,
-                         **({"restart": True} if restart else {}))
+            from rsg_eval.models.loading import require_seq2seq
+
+            require_seq2seq(model, "--nli-head")
+            result = run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run,
+                                  root=root, batch_size=parse_batch_size(batch_size), device=device, dtype=dtype,
+                                  console=console, **({"restart": True} if restart else {}))
+            print_summary(result, NLI_ZIP_HINT)
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
                                calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
-                               restart=restart)
-        result = run_zeroshot(opts, console=console, show_progress=not quiet)
+                               num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
+                               device_map=device_map, restart=restart)
+        try:
+            result = run_zeroshot(opts, console=console, show_progress=not quiet)
+        finally:
+            shutdown_distributed()
+        if not result.main:  # the other processes of a multi-process run: the main one reports
+            return
         print_summary(result)
         if result.interrupted:
             raise typer.Exit(130)
 
 
-def print_summary(result: object) -> None:
-    """Final rich table of val metrics, then where the run folder and zip are."""
+# The NLI head answers the three entailment tasks only, so its zip is always partial: say so, and what to do.
+NLI_ZIP_HINT = (" (the NLI head answers only LiDiRus, RCB and TERRa; for an upload, add the other six tasks' "
+                "predictions/test files from a prompted run and zip them with `rsg submit zip`)")
+
+
+def print_summary(result: object, zip_hint: str = " (run them with --split test to complete submission.zip)"
+                  ) -> None:
+    """Final rich table of val metrics, then where the run folder and zip are (ZeroShotResult, NLIHeadResult)."""
     from rich.table import Table
 
     from rsg_eval.tasks import get_task
@@ -109,5 +141,6 @@ def print_summary(result: object) -> None:
     skipped = sum(o.status == "skipped" for o in res.outcomes)
     truncated = sum(o.n_truncated for o in res.outcomes)
     console.print(f"run folder: [bold]{res.run.path}[/] ({done} task splits evaluated, {skipped} skipped as "
-                  f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})")
-    print_zip(res.zip, " (run them with --split test to complete submission.zip)")
+                  f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})",
+                  soft_wrap=True)
+    print_zip(res.zip, zip_hint)

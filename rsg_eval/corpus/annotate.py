@@ -1,23 +1,29 @@
-"""Automatic annotation by teacher models, in resumable shards.
+"""Automatic annotation of raw texts by teacher models, in resumable shards.
 
-Jobs and the teachers they need (`--teacher TASK=MODEL`, a hub id or a local folder):
+Jobs and the teachers they need (`teachers.<task>` in the config or `--teacher TASK=MODEL`; the teacher kinds are
+in rsg_eval/corpus/teachers.py):
 
-| job           | teachers   | writes records        |
-|---------------|------------|-----------------------|
-| qa            | qg + qa    | qa and qg: the qg teacher (text2text) writes a question about a passage, the extractive qa teacher (e.g. mdeberta-v3-base-squad2) answers it; kept when its answer score >= `min_score` |
-| summarization | summarization | summarization     |
-| title         | title      | title                 |
-| paraphrase    | paraphrase | paraphrase (per sentence) |
+| job           | teachers | unit (default)      | writes |
+|---------------|----------|---------------------|--------|
+| ner           | ner      | passage             | ner: the teacher's entity spans, its labels mapped onto the NER types (unmapped ones dropped, counted) |
+| mc            | mc       | passage             | mc: the top topic among the head's classes |
+| nli           | nli      | adjacent sentences  | nli: (sentence i, sentence i+1) of one text, labelled entailment / contradiction / neutral |
+| qa            | qg + qa  | passage             | qa and qg: the qg teacher writes a question about the passage, the extractive qa teacher (the paper's mdeberta-v3-base-squad2) answers it with a span |
+| summarization | summarization | passage        | summarization |
+| title         | title    | passage             | title |
+| paraphrase    | paraphrase | sentence          | paraphrase |
 
-Teachers run as transformers pipelines (`text2text-generation`, `question-answering`) in batches, on the GPU when
-one is present. Each job's inputs are cut into shards of `shard_size` texts; a shard is written atomically to
-`work/annotate/<job>/shard-NNNNN.jsonl` with its fingerprint (teachers, options, the input texts) in the first
-line, so a rerun reuses every finished shard whose fingerprint matches and starts at the first missing one.
+Every record a teacher made carries its provenance: `teacher` (the model id) and `teacher_score` (its confidence,
+the value `min_score` filters on); qa records also `question_teacher` / `question_score`, qg records
+`answer_teacher` / `answer_score`. What a threshold or a filter drops is counted per job ("mc: low score",
+"ner: unmapped type MISC", ...).
 
-Weak annotations are filtered and counted: empty outputs, degenerate ones (a token repeated, few distinct tokens,
-a character pattern looping), copies of the input, and for qa answers below the score threshold or empty (the
-teacher's "no answer"). A batch on which a teacher raises is named in a message, skipped and counted (or stops the
-run with `on_error: stop`); finished shards stay on disk.
+Each job reads its texts in shards of `shard_size` texts; a shard is written atomically to
+`work/annotate/<job>/shard-NNNNN.jsonl` with a fingerprint (the teachers and their options, the inputs) and the
+teachers' resolved revisions in its first line, so a rerun reuses every finished shard whose fingerprint matches
+and loads a teacher only when a shard has to be computed. Inside a shard the units are batched by length (less
+padding on a GPU); a batch on which a teacher raises is named, skipped and counted (or stops the run with
+`on_error: stop`); finished shards stay on disk.
 """
 
 from __future__ import annotations
@@ -28,63 +34,23 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from rsg_eval.corpus.cleaning import normalise
+from rsg_eval.corpus.teachers import TEACHER_TASKS, TeacherSpec  # noqa: F401 (re-exported for the config)
 from rsg_eval.errors import RSGError
 from rsg_eval.io import atomic_write_text
 
-TEACHER_TASKS = ("qa", "qg", "summarization", "title", "paraphrase")
-JOBS: dict[str, tuple[str, ...]] = {"qa": ("qg", "qa"), "summarization": ("summarization",),
-                                    "title": ("title",), "paraphrase": ("paraphrase",)}
-FORMAT_VERSION = 1
-
-# Default per-teacher options; a config's `teachers.<task>` mapping overrides them.
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qa": {"min_score": 0.3, "max_answer_len": 30, "batch_size": 16},
-    "qg": {"prompt": "{text}", "max_new_tokens": 48, "unit": "text", "max_chars": 2000},
-    "summarization": {"prompt": "{text}", "max_new_tokens": 160, "unit": "text", "max_chars": 4000},
-    "title": {"prompt": "{text}", "max_new_tokens": 32, "unit": "text", "max_chars": 4000},
-    "paraphrase": {"prompt": "{text}", "max_new_tokens": 96, "unit": "sentence", "max_chars": 300,
-                   "per_text": 1},
-}
+JOBS: dict[str, tuple[str, ...]] = {"ner": ("ner",), "mc": ("mc",), "nli": ("nli",), "qa": ("qg", "qa"),
+                                    "summarization": ("summarization",), "title": ("title",),
+                                    "paraphrase": ("paraphrase",)}
+JOB_TASKS: dict[str, tuple[str, ...]] = {**{j: (j,) for j in JOBS}, "qa": ("qa", "qg")}
+FORMAT_VERSION = 2
 
 
-@dataclass
-class TeacherSpec:
-    task: str
-    model: str
-    revision: str | None = None
-    batch_size: int = 8
-    prompt: str = "{text}"           # the model input; "{text}" is replaced by the passage / sentence
-    max_new_tokens: int = 64
-    max_input_tokens: int = 512
-    num_beams: int = 1
-    unit: str = "text"               # text: the passage (cut to max_chars at a sentence end); sentence: sentences
-    max_chars: int = 2000
-    per_text: int = 1                # sentences per text (unit: sentence)
-    min_score: float = 0.3           # qa: the teacher's answer score threshold
-    max_answer_len: int = 30         # qa: tokens
-    dtype: str | None = None         # e.g. bfloat16 on a GPU; None = the model's default (float32)
-    filter: bool = True              # drop empty / broken / repeated / copied outputs (off: inspect a teacher)
-
-    @classmethod
-    def make(cls, task: str, opts: dict[str, Any]) -> TeacherSpec:
-        if task not in TEACHER_TASKS:
-            raise RSGError(f"no teacher task {task!r}", field="--teacher", expected=TEACHER_TASKS)
-        merged = {**_DEFAULTS.get(task, {}), **opts}
-        known = set(cls.__dataclass_fields__) - {"task"}
-        bad = sorted(set(merged) - known)
-        if bad:
-            raise RSGError(f"unknown teacher options {bad} for {task}", field=f"teachers.{task}",
-                           expected=", ".join(sorted(known)))
-        if not merged.get("model"):
-            raise RSGError(f"teacher {task} has no model", field=f"teachers.{task}.model",
-                           expected="a hub id or a local folder (or --teacher {task}=MODEL)")
-        if merged.get("unit", "text") not in ("text", "sentence"):
-            raise RSGError(f"unknown unit {merged['unit']!r}", field=f"teachers.{task}.unit",
-                           expected=("text", "sentence"))
-        return cls(task=task, **merged)
+def unit_spec(job: str, specs: dict[str, TeacherSpec]) -> TeacherSpec:
+    """The teacher whose options (unit, max_chars, per_text) cut a job's texts into units."""
+    return specs["qg" if job == "qa" else job]
 
 
 # ---------------------------------------------------------------- filters (no model)
@@ -135,156 +101,156 @@ def cut(text: str, max_chars: int) -> str:
     return out or text[:max_chars]
 
 
+# ---------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    """One teacher input: a passage or a sentence of a raw text (nli: two adjacent sentences)."""
+
+    id: str
+    group: str
+    source: str
+    text: str
+    pair: str | None = None
+
+
 def units(text: str, spec: TeacherSpec) -> list[str]:
     if spec.unit == "sentence":
         return [s for s in sentences(text) if 20 <= len(s) <= spec.max_chars][: spec.per_text]
     return [cut(text, spec.max_chars)]
 
 
-# ---------------------------------------------------------------- teachers (transformers pipelines)
-
-class Generator(Protocol):
-    spec: TeacherSpec
-
-    def __call__(self, texts: Sequence[str]) -> list[str]: ...
-
-
-class Answerer(Protocol):
-    spec: TeacherSpec
-
-    def __call__(self, contexts: Sequence[str], questions: Sequence[str]) -> list[tuple[str, float, int]]: ...
-
-
-def pick_device(device: str | None = "auto") -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _dtype(name: str | None) -> Any:
-    if not name:
-        return None
-    import torch
-
-    try:
-        return getattr(torch, name)
-    except AttributeError:
-        raise RSGError(f"unknown dtype {name!r}", field="dtype", expected="float32, bfloat16, float16") from None
-
-
-def _load_pipeline(kind: str, spec: TeacherSpec, name: str, device: str | None) -> Any:
-    """A transformers pipeline for a teacher (remote code off); any load failure is one clear RSGError."""
-    from transformers import pipeline
-
-    kw: dict[str, Any] = {"trust_remote_code": False}
-    if spec.dtype:
-        kw["dtype"] = _dtype(spec.dtype)
-    try:
-        return pipeline(kind, model=spec.model, tokenizer=spec.model, revision=spec.revision,
-                        device=pick_device(device), **kw)
-    except Exception as exc:  # hub unreachable, a model of the wrong kind, ...: one line, no traceback
-        raise RSGError(f"cannot load teacher {name}={spec.model} as a {kind} pipeline: "
-                       f"{type(exc).__name__}: {exc}".splitlines()[0],
-                       field="--teacher", expected="a hub id (reachable) or a local model folder") from None
-
-
-class Text2TextTeacher:
-    """A seq2seq teacher as a `text2text-generation` pipeline; one call = one batch."""
-
-    def __init__(self, spec: TeacherSpec, device: str | None = "auto") -> None:
-        self.spec = spec
-        self.pipe = _load_pipeline("text2text-generation", spec, spec.task, device)
-        # FRED-T5's tokenizer has no model_max_length, so truncation=True alone would not cut long passages
-        tok = self.pipe.tokenizer
-        tok.model_max_length = min(int(getattr(tok, "model_max_length", spec.max_input_tokens)),
-                                   spec.max_input_tokens)
-
-    def __call__(self, texts: Sequence[str]) -> list[str]:
-        prompts = [self.spec.prompt.replace("{text}", t) for t in texts]
-        outs = self.pipe(prompts, batch_size=len(prompts), max_new_tokens=self.spec.max_new_tokens,
-                         num_beams=self.spec.num_beams, do_sample=False, truncation=True)
-        return [(o[0] if isinstance(o, list) else o)["generated_text"] for o in outs]
-
-
-class ExtractiveQATeacher:
-    """An extractive QA teacher as a `question-answering` pipeline; returns (answer, score, start) per question."""
-
-    def __init__(self, spec: TeacherSpec, device: str | None = "auto") -> None:
-        self.spec = spec
-        self.pipe = _load_pipeline("question-answering", spec, "qa", device)
-        # never more tokens than the model has positions for (a BERT-style model: model_max_length)
-        self.max_seq_len = min(spec.max_input_tokens, int(getattr(self.pipe.tokenizer, "model_max_length", 10**9)))
-
-    def __call__(self, contexts: Sequence[str], questions: Sequence[str]) -> list[tuple[str, float, int]]:
-        outs = self.pipe(question=list(questions), context=list(contexts), batch_size=len(contexts),
-                         handle_impossible_answer=True, max_answer_len=self.spec.max_answer_len,
-                         max_seq_len=self.max_seq_len)
-        if isinstance(outs, dict):
-            outs = [outs]
-        return [(o["answer"], float(o["score"]), int(o["start"])) for o in outs]
-
-
-def load_teachers(specs: dict[str, TeacherSpec], device: str | None = "auto") -> dict[str, Any]:
-    return {t: (ExtractiveQATeacher if t == "qa" else Text2TextTeacher)(s, device) for t, s in specs.items()}
-
-
-# ---------------------------------------------------------------- jobs
-
-
-@dataclass
-class Unit:
-    """One teacher input: a passage or sentence of a raw text."""
-
-    id: str
-    group: str
-    source: str
-    text: str
-
-
-def make_units(texts: Sequence[dict], spec: TeacherSpec) -> list[Unit]:
+def make_units(job: str, rec: dict, spec: TeacherSpec) -> list[Unit]:
+    group, src = rec.get("_group", rec["id"]), rec["_src"]
+    if job == "nli":
+        sents = sentences(rec["text"])
+        ok = [20 <= len(s) <= spec.max_chars for s in sents]
+        pairs = [(a, b) for i, (a, b) in enumerate(zip(sents, sents[1:])) if ok[i] and ok[i + 1]]
+        return [Unit(f"{rec['id']}#p{k}", group, src, a, b) for k, (a, b) in enumerate(pairs[: spec.per_text])]
     out = []
-    for rec in texts:
-        for k, u in enumerate(units(rec["text"], spec)):
-            uid = rec["id"] if spec.unit == "text" else f"{rec['id']}#s{k}"
-            out.append(Unit(uid, rec.get("_group", rec["id"]), rec["_src"], u))
+    for k, u in enumerate(units(rec["text"], spec)):
+        out.append(Unit(rec["id"] if spec.unit == "text" else f"{rec['id']}#s{k}", group, src, u))
     return out
 
 
-def run_batch(job: str, batch: Sequence[Unit], teachers: dict[str, Any], stats: Counter) -> list[dict]:
-    """Annotate one batch; filtered outputs are counted in `stats` under "<task>: <reason>"."""
-    if job == "qa":
-        return _run_qa(batch, teachers["qg"], teachers["qa"], stats)
-    outs = teachers[job]([u.text for u in batch])
-    field_in, field_out = {"summarization": ("text", "summary"), "title": ("text", "title"),
-                           "paraphrase": ("source", "target")}[job]
-    recs = []
-    for u, o in zip(batch, outs):
-        o = o.strip()
-        why = degenerate(o, u.text) if teachers[job].spec.filter else (None if o else "empty")
-        if why:
-            stats[f"{job}: {why}"] += 1
+# ---------------------------------------------------------------- running one batch
+
+
+def _model(teacher: Any) -> str:
+    return teacher.spec.model
+
+
+def _made_by(teacher: Any, score: float | None) -> dict:
+    return {"teacher": _model(teacher), "teacher_score": None if score is None else round(float(score), 4)}
+
+
+def _base(u: Unit) -> dict:
+    return {"_src": u.source, "_group": u.group}
+
+
+def run_batch(job: str, batch: Sequence[Unit], teachers: dict[str, Any], stats: Counter) -> list[list[dict]]:
+    """Annotate one batch: the kept records of each unit (a list per unit, in order). What a filter or a threshold
+    drops is counted in `stats` under "<task>: <reason>"."""
+    return _RUNNERS[job](batch, teachers, stats)
+
+
+def _run_ner(batch: Sequence[Unit], teachers: dict[str, Any], stats: Counter) -> list[list[dict]]:
+    t = teachers["ner"]
+    out = []
+    for u, spans in zip(batch, t([u.text for u in batch])):
+        ents, seen = [], set()
+        for sp in spans:
+            typ = t.types.get(sp.label)
+            if typ is None:
+                stats[f"ner: unmapped type {sp.label}"] += 1
+                continue
+            s, e = sp.start, sp.end
+            while s < e and u.text[s].isspace():
+                s += 1
+            while e > s and u.text[e - 1].isspace():
+                e -= 1
+            if not 0 <= s < e <= len(u.text):
+                stats["ner: bad span"] += 1
+                continue
+            if (s, e, typ) not in seen:
+                seen.add((s, e, typ))
+                ents.append({"start": s, "end": e, "type": typ, "score": round(sp.score, 4)})
+        if not ents and not t.spec.keep_empty:
+            stats["ner: no entity"] += 1
+            out.append([])
             continue
-        recs.append({"task": job, field_in: u.text, field_out: o, "_src": u.source, "id": f"{u.id}#{job}",
-                     "_group": u.group})
-    return recs
+        # the record's confidence is its weakest entity: a text is kept only when every entity in it is sure,
+        # since dropping one entity would teach its span as "outside"
+        score = min((x["score"] for x in ents), default=None)
+        if score is not None and score < t.spec.min_score:
+            stats["ner: low score"] += 1
+            out.append([])
+            continue
+        ents.sort(key=lambda d: (d["start"], -d["end"], d["type"]))
+        out.append([{"task": "ner", "text": u.text, "entities": ents, "id": f"{u.id}#ner", **_base(u),
+                     **_made_by(t, score)}])
+    return out
 
 
-def _run_qa(batch: Sequence[Unit], qg: Generator, qa: Answerer, stats: Counter) -> list[dict]:
-    questions = [q.strip() for q in qg([u.text for u in batch])]
-    ok = []
-    for u, q in zip(batch, questions):
-        why = degenerate(q, u.text) if qg.spec.filter else (None if q else "empty")
-        if why:
-            stats[f"qg: {why}"] += 1
+def _run_classify(task: str, batch: Sequence[Unit], teachers: dict[str, Any], stats: Counter) -> list[list[dict]]:
+    t = teachers[task]
+    inputs = [u.text for u in batch] if task == "mc" else [{"text": u.text, "text_pair": u.pair} for u in batch]
+    out = []
+    for u, (lab, cls, score) in zip(batch, t(inputs)):
+        if cls is None:
+            stats[f"{task}: unmapped label {lab}"] += 1
+            out.append([])
+        elif score < t.spec.min_score:
+            stats[f"{task}: low score"] += 1
+            out.append([])
+        elif task == "mc":
+            out.append([{"task": "mc", "text": u.text, "label": cls, "id": f"{u.id}#mc", **_base(u),
+                         **_made_by(t, score)}])
         else:
-            ok.append((u, q))
+            out.append([{"task": "nli", "premise": u.text, "hypothesis": u.pair, "label": cls, "id": f"{u.id}#nli",
+                         **_base(u), **_made_by(t, score)}])
+    return out
+
+
+_GEN_FIELDS = {"summarization": ("text", "summary"), "title": ("text", "title"), "paraphrase": ("source", "target")}
+
+
+def _generated(task: str, t: Any, u_text: str, text: str, score: float, stats: Counter) -> bool:
+    why = degenerate(text, u_text) if t.spec.filter else (None if text else "empty")
+    if why:
+        stats[f"{task}: {why}"] += 1
+        return False
+    if score < t.spec.min_score:
+        stats[f"{task}: low score"] += 1
+        return False
+    return True
+
+
+def _run_generate(task: str, batch: Sequence[Unit], teachers: dict[str, Any], stats: Counter) -> list[list[dict]]:
+    t = teachers[task]
+    f_in, f_out = _GEN_FIELDS[task]
+    out = []
+    for u, (text, score) in zip(batch, t([u.text for u in batch])):
+        if not _generated(task, t, u.text, text, score, stats):
+            out.append([])
+            continue
+        out.append([{"task": task, f_in: u.text, f_out: text, "id": f"{u.id}#{task}", **_base(u),
+                     **_made_by(t, score)}])
+    return out
+
+
+def _run_qa(batch: Sequence[Unit], teachers: dict[str, Any], stats: Counter) -> list[list[dict]]:
+    qg, qa = teachers["qg"], teachers["qa"]
+    out: list[list[dict]] = [[] for _ in batch]
+    ok = []
+    for i, (u, (q, q_score)) in enumerate(zip(batch, qg([u.text for u in batch]))):
+        if _generated("qg", qg, u.text, q, q_score, stats):
+            ok.append((i, u, q, q_score))
     if not ok:
-        return []
-    answers = qa([u.text for u, _ in ok], [q for _, q in ok])
-    recs = []
-    for (u, q), (ans, score, _start) in zip(ok, answers):
+        return out
+    answers = qa([u.text for _, u, _, _ in ok], [q for _, _, q, _ in ok])
+    for (i, u, q, q_score), (ans, score, _start) in zip(ok, answers):
         ans = ans.strip()
         if not ans:
             stats["qa: no answer"] += 1
@@ -295,11 +261,22 @@ def _run_qa(batch: Sequence[Unit], qg: Generator, qa: Answerer, stats: Counter) 
         if qa.spec.filter and degenerate(ans) in ("repeated", "broken"):
             stats["qa: degenerate"] += 1
             continue
-        base = {"context": u.text, "_src": u.source, "_group": u.group}
-        recs.append({"task": "qa", **base, "question": q, "answer": ans, "id": f"{u.id}#qa",
-                     "teacher_score": round(score, 4)})
-        recs.append({"task": "qg", **base, "answer": ans, "question": q, "id": f"{u.id}#qg"})
-    return recs
+        base = {"context": u.text, **_base(u)}
+        q_score, score = round(q_score, 4), round(score, 4)
+        out[i] = [{"task": "qa", **base, "question": q, "answer": ans, "id": f"{u.id}#qa", **_made_by(qa, score),
+                   "question_teacher": _model(qg), "question_score": q_score},
+                  {"task": "qg", **base, "answer": ans, "question": q, "id": f"{u.id}#qg", **_made_by(qg, q_score),
+                   "answer_teacher": _model(qa), "answer_score": score}]
+    return out
+
+
+_RUNNERS: dict[str, Callable[[Sequence[Unit], dict[str, Any], Counter], list[list[dict]]]] = {
+    "ner": _run_ner,
+    "mc": lambda b, t, s: _run_classify("mc", b, t, s),
+    "nli": lambda b, t, s: _run_classify("nli", b, t, s),
+    "qa": _run_qa,
+    **{task: (lambda task: lambda b, t, s: _run_generate(task, b, t, s))(task) for task in _GEN_FIELDS},
+}
 
 
 # ---------------------------------------------------------------- shards
@@ -318,19 +295,27 @@ class AnnotateReport:
     stats: dict[str, Counter] = field(default_factory=dict)     # job -> counts (kept, filtered, failed)
     shards: dict[str, dict[str, int]] = field(default_factory=dict)  # job -> {"done": n, "reused": m}
     failed_batches: list[str] = field(default_factory=list)
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {model, revision, commits, kind}
+
+    def note_teachers(self, infos: dict[str, dict]) -> None:
+        for task, info in infos.items():
+            cur = self.teachers.setdefault(task, {k: v for k, v in info.items() if k != "commit"})
+            commits = cur.setdefault("commits", [])
+            if info.get("commit") not in commits:
+                commits.append(info.get("commit"))
 
     def to_json(self) -> dict:
         return {"stats": {j: dict(c) for j, c in self.stats.items()}, "shards": self.shards,
-                "failed_batches": self.failed_batches[:50]}
+                "failed_batches": self.failed_batches[:50], "teachers": self.teachers}
 
 
-def _fingerprint(job: str, specs: dict[str, TeacherSpec], units_: Sequence[Unit]) -> str:
+def fingerprint(job: str, specs: dict[str, TeacherSpec], units_: Sequence[Unit]) -> str:
     h = hashlib.sha256()
     # batch_size is left out: lowering it after an out-of-memory error must not throw away finished shards
     teachers = {t: {k: v for k, v in asdict(specs[t]).items() if k != "batch_size"} for t in JOBS[job]}
     h.update(json.dumps({"v": FORMAT_VERSION, "job": job, "teachers": teachers}, sort_keys=True).encode())
     for u in units_:
-        h.update(u.id.encode() + b"\0" + u.text.encode() + b"\0")
+        h.update(u.id.encode() + b"\0" + u.text.encode() + b"\0" + (u.pair or "").encode() + b"\0")
     return h.hexdigest()
 
 
@@ -350,89 +335,135 @@ def _read_shard(path: Path, fp: str) -> tuple[list[dict], dict] | None:
         return None  # a damaged shard is redone
 
 
-def annotate_job(job: str, texts: Sequence[dict], specs: dict[str, TeacherSpec], teachers: dict[str, Any] | None,
-                 work: Path, *, shard_size: int, on_error: str, report: AnnotateReport,
-                 device: str | None = "auto", retry_failed: bool = False, echo: Callable[[str], None] = print,
-                 on_shard: Callable[[ShardEvent], None] | None = None, progress: Any = None) -> list[dict]:
-    """Run one job over `texts` (raw text records) shard by shard; returns the kept records of all shards.
+def _info(teacher: Any) -> dict:
+    info = getattr(teacher, "info", None)
+    return dict(info) if info else {"model": teacher.spec.model, "revision": teacher.spec.revision, "commit": None}
 
-    `teachers` may hold ready teacher objects (tests pass wrapped ones); missing ones are loaded lazily, only when
-    a shard actually has to be computed, so a fully resumed run loads no model.
+
+@dataclass
+class Shard:
+    index: int
+    texts: int          # raw texts the shard consumed
+    records: list[dict]
+    reused: bool
+
+
+def annotate_shards(job: str, texts: Iterable[dict], specs: dict[str, TeacherSpec], get_teacher: Callable[[str], Any],
+                    work: Path, *, shard_size: int, on_error: str, report: AnnotateReport, first_index: int = 0,
+                    retry_failed: bool = False, echo: Callable[[str], None] = print,
+                    on_shard: Callable[[ShardEvent], None] | None = None, progress: Any = None) -> Iterator[Shard]:
+    """Run one job over `texts` (raw text records, streamed) shard by shard, yielding each shard's kept records.
+
+    The caller may stop early (a size target reached): shards not asked for are never computed. Teachers come
+    from `get_teacher(task)` and are asked for only when a shard actually has to be computed, so a fully resumed
+    run loads no model. Shards are numbered from `first_index` (a later round of the same job continues them).
     """
-    main_spec = specs["qg" if job == "qa" else job]
-    all_units = make_units(texts, main_spec)
+    spec = unit_spec(job, specs)
     stats = report.stats.setdefault(job, Counter())
     shard_stat = report.shards.setdefault(job, {"done": 0, "reused": 0})
-    teachers = dict(teachers or {})
     folder = work / "annotate" / job
-    out: list[dict] = []
-    task_id = progress.add_task(f"annotate {job}", total=len(all_units)) if progress is not None else None
-    for si, start in enumerate(range(0, len(all_units), shard_size)):
-        chunk = all_units[start:start + shard_size]
+    task_id = progress.add_task(f"annotate {job}", total=None) if progress is not None else None
+    it = iter(texts)
+    si = first_index
+    while True:
+        chunk_texts = [t for _, t in zip(range(shard_size), it)]
+        if not chunk_texts:
+            return
+        chunk = [u for rec in chunk_texts for u in make_units(job, rec, spec)]
         path = folder / f"shard-{si:05d}.jsonl"
-        fp = _fingerprint(job, specs, chunk)
+        fp = fingerprint(job, specs, chunk)
         prev = _read_shard(path, fp)
         if prev is not None and not (retry_failed and prev[1].get("failed_batches")):
             recs, meta = prev
             stats.update(meta.get("stats", {}))
             report.failed_batches.extend(meta.get("failed_batches", []))
+            report.note_teachers(meta.get("teachers", {}))
             shard_stat["reused"] += 1
-            out.extend(recs)
             if progress is not None:
-                progress.advance(task_id, len(chunk))
+                progress.advance(task_id, len(chunk_texts))
             if on_shard:
                 on_shard(ShardEvent(job, si, True, path))
+            yield Shard(si, len(chunk_texts), recs, True)
+            si += 1
             continue
-        for t in JOBS[job]:
-            if t not in teachers:
-                teachers[t] = load_teachers({t: specs[t]}, device)[t]
-        recs, sstats, failed = [], Counter(), []
-        bs = specs["qa"].batch_size if job == "qa" else main_spec.batch_size
-        bs = min(bs, main_spec.batch_size)
-        for bi, b0 in enumerate(range(0, len(chunk), bs)):
-            batch = chunk[b0:b0 + bs]
+        teachers = {t: get_teacher(t) for t in JOBS[job]} if chunk else {}
+        per_unit: list[list[dict]] = [[] for _ in chunk]
+        sstats: Counter = Counter()
+        failed: list[str] = []
+        bs = min(specs[t].batch_size for t in JOBS[job])
+        # batches of similar length: less padding; the records go back to the units' order afterwards
+        order = sorted(range(len(chunk)), key=lambda i: (len(chunk[i].text) + len(chunk[i].pair or ""), i))
+        for bi, b0 in enumerate(range(0, len(order), bs)):
+            idx = order[b0:b0 + bs]
+            batch = [chunk[i] for i in idx]
             try:
-                recs.extend(run_batch(job, batch, teachers, sstats))
+                for i, recs in zip(idx, run_batch(job, batch, teachers, sstats)):
+                    per_unit[i] = recs
             except Exception as exc:  # a teacher error on one batch must not cost the finished shards
-                what = (f"teacher {job} failed on shard {si} batch {bi} (texts {start + b0}-{start + b0 + len(batch) - 1}, "
-                        f"first id {batch[0].id}): {type(exc).__name__}: {exc}")
+                what = (f"teacher {job} failed on shard {si} batch {bi} ({len(batch)} inputs, first id "
+                        f"{batch[0].id}): {type(exc).__name__}: {exc}")
                 if on_error == "stop":
-                    raise RSGError(what + "; finished shards are kept, rerun to resume",
-                                   file=path) from exc
+                    raise RSGError(what + "; finished shards are kept, rerun to resume", file=path) from exc
                 echo(f"skipped: {what}")
                 failed.append(what)
                 sstats["failed batches"] += 1
                 sstats["failed texts"] += len(batch)
-            if progress is not None:
-                progress.advance(task_id, len(batch))
+        recs = [r for rs in per_unit for r in rs]
         sstats["kept records"] += len(recs)
-        meta = {"fingerprint": fp, "job": job, "index": si, "units": len(chunk), "stats": dict(sstats),
-                "failed_batches": failed}
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in [{"_shard": meta}, *recs]))
+        infos = {t: _info(tch) for t, tch in teachers.items()}
+        meta = {"fingerprint": fp, "job": job, "index": si, "texts": len(chunk_texts), "units": len(chunk),
+                "stats": dict(sstats), "failed_batches": failed, "teachers": infos}
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [{"_shard": meta}, *recs]))
         stats.update(sstats)
         report.failed_batches.extend(failed)
+        report.note_teachers(infos)
         shard_stat["done"] += 1
-        out.extend(recs)
+        if progress is not None:
+            progress.advance(task_id, len(chunk_texts))
         if on_shard:
             on_shard(ShardEvent(job, si, False, path))
-    return out
+        yield Shard(si, len(chunk_texts), recs, False)
+        si += 1
+
+
+# ---------------------------------------------------------------- dividing the texts among the jobs
+
+
+class Assigner:
+    """Gives each text, in order, to the job furthest below its share (ties: the order of `shares`).
+
+    The proportions are exact up to one text, and the assignment of a prefix (a `--limit` trial) is the prefix of
+    the full run's assignment. Only counts are kept, so it streams.
+    """
+
+    def __init__(self, shares: dict[str, float]) -> None:
+        self.jobs = [j for j, w in shares.items() if w > 0]
+        self.total = sum(shares[j] for j in self.jobs)
+        self.shares = shares
+        self.counts = {j: 0 for j in self.jobs}
+        self.n = 0
+
+    def next(self) -> str | None:
+        if not self.jobs:
+            return None
+        self.n += 1
+        # deficit of job j after n texts: n * share_j - assigned_j; the largest takes the text
+        j = max(self.jobs, key=lambda k: (self.n * self.shares[k] / self.total - self.counts[k], -self.jobs.index(k)))
+        self.counts[j] += 1
+        return j
 
 
 def assign_jobs(texts: Sequence[dict], shares: dict[str, float], seed: int = 0) -> dict[str, list[dict]]:
-    """Give every raw text to exactly one job, in proportion to `shares`.
-
-    Text i goes to the job furthest below its share after texts 0..i-1 (ties: the order of `shares`), so the
-    proportions are exact up to one text, and the assignment of a prefix (a `--limit` trial) is the prefix of the
-    full run's assignment. `seed` is unused: the split is deterministic by position.
-    """
-    jobs = [j for j, w in shares.items() if w > 0]
-    out: dict[str, list[dict]] = {j: [] for j in jobs}
-    if not jobs:
-        return out
-    total = sum(shares[j] for j in jobs)
-    for i, rec in enumerate(texts):
-        # deficit of job j after i texts: i * share_j - assigned_j; the largest deficit + share takes text i
-        j = max(jobs, key=lambda k: ((i + 1) * shares[k] / total - len(out[k]), -jobs.index(k)))
-        out[j].append(rec)
+    """Give every text to exactly one job, in proportion to `shares` (see Assigner). `seed` is unused."""
+    a = Assigner(shares)
+    out: dict[str, list[dict]] = {j: [] for j in a.jobs}
+    for rec in texts:
+        out[a.next()].append(rec)
     return out
+
+
+def load_teachers(specs: dict[str, TeacherSpec], device: str | None = "auto", **label_sets: Any) -> dict[str, Any]:
+    """Load teachers by spec (tests and tools); label_sets: ner_types, mc_classes, nli_labels."""
+    from rsg_eval.corpus.teachers import load_teacher
+
+    return {t: load_teacher(s, device, **label_sets) for t, s in specs.items()}

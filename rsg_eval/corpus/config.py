@@ -19,15 +19,15 @@ from rsg_eval.errors import RSGError
 
 KINDS: dict[str, tuple[str, ...]] = {
     # kind: allowed keys besides name, kind, path, limit, clean, dedup
-    "text": ("text_field", "id_field"),
+    "text": ("text_field", "id_field", "sample"),
     "brat": ("discontinuous", "max_chars", "type_map"),
     "topic": ("text_field", "label_field", "label_map", "id_field"),
     "nli": ("premise_field", "hypothesis_field", "label_field", "label_map", "id_field"),
     "pairs": ("task", "fields", "group_field", "id_field"),
 }
 _COMMON = ("name", "kind", "path", "limit", "clean", "dedup")
-TOP_KEYS = ("seed", "val_fraction", "val_max", "labels", "sources", "cleaning", "teachers", "annotation",
-            "leakage")
+TOP_KEYS = ("seed", "val_fraction", "val_max", "labels", "sizes", "subset", "sources", "cleaning", "teachers",
+            "annotation", "leakage")
 
 
 @dataclass
@@ -39,6 +39,15 @@ class SourceConfig:
     clean: bool = True
     dedup: bool = True
     opts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SubsetSpec:
+    """`subset:` / `--subset`: cut `train` examples (and `val`, default: in the corpus' val/train proportion)."""
+
+    train: int
+    val: int | None = None
+    seed: int | None = None     # None: the config's seed
 
 
 @dataclass
@@ -59,7 +68,11 @@ class CorpusConfig:
     ngram: int = 13
     leakage_splits: tuple[str, ...] = ("val", "test")
     leakage: bool = True
+    targets: dict[str, int] | None = None        # sizes: examples per task (train + val); None = keep all built
+    total: int | None = None                     # sizes.total, for the summary
+    subset: SubsetSpec | None = None
     base: Path = Path(".")
+    raw: dict[str, Any] = field(default_factory=dict)   # the config as read (for the build fingerprint)
 
     def teacher_specs(self, overrides: dict[str, str] | None = None) -> dict[str, TeacherSpec]:
         """TeacherSpecs of every teacher with a model (config, then `--teacher task=MODEL` overrides)."""
@@ -114,6 +127,10 @@ def _source(i: int, d: Any, base: Path) -> SourceConfig:
                            expected=("paraphrase", "qa", "qg", "summarization", "title"))
         if not isinstance(opts.get("fields"), dict):
             raise RSGError("pairs need `fields`: {task field: column}", field=f"{where}.fields")
+    if "sample" in opts and (isinstance(opts["sample"], bool) or not isinstance(opts["sample"], int)
+                             or opts["sample"] <= 0):
+        raise RSGError(f"bad sample {opts['sample']!r}", field=f"{where}.sample",
+                       expected="the number of cleaned texts to draw (seeded), e.g. 870000")
     limit = d.get("limit")
     return SourceConfig(name=name, kind=kind, path=(base / str(d["path"])).expanduser(),
                         limit=int(limit) if limit is not None else None, clean=bool(d.get("clean", True)),
@@ -151,6 +168,9 @@ def parse_config(raw: dict[str, Any], base: Path) -> CorpusConfig:
         cfg.teachers[t] = dict(o) if isinstance(o, dict) else {"model": o}
     ann = dict(raw.get("annotation") or {})
     shares = ann.pop("shares", None)
+    if shares is not None and raw.get("sizes"):
+        raise RSGError("annotation.shares and sizes both decide how the raw texts are divided; keep one",
+                       field="annotation.shares", expected="sizes.targets (per task) or annotation.shares (per job)")
     cfg.shares = {j: 1.0 for j in JOBS} if shares is None else {str(k): float(v) for k, v in shares.items()}
     for j in cfg.shares:
         if j not in JOBS:
@@ -163,6 +183,10 @@ def parse_config(raw: dict[str, Any], base: Path) -> CorpusConfig:
     if ann:
         raise RSGError(f"unknown annotation keys {sorted(ann)}", field="annotation",
                        expected="shares, shard_size, on_error, device")
+    cfg.targets, cfg.total = parse_sizes(raw.get("sizes"))
+    if raw.get("subset") is not None:
+        cfg.subset = parse_subset(raw["subset"], "subset")
+    cfg.raw = raw
     leak = raw.get("leakage") or {}
     if leak is False:
         cfg.leakage = False
@@ -178,6 +202,74 @@ def parse_config(raw: dict[str, Any], base: Path) -> CorpusConfig:
         cfg.ngram = int(leak.get("ngram", 13))
         cfg.leakage_splits = tuple(leak.get("splits", ("val", "test")))
     return cfg
+
+
+def _count(value: Any, where: str, total: int | None) -> int:
+    """A target: an integer count, a share of `total` (a float in (0, 1]), or a percentage string ("12.5%")."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise RSGError(f"not a percentage: {value!r}", field=where) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise RSGError(f"bad size {value!r}", field=where,
+                       expected="a number of examples (integer), or a share of sizes.total (0-1 or 'N%')")
+    if isinstance(value, int):
+        return value
+    if value > 1:
+        raise RSGError(f"a share above 1: {value}", field=where, expected="an integer count, or a share in 0-1")
+    if total is None:
+        raise RSGError("a share needs sizes.total", field=where, expected="sizes.total: examples over all tasks")
+    return round(value * total)
+
+
+def parse_sizes(d: Any) -> tuple[dict[str, int] | None, int | None]:
+    """`sizes: {total: N, targets: {task: count or share}}` -> (targets per task, total). Without targets every
+    task gets an equal share of total; tasks left out of targets get no target (everything built is kept)."""
+    if not d:
+        return None, None
+    if not isinstance(d, dict):
+        raise RSGError("sizes must be a mapping", field="sizes", expected="{total: N, targets: {task: N or share}}")
+    bad = sorted(set(d) - {"total", "targets"})
+    if bad:
+        raise RSGError(f"unknown sizes keys {bad}", field="sizes", expected="total, targets")
+    total = d.get("total")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total <= 0):
+        raise RSGError(f"bad total {total!r}", field="sizes.total", expected="a positive integer")
+    targets = d.get("targets")
+    if targets is None:
+        if total is None:
+            raise RSGError("sizes needs total or targets", field="sizes")
+        share = total // len(TASKS)
+        return {t: share + (1 if i < total % len(TASKS) else 0) for i, t in enumerate(TASKS)}, total
+    if not isinstance(targets, dict):
+        raise RSGError("targets must be a mapping {task: count or share}", field="sizes.targets")
+    out = {}
+    for t, v in targets.items():
+        if t not in TASKS:
+            raise RSGError(f"no task {t!r}", field="sizes.targets", expected=TASKS)
+        out[str(t)] = _count(v, f"sizes.targets.{t}", total)
+    shares = [v for v in targets.values() if isinstance(v, float) or isinstance(v, str)]
+    if total is not None and sum(out.values()) > total * 1.0001 and shares:
+        raise RSGError(f"the targets add up to {sum(out.values())}, more than sizes.total {total}",
+                       field="sizes.targets")
+    return out, total if total is not None else sum(out.values())
+
+
+def parse_subset(d: Any, where: str) -> SubsetSpec:
+    if isinstance(d, bool):
+        raise RSGError("subset must be a number of train examples", field=where)
+    if isinstance(d, int):
+        d = {"train": d}
+    if not isinstance(d, dict) or not isinstance(d.get("train"), int) or d["train"] <= 0:
+        raise RSGError(f"bad subset {d!r}", field=where, expected="N (train examples) or {train: N, val: M, seed: S}")
+    bad = sorted(set(d) - {"train", "val", "seed"})
+    if bad:
+        raise RSGError(f"unknown subset keys {bad}", field=where, expected="train, val, seed")
+    val = d.get("val")
+    if val is not None and (not isinstance(val, int) or val < 0):
+        raise RSGError(f"bad subset val {val!r}", field=f"{where}.val", expected="a number of val examples")
+    return SubsetSpec(train=int(d["train"]), val=val, seed=d.get("seed"))
 
 
 def load_config(path: str | Path) -> CorpusConfig:

@@ -5,15 +5,16 @@ RULM holds news and encyclopedia text, and so do RuCoS, DaNetQA and MuSeRC. An e
 premise, hypothesis or sentence of the RSG data is dropped, so that zero-shot scores of a model trained on the
 corpus are not inflated by memorised evaluation text.
 
-Tokens are case-folded `\\w+` runs. Each token gets a 64-bit value from blake2b (cached); an n-gram's value is
-the polynomial sum_j v[i+j] * P**j mod 2**64, computed for all windows of a text at once with numpy. The RSG side
+Tokens are case-folded `\\w+` runs. Each token gets a 32-bit value (CRC-32 of its UTF-8 bytes, computed in C
+without a Python call per token and without a cache that would grow with the corpus); an n-gram's value is the
+polynomial sum_j v[i+j] * P**j mod 2**64, computed for all windows of a text at once with numpy. The RSG side
 is a sorted uint64 array, so memory is 8 bytes per distinct n-gram and a lookup is a binary search.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
+import zlib
 from collections import Counter
 from typing import Any, Iterable
 
@@ -32,7 +33,6 @@ class NgramIndex:
         if n < 3:
             raise ValueError("n-gram length below 3 would drop ordinary phrases")
         self.n = n
-        self._tok: dict[str, int] = {}
         self._pows = np.array([pow(int(_P), j, 1 << 64) for j in range(n)], dtype=np.uint64)  # (n,)
         self._parts: list[np.ndarray] = []
         self._owners: list[np.ndarray] = []
@@ -40,22 +40,18 @@ class NgramIndex:
         self.hashes = np.zeros(0, dtype=np.uint64)
         self.owner = np.zeros(0, dtype=np.int32)
 
-    def _value(self, tok: str) -> int:
-        v = self._tok.get(tok)
-        if v is None:
-            v = int.from_bytes(hashlib.blake2b(tok.encode("utf-8"), digest_size=8).digest(), "little")
-            self._tok[tok] = v
-        return v
-
     def ngram_hashes(self, text: str) -> np.ndarray:
         """(T - n + 1,) uint64 values of the text's word n-grams (empty when it has fewer than n words)."""
         toks = _WORD.findall(text.casefold())
         if len(toks) < self.n:
             return np.zeros(0, dtype=np.uint64)
-        vals = np.fromiter((self._value(t) for t in toks), dtype=np.uint64, count=len(toks))  # (T,)
-        win = np.lib.stride_tricks.sliding_window_view(vals, self.n)  # (T-n+1, n)
+        vals = np.fromiter(map(zlib.crc32, map(str.encode, toks)), dtype=np.uint64, count=len(toks))  # (T,)
+        m = len(toks) - self.n + 1
+        acc = vals[:m].copy()  # (T-n+1,)
         with np.errstate(over="ignore"):
-            return (win * self._pows).sum(axis=1, dtype=np.uint64)  # wraps mod 2**64
+            for j in range(1, self.n):  # n vector steps; wraps mod 2**64
+                acc += vals[j:j + m] * self._pows[j]
+        return acc
 
     def add(self, texts: Iterable[str], name: str) -> int:
         """Index reference texts under `name`; returns how many distinct texts were added."""

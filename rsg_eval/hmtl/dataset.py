@@ -127,7 +127,10 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, max_length: int, m
     """datasets.map function: encoder inputs, targets with an explicit </s>, class labels, NER bitmasks."""
     gen_ids = {TASK_INDEX[t] for t in GEN_TASKS}
     ner_id = TASK_INDEX["ner"]
-    texts = [lm_prefix + x if t in gen_ids else x for t, x in zip(batch["task"], batch["input"])]
+    from rsg_eval.limits import cut_text
+
+    # cut by characters first: a fast tokenizer encodes a whole text before truncating it (same ids kept)
+    texts = [cut_text(lm_prefix + x if t in gen_ids else x, max_length) for t, x in zip(batch["task"], batch["input"])]
     enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
     out: dict[str, list] = {"input_ids": enc["input_ids"], "labels": [], "cls": batch["label"], "ner_bits": [],
@@ -135,7 +138,7 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, max_length: int, m
     for i, task in enumerate(batch["task"]):
         if task in gen_ids:
             # FRED's tokenizer appends no </s>; the target must end in it explicitly (FREDT5_NOTES.md 0.5).
-            ids = tokenizer(batch["target"][i], add_special_tokens=False, truncation=True,
+            ids = tokenizer(cut_text(batch["target"][i], max_target_length), add_special_tokens=False, truncation=True,
                             max_length=max_target_length - 1)["input_ids"]
             out["labels"].append(ids + [eos])
         else:

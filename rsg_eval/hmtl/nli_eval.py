@@ -33,11 +33,16 @@ SPLIT_CHOICES = ("val", "test", "all")
 
 @dataclass
 class NLIHeadResult:
+    """What the run did, with the fields `rsg zeroshot`'s summary reads (rsg_eval.zeroshot.ZeroShotResult's)."""
+
     run: Any                                    # rsg_eval.runs.RunFolder
     done: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict | None = None
-    zip: Any = None
+    zip: Any = None                             # rsg_eval.runs.ZipResult: submission-partial.zip (3 of 9 tasks)
+    outcomes: list[Any] = field(default_factory=list)   # rsg_eval.zeroshot.TaskOutcome per (task, split)
+    interrupted: bool = False
+    main: bool = True
 
 
 @torch.no_grad()
@@ -45,7 +50,9 @@ def nli_probabilities(hier: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]
                       max_length: int = 512) -> torch.Tensor:
     """(N, n_nli) probabilities in the head's label order for (premise, hypothesis) pairs; batched by length so
     padding stays small (padding does not change a result: pooling and attention are masked)."""
-    texts = [nli_input(p, h) for p, h in pairs]
+    from rsg_eval.limits import cut_text
+
+    texts = [cut_text(nli_input(p, h), max_length) for p, h in pairs]  # never tokenise a crafted 200 MB text
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty((len(texts), len(hier.config.nli_labels)), dtype=torch.float32)
     device = next(hier.parameters()).device
@@ -155,12 +162,14 @@ def _evaluate(folder: Any, jobs: list, model_id: str, src: Any, loaded: Any, bs:
               split: str, device: str | None, dtype: str | None, console: Any) -> NLIHeadResult:
     """run_nli_head_eval's work once the run folder is claimed."""
     from rsg_eval.runs import log_row
+    from rsg_eval.zeroshot import TaskOutcome
 
     result = NLIHeadResult(folder)
     pending = []
     for job in jobs:
         if folder.is_done(job[0], job[1], job[4]):
             result.skipped.append((job[0], job[1]))
+            result.outcomes.append(TaskOutcome(job[0], job[1], "skipped", len(job[2])))
             console.print(f"[dim]{job[0]}/{job[1]}: already finished with the same settings, skipped[/]")
         else:
             pending.append(job)
@@ -186,14 +195,14 @@ def _evaluate(folder: Any, jobs: list, model_id: str, src: Any, loaded: Any, bs:
         folder.write_task(task, sp, items, preds, rows, fp, parts=parts,
                           extra={"seconds": round(time.perf_counter() - t0, 3), "kind": KIND})
         result.done.append((task, sp))
-        console.print(f"{task}/{sp}: {len(items)} items through the NLI head")
+        seconds = time.perf_counter() - t0
+        result.outcomes.append(TaskOutcome(task, sp, "done", len(items), seconds))
+        console.print(f"{task}/{sp}: {len(items)} items through the NLI head ({seconds:.1f} s)")
+    # The metrics table, the run folder and the zip are for the caller to print (`rsg zeroshot`: print_summary).
     if folder.finished("val"):
         result.metrics = folder.write_metrics("val")
-        for name, vals in result.metrics.get("tasks", {}).items():
-            console.print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
     if folder.finished("test"):
         result.zip = folder.build_zip()
-    console.print(f"run folder: {folder.path}")
     return result
 
 

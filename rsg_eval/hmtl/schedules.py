@@ -77,7 +77,7 @@ def paper_note(base: float, peak: float, up: int, gamma: float) -> str:
             f"optimizer step, step_size_up {up}); it is the default so that a reproduction runs what the paper ran. "
             f"With these values the learning rate peaks at {s.peak_lr:.3g} at step {s.peak_step} and is within 1% "
             f"of {base:g} from step {s.floor_step} on. Alternatives: --schedule cycle-gamma (the same triangle, "
-            f"amplitude x gamma once per cycle) or --schedule cosine (warm-up to --lr-max, then cosine decay).")
+            f"amplitude x gamma once per cycle) or --schedule cosine (warm-up to --lr, then cosine decay).")
 
 
 def default_step_size_up(schedule: str, steps_per_epoch: int) -> int:

@@ -24,7 +24,7 @@ settings unless --restart, which clears everything below but cache/):
                              validation loss", Figures 2-3) as the headline, and each task's loss
     epoch-N/                 a hierarchical checkpoint after each epoch (`--model out/epoch-N` everywhere)
     final/                   the last epoch's checkpoint (hard links, no extra disk)
-    last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-steps)
+    last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-every)
     cache/                   the tokenised corpus (datasets, memory-mapped)
 """
 
@@ -213,7 +213,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 def _use_bf16(setting: str, device: torch.device) -> bool:
     if setting == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
+        return device.type == "cuda" and cuda_bf16_native()
     return setting in ("true", "yes", "1", "on")
 
 
@@ -324,6 +325,9 @@ def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log)
 
 def _load_weights(model: HierarchicalT5, path: Path) -> None:
     """Copy a saved checkpoint's weights into the model being trained (strict: same structure)."""
+    from rsg_eval.models.weight_files import check_weight_files
+
+    check_weight_files(path, hint=_DAMAGED.format(folder=path))  # a damaged file: one line, not a traceback
     src, _ = load_hierarchical(path)
     model.load_state_dict(src.state_dict(), strict=True)
 
@@ -357,6 +361,22 @@ def _grad_averager(model: HierarchicalT5, world: int) -> Any:
     heads = [p for n, p in named if n.startswith("heads.")]
     rest = [p for n, p in named if not n.startswith("heads.")]
     return BucketedGradAverage(heads + rest, world)
+
+
+_DAMAGED = ("the resume point is damaged (a disk error, or it was changed); delete {folder} and rerun the same "
+            "command: training then starts again from the beginning")
+
+
+def _load_resume_point(last: Path) -> dict[str, Any]:
+    """The trainer state saved with `last` (written by this program, hence weights_only=False)."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise RSGError(f"not a loadable trainer state ({type(exc).__name__}): " + _DAMAGED.format(folder=last),
+                       file=last / STATE_NAME) from None
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -532,7 +552,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     history: list[dict[str, Any]] = []
     last = out / "last"
     if (last / STATE_NAME).is_file():
-        st = torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
+        st = _load_resume_point(last)
         _load_weights(model, last)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])

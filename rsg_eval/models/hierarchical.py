@@ -95,15 +95,17 @@ def resolve_split(spec: int | float | str | None, num_layers: int) -> int:
         try:
             spec = float(spec) if any(c in spec for c in ".eE") else int(spec)
         except ValueError:
-            raise RSGError(f"not a number: {spec!r}", field="split", expected="a layer count or a fraction") from None
+            raise RSGError(f"not a number: {spec!r}", field="--encoder-split",
+                           expected="a layer count or a fraction") from None
     if isinstance(spec, float) and 0 < spec < 1:
         return min(max(1, round(spec * num_layers)), max(1, num_layers - 1))
     if isinstance(spec, float) and not spec.is_integer():
-        raise RSGError(f"split {spec} is neither a fraction in (0, 1) nor a layer count", field="split",
+        raise RSGError(f"encoder split {spec} is neither a fraction in (0, 1) nor a layer count",
+                       field="--encoder-split",
                        expected="a layer count or a fraction")
     k = int(spec)
     if not 1 <= k <= num_layers:
-        raise RSGError(f"split {k} outside the encoder's {num_layers} layers", field="split",
+        raise RSGError(f"encoder split {k} outside the encoder's {num_layers} layers", field="--encoder-split",
                        expected=f"1..{num_layers}")
     return k
 
@@ -313,9 +315,16 @@ class HierarchicalT5(nn.Module):
         its own), hmtl_heads.safetensors (heads + LM adapter), hmtl_config.json, and the tokenizer files.
         `extra(tmp_dir)` may add files (the trainer's resume state) before the directory is renamed into place.
         """
-        from safetensors.torch import save_file
+        from rsg_eval.io import guarded_write
 
         path = Path(path)
+        with guarded_write(path):  # a full disk: one line naming the checkpoint (the temp dir is removed below)
+            self._save_to(path, tokenizer, extra)
+        return path
+
+    def _save_to(self, path: Path, tokenizer: Any, extra: Callable[[Path], None] | None) -> None:
+        from safetensors.torch import save_file
+
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
@@ -338,7 +347,6 @@ class HierarchicalT5(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return path
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:

@@ -2,12 +2,19 @@
 
 Accepted names:
 - `tiny`: the built-in random small T5 with a local tokenizer (rsg_eval.models.tiny), for offline smoke runs;
-- a local directory holding a seq2seq model saved with `save_pretrained` (safetensors preferred);
+- `tiny-causal`: the built-in random small Llama-shaped decoder-only model, same tokenizer;
+- a local directory holding a model saved with `save_pretrained` (safetensors preferred);
 - a local hierarchical checkpoint directory (it has `hmtl_config.json`), loaded by rsg_eval.models.hierarchical;
 - a hub id such as `ai-forever/FRED-T5-1.7B` (transformers auto classes, remote code off unless asked for).
 
-Device: cuda when available, else cpu. Dtype: bf16 on a GPU that supports it, else fp32; fp16 is refused for T5
-models (they overflow in fp16: FREDT5_NOTES.md 0.6) unless `allow_fp16=True`.
+Seq2seq or decoder-only is read from the config (`is_encoder_decoder`): AutoModelForSeq2SeqLM or
+AutoModelForCausalLM, the same path for a hub id and a local folder. Decoder-only models load only for callers that
+say they can use them (`causal_ok=True`: rank classification in `rsg zeroshot`); fine-tuning, the hierarchical
+model and `--nli-head` are seq2seq-only and get a clear error naming the model instead.
+
+Device: cuda when available, else cpu; or `device_map="auto"` (accelerate's big-model loading: the layers spread
+over the visible GPUs, then CPU memory, in one process). Dtype: bf16 on a GPU that computes it natively, else fp32;
+fp16 is refused for T5 models (they overflow in fp16: FREDT5_NOTES.md 0.6) unless `allow_fp16=True`.
 Every failure a user can cause (missing path, unreachable hub, bad dtype) is one RSGError, not a library traceback.
 """
 
@@ -27,6 +34,9 @@ from rsg_eval.errors import RSGError
 log = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
+TINY_CAUSAL_NAME = "tiny-causal"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named strategies
+SEQ2SEQ_ONLY = "fine-tuning (rsg finetune), the hierarchical model (rsg train-hmtl) and --nli-head"
 HIERARCHICAL_MARKER = "hmtl_config.json"
 DEFAULT_MAX_INPUT_TOKENS = 512  # FRED-T5's tokenizer config has no model_max_length; 512 is its training length
 T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
@@ -63,12 +73,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def cuda_bf16_native() -> bool:
+    """True when the current GPU computes bf16 natively (compute capability 8.0 on: A100, H100, RTX 30xx on).
+
+    `torch.cuda.is_bf16_supported()` also says True on V100 and T4, where bf16 is emulated and slower than fp32;
+    `including_emulation=False` (torch 2.3 on) leaves those out, and older torch gets the capability check.
+    Every "auto" bf16 decision in the toolkit goes through this function.
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation argument
+        return bool(torch.cuda.is_bf16_supported()) and torch.cuda.get_device_capability()[0] >= 8
+
+
 def resolve_dtype(
     dtype: str | torch.dtype | None, device: torch.device, *, model_type: str | None = None, allow_fp16: bool = False
 ) -> torch.dtype:
     """Pick the dtype: auto = bf16 on a GPU that supports it, fp32 otherwise; never fp16 for T5 unless allowed."""
     if dtype is None or str(dtype) == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and cuda_bf16_native():
             return torch.bfloat16
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -99,20 +124,29 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     allow_fp16: bool = False,
+    causal_ok: bool = False,
+    device_map: str | None = None,
 ) -> Loaded:
-    """Load `tiny`, a local model directory, a hierarchical checkpoint directory or a hub id (see module doc)."""
+    """Load `tiny`, `tiny-causal`, a local model directory, a hierarchical checkpoint directory or a hub id (see
+    the module doc). `causal_ok`: the caller can use decoder-only models (otherwise they are a clear error).
+    `device_map`: "auto" (or another of accelerate's strategies) spreads a model too big for one GPU over several;
+    it replaces `device`."""
     name = str(name_or_path)
-    dev = resolve_device(device)
-    if name == TINY_NAME:
-        return _load_tiny(dev, dtype)
+    dev = _resolve_placement(device, device_map)
+    if name in (TINY_NAME, TINY_CAUSAL_NAME):
+        if name == TINY_CAUSAL_NAME and not causal_ok:
+            _refuse_causal(name, "llama")
+        return _load_tiny(dev, dtype, causal=name == TINY_CAUSAL_NAME, device_map=device_map)
     path = Path(name).expanduser()
     if path.is_dir():
+        _check_local_weights(path)
         if (path / HIERARCHICAL_MARKER).is_file():
             return _load_hierarchical(path, dev, dtype, allow_fp16)
         if not (path / "config.json").is_file():
             # Without this check transformers guesses a model type from the folder name ("empty" -> "mpt").
             raise RSGError("not a model directory: no config.json (save models with save_pretrained)", file=path)
-        return _load_transformers(str(path), dev, dtype, revision, trust_remote_code, allow_fp16, local=True)
+        return _load_transformers(str(path), dev, dtype, revision, trust_remote_code, allow_fp16, local=True,
+                                  causal_ok=causal_ok, device_map=device_map)
     if path.exists():
         raise RSGError("a model must be a directory (saved with save_pretrained), not a file", file=path)
     if _looks_like_path(name):
@@ -120,7 +154,7 @@ def load_model(
                        expected=f"'{TINY_NAME}', an existing model directory, or a hub id such as owner/name")
     cache_only = hub_cache_only(name, revision)
     return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False,
-                              local_files_only=cache_only)
+                              local_files_only=cache_only, causal_ok=causal_ok, device_map=device_map)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -191,14 +225,20 @@ def _endpoint_answers(endpoint: str, timeout: float) -> bool:
 # ----------------------------------------------------------------------------------------------- loaders
 
 
-def _load_tiny(dev: torch.device, dtype: str | torch.dtype | None) -> Loaded:
+def _load_tiny(dev: torch.device, dtype: str | torch.dtype | None, *, causal: bool = False,
+               device_map: str | None = None) -> Loaded:
     from rsg_eval.models import tiny
 
-    model, tokenizer = tiny.build_tiny()
-    dt = resolve_dtype(dtype, dev, model_type="t5")
-    model.to(device=dev, dtype=dt)
-    info = _info(model, tokenizer, model_id=TINY_NAME, source="tiny", revision=None, commit_hash=None,
-                 fingerprint=_tiny_fingerprint(model, tokenizer))
+    model, tokenizer = tiny.build_tiny_causal() if causal else tiny.build_tiny()
+    dt = resolve_dtype(dtype, dev, model_type=model.config.model_type)
+    if device_map is not None:
+        model.to(dtype=dt)
+        model = _dispatch(model, device_map)
+    else:
+        model.to(device=dev, dtype=dt)
+    name = TINY_CAUSAL_NAME if causal else TINY_NAME
+    info = _info(model, tokenizer, model_id=name, source="tiny", revision=None, commit_hash=None,
+                 fingerprint=_tiny_fingerprint(model, tokenizer, prefix=name))
     return Loaded(model, tokenizer, info)
 
 
@@ -223,8 +263,9 @@ def _load_hierarchical(path: Path, dev: torch.device, dtype: str | torch.dtype |
 def _load_transformers(
     name: str, dev: torch.device, dtype: str | torch.dtype | None, revision: str | None,
     trust_remote_code: bool, allow_fp16: bool, *, local: bool, local_files_only: bool = False,
+    causal_ok: bool = False, device_map: str | None = None,
 ) -> Loaded:
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where = "local directory" if local else "hub id"
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
@@ -235,16 +276,19 @@ def _load_transformers(
     except (OSError, ValueError, KeyError) as exc:
         hint = "" if local else " (the hub may be unreachable: download it first, or pass a local directory)"
         raise RSGError(f"could not load the model config from {where} {name!r}: {_short(exc)}{hint}") from exc
-    if not getattr(config, "is_encoder_decoder", False):
-        raise RSGError(f"{name!r} is not an encoder-decoder model (model_type {config.model_type!r})",
-                       expected="a seq2seq model such as T5 / FRED-T5")
+    causal = not getattr(config, "is_encoder_decoder", False)
+    if causal and not causal_ok:
+        _refuse_causal(name, config.model_type)
     dt = resolve_dtype(dtype, dev, model_type=config.model_type, allow_fp16=allow_fp16)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RSGError(f"could not load the tokenizer from {where} {name!r}: {_short(exc)}") from exc
-    model = _from_pretrained(AutoModelForSeq2SeqLM, name, config, dt, common, where)
-    model.to(dev)
+    auto_cls = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
+    placement = {"device_map": device_map} if device_map is not None else {}
+    model = _from_pretrained(auto_cls, name, config, dt, {**common, **placement}, where)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     commit = getattr(config, "_commit_hash", None) or getattr(model.config, "_commit_hash", None)
     fingerprint = _dir_fingerprint(Path(name)) if local else (commit or revision or "unknown")
@@ -261,31 +305,33 @@ def _from_pretrained(auto_cls: Any, name: str, config: Any, dt: torch.dtype, com
     dkw = {"dtype": dt} if _version_tuple(transformers.__version__) >= (4, 56) else {"torch_dtype": dt}
     try:
         return auto_cls.from_pretrained(name, config=config, use_safetensors=True, **dkw, **common)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, *_weight_errors()) as exc:
         first = exc
     log.warning("no safetensors weights for %s; loading the pickled checkpoint", name)
     try:
         return auto_cls.from_pretrained(name, config=config, use_safetensors=False, **dkw, **common)
-    except (OSError, ValueError, KeyError) as exc:
-        raise RSGError(f"could not load the model weights from {where} {name!r}: {_short(exc)} "
-                       f"(safetensors: {_short(first)})") from exc
+    except (OSError, ValueError, KeyError, *_weight_errors()) as exc:
+        raise _weights_load_error(exc, first, name, where) from None
 
 
 # ----------------------------------------------------------------------------------------------- info
 
 
 def max_input_tokens(tokenizer: Any, config: Any = None) -> int:
-    """The longest encoder input we feed: the tokenizer's model_max_length when it is real, else 512.
+    """The longest input we feed: the tokenizer's model_max_length when it is real, capped by the config's
+    context length (n_positions, max_position_embeddings, n_ctx; never for T5, whose relative positions have no
+    limit); else 512. For a seq2seq model this bounds the encoder input; for a decoder-only model, prompt + choice.
 
     FRED-T5's tokenizer has no model_max_length (transformers then reports ~1e30), so it gets 512.
     """
     n = getattr(tokenizer, "model_max_length", None)
-    if isinstance(n, int) and 0 < n < 100_000:
-        return n
-    n_pos = getattr(config, "n_positions", None) if config is not None else None
-    if isinstance(n_pos, int) and 0 < n_pos < 100_000 and getattr(config, "model_type", "") not in T5_FAMILY:
-        return n_pos
-    return DEFAULT_MAX_INPUT_TOKENS
+    from_tokenizer = n if isinstance(n, int) and 0 < n < 100_000 else None
+    if config is not None and getattr(config, "model_type", "") not in T5_FAMILY:
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            n_pos = getattr(config, key, None)
+            if isinstance(n_pos, int) and 0 < n_pos < 1_000_000:  # positions past it do not exist
+                return min(n_pos, from_tokenizer or n_pos)
+    return from_tokenizer or DEFAULT_MAX_INPUT_TOKENS
 
 
 def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: str | None,
@@ -295,6 +341,7 @@ def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: s
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
     return {
         "model": model_id,
+        "kind": "seq2seq" if getattr(cfg, "is_encoder_decoder", False) else "causal",
         "source": source,
         "revision": revision,
         "commit_hash": commit_hash,
@@ -302,6 +349,7 @@ def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: s
         "model_type": cfg.model_type,
         "dtype": str(first.dtype).removeprefix("torch."),
         "device": str(first.device),
+        "device_map": _device_map_summary(model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "max_input_tokens": max_input_tokens(tokenizer, cfg),
         "eos_token_id": eos,
@@ -316,12 +364,12 @@ def _appends_eos(tokenizer: Any) -> bool:
     return bool(ids) and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id
 
 
-def _tiny_fingerprint(model: Any, tokenizer: Any) -> str:
+def _tiny_fingerprint(model: Any, tokenizer: Any, prefix: str = TINY_NAME) -> str:
     """Hash of the tiny model's config and tokenizer: changes when tiny.py changes what it builds."""
     h = hashlib.sha256()
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
-    return "tiny-" + h.hexdigest()[:16]
+    return prefix + "-" + h.hexdigest()[:16]
 
 
 def _dir_fingerprint(path: Path) -> str:
@@ -355,3 +403,112 @@ def _short(exc: BaseException) -> str:
     """The first line of a library error, without its traceback."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------- damaged weights
+
+
+def _check_local_weights(path: Path) -> None:
+    """Refuse a model folder whose weights files are truncated or not weights at all, naming the file, before
+    a loader meets them (rsg_eval.models.weight_files reads only their headers)."""
+    from rsg_eval.models.weight_files import check_weight_files
+
+    check_weight_files(path)
+
+
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    """Exception types a weights loader raises on a damaged file besides OSError/ValueError."""
+    import pickle
+
+    out: list[type[BaseException]] = [pickle.UnpicklingError, EOFError]
+    try:
+        from safetensors import SafetensorError
+
+        out.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        pass
+    return tuple(out)
+
+
+def _weights_load_error(exc: BaseException, first: BaseException, name: str, where: str) -> RSGError:
+    """One line for weights that would not load: a refused pickle says so (not transformers' hint about
+    TensorFlow checkpoints), anything else gives both attempts' first lines."""
+    from rsg_eval.models.weight_files import describe_load_error
+
+    refused = describe_load_error(exc, Path(name).expanduser())
+    if refused is not None:
+        return refused
+    text = _short(exc).split(" If you tried to load a PyTorch model from a TF")[0]
+    return RSGError(f"could not load the model weights from {where} {name!r}: {text} (safetensors: {_short(first)})",
+                    expected="a folder with model.safetensors (or an intact pytorch_model.bin)")
+
+# ----------------------------------------------------------------------------------------------- decoder-only models
+# and placement (kept in their own functions: other parts of this module are edited by other work)
+
+
+def model_kind(name_or_path: str | Path) -> str | None:
+    """"seq2seq" or "causal" for a built-in name or a local folder, read without loading weights; None for a hub
+    id (that would need the network). Commands use it to refuse seq2seq-only options before doing any work."""
+    name = str(name_or_path)
+    if name == TINY_NAME:
+        return "seq2seq"
+    if name == TINY_CAUSAL_NAME:
+        return "causal"
+    path = Path(name).expanduser()
+    if (path / HIERARCHICAL_MARKER).is_file():
+        return "seq2seq"
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError):
+        return None
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def require_seq2seq(name_or_path: str | Path, what: str) -> None:
+    """Refuse a decoder-only model for a seq2seq-only command (`what`, e.g. "rsg finetune") before it does any
+    work, when that can be told without the network (built-in names, local folders); load_model refuses the
+    rest (a hub id) when it reads the config."""
+    if model_kind(name_or_path) == "causal":
+        raise RSGError(f"{str(name_or_path)!r} is a decoder-only model; {what} works with seq2seq models only "
+                       "(decoder-only models are scored by rsg zeroshot)",
+                       field="model", expected="a seq2seq model such as FRED-T5, or 'tiny'")
+
+
+def _refuse_causal(name: str, model_type: str | None) -> None:
+    raise RSGError(f"{name!r} is a decoder-only model (model_type {model_type!r}); {SEQ2SEQ_ONLY} work with "
+                   "seq2seq models only (decoder-only models are scored by rsg zeroshot)",
+                   field="model", expected="a seq2seq model such as FRED-T5, or 'tiny'")
+
+
+def _resolve_placement(device: str | torch.device | None, device_map: str | None) -> torch.device:
+    """The device for inputs and dtype decisions; with a device_map, `device` must be left unset."""
+    if device_map is None:
+        return resolve_device(device)
+    if device_map not in DEVICE_MAPS:
+        raise RSGError(f"unknown device map {device_map!r}", field="device_map", expected=DEVICE_MAPS)
+    if device is not None and str(device) != "auto":
+        raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
+                       field="device_map", expected="--device-map alone, or --device alone")
+    return resolve_device(None)
+
+
+def _dispatch(model: Any, device_map: str) -> Any:
+    """Place a model built in memory (the tiny ones) the way from_pretrained(device_map=...) places a loaded one:
+    accelerate's layer-to-device plan, then its hooks that move activations between devices."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    plan = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+    model = dispatch_model(model, plan)
+    model.hf_device_map = plan
+    return model
+
+
+def _device_map_summary(model: Any) -> dict[str, str] | None:
+    """Which device each part of a model loaded with a device_map sits on (None otherwise), for config.json."""
+    plan = getattr(model, "hf_device_map", None)
+    return {str(k): str(v) for k, v in plan.items()} if plan else None

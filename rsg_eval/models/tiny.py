@@ -1,4 +1,5 @@
-"""The built-in model `tiny`: a randomly initialised small T5 v1.1 and a tokenizer made locally.
+"""The built-in models `tiny` (a randomly initialised small T5 v1.1) and `tiny-causal` (a randomly initialised
+small Llama-shaped decoder-only model), with one tokenizer made locally for both.
 
 It exists for the offline smoke path (`rsg zeroshot --model tiny --data sample`), tests and benchmarks. Its scores
 are meaningless. It mirrors the FRED-T5 facts that matter to our code (../shared/docs/FREDT5_NOTES.md 1.1, 1.3):
@@ -7,6 +8,10 @@ are meaningless. It mirrors the FRED-T5 facts that matter to our code (../shared
 - a byte-level BPE tokenizer (GPT-2 style) with `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3, `<mask>`=4, then the BPE
   vocabulary, then `<extra_id_0..99>`, `<LM>`, `<SC1>`..`<SC6>` appended as added tokens;
 - encoding appends NO `</s>` (so scoring must append the eos id itself, as it must for FRED).
+
+`tiny-causal` is the decoder-only counterpart for the offline tour and the tests of causal scoring: Llama-shaped
+(RMSNorm, rotary positions, SwiGLU, grouped-query attention with 4 query and 2 key/value heads, untied head), the
+same tokenizer (which adds no BOS, like ruGPT-3's GPT-2 BPE), context 512 tokens.
 
 Everything is deterministic: the BPE is trained on the text below (bundled here, so it does not depend on any data
 file), and the weights come from a fixed seed under a forked RNG (the caller's global RNG is left untouched).
@@ -19,7 +24,8 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config,
+                          T5ForConditionalGeneration)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 EXTRA_IDS = 100
@@ -46,6 +52,23 @@ DEFAULT_CONFIG: dict[str, Any] = dict(
     bos_token_id=1,
     eos_token_id=2,
     decoder_start_token_id=0,
+)
+
+# The tiny decoder-only model: hidden 64, 2 layers, 4 query heads sharing 2 key/value heads (about 0.1 M parameters
+# + embeddings). Same special-token ids as the T5 above.
+CAUSAL_CONFIG: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=MAX_INPUT_TOKENS,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_dropout=0.0,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 # Training text for the BPE. Our own sentences, in the register of the RSG tasks (news, fiction, questions).
@@ -124,5 +147,27 @@ def build_tiny(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5ForConditionalGeneration(config)
+    model.eval()
+    return model, tokenizer
+
+
+def tiny_causal_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
+    """The tiny-causal Llama config; keyword overrides change any field (e.g. hidden_size=256)."""
+    fields = dict(CAUSAL_CONFIG)
+    fields.update(overrides)
+    return LlamaConfig(vocab_size=vocab_size, **fields)
+
+
+def build_tiny_causal(seed: int = DEFAULT_SEED, **config_overrides: Any) -> tuple[LlamaForCausalLM,
+                                                                                 PreTrainedTokenizerFast]:
+    """Build `tiny-causal` and the shared tokenizer: `(model in eval mode on CPU, fp32; tokenizer)`.
+
+    Same seed and overrides -> bit-identical weights; the caller's global RNG is left untouched.
+    """
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_causal_config(len(tokenizer), **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.eval()
     return model, tokenizer

@@ -212,7 +212,9 @@ def preset_step(name: str, device: torch.device, *, batch: int, steps: int, src_
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if bf16 is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        from rsg_eval.models.loading import cuda_bf16_native
+
+        bf16 = device.type == "cuda" and cuda_bf16_native()
     pairs = synthetic_pairs(batch * steps, vocab, src_len, tgt_len, fixed=True)
     row = run_config(model, pairs, batch, False, device, name=name, bf16=bf16, warmup=warmup, max_steps=steps)
     params = sum(p.numel() for p in model.parameters())

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json
+from rsg_eval.io import WriteError, atomic_write_json, write_failure
 
 WEIGHTS = "model.safetensors"
 
@@ -62,6 +62,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import load_model
 
+    from rsg_eval.models.weight_files import check_weight_file
+
+    check_weight_file(path, hint=_CORRUPT_HINT.format(folder=path.parent))
     missing, unexpected = load_model(model, str(path), strict=False)
     # tied weights are stored once; only a name the model lacks, or a real missing tensor, is a problem
     if unexpected:
@@ -84,7 +87,9 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
                      extra: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `root/name` atomically (see module doc). `extra` objects go to `training.pt`.
 
-    Raises SaveError (an RSGError) on any OSError, after removing the half-written folder."""
+    Raises SaveError (an RSGError) on any OSError or storage failure (a full disk surfaces from safetensors as
+    SafetensorError and from torch.save as RuntimeError), after removing the half-written folder; any other
+    error or an interrupt also removes it before propagating."""
     root.mkdir(parents=True, exist_ok=True)
     final, new, old = root / name, root / f"{name}.new", root / f"{name}.old"
     try:
@@ -108,10 +113,14 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
         _fsync_dir(root)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(new, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(new, ignore_errors=True)  # never leave a half-written (or empty) <name>.new behind
+        storage = write_failure(exc, new)
+        if not isinstance(exc, (OSError, WriteError)) and storage is None:
+            raise
         prev = [n for n in ("last", "best") if find(root, n) is not None]
-        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        why = storage or ("the disk is full" if getattr(exc, "errno", None) == errno.ENOSPC else
+                          getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc))
         kept = (f"the earlier {' and '.join(repr(n) for n in prev)} checkpoint{'s' if len(prev) > 1 else ''} in "
                 f"{root} {'are' if len(prev) > 1 else 'is'} intact") if prev else "no earlier checkpoint existed"
         raise SaveError(f"could not save the '{name}' checkpoint: {why}; {kept}, and finished tasks in the run "
@@ -124,10 +133,22 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
 
 
+_CORRUPT_HINT = ("a checkpoint file of this run is damaged (a disk error, or it was changed); delete the folder "
+                 "{folder} and rerun the same command: the task then starts again from its beginning")
+
+
 def load_training(folder: Path) -> dict[str, Any]:
     """Optimizer and scheduler state dicts written with the checkpoint (tensors and plain values only)."""
-    with open(folder / "training.pt", "rb") as fh:
-        return torch.load(fh, map_location="cpu", weights_only=True)
+    import pickle
+    import zipfile
+
+    path = folder / "training.pt"
+    try:
+        with open(path, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise RSGError(f"not a loadable training state ({type(exc).__name__}): "
+                       + _CORRUPT_HINT.format(folder=folder), file=path) from None
 
 
 # ---- RNG states as JSON-able values (so they sit in meta.json next to the position they belong to) ----

@@ -103,8 +103,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if len(b) != 2:
                 raise ValueError
             return b
-        if name in ("bf16",):
-            return _as_bool(value)
+        if name in ("bf16",):  # auto (= None: on a GPU that supports it), on/off or true/false
+            return None if str(value).lower() == "auto" else _as_bool(value)
         if isinstance(default, bool):
             return _as_bool(value)
         if isinstance(default, int):

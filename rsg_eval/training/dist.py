@@ -126,7 +126,7 @@ def resolve_device(spec: str | None, d: Dist) -> torch.device:
     Under a launcher every process takes its own GPU (`local_gpu`): "cuda" and None mean that GPU. An explicit
     index would put every rank on the same GPU (NCCL then fails, or the ranks crowd one device), so it is refused
     unless each process sees a single GPU anyway."""
-    if spec is None:
+    if spec is None or spec == "auto":
         return torch.device("cuda", local_gpu(d)) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(spec)

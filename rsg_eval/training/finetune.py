@@ -27,6 +27,7 @@ import torch
 
 from rsg_eval import runs
 from rsg_eval.errors import RSGError
+from rsg_eval.tasks import EmptyTaskFile
 from rsg_eval.training.config import ConfigSet, FinetuneConfig
 from rsg_eval.training.data import build_pairs
 from rsg_eval.training.dist import Dist, init_from_env, resolve_device
@@ -89,7 +90,8 @@ def _bf16(cfg: FinetuneConfig, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     if cfg.bf16 is None:
-        return bool(torch.cuda.is_bf16_supported())
+        from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
+        return cuda_bf16_native()
     return bool(cfg.bf16)
 
 
@@ -277,6 +279,8 @@ def check_templates(units: list[tuple[str, list[str]]], templates: dict[str, Any
                 continue
             path = source.path(t, split)
             head = list(itertools.islice(iter_jsonl(path), 4))
+            if not head and split == "train":
+                continue  # an empty train file: reported later as a task with nothing to train on (others go on)
             first = next((it for it in parse_records(t, split, head, str(path)) if it.labels), None)
             if first is not None:
                 tpl.render(first)
@@ -403,7 +407,10 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
     net, tok = loaded.model, loaded.tokenizer
     max_src = min(cfg.max_source_len, int(loaded.info.get("max_input_tokens") or cfg.max_source_len))
-    train_items = load_items(source, task, "train")
+    try:
+        train_items = load_items(source, task, "train")
+    except EmptyTaskFile as exc:  # reported like any task with nothing to train on; the other tasks go on
+        raise NoTrainingData(f"{task}: no training examples ({exc})") from None
     if cfg.max_train_examples:
         train_items = train_items[: cfg.max_train_examples]
     pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
@@ -411,7 +418,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     n_cut = sum(p.cut for p in pairs)
     if n_cut:
         reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_len "
-                      f"{cfg.max_target_len} and were cut (raise --max-target-len)")
+                      f"{cfg.max_target_len} and were cut (raise --max-target-length)")
     val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
     bf16 = _bf16(cfg, dev)
 

@@ -346,7 +346,8 @@ def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str
         dec_in = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])  # (B, T), starts with pad
         out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in,
                   use_cache=False)
-    logits = out.logits.float()  # (B, T, V): the NLL in fp32 even under bf16 autocast
+    # (B, T, V): the NLL in fp32 at least, even under bf16 autocast (a float64 model keeps float64)
+    logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100,
                           reduction="sum")
     (nll * scale).backward()
