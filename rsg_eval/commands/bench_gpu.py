@@ -19,7 +19,7 @@ def gpu_cmd(
                                                     "that the command works; its figures mean nothing)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N.",
                                          show_default="the first GPU; --tiny: cpu"),
-    out: Path = typer.Option(Path("bench-gpu"), "--out", help="Write OUT.json and OUT.md (the table)."),
+    out: Path = typer.Option(Path("bench-gpu"), "--out", "-o", help="Write OUT.json and OUT.md (the table)."),
     sections: Optional[List[str]] = typer.Option(None, "--section", help="Only these sections (repeatable): "
                                                                          "finetune, hierarchical, zeroshot, "
                                                                          "early_exit.", show_default="all four"),
