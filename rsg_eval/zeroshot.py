@@ -577,18 +577,17 @@ def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict
 
 
 def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
-    """Under a launcher each process scores on its own GPU (LOCAL_RANK); --device cuda:N is taken as given."""
+    """Under a launcher each process scores on its own GPU (cuda:LOCAL_RANK); an explicit --device cuda:N would put
+    every process on GPU N and is refused (rsg_eval.training.dist.resolve_device, as in fine-tuning)."""
     if not dist.active:
         return opts.device
     if opts.device_map is not None:  # one model over several GPUs in one process: no room for a process per GPU
         raise RSGError(f"--device-map {opts.device_map} spreads one model over the GPUs of one process; under "
-                       "torchrun/accelerate each process holds a whole model", field="--device-map",
+                       "torchrun/accelerate each process holds a whole model: run it in one process", field="--device-map",
                        expected="--device-map in a single process, or several processes without it")
-    import torch
+    from rsg_eval.training.dist import resolve_device
 
-    if opts.device in (None, "auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{dist.local_rank}"
-    return opts.device
+    return str(resolve_device(opts.device, dist))
 
 
 def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: bool = True,
@@ -605,6 +604,7 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
     from rsg_eval.training.dist import init_from_env
 
     dist = init_from_env(timeout_s=DIST_TIMEOUT_S)
+    _device_for(opts, dist)  # a device no process may take is refused by all of them alike, before any work
     console = console or Console(stderr=True)
     if not dist.main:  # one voice: the other processes only score
         console, show_progress = Console(stderr=True, quiet=True), False

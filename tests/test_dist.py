@@ -180,3 +180,22 @@ def test_shards_cover_the_range_once():
     assert parts[0] == [0, 12] and parts[2] == [8, 20]
     assert D.shard(5, D.Dist()) == [0, 1, 2, 3, 4]
     assert D.all_sum_floats([1.5, 2.0], D.Dist()) == [1.5, 2.0]
+
+
+def test_zeroshot_refuses_a_fixed_gpu_or_a_device_map_under_a_launcher_before_any_work(rank1_of_2, monkeypatch,
+                                                                                        tmp_path):
+    """`rsg zeroshot --device cuda:0` under torchrun would score every shard on GPU 0 (it used to be taken as
+    given); `--device-map` needs one process. Both are refused on every process before a run folder exists."""
+    from rsg_eval import zeroshot
+    from rsg_eval.training import dist as dist_mod
+
+    monkeypatch.setattr(dist_mod, "init_from_env", lambda timeout_s=None: rank1_of_2)
+    for extra, msg in (({"device": "cuda:0"}, "every process on GPU 0"), ({"device_map": "auto"}, "one process")):
+        opts = zeroshot.ZeroShotOptions(model="tiny", data="sample", tasks=["TERRa"], run=str(tmp_path / "run"),
+                                        **extra)
+        with pytest.raises(RSGError, match=msg):
+            zeroshot.run_zeroshot(opts, show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # "cuda" (or nothing) is this process's own GPU, as in fine-tuning
+    _gpus(monkeypatch, 2)
+    assert zeroshot._device_for(zeroshot.ZeroShotOptions(model="tiny", device="cuda"), rank1_of_2) == "cuda:1"
