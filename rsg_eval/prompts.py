@@ -608,6 +608,10 @@ class _BoundedSandbox(SandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         # A macro call costs about 50 times a loop iteration (jinja builds its frame and output buffer).
         _step(_MACRO_STEPS if isinstance(__obj, jinja2.runtime.Macro) else 1)
+        if isinstance(__obj, jinja2.runtime.LoopContext) and args:
+            # `loop(children)` in a `{% for ... recursive %}`: jinja iterates the children itself, past the
+            # rewritten `for` node, so count those iterations here.
+            args = (_loop_guard(args[0]), *args[1:])
         name = getattr(__obj, "__name__", "")
         if name in _SIZED_METHODS:
             _check_int_args((*args, *kwargs.values()), name)

@@ -51,6 +51,8 @@ HOSTILE = {
     "a macro that calls itself": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses without end"),
     "a macro doubling its calls": ("{% macro a(n) %}{% if n %}{{ a(n-1) }}{{ a(n-1) }}{% endif %}{% endmacro %}"
                                    "{{ a(40) }}", "too many steps"),
+    "a recursive loop over a crafted tree": ("{% for x in [[1] * 5000] * 5000 recursive %}{% if x is number %}"
+                                             "{% else %}{{ loop(x) }}{% endif %}{% endfor %}", "too many steps"),
     "~ doubling": ("{% set a = 'x' * 3000 %}{% set b = a ~ a %}{% set c = b ~ b %}{{ c }}", "with ~"),
     "+ doubling": ("{% set a = 'x' * 3000 %}{% set b = a + a %}{% set c = b + b %}{{ c }}", "with +"),
     "% width": ("{{ '%0999999999d' % 1 }}", "field width of 0999999999"),
@@ -84,6 +86,13 @@ def test_hostile_template_is_one_error_naming_the_file(case, tmp_path, monkeypat
         assert "RSG_MAX_TEMPLATE_STEPS" in msg
     elif words not in ("recurses without end", "a range of more than 100,000 numbers"):
         assert "RSG_MAX_PROMPT_CHARS" in msg
+
+
+def test_a_recursive_loop_still_renders(tmp_path):
+    """Counting the iterations of `loop(children)` leaves what a recursive loop renders unchanged."""
+    path = _template(tmp_path, "{% for x in [1, [2, [3, 4]], 5] recursive %}{% if x is number %}{{ x }}"
+                               "{% else %}({{ loop(x) }}){% endif %}{% endfor %} {{ premise }}")
+    assert load_template("TERRa", str(path)).render(_terra_item("Шёл снег.")).prompt == "1(2(34))5 Шёл снег."
 
 
 def test_template_limits_are_raised_by_their_variables(tmp_path, monkeypatch):
