@@ -80,6 +80,10 @@ def write_failure(exc: BaseException, path: str | Path | None = None) -> str | N
         if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
             return _STORAGE_ERRNOS[exc.errno]
         text = str(exc)
+        # sqlite3 (the corpus builder's dedup index) reports SQLITE_FULL (13) as "database or disk is full"
+        if getattr(exc, "sqlite_errorcode", None) == 13 or (
+                type(exc).__module__ == "sqlite3" and "database or disk is full" in text):
+            return "the disk is full"
         m = _OS_ERROR_IN_TEXT.search(text) if type(exc).__name__ == "SafetensorError" else None
         if m and int(m.group(1)) in _STORAGE_ERRNOS:
             return _STORAGE_ERRNOS[int(m.group(1))]

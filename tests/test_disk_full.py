@@ -211,6 +211,45 @@ def test_corpus_writer_full_disk(tmp_path, monkeypatch):
     assert exc.value.file == str(tmp_path / "train.jsonl") and list(tmp_path.iterdir()) == []
 
 
+def test_build_corpus_full_disk_in_the_dedup_index(tmp_path, monkeypatch, capsys):
+    """SQLite's own full-disk error (SQLITE_FULL, "database or disk is full") from the near-duplicate index,
+    made real by capping the index file at a few pages: one line naming the scratch folder, exit 2, no corpus
+    file written; the same command then builds once there is room."""
+    import sqlite3
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _corpus_utils import CONFIG
+    from rsg_eval.corpus import cleaning
+
+    real_init, real_connect = cleaning.KeyStore.__init__, sqlite3.connect
+
+    def small_pages(*a, **k):
+        con = real_connect(*a, **k)
+        con.execute("PRAGMA page_size=512")   # before the table exists: a page then holds a few dozen keys
+        return con
+
+    def small_disk(self, *a, **k):
+        monkeypatch.setattr(sqlite3, "connect", small_pages)
+        real_init(self, *a, **k)
+        monkeypatch.setattr(sqlite3, "connect", real_connect)
+        pages = self.con.execute("PRAGMA page_count").fetchone()[0]
+        self.con.execute(f"PRAGMA max_page_count={pages}")   # not one page more than the empty index
+
+    out = tmp_path / "corpus"
+    args = ("build-corpus", "-c", CONFIG, "-o", out, "--data", "sample", "-q")
+    monkeypatch.setattr(cleaning.KeyStore, "__init__", small_disk)
+    code, _, err = cli(monkeypatch, capsys, *args)
+    line = _one_red_line(err)
+    assert code == 2 and "the disk is full" in line and str(out / "work") in line, err
+    # no corpus file, and the scratch files (stage, index) removed to give their space back
+    assert not list(out.rglob("*.jsonl")) and not (out / "summary.json").exists()
+    assert not (out / "work" / "stage").exists() and not (out / "work" / "dedup.sqlite").exists()
+    monkeypatch.setattr(cleaning.KeyStore, "__init__", real_init)
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 0 and (out / "summary.json").exists(), err
+
+
 def test_report_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     from tests._report_utils import make_rows, write_run
 

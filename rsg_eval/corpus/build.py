@@ -265,6 +265,13 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
         b = _Builder(cfg, out, opts, problems, cleaner, deduper, specs, guard, prog)
         with guarded_write(work):   # a full disk under work/ (stage files, shards) is one line naming it
             summary = b.run()
+    except BaseException:
+        # the stage files and the dedup index are this run's scratch (a rerun rebuilds them): give their space
+        # back, which matters most when the disk is what failed; finished annotation shards are kept
+        deduper.close()
+        shutil.rmtree(stage, ignore_errors=True)
+        (work / "dedup.sqlite").unlink(missing_ok=True)
+        raise
     finally:
         if prog is not None:
             prog.stop()
