@@ -211,3 +211,16 @@ def _final_weights_of_fresh_tiny():
     from rsg_eval.models.loading import load_model
 
     return {k: v.detach().clone() for k, v in load_model("tiny").model.state_dict().items()}
+
+
+def test_one_host_sync_per_optimizer_step(tmp_path):
+    """The step's losses stay on the device until the step ends: one host read per optimizer step (it was one per
+    task batch, 8 tasks x 2 micro-steps here, each a wait for the GPU), whatever the number of tasks."""
+    from _scoring_utils import count_syncs
+
+    marks = []
+    with count_syncs() as counts:
+        train(TrainConfig(out=str(tmp_path / "o"), **{**KW, "epochs": 1, "max_steps_per_epoch": 4}),
+              progress=False, on_step=lambda g: marks.append(sum(counts.values())))
+    per_step = [b - a for a, b in zip(marks, marks[1:])]
+    assert len(per_step) == 3 and per_step == [1, 1, 1], per_step

@@ -532,7 +532,11 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         log(f"{cfg.batch_size * cfg.grad_accum * world} sequences per optimizer step cannot hold all "
             f"{len(tasks)} tasks: they take turns across steps")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
+    try:   # torch's fused kernel (CUDA; CPU since torch 2.4), as fine-tuning uses: one kernel over all parameters,
+        # and its step counters stay on the device, where the for-each kernel reads one per tensor on the host
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):   # an older torch, or a device without the fused kernel
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
     scheduler = schedules.build_scheduler(
         optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr_max, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, gamma=cfg.gamma, step_size_up=cfg.step_size_up,
@@ -595,7 +599,12 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
             bar = prog.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=step,
                                 info="") if prog else None
             model.train()
-            step_loss = {t: 0.0 for t in tasks}
+            # Each task's summed loss in the step, kept on the device: reading it per task batch (float(loss))
+            # would make the host wait for the GPU 8 x grad_accum times a step, starving the queue; it is read
+            # once per optimizer step below. float64 as the host sums were (MPS has none: float32 there).
+            acc = torch.zeros(len(tasks), device=device,
+                              dtype=torch.float32 if device.type == "mps" else torch.float64)   # (n_tasks,)
+            slot = {t: k for k, t in enumerate(tasks)}
             while step < steps_per_epoch:
                 in_step = plan.step_counts(step)     # examples of each task in this optimizer step, all processes
                 jobs = [job for micro in range(cfg.grad_accum) for job in plan.micro(step, micro, rank)]
@@ -611,17 +620,16 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
                     # the task's mean over its examples in the whole step: this batch's share is count / in_step
                     # (x world, because the all-reduce below averages over the processes)
                     (loss * (cfg.task_weights.get(t, 1.0) * count * world / in_step[t])).backward()
-                    step_loss[t] += float(loss.detach()) * count
+                    acc[slot[t]] += loss.detach().to(acc.dtype) * count
                 if averager is not None:
                     averager.finish()       # every p.grad is now the average over the processes
                     # Loss bookkeeping over all processes, so every rank logs (and saves) the same numbers.
-                    vec = torch.tensor([step_loss[t] for t in tasks], dtype=torch.float64, device=device)
-                    torch.distributed.all_reduce(vec)
-                    step_loss = dict(zip(tasks, vec.tolist()))
-                for t in tasks:
-                    sums[t][0] += step_loss[t]          # example-weighted: the epoch's mean over examples
+                    torch.distributed.all_reduce(acc)
+                step_loss = acc.tolist()    # the step's one host sync
+                acc.zero_()
+                for k, t in enumerate(tasks):
+                    sums[t][0] += step_loss[k]          # example-weighted: the epoch's mean over examples
                     sums[t][1] += in_step[t]
-                    step_loss[t] = 0.0
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
                 optimizer.step()
                 scheduler.step()
@@ -705,16 +713,18 @@ def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: 
         rows_idx = idx.get(t)
         if rows_idx is None or not len(rows_idx):
             continue
-        total, n = 0.0, 0
+        # summed on the device, read once per task (not once per batch: each read waits for the GPU)
+        total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+        n = 0
         for i in shard(len(rows_idx), d, batch_size):
             chunk = rows_idx[i:i + batch_size].tolist()
             batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=ner_loss)
             with _autocast(device, bf16):
                 loss = task_loss(model, batch, ner_loss)
-            total += float(loss) * len(chunk)
+            total += loss.to(total.dtype) * len(chunk)
             n += len(chunk)
         names.append(t)
-        sums += [total, float(n)]
+        sums += [total.item(), float(n)]
     sums = all_sum_floats(sums, d)
     model.train(was)
     return {t: sums[2 * k] / sums[2 * k + 1] for k, t in enumerate(names)}
