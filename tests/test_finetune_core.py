@@ -348,6 +348,28 @@ def test_accumulation_and_checkpointing_do_not_change_the_update(tiny, terra_pai
                 assert (w[k] - ref_w[k]).norm() <= 1e-4 * update, (name, k)
 
 
+def test_an_ignored_sigint_stays_ignored(tiny, terra_pairs, tmp_path):
+    """Under nohup or as a background job SIGINT is ignored: training must not start honouring it (nor leave a
+    handler behind); SIGTERM, which a scheduler sends, is still caught."""
+    import signal
+
+    from rsg_eval.training.loop import _StopRequest
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with _StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 def test_ctrl_c_saves_at_the_next_step_boundary_and_resumes_exactly(tiny, terra_pairs, tmp_path):
     """SIGINT (Ctrl-C; SIGTERM from a scheduler likewise) during step 2 of 6, with no periodic saving: the loop
     saves `last` at that step boundary and stops; the rerun ends exactly where an undisturbed run does."""
@@ -361,10 +383,15 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_resumes_exactly(tiny, terra_
         if state.step == 1:  # the signal arrives while step 2 would be next; honoured at a boundary
             signal.raise_signal(signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 1"):
-        _run(tiny, pairs, tok, cfg, tmp_path / "b", Hooks(on_step=interrupt))
+    # Ctrl-C as in a terminal, whatever this test process inherited (a background job starts with SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped at step 1"):
+            _run(tiny, pairs, tok, cfg, tmp_path / "b", Hooks(on_step=interrupt))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert ck.read_meta(ck.find(tmp_path / "b", "last"))["state"]["step"] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed, res = _run(tiny, pairs, tok, cfg, tmp_path / "b")
     assert res.resumed_from == 1
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))

@@ -269,7 +269,7 @@ def _against_table(r: dict[str, Any]) -> None:
     t = Table(title=f"one epoch of fine-tuning: {r['pairs']} pairs of the {r['source']}, model {r['model']}, batch "
                     f"{r['batch']}, {r['device']}, {r['threads']} threads; each run in its own process, the runs "
                     f"taking turns every {r['turn_steps']} steps, so load from other jobs falls on all alike")
-    for col in ("run", "steps", "seconds", "CPU seconds", "examples/s", "peak MiB", "speed-up (wall)",
+    for col in ("run", "steps", "seconds", "CPU s (runner thread)", "examples/s", "peak MiB", "speed-up (wall)",
                 "speed-up (CPU)"):
         t.add_column(col, justify="left" if col == "run" else "right")
     hf = r["runs"]["hf-grouped"]
@@ -283,6 +283,9 @@ def _against_table(r: dict[str, Any]) -> None:
     out.print(t)
     out.print(f"ours vs the grouped Trainer: [bold]{r['speedup_wall']:.2f}x[/] by wall time, "
               f"{r['speedup_cpu']:.2f}x by CPU time")
+    if (r.get("threads") or 1) > 1:
+        out.print(f"with {r['threads']} torch threads the CPU columns count the runner's own thread, not the work of "
+                  "the others: read the wall-time figures")
     if "same_batches_max_abs_loss_diff" in r:
         out.print(f"same batches, first {r['same_batches_steps']} steps: largest per-step loss difference "
                   f"{r['same_batches_max_abs_loss_diff']:.2e} (float rounding; same model, optimizer, schedule)"

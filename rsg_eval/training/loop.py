@@ -325,6 +325,8 @@ class _StopRequest:
 
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue   # nohup or a background job: whoever started us asked for this signal to be ignored
                 self._prev[sig] = signal.signal(sig, self._handle)
         return self
 
