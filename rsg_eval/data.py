@@ -7,7 +7,6 @@ only inside their target folder.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 from rsg_eval.errors import RSGError
+from rsg_eval.io import sha256_file  # noqa: F401  (also imported from here)
 from rsg_eval.tasks import TASK_NAMES, check_split, get_task
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
@@ -132,14 +132,6 @@ def _extract_cached(zip_path: Path) -> Path:
         return target
     safe_extract(zip_path, target)
     return target
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_member_name(name: str) -> PurePosixPath | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -115,6 +116,15 @@ def storage_error(exc: BaseException, path: str | Path | None) -> WriteError | N
         return None
     return WriteError(f"could not write {'this file' if path is not None else 'an output'}: {why}. Free some "
                       "space (or write elsewhere) and run the same command again: finished work is kept", file=path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (data files and zips can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

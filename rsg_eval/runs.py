@@ -99,7 +99,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from rsg_eval.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
 
 DEFAULT_ROOT = Path("submissions")
 SPLITS = ("val", "test")
@@ -699,7 +699,7 @@ class RunFolder:
             expect = files.get(what)
             if expect:
                 size = path.stat().st_size
-                if size != expect.get("bytes") or _sha256(path) != expect.get("sha256"):
+                if size != expect.get("bytes") or sha256_file(path) != expect.get("sha256"):
                     return (f"{rel} does not match its state ({size} bytes, recorded {expect.get('bytes')}; "
                             f"sha256 differs): truncated or edited")
             elif what == "logs" and state.get("n_items") is not None:
@@ -757,7 +757,7 @@ class RunFolder:
             "data_sha256": data_sha256,
             "settings_sha256": claim.settings_sha256 if claim is not None else None,
             "task_settings": _jsonable(task_settings) if task_settings is not None else None,
-            "files": {what: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            "files": {what: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
                       for what, path in (("predictions", self.predictions_path(name, split)),
                                          ("logs", self.logs_path(name, split)))},
         })
@@ -904,14 +904,6 @@ def _task_name(task: str) -> str:
     from rsg_eval.tasks import get_task
 
     return get_task(task).name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _count_lines(path: Path) -> int:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Any, Sequence
 
 from rsg_eval import __version__
 from rsg_eval.errors import RSGError
+from rsg_eval.io import sha256_file
 from rsg_eval.runs import RunFolder, ZipResult, fingerprint, log_row, run_path
 
 # Bump the suffix when rendering or scoring changes in a way that changes results: old task states then no longer
@@ -152,14 +152,6 @@ def _check_options(opts: ZeroShotOptions) -> None:
         raise RSGError(f"--shard-size must be at least 1, got {opts.shard_size}", field="--shard-size")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_identity(opts: ZeroShotOptions) -> dict:
     """What identifies the model's weights before loading it: the name and revision, or a local dir's hash."""
     from rsg_eval.models.loading import TINY_NAME, _dir_fingerprint, resolve_device, resolve_dtype
@@ -199,14 +191,14 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
         # Few-shot settings join the fingerprint only when used, so zero-shot run folders keep resuming.
         fewshot = {} if not opts.num_fewshot else {
             "num_fewshot": opts.num_fewshot, "fewshot_seed": fewshot_seed(opts),
-            "fewshot_data_sha256": _sha256_file(pool_path(src, task))}
+            "fewshot_data_sha256": sha256_file(pool_path(src, task))}
         for split in splits_of(opts.split):
             path = src.path(task, split)
             items = limit_groups(load_items(src, task, split), opts.limit)
             parts = {
                 **ident, "task": task, "split": split, "template": tpl.name, "template_sha256": tpl.sha256,
                 "prefix": opts.prefix, "code_version": CODE_VERSION, "normalize": opts.normalize,
-                "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": _sha256_file(path), **fewshot,
+                "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": sha256_file(path), **fewshot,
             }
             jobs.append(Job(task, split, tpl, items, parts, fingerprint(parts)))
             check_renders(jobs[-1], opts)

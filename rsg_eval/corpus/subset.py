@@ -10,7 +10,6 @@ numbers only. Stdlib only.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import shutil
 from collections import Counter
@@ -19,7 +18,7 @@ from typing import Any
 
 from rsg_eval.corpus.stage import key64
 from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, iter_jsonl
+from rsg_eval.io import atomic_write_json, iter_jsonl, sha256_file
 
 
 def allocate(counts: dict[str, int], n: int) -> dict[str, int]:
@@ -89,14 +88,6 @@ def _copy(src: Path, dst: Path, lines: set[int]) -> int:
     return len(lines)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cut_subset(corpus: Path, out: Path, train: int, val: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Write the subset into `out` (train.jsonl, val.jsonl, labels.json, summary.json); returns its summary."""
     corpus, out = Path(corpus), Path(out)
@@ -127,7 +118,7 @@ def cut_subset(corpus: Path, out: Path, train: int, val: int | None = None, seed
                  "of_val": c_val.get(t, 0)} for t in sorted(set(c_train) | set(c_val))}
     summary = {"subset_of": str(corpus), "seed": seed, "tasks": tasks,
                "total": {"train": sum(q_train.values()), "val": sum(q_val.values())},
-               "of": {"train": n_train_all, "val": n_val_all, "train_sha256": _sha256(src_train)}}
+               "of": {"train": n_train_all, "val": n_val_all, "train_sha256": sha256_file(src_train)}}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
