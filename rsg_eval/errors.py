@@ -44,6 +44,16 @@ class RSGError(Exception):
         return f"{where}{field}{self.message}{exp}"
 
 
+def clip(text: str, limit: int = 300) -> str:
+    """`text` cut to about `limit` characters, its middle replaced by "... (N characters) ...": a message built
+    from crafted input (an entity of 100,000 fragments, a 200 MB line) stays one readable line."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    half = max(limit // 2 - 20, 10)
+    return f"{text[:half]}... ({len(text):,} characters) ...{text[-half:]}"
+
+
 def choices_text(values: Iterable[Any]) -> str:
     """Comma-separated list of valid choices, for error messages."""
     return ", ".join(str(v) for v in values)

@@ -472,7 +472,7 @@ def load_yaml(text: str, *, file: Any = None) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RSGError(f"not valid YAML ({problem})", file=file,
+        raise RSGError(f"not valid YAML: {problem}", file=file,
                        line=mark.line + 1 if mark is not None else None) from None
     except RecursionError:
         raise JSON_DEPTH.error("YAML nested too deep to read", file=file) from None

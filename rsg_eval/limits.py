@@ -34,7 +34,7 @@ class Limit:
         n = int(text) if text.isdecimal() and len(text) <= 20 else 0  # isdecimal: no sign, no int() digit limit
         if not 0 < n <= MAX_VALUE:
             shown = raw if len(raw) <= 40 else raw[:37] + "..."
-            raise RSGError(f"{self.env}={shown!r} is not a number from 1 to {MAX_VALUE:,}", field=self.env,
+            raise RSGError(f"{self.env}={shown!r} is not a positive integer of at most {MAX_VALUE:,}", field=self.env,
                            expected=f"a number of {self.unit} from 1 to {MAX_VALUE:,} (default {self.default:,})")
         return n
 

@@ -63,6 +63,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from rsg_eval.errors import RSGError
+from rsg_eval.io import load_yaml, read_bytes, read_yaml
 from rsg_eval.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
 from rsg_eval.tasks import TASK_NAMES, get_task
 
@@ -348,8 +349,8 @@ def list_templates(task: str | None = None) -> dict[str, list[str]]:
 def _default_name(task: str, names: Sequence[str]) -> str | None:
     for n in names:
         try:
-            raw = yaml.safe_load((_task_dir(task) / f"{n}.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
+            raw = read_yaml(_task_dir(task) / f"{n}.yaml")
+        except RSGError:
             continue
         if isinstance(raw, dict) and raw.get("default") is True:
             return n
@@ -378,11 +379,14 @@ def load_template(task: str, name: str | None = None) -> Template:
 def parse_template(path: Path, task: str) -> Template:
     """Read and check one template file for `task` (fields, choices, Jinja syntax)."""
     spec = get_task(task)
-    data = path.read_bytes()
-    text = data.decode("utf-8-sig")
+    data = read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RSGError("not UTF-8 text", file=path, line=data[: exc.start].count(b"\n") + 1) from None
+    raw = load_yaml(text, file=path)  # bounded first: compose() below meets no bomb or deep nesting
     try:
         node = yaml.compose(text)
-        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RSGError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path,

@@ -162,22 +162,12 @@ def load_run_folder(path: str | Path, split: str = "val") -> Run:
 # --------------------------------------------------------------------------------------------------- score files
 
 def _read_structured(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise RSGError("file not found", file=path) from None
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RSGError(f"not valid JSON ({exc.msg})", file=path, line=exc.lineno) from None
-    import yaml
+    from rsg_eval.io import load_yaml, loads_json, read_text
 
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise RSGError(f"not valid YAML ({exc})", file=path, line=None if line is None else line + 1) from None
+    text = read_text(path)
+    if path.suffix.lower() == ".json":
+        return loads_json(text, file=path)
+    return load_yaml(text, file=path)
 
 
 def _number(value: Any, where: str, path: Path) -> float:
