@@ -91,6 +91,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import time
 import warnings
@@ -98,14 +99,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
+from rsg_eval.errors import RSGError, clip
+from rsg_eval.io import (atomic_write_json, atomic_write_jsonl, atomic_write_text, is_regular_file, loads_json,
+                         read_json, read_jsonl, sha256_file, storage_error)
+from rsg_eval.limits import LINE_BYTES
 
 DEFAULT_ROOT = Path("submissions")
 SPLITS = ("val", "test")
 ZIP_NAME = "submission.zip"
 PARTIAL_ZIP_NAME = "submission-partial.zip"
 LOCK_NAME = "rsg.lock"
+# Written into every folder the tool claims: only a folder holding it (or an empty one, or one from before the
+# marker whose record file is the tool's) is written into, and so cleared by --restart.
+RUN_MARKER = ".rsg-run"
 # What `--restart` clears in a run folder (known names only: never the folder itself, which may be any path).
 RESULT_NAMES = ("state", "predictions", "logs", "metrics.json", ZIP_NAME, PARTIAL_ZIP_NAME, "epochs.csv",
                 "config.json")
@@ -174,10 +180,48 @@ def run_path(name: str | None = None, *, model: str | None = None, kind: str = "
             raise RSGError("a run needs a name or a model to name it after", field="run")
         name = default_run_name(model, kind, tags)
     text = str(name)
-    path = Path(text) if ("/" in text or "\\" in text or Path(text).is_absolute()) else Path(root) / text
-    if path.exists() and not path.is_dir():
-        raise RSGError("exists and is not a folder", file=path, field="run")
+    is_path = "/" in text or "\\" in text or Path(text).is_absolute()
+    if not is_path and text in (".", ".."):
+        raise RSGError(f"{text!r} is not a run name (it would be --root itself or the folder above it)",
+                       field="--run", expected="a name such as my-run, or a path such as runs/my-run")
+    path = Path(text) if is_path else Path(root) / text
+    check_run_path(path, root=None if is_path else root)
     return path
+
+
+def check_run_path(path: str | Path, *, root: str | Path | None = None, option: str = "--run") -> None:
+    """RSGError (one line) for a run folder path the tool must not write into or clear: a name component over
+    255 bytes (ENAMETOOLONG), a symlink to nothing (dangling or looping), a file, a path under /proc, /sys or
+    /dev, the working directory or a folder above it, `root` itself or a folder above it (so `--restart` can
+    never delete the files of a folder that holds the user's work)."""
+    path = Path(path)
+    for part in path.parts:
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise RSGError(f"a name of {len(part.encode('utf-8', 'surrogateescape')):,} bytes in the path "
+                           f"{clip(str(path), 80)!r}: file systems allow 255", field=option,
+                           expected="names of at most 255 bytes")
+    if os.path.islink(path) and not path.is_dir():
+        raise RSGError("is a symbolic link to nothing (dangling, or pointing at itself)", file=path, field=option,
+                       expected="a folder, or a name that does not exist yet")
+    if os.path.lexists(path) and not path.is_dir():
+        raise RSGError("exists and is not a folder", file=path, field=option)
+    try:
+        real = path.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop in a parent folder
+        raise RSGError(f"cannot be resolved ({exc})", file=path, field=option) from None
+    if real.parts[1:2] and real.parts[1] in ("proc", "sys", "dev") and real.anchor == "/":
+        raise RSGError(f"is under /{real.parts[1]}, a kernel file system, not a place for results", file=path,
+                       field=option, expected="a folder on a disk")
+    if real == cwd or real in cwd.parents:
+        raise RSGError("is the working directory or a folder above it; a run folder of its own is needed "
+                       "(--restart would clear results there)", file=path, field=option,
+                       expected="a new or empty folder, or a run folder this tool made")
+    if root is not None:
+        root_real = Path(root).resolve()
+        if real == root_real or real in root_real.parents:
+            raise RSGError("is --root itself or a folder above it", file=path, field=option,
+                           expected="a run name under --root")
 
 
 @dataclass(frozen=True)
@@ -218,8 +262,13 @@ def _proc_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+# Linux's pid_max is at most 2**22; PIDs elsewhere fit 32 bits. A larger one is no process (and os.kill would
+# raise OverflowError on it).
+_PID_LIMIT = 1 << 31
+
+
 def _pid_alive(pid: int, start: str | None) -> bool:
-    if pid <= 0:
+    if not 0 < pid < _PID_LIMIT:
         return False
     try:
         os.kill(pid, 0)
@@ -263,18 +312,48 @@ class FolderLock:
         return self.token is not None
 
     def holder(self) -> dict | None:
-        """The lock file's record; {} when it exists but cannot be read; None when there is no lock."""
+        """The lock file's record; {} when it exists but cannot be read; None when there is no lock.
+
+        Never follows a symlink and never opens anything but a regular file (a FIFO would block): such a lock
+        is `_foreign`, refused by `acquire`. At most 64 KiB are read (a lock is one short line)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return None
         except OSError:
             return {}
         try:
-            rec = json.loads(text)
-        except json.JSONDecodeError:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            data = os.read(fd, 1 << 16)
+        except OSError:
+            return {}
+        finally:
+            os.close(fd)
+        try:
+            rec = loads_json(data, file=self.path)
+        except RSGError:
             return {}
         return rec if isinstance(rec, dict) else {}
+
+    def _foreign(self) -> RSGError | None:
+        """An RSGError when the lock path is something this tool never writes (a symlink, dangling or not, a
+        folder, a FIFO, a file it cannot read): taking it over could delete or follow something else, and
+        waiting for it would wait forever. None for a regular file (or none at all)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return RSGError(f"the lock file cannot be checked ({exc.strerror or exc})", file=self.path)
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else None if stat.S_ISREG(st.st_mode) else "a special file (FIFO, socket or device)")
+        if what is None:
+            if os.access(self.path, os.R_OK):
+                return None
+            what = "a file this user cannot read"
+        return RSGError(f"the lock file is {what}, not a lock this tool wrote; check what it is, remove it and "
+                        "run the same command again", file=self.path, expected="a regular file rsg.lock, or none")
 
     def _gone(self, rec: dict) -> bool:
         """True when the holder recorded in `rec` is certainly not running any more."""
@@ -286,10 +365,9 @@ class FolderLock:
             return age > self.FRESH_SECONDS
         if rec.get("host") != socket.gethostname():
             return False  # another machine (a shared disk): its PIDs cannot be checked from here
-        try:
-            pid = int(rec.get("pid"))
-        except (TypeError, ValueError):
-            return True
+        pid = rec.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
+            return True  # no process can have it (10**20, "x"): a damaged lock, taken over
         if pid == os.getpid() and rec.get("token") not in {lk.token for lk in _HELD.values()}:
             return rec.get("proc_start") != _proc_start(pid)  # our PID, another (dead) process's lock
         return not _pid_alive(pid, rec.get("proc_start"))
@@ -326,8 +404,14 @@ class FolderLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                foreign = self._foreign()
+                if foreign is not None:
+                    raise foreign from None
                 rec = self.holder()
                 if rec is None:
+                    if time.monotonic() > deadline:  # never spin: another process keeps recreating it
+                        raise RSGError("could not take the lock (it keeps appearing and disappearing)",
+                                       file=self.path) from None
                     continue  # released between our open and our read: try again
                 if not self._gone(rec):
                     raise self._busy(rec) from None
@@ -466,6 +550,8 @@ class Claim:
             self.lock = None
         for d in reversed(self.created):
             try:
+                if d == self.folder and [p.name for p in d.iterdir()] == [RUN_MARKER]:
+                    (d / RUN_MARKER).unlink()  # nothing but our marker: the folder goes as if never made
                 d.rmdir()  # only when empty
             except OSError:
                 break
@@ -483,7 +569,7 @@ def claim_folder(folder: str | Path, kind: str, settings: Mapping[str, Any], *,
                  record: str = "config.json", has_results: Callable[[], bool],
                  task_has_results: Callable[[str], bool] = lambda key: False,
                  clear: Callable[[], None], unrecorded: str = "compare", option: str = "--run",
-                 main: bool | None = None) -> Claim:
+                 main: bool | None = None, legacy_names: Iterable[str] = ()) -> Claim:
     """Lock `folder` and check that it holds results of these settings only (the one-configuration rule).
 
     The generic mechanism behind `RunFolder.claim` (and `rsg train-hmtl --out`): takes the lock, reads the
@@ -500,21 +586,61 @@ def claim_folder(folder: str | Path, kind: str, settings: Mapping[str, Any], *,
                   record=folder / record, main=main)
     if not main:
         return claim
+    check_run_path(folder, option=option)
     missing = []
     p = folder
-    while not p.exists():
+    while not os.path.lexists(p) and p != p.parent:
         missing.append(p)
         p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err = storage_error(exc, folder)
+        raise err if err is not None else RSGError(f"cannot create this folder ({exc.strerror or exc})",
+                                                   file=folder, field=option) from None
     claim.created = list(reversed(missing))
+    _check_ours(folder, claim.record, option, legacy_names)
     claim.lock = FolderLock(folder).acquire()
     try:
+        marker = folder / RUN_MARKER
+        if not marker.is_file():
+            atomic_write_json(marker, {"written_by": "rsg-eval", "kind": kind,
+                                       "note": "marks a folder rsg made; rsg --restart clears only its own files"})
         _check_claim(claim, restart=restart, has_results=has_results, task_has_results=task_has_results,
                      clear=clear, unrecorded=unrecorded, option=option)
     except BaseException:
         claim.release()
         raise
     return claim
+
+
+def _check_ours(folder: Path, record: Path | None, option: str, legacy_names: Iterable[str] = ()) -> None:
+    """Refuse a folder the tool did not make: one holding files but no RUN_MARKER, unless its record file
+    (config.json) is a record the tool wrote before markers existed. `--run ..` (the current directory, a home
+    folder, a project) is thereby never written into nor cleared."""
+    if (folder / RUN_MARKER).is_file():
+        return
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, LOCK_NAME + ".takeover"))
+    except OSError as exc:
+        raise RSGError(f"cannot list this folder ({exc.strerror or exc})", file=folder, field=option) from None
+    known = set(legacy_names)
+    if not names or (known and all(n in known or n.startswith(".") for n in names)):
+        return
+    if record is not None and is_regular_file(record):
+        try:
+            old = read_json(record, max_bytes=LINE_BYTES.value())
+        except RSGError:
+            old = None
+        if isinstance(old, dict) and ("settings_sha256" in old or old.get("kind") in _RUN_KINDS):
+            return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise RSGError(f"holds files this tool did not write ({shown}) and no {RUN_MARKER} marker, so it is not a run "
+                   f"folder; --restart would delete files there. Pick a new or empty folder for {option}",
+                   file=folder, field=option, expected="a new or empty folder, or a run folder this tool made")
+
+
+_RUN_KINDS = ("zeroshot", "finetune", "nli-head", "train-hmtl")
 
 
 def _check_claim(claim: Claim, *, restart: bool, has_results: Callable[[], bool],
@@ -578,7 +704,12 @@ class RunFolder:
                tags: Iterable[str] = (), root: str | Path = DEFAULT_ROOT) -> "RunFolder":
         """Create (or reuse) a run folder at `run_path(...)`."""
         path = run_path(name, model=model, kind=kind, tags=tags, root=root)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            err = storage_error(exc, path)
+            raise err if err is not None else RSGError(f"cannot create this folder ({exc.strerror or exc})",
+                                                       file=path, field="--run") from None
         return cls(path)
 
     @classmethod
@@ -929,12 +1060,16 @@ def files_fingerprint(paths: Iterable[str | Path]) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
+    """A run folder's JSON object file (config.json, metrics.json, a state); None when absent. Read with
+    io.read_json (depth, huge integers, surrogates, a FIFO or folder in its place: one RSGError); a value that
+    is not an object is an RSGError too (a list is no config)."""
+    if not os.path.lexists(path):
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise RSGError(f"not valid JSON ({exc.msg})", file=path, line=exc.lineno) from None
+    value = read_json(path, max_bytes=LINE_BYTES.value())
+    if not isinstance(value, dict):
+        raise RSGError(f"not valid JSON (a JSON {type(value).__name__} instead of an object)", file=path,
+                       expected="a JSON object {...}")
+    return value
 
 
 def _number(text: str | None) -> Any:

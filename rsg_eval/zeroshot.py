@@ -463,14 +463,14 @@ def _shard_path(run: RunFolder, sh: _Shard) -> Path:
 
 def _read_shard(run: RunFolder, sh: _Shard) -> dict | None:
     """A finished shard's result from disk, or None when absent or not exactly this shard (then it is redone)."""
-    import json
+    from rsg_eval.io import read_json
 
     path = _shard_path(run, sh)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(path)
+    except RSGError:  # damaged or crafted (not JSON, too deep, ...): redone
         return None
     keys = sh.keys()
     rows = data.get("rows") if isinstance(data, dict) else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import json
 import os
 import random
 import shutil
@@ -130,7 +129,9 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
 
 
 def read_meta(folder: Path) -> dict:
-    return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    from rsg_eval.io import read_json
+
+    return read_json(folder / "meta.json")
 
 
 _CORRUPT_HINT = ("a checkpoint file of this run is damaged (a disk error, or it was changed); delete the folder "
