@@ -115,8 +115,16 @@ def storage_error(exc: BaseException, path: str | Path | None) -> WriteError | N
     why = write_failure(exc, path)
     if why is None:
         return None
-    return WriteError(f"could not write {'this file' if path is not None else 'an output'}: {why}. Free some "
-                      "space (or write elsewhere) and run the same command again: finished work is kept", file=path)
+    what = "this file" if path is not None else "an output"
+    return WriteError(f"could not write {what}: {why}. {remedy(why)}: finished work is kept", file=path)
+
+
+def remedy(why: str) -> str:
+    """What the user does about a storage failure `why` (from write_failure), as a sentence without its stop."""
+    if why == _STORAGE_ERRNOS[errno.EROFS]:  # no space to free: another place is the only way
+        return ("Write elsewhere (a --run, --root or --out on a writable disk), or remount the file system "
+                "writable, and run the command again")
+    return "Free some space (or write elsewhere) and run the same command again"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -122,8 +122,10 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
                           getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc))
         kept = (f"the earlier {' and '.join(repr(n) for n in prev)} checkpoint{'s' if len(prev) > 1 else ''} in "
                 f"{root} {'are' if len(prev) > 1 else 'is'} intact") if prev else "no earlier checkpoint existed"
+        todo = ("Free some space and rerun the same command to resume" if why != "the file system is read-only"
+                else "Write elsewhere or remount the file system writable, then rerun to resume")
         raise SaveError(f"could not save the '{name}' checkpoint: {why}; {kept}, and finished tasks in the run "
-                        f"folder are kept. Free some space and rerun the same command to resume",
+                        f"folder are kept. {todo}",
                         file=final) from None
     return final
 
