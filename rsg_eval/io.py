@@ -130,7 +130,7 @@ def remedy(why: str) -> str:
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (data files and zips can be large)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
@@ -287,6 +287,21 @@ def open_regular(path: str | Path):
     except BaseException:
         os.close(fd)
         raise
+
+
+def zip_member_problem(info: Any) -> str | None:
+    """Why a zip member (zipfile.ZipInfo) cannot be read by Python's zipfile, before trying: encrypted, or
+    compressed with a method it lacks (AES, deflate64, ...). None when it can be read. Both readers of zips
+    (data zips, prediction zips) ask this first, so neither meets zipfile's RuntimeError/NotImplementedError."""
+    import zipfile
+
+    if info.flag_bits & 0x1:
+        return "is encrypted (password-protected); zip it again without a password"
+    supported = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+    if info.compress_type not in supported:
+        return (f"uses compression method {info.compress_type}, which Python's zipfile cannot read; zip it again "
+                "with deflate (the default of every zip tool)")
+    return None
 
 
 def is_regular_file(path: str | Path) -> bool:
