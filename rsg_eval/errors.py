@@ -44,6 +44,12 @@ class RSGError(Exception):
         return f"{where}{field}{self.message}{exp}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception (`commands._common.stop_signals`): every `except KeyboardInterrupt` and
+    `finally` that saves finished work and releases a run folder's lock runs for it as for Ctrl-C; the CLI then
+    exits with status 143 (128 + SIGTERM) instead of 130."""
+
+
 def clip(text: str, limit: int = 300) -> str:
     """`text` cut to about `limit` characters, its middle replaced by "... (N characters) ...": a message built
     from crafted input (an entity of 100,000 fragments, a 200 MB line) stays one readable line."""

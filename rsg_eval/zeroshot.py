@@ -116,6 +116,7 @@ class ZeroShotResult:
     metrics: dict | None = None
     zip: ZipResult | None = None
     interrupted: bool = False
+    terminated: bool = False          # the interruption was SIGTERM (exit 143), not Ctrl-C (130)
     main: bool = True                 # False on the other processes of a multi-process run (they write nothing)
 
 
@@ -778,8 +779,9 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                         error = error or exc
             if error is not None:
                 raise error
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         result.interrupted = True
+        result.terminated = type(exc).__name__ == "Terminated"  # errors.Terminated: SIGTERM
         console.print("[yellow]interrupted: finished tasks and shards are saved; rerun the same command to "
                       "resume[/]")
     finally:
