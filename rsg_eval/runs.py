@@ -185,7 +185,7 @@ def run_path(name: str | None = None, *, model: str | None = None, kind: str = "
         raise RSGError(f"{text!r} is not a run name (it would be --root itself or the folder above it)",
                        field="--run", expected="a name such as my-run, or a path such as runs/my-run")
     path = Path(text) if is_path else Path(root) / text
-    check_run_path(path, root=None if is_path else root)
+    check_run_path(path, root=root)
     return path
 
 

@@ -120,6 +120,7 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt as exc:  # before the run's own handling (loading the model): typer would exit 130
             # silently; the lock is already released by run_zeroshot's finally
             term = isinstance(exc, Terminated)
+            _name_gone_peer()
             console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is kept; "
                           "rerun the same command to resume")
             raise typer.Exit(143 if term else 130) from None
@@ -129,7 +130,18 @@ def register(app: typer.Typer) -> None:
             return
         print_summary(result)
         if result.interrupted:
+            _name_gone_peer()
             raise typer.Exit(143 if result.terminated else 130)
+
+
+def _name_gone_peer() -> None:
+    """Under torchrun: when the run stopped because another process died, say which (training.dist.gone_peers)."""
+    import sys
+
+    dist = sys.modules.get("rsg_eval.training.dist")
+    who = dist.gone_peers() if dist is not None else None
+    if who:
+        console.print(f"[red]error:[/] {who}", highlight=False, soft_wrap=True)
 
 
 # The NLI head answers the three entailment tasks only, so its zip is always partial: say so, and what to do.
