@@ -73,6 +73,9 @@ def main() -> None:
         signal.signal(sig, old)
         del _STARTUP_SIGNALS[sig]
     try:
+        from rsg_eval.limits import check_all
+
+        check_all()
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:  # typer.Exit(code) comes back as a return value here
             sys.exit(rc)

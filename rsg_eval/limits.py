@@ -79,6 +79,13 @@ ALL: tuple[Limit, ...] = (LINE_BYTES, SUBMISSION_BYTES, ZIP_BYTES, ZIP_RATIO, PR
                           TEMPLATE_STEPS, JSON_DEPTH, YAML_NODES)
 
 
+def check_all() -> None:
+    """Read every limit once (the CLI does at start): a variable out of range is one line before any work, not
+    the same complaint in every cell of a table or an OverflowError deep in a reader."""
+    for limit in ALL:
+        limit.value()
+
+
 def cut_text(text: str, max_tokens: int) -> str:
     """`text` cut to `max_tokens` x RSG_MAX_CHARS_PER_TOKEN characters, its start kept: what a tokenizer that
     truncates to `max_tokens` keeps lies inside (no token spans that many characters), and a crafted 200 MB

@@ -423,3 +423,347 @@ def test_a_lone_surrogate_is_named_by_rsg_data_check(tmp_path, monkeypatch, caps
                          "--tasks", "TERRa", "--split", "val", "--run", str(tmp_path / "r"), "-q")
     assert code == 2 and "lone surrogate" in one_line(err)
     assert "loading model" not in out + err  # named before the model loads
+
+
+# ------------------------------------------------------------------------------ 10: signals in zero-shot
+
+def _python(code: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_rsg_starts_is_one_line_and_no_traceback(sig, code):
+    # as the `rsg` program: the handler is in place before the command modules (and torch) import
+    proc = _python(f"""
+        import os, signal, sys
+        sys.argv = ["rsg", "zeroshot", "--model", "tiny"]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        import rsg_eval.cli
+        os.kill(os.getpid(), signal.{sig})
+        import time; time.sleep(30)
+    """)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "rsg: interrupted while starting; nothing was written", proc.stderr[-2000:]
+    # the zero-shot command's own heavy imports (torch) run under the same kind of handler
+    proc = _python(f"""
+        import os, signal
+        from rsg_eval.commands._common import startup_signals
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with startup_signals("rsg zeroshot"):
+            os.kill(os.getpid(), signal.{sig})
+            import time; time.sleep(30)
+    """)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "rsg zeroshot: interrupted while starting; nothing was written"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch = pytest.importorskip("torch")
+    from rsg_eval.models.loading import load_model
+
+    torch.set_num_threads(1)
+    return load_model("tiny", device="cpu")
+
+
+def test_sigterm_during_zeroshot_keeps_finished_work_releases_the_lock_and_exits_143(tmp_path, monkeypatch, capsys,
+                                                                                    tiny):
+    from rsg_eval import zeroshot
+
+    monkeypatch.setattr(zeroshot, "load_model", lambda *a, **k: tiny, raising=False)
+    real, calls = zeroshot._score_job, []
+
+    def score_then_term(job, *a, **k):
+        calls.append(job.task)
+        if len(calls) == 2:  # a real SIGTERM, delivered to this process while the second task split is scored
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(zeroshot, "_score_job", score_then_term)
+    monkeypatch.setattr("rsg_eval.models.loading.load_model", lambda *a, **k: tiny)
+    code, out, err = cli(monkeypatch, capsys, "zeroshot", "--model", "tiny", "--data", "sample", "--tasks",
+                         "TERRa,RCB,PARus", "--split", "val", "--run", str(tmp_path / "r"), "-q")
+    assert code == 143, out + err
+    assert "Traceback" not in err and "rerun the same command to resume" in out + err
+    assert not (tmp_path / "r" / runs.LOCK_NAME).exists()
+    assert RunFolder(tmp_path / "r").finished("val") == ["TERRa"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back
+
+
+# ------------------------------------------------------------------------------ 13: model folders
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("model") / "ok"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"vocab_size": "many"}, "field 'vocab_size': 'many' is not a model size"),
+    ({"vocab_size": -1}, "field 'vocab_size': -1 is not a model size"),
+    ({"vocab_size": 2_000_000_000, "d_model": 100_000}, "field 'vocab_size': 2000000000 is not a model size"),
+    ({"vocab_size": 16_000_000, "d_model": 100_000}, "does not describe these weights"),
+    ({"num_heads": True}, "field 'num_heads'"),
+    ({"d_model": 32}, "the weights do not match config.json: size mismatch"),
+])
+def test_a_model_config_with_absurd_or_mistyped_sizes_is_one_line(tmp_path, tiny_folder, change, words):
+    from rsg_eval.models.loading import load_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    with deadline(60), pytest.raises(RSGError) as exc:
+        load_model(folder, device="cpu")
+    assert words in str(exc.value) and "config.json" in str(exc.value)
+
+
+@pytest.mark.parametrize("entry,words", [
+    ({"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}, "data_offsets [0, '4']"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": 4}, "data_offsets 4 "),
+    ({"dtype": "F32", "shape": [2 ** 62, 2 ** 62], "data_offsets": [0, 4]}, "needs"),
+    ({"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}, "shape ['1']"),
+    ({"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}, "unknown dtype"),
+])
+def test_a_crafted_safetensors_header_is_named_not_a_typeerror(tmp_path, tiny_folder, entry, words):
+    from rsg_eval.models.loading import load_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    header = json.dumps({"w": entry}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(RSGError) as exc:
+        load_model(folder, device="cpu")
+    assert "model.safetensors: not a loadable weights file: tensor 'w'" in str(exc.value) and words in str(exc.value)
+
+
+# ------------------------------------------------------------------------------ 14: data zips
+
+def _zip_with(path: Path, *, flag: int = 0, method: int | None = None, name: str = "TERRa/val.jsonl") -> Path:
+    body = (SAMPLE_DIR / "TERRa" / "val.jsonl").read_bytes()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, body)
+    raw = bytearray(path.read_bytes())
+    for sig, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        i = raw.index(sig)
+        struct.pack_into("<H", raw, i + flag_at, struct.unpack_from("<H", raw, i + flag_at)[0] | flag)
+        if method is not None:
+            struct.pack_into("<H", raw, i + method_at, method)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("kind,words", [("encrypted", "is encrypted"), ("aes", "compression method 99"),
+                                        ("deflate64", "compression method 9")])
+def test_a_data_zip_with_encrypted_or_unreadable_members_is_one_line(tmp_path, monkeypatch, capsys, kind, words):
+    z = _zip_with(tmp_path / "x.zip", flag=1 if kind == "encrypted" else 0,
+                  method={"encrypted": None, "aes": 99, "deflate64": 9}[kind])
+    with pytest.raises(RSGError, match=words):
+        safe_extract(z, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    code, _, err = cli(monkeypatch, capsys, "data", "check", "--data", str(z))
+    assert code == 2 and "x.zip: zip member 'TERRa/val.jsonl' " in one_line(err) and words in one_line(err)
+    # the prediction-zip reader says the same
+    from rsg_eval.submission import read_submission_texts
+
+    sub = _zip_with(tmp_path / "s.zip", flag=1 if kind == "encrypted" else 0,
+                    method={"encrypted": None, "aes": 99, "deflate64": 9}[kind], name="submission/TERRa.jsonl")
+    with pytest.raises(RSGError, match=words):
+        read_submission_texts(sub)
+
+
+# ------------------------------------------------------------------------------ 15: FIFOs and folders as task files
+
+@pytest.mark.parametrize("task,rel", [("LiDiRus", "LiDiRus/LiDiRus.jsonl"), ("TERRa", "TERRa/val.jsonl")])
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_task_file_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, monkeypatch, capsys, task, rel, kind):
+    shutil.copytree(SAMPLE_DIR / task, tmp_path / "d" / task)
+    f = tmp_path / "d" / rel
+    f.unlink()
+    os.mkfifo(f) if kind == "fifo" else f.mkdir()
+    what = "a FIFO (named pipe), not a file" if kind == "fifo" else "a folder, not a file"
+    split = "test" if task == "LiDiRus" else "val"
+    with deadline(20):
+        with pytest.raises(RSGError, match=what.replace("(", r"\(").replace(")", r"\)")):
+            load_items(tmp_path / "d", task, split)
+        code, _, err = cli(monkeypatch, capsys, "zeroshot", "--model", "tiny", "--data", str(tmp_path / "d"),
+                           "--tasks", task, "--split", split, "--run", str(tmp_path / "r"), "-q")
+    assert code == 2 and what in one_line(err) and rel in one_line(err)
+    with deadline(20):  # every reader: prediction files too
+        from rsg_eval.submission import read_submission_texts
+
+        (tmp_path / "p").mkdir()
+        p = tmp_path / "p" / f"{task}.jsonl"
+        os.mkfifo(p) if kind == "fifo" else p.mkdir()
+        with pytest.raises(RSGError, match="not a file"):
+            read_submission_texts(tmp_path / "p")
+
+
+# ------------------------------------------------------------------------------ 16: limits out of range
+
+@pytest.mark.parametrize("value", ["1" + "0" * 26, "9" * 5000, "-3", "many"])
+def test_a_limit_out_of_range_is_one_line_naming_the_variable(monkeypatch, capsys, value):
+    monkeypatch.setenv("RSG_MAX_LINE_BYTES", value)
+    code, _, err = cli(monkeypatch, capsys, "data", "check", "--data", "sample", "--tasks", "TERRa")
+    line = one_line(err)
+    assert code == 2 and "RSG_MAX_LINE_BYTES=" in line and "is not a positive integer of at most 1,000,000,000,000,000" \
+        in line and len(line) < 400
+
+
+# ------------------------------------------------------------------------------ 17: score on an empty zip
+
+def test_score_on_a_zip_without_task_files_exits_2(tmp_path, monkeypatch, capsys):
+    z = tmp_path / "s.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("notes.txt", "nothing here")
+    code, out, err = cli(monkeypatch, capsys, "score", str(z), "--data", "sample", "--split", "val")
+    assert code == 2 and "s.zip: no <Task>.jsonl prediction files in the zip" in one_line(err)
+
+
+# ------------------------------------------------------------------------------ 18, 20: reports
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny):
+    from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot
+
+    root = tmp_path_factory.mktemp("runs")
+    run_zeroshot(ZeroShotOptions(model="tiny", data="sample", tasks=["TERRa", "RCB"], split="val", root=root,
+                                 run="r"), show_progress=False, loaded=tiny)
+    return root / "r"
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_report_on_a_list_config_or_a_word_for_a_metric(tmp_path, monkeypatch, capsys, small_run):
+    run = _copy_run(small_run, tmp_path / "a")
+    (run / "config.json").write_text("[1, 2]")
+    code, _, err = cli(monkeypatch, capsys, "report", str(run), "--out", str(tmp_path / "o"))
+    assert code == 2 and "a/config.json: not valid JSON (a JSON list instead of an object)" in one_line(err)
+    run = _copy_run(small_run, tmp_path / "b")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["tasks"]["TERRa"]["acc"] = "high"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    code, out, err = cli(monkeypatch, capsys, "report", str(run), "--out", str(tmp_path / "o"))
+    assert code == 0 and "Traceback" not in err
+    assert "not the metrics this tool writes: field 'tasks.TERRa.acc': 'high' is not a number" in out + err
+    assert "rebuilt from the logs" in out + err
+
+
+def test_report_messages_config_of_braces_expected_once_and_edited_metrics(tmp_path, monkeypatch, capsys, small_run):
+    run = _copy_run(small_run, tmp_path / "a")
+    (run / "config.json").write_text("{}")
+    code, out, err = cli(monkeypatch, capsys, "report", str(run), "--out", str(tmp_path / "o"))
+    assert code == 0 and "config.json records nothing ({})" in out + err and "no config.json" not in out + err
+    # a hand-edited metrics.json is said, with the numbers, task and total alike
+    run = _copy_run(small_run, tmp_path / "b")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["tasks"]["TERRa"]["acc"] = 0.99
+    metrics["total"] = 0.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    code, out, err = cli(monkeypatch, capsys, "report", str(run), "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert "b TERRa: metrics.json disagrees with the logs (acc 0.99 (logs:" in out + err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(monkeypatch, capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert code == 2 and one_line(err).count("(expected:") == 1
+
+
+def test_a_hand_edited_total_is_said(small_run):
+    from rsg_eval.report.build import build_report
+    from rsg_eval.report.load import load_run_folder
+
+    run = load_run_folder(small_run, "val")
+    run.reported_total = 0.123
+    problems: list[str] = []
+    build_report([run], seed=0, n_boot=10, n_examples=1, problems=problems)
+    # two tasks: no total is computed, so nothing to disagree with; with all nine it is compared (see build.py)
+    assert not any("total" in p and "disagrees" in p for p in problems)
+
+
+# ------------------------------------------------------------------------------ 19: build-corpus sources
+
+def test_corpus_sources_skip_bad_utf8_and_long_lines_and_clip_warnings(tmp_path, monkeypatch):
+    from rsg_eval.corpus.brat import read_brat_doc
+    from rsg_eval.corpus.readers import iter_rows
+    from rsg_eval.corpus.records import Problems
+
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes(b'{"text": "one"}\n{"text": "bad \xff byte"}\n{"text": "' + b"x" * 5000 + b'"}\n{"text": "four"}\n')
+    monkeypatch.setenv("RSG_MAX_LINE_BYTES", "1000")
+    problems = Problems()
+    rows = [(line, row["text"]) for _, line, row in iter_rows(src, problems, "s")]
+    assert rows == [(1, "one"), (4, "four")]
+    assert problems.counts["s"] == 2
+    assert "rows.jsonl:2: not UTF-8 text" in problems.messages[0]
+    assert "rows.jsonl:3: line too long (limit 1,000 bytes" in problems.messages[1]
+    for name in ("rows.csv", "rows.tsv"):  # tables too
+        (tmp_path / name).write_bytes(b"text\none\nbad \xff\nfour\n")
+        problems = Problems()
+        assert [r["text"] for _, _, r in iter_rows(tmp_path / name, problems, "s")] == ["one", "four"]
+        assert problems.counts["s"] == 1
+    # an entity of 100,000 fragments: its warning is one bounded line
+    (tmp_path / "d.txt").write_text("слово " * 10)
+    frags = ";".join(f"{i} {i + 1}" for i in range(0, 200_000, 2))
+    (tmp_path / "d.ann").write_text(f"T1\tPER {frags}\tслово\n")
+    problems = Problems()
+    assert read_brat_doc(tmp_path / "d.txt", tmp_path / "d.ann", types=None, type_map=None, discontinuous="span",
+                         problems=problems, source="s") is None
+    assert len(problems.messages) == 1 and len(problems.messages[0]) < 1000 and "characters) ..." in \
+        problems.messages[0]
+    # a brat offset of 5,000 digits: named, not int()'s ValueError
+    (tmp_path / "d.ann").write_text(f"T1\tPER 0 {'9' * 5000}\tслово\n")
+    problems = Problems()
+    read_brat_doc(tmp_path / "d.txt", tmp_path / "d.ann", types=None, type_map=None, discontinuous="span",
+                  problems=problems, source="s")
+    assert "bad offsets" in problems.messages[0]
+
+
+# ------------------------------------------------------------------------------ 20: read-only file system
+
+def test_a_read_only_file_system_says_so_not_free_some_space(tmp_path):
+    err = rio.storage_error(OSError(errno.EROFS, "Read-only file system"), tmp_path / "metrics.json")
+    assert err is not None and "the file system is read-only" in str(err)
+    assert "Free some space" not in str(err) and "Write elsewhere" in str(err)
+    full = rio.storage_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "m.json")
+    assert "Free some space" in str(full)
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_killed_process_is_named_and_the_lock_released(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        from pathlib import Path
+        from rsg_eval.commands._common import stop_signals
+        from rsg_eval.errors import Terminated
+        from rsg_eval.runs import RunFolder
+        from rsg_eval.training.dist import gone_peers, init_from_env
+
+        d = init_from_env(timeout_s=60)
+        out = Path({str(tmp_path)!r})
+        if d.rank == 1:
+            time.sleep(1)
+            os.kill(os.getpid(), signal.SIGKILL)   # as the OOM killer would
+        run = RunFolder(out / "r")
+        try:
+            with stop_signals(), run.claim("zeroshot", {{"model": "m"}}):
+                time.sleep(60)                      # torchrun sends SIGTERM when rank 1 dies
+        except Terminated:
+            (out / "said.txt").write_text(gone_peers() or "nobody named")
+            sys.exit(143)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           str(script)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    said = (tmp_path / "said.txt").read_text()
+    assert said.startswith("process 1 of 2 (PID ") and "is gone (killed, or out of memory)" in said, said
+    assert not (tmp_path / "r" / runs.LOCK_NAME).exists()

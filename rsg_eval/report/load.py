@@ -92,7 +92,8 @@ def _check_metrics(metrics: Any, path: Path) -> None:
     """RSGError naming the field when metrics.json does not have the shape the tool writes (numbers where numbers
     go: `"acc": "high"` is damaged, like invalid JSON, and so rebuilt from the logs)."""
     def bad(field: str, what: str) -> RSGError:
-        return RSGError(f"not the metrics this tool writes: {what}", file=path, field=field)
+        # the field goes into the message: the report's note quotes the message alone
+        return RSGError(f"not the metrics this tool writes: field '{field}': {what}", file=path)
 
     tasks = metrics.get("tasks", {})
     if not isinstance(tasks, dict):
