@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-LIGHT = ["rsg_eval.tasks", "rsg_eval.metrics", "rsg_eval.data", "rsg_eval.submission", "rsg_eval.io",
-         "rsg_eval.limits", "rsg_eval.models.weight_files", "rsg_eval.cli", "rsg_eval.fewshot"]
+LIGHT = ["rsg_eval.core.tasks", "rsg_eval.core.metrics", "rsg_eval.core.data", "rsg_eval.core.submission", "rsg_eval.core.io",
+         "rsg_eval.core.limits", "rsg_eval.models.weight_files", "rsg_eval.cli", "rsg_eval.core.fewshot"]
 
 
 def _no_torch(code: str) -> None:
@@ -15,7 +15,7 @@ def _no_torch(code: str) -> None:
 
 
 def test_light_modules_do_not_import_torch():
-    optional = ["rsg_eval.prompts", "rsg_eval.runs", "rsg_eval.report"]
+    optional = ["rsg_eval.core.prompts", "rsg_eval.runs", "rsg_eval.report"]
     import importlib.util
 
     mods = LIGHT + [m for m in optional if importlib.util.find_spec(m) is not None]

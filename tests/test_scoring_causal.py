@@ -11,7 +11,7 @@ import torch
 
 from _scoring_utils import (CHOICES, PREFIX_CHOICES, PREFIX_PROMPTS, PROMPTS, FP32Head, OOMAbove, close,
                             count_syncs, max_diff)
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.tiny import build_tiny_causal, build_tiny_tokenizer
 from rsg_eval.scoring import _causal, _score, forget_batch_size, modes_for, predict, score_choices, \
     score_choices_naive

@@ -40,8 +40,8 @@ from rsg_eval.corpus.leakage import LeakageGuard, build_rsg_index
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import MAIN_FIELD, NLI_LABELS, RAW, TASKS, Problems
 from rsg_eval.corpus.stage import HashSorter, SmallestKeys, Spool, iter_spool, key64
-from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, atomic_write_text, guarded_write
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import atomic_write_json, atomic_write_text, guarded_write
 
 BUILD_FORMAT = 2
 MAX_ROUNDS = 8   # rounds of handing texts to the jobs still below their targets
@@ -162,9 +162,9 @@ def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, v
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
-    """Stream JSON lines into a temporary file next to `path`, fsync, then rename (like rsg_eval.io's atomic
+    """Stream JSON lines into a temporary file next to `path`, fsync, then rename (like rsg_eval.core.io's atomic
     writers, without holding the whole file in memory: a full corpus is a few GB of text). A full disk is one
-    line naming the file (rsg_eval.io.guarded_write), with the temporary file removed."""
+    line naming the file (rsg_eval.core.io.guarded_write), with the temporary file removed."""
     with guarded_write(path):
         _write_jsonl_atomic(path, rows)
     return path

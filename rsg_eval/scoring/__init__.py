@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.scoring import _causal, _seq2seq
 from rsg_eval.scoring._common import Encoded, input_device, shared_prefix_len
 

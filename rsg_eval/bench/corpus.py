@@ -172,11 +172,11 @@ def measure(n: int, *, naive: bool = False, workdir: Path | None = None, timeout
         src = Path(tmp) / "synthetic.jsonl"
         made = write_synthetic(src, n)
         env = dict(os.environ, PYTHONHASHSEED="0")
-        code = ("import sys; from rsg_eval.corpus.bench import child; "
+        code = ("import sys; from rsg_eval.bench.corpus import child; "
                 f"child({str(src)!r}, {str(Path(tmp) / 'out')!r}, {naive!r})")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode != 0:
-            from rsg_eval.errors import RSGError
+            from rsg_eval.core.errors import RSGError
 
             raise RSGError(f"the {n}-record run failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
         rep = json.loads(r.stdout.strip().splitlines()[-1])
