@@ -13,12 +13,13 @@ import pytest
 from rsg_eval.core.data import resolve_data
 from rsg_eval.core.errors import RSGError
 from rsg_eval.core.fewshot import draw_shots, identity, item_seed, load_pool
-from rsg_eval.core.prompts import load_template, parse_template, render_fewshot, render_fewshot_content_free, render_shot
+from rsg_eval.core.prompts import (load_template, parse_template, render_fewshot, render_fewshot_content_free,
+                                   render_shot)
 from rsg_eval.core.tasks import TASK_NAMES
 from rsg_eval.core.data import load_items
 from rsg_eval.eval.zeroshot import ZeroShotOptions, plan_jobs
 
-SAMPLE = Path(__file__).resolve().parents[1] / "rsg_eval" / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "rsg_eval" / "samples" / "sample"
 IDENT = {"model": "tiny", "revision": None, "dtype": "float32"}  # plan_jobs without touching torch
 
 

@@ -110,11 +110,11 @@ def test_the_out_folder_holds_one_configuration(tmp_path):
     import json
     import shutil
 
-    from rsg_eval.core.data import __file__ as data_py
     from rsg_eval.core.errors import RSGError
+    from rsg_eval.corpus.load import sample_dir
 
     corpus = tmp_path / "corpus"
-    shutil.copytree(__import__("pathlib").Path(data_py).parent / "data" / "corpus_sample", corpus)
+    shutil.copytree(sample_dir(), corpus)
     out = tmp_path / "out"
     kw = {**KW, "corpus": str(corpus), "epochs": 1, "max_steps_per_epoch": 2}
     cfg = TrainConfig(out=str(out), save_steps=1, **kw)

@@ -12,7 +12,7 @@ from _scoring_utils import (CHOICES, PREFIX_CHOICES, PREFIX_PROMPTS, PROMPTS, FP
                             count_syncs, max_diff)
 from rsg_eval.core.errors import RSGError
 from rsg_eval.models.tiny import build_tiny
-from rsg_eval.scoring import _score, forget_batch_size, modes_for, predict, score_choices, score_choices_naive
+from rsg_eval.scoring import score_in_mode, forget_batch_size, modes_for, predict, score_choices, score_choices_naive
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def tiny():
 
 
 def _mode(model, tok, prompts, choices, mode, bs=16):
-    return _score(model, tok, prompts, choices, batch_size=bs, normalize="sum", calibrate=False,
+    return score_in_mode(model, tok, prompts, choices, batch_size=bs, normalize="sum", calibrate=False,
                   calibration_prompts=None, max_input_tokens=None, progress=None, mode=mode)
 
 

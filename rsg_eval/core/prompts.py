@@ -66,7 +66,7 @@ from rsg_eval.core.errors import RSGError
 from rsg_eval.core.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
 from rsg_eval.core.tasks import TASK_NAMES, get_task
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"  # rsg_eval/core/prompts.py -> the repo root
 
 # Template variables each task's items provide (docs/design.md, "Template fields per task").
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
