@@ -70,12 +70,19 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # the server ignores it; subprocess needs it back
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        sys.argv = ["rsg", *request["argv"]]
         conn.sendall(_INT.pack(os.getpid()))
-        from rsg_eval import cli
-
         try:
-            cli.main()
+            if request.get("script"):   # `python SCRIPT ARGS...` (a torchrun script target)
+                import runpy
+
+                sys.argv = [request["script"], *request["argv"]]
+                sys.path.insert(0, os.path.dirname(os.path.abspath(request["script"])))
+                runpy.run_path(request["script"], run_name="__main__")
+            else:
+                from rsg_eval import cli
+
+                sys.argv = ["rsg", *request["argv"]]
+                cli.main()
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -140,7 +147,8 @@ try:
     s.connect({sock!r})
 except OSError:
     real()
-payload = json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ))).encode()
+script = os.environ.pop("WARM_RSG_SCRIPT", "")   # set by warm_torchrun for a script target
+payload = json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ), script=script)).encode()
 socket.send_fds(s, [INT.pack(len(payload))], [0, 1, 2])
 s.sendall(payload)
 def recv_int():
@@ -192,3 +200,39 @@ class WarmRsg:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def warm_torchrun(bin_dir: Path, args: list[str], *, n: int = 2, cwd: Path, env: dict[str, str] | None = None,
+                  script: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """What `torchrun --standalone --nproc_per_node n -m rsg_eval.cli -- ARGS` (or `... SCRIPT ARGS`) does for our
+    code: n processes with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (gloo's
+    env:// rendezvous), each forked from the warm server. Their outputs are concatenated rank by rank; the status
+    is the first non-zero one. On timeout every rank is killed (a hang shows as a failure, as with torchrun)."""
+    base = dict(os.environ if env is None else env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(n),
+                LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", OMP_NUM_THREADS="1")
+    if script:
+        base["WARM_RSG_SCRIPT"] = str(script)
+    procs = []
+    for rank in range(n):
+        e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([str(bin_dir / "rsg"), *args], cwd=cwd, env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = [p.returncode for p in procs]
+    code = next((c for c in codes if c), 0)
+    return subprocess.CompletedProcess(args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs))

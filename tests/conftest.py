@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))   # test helpers (_warm_rsg) import as top-level modules
 
 
 def shared_rsg_dir() -> Path | None:
@@ -36,9 +38,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def warm_rsg(tmp_path_factory):
     """A forking `rsg` server for tests that run many CLI commands as processes (tests/_warm_rsg.py): the folder
     to put first on PATH. Hub offline, one thread, its own HF_HOME."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from _warm_rsg import WarmRsg
 
     base = tmp_path_factory.mktemp("warm-rsg")
