@@ -27,7 +27,7 @@ import typer  # noqa: E402
 
 from rsg_eval import __version__  # noqa: E402
 from rsg_eval.commands._common import RsgTyper  # noqa: E402
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 
 app = RsgTyper(
     name="rsg",
@@ -73,7 +73,7 @@ def main() -> None:
         signal.signal(sig, old)
         del _STARTUP_SIGNALS[sig]
     try:
-        from rsg_eval.limits import check_all
+        from rsg_eval.core.limits import check_all
 
         check_all()
         rc = app(standalone_mode=False)
@@ -87,13 +87,13 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt) as exc:  # click turns a KeyboardInterrupt in a command into Abort
-        from rsg_eval.errors import Terminated
+        from rsg_eval.core.errors import Terminated
 
         term = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         print(f"rsg: {'terminated (SIGTERM)' if term else 'interrupted'}; finished work is kept", file=sys.stderr)
         sys.exit(143 if term else 130)
     except Exception as exc:  # click usage errors and the like
-        from rsg_eval.io import storage_error
+        from rsg_eval.core.io import storage_error
 
         err = storage_error(exc, getattr(exc, "filename", None))
         if err is not None:  # a full disk that no writer turned into an RSGError: still one line, exit 2

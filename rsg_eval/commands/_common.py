@@ -227,7 +227,7 @@ def stop_signals():
     """While a command works: SIGTERM raises `errors.Terminated` (a KeyboardInterrupt), so the same code that
     handles Ctrl-C saves finished work and releases the run folder's lock; the CLI exits 143. Without it SIGTERM
     killed zero-shot on the spot and left its rsg.lock behind."""
-    from rsg_eval.errors import Terminated
+    from rsg_eval.core.errors import Terminated
 
     def handler(signum: int, frame: Any) -> None:
         raise Terminated()

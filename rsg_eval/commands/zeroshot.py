@@ -78,14 +78,13 @@ def register(app: typer.Typer) -> None:
         GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
         from rsg_eval.commands._common import startup_signals, stop_signals
-        from rsg_eval.errors import RSGError, Terminated
+        from rsg_eval.core.errors import RSGError, Terminated
 
         with startup_signals("rsg zeroshot"):  # torch and transformers import here, before any work
             import torch  # noqa: F401
             import transformers  # noqa: F401
 
-            from rsg_eval.zeroshot import (ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot,
-                                           shutdown_distributed)
+            from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
 
         if nli_head and num_fewshot:
             raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
@@ -94,14 +93,16 @@ def register(app: typer.Typer) -> None:
             raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
                            field="--device-map", expected="--device-map alone, or --device alone")
         if nli_head:
+            from rsg_eval.eval.nli_head import run_nli_head_eval
             from rsg_eval.models.loading import require_seq2seq
 
             require_seq2seq(model, "--nli-head")
             try:
                 with stop_signals():
-                    result = run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run,
-                                          root=root, batch_size=parse_batch_size(batch_size), device=device,
-                                          dtype=dtype, console=console, **({"restart": True} if restart else {}))
+                    result = run_nli_head_eval(model=model, data=data, tasks=tasks, split=split, limit=limit,
+                                               run=run, root=root, batch_size=parse_batch_size(batch_size),
+                                               device=device, dtype=dtype, console=console,
+                                               **({"restart": True} if restart else {}))
             except KeyboardInterrupt as exc:
                 term = isinstance(exc, Terminated)
                 console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is "
@@ -154,9 +155,9 @@ def print_summary(result: object, zip_hint: str = " (run them with --split test 
     """Final rich table of val metrics, then where the run folder and zip are (ZeroShotResult, NLIHeadResult)."""
     from rich.table import Table
 
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
-    res = result  # rsg_eval.zeroshot.ZeroShotResult
+    res = result  # rsg_eval.eval.zeroshot.ZeroShotResult
     m = res.metrics
     if m and m.get("tasks"):
         table = Table(title=f"val metrics ({res.run.path})")

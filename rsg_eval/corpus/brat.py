@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rsg_eval.corpus.records import Problems, make_id
-from rsg_eval.errors import RSGError, clip
+from rsg_eval.core.errors import RSGError, clip
 
 _SPAN = re.compile(r"^(\d{1,15}) (\d{1,15})$")  # 15 digits: far past any text, never int()'s limit
 
@@ -34,7 +34,7 @@ class Entity:
 
 
 def _decode(path: Path) -> str:
-    from rsg_eval.io import read_bytes
+    from rsg_eval.core.io import read_bytes
 
     try:
         return read_bytes(path).decode("utf-8")

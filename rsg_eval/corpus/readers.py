@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rsg_eval.corpus.records import NLI_LABELS, Problems, make_id
-from rsg_eval.errors import RSGError
-from rsg_eval.io import loads_json, open_regular
-from rsg_eval.limits import LINE_BYTES
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import loads_json, open_regular
+from rsg_eval.core.limits import LINE_BYTES
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".jsonl.zst", ".csv.gz", ".txt")
 

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 _MAX_HEADER = 100 << 20  # safetensors refuses headers over 100 MB itself
 
@@ -31,8 +31,8 @@ def _nat(x: Any) -> bool:
 
 def read_safetensors_header(path: Path) -> tuple[dict, int] | str:
     """(header, data bytes) of a safetensors file, or why it has none (a string). Reads the header only."""
-    from rsg_eval.errors import RSGError as _E
-    from rsg_eval.io import loads_json, open_regular
+    from rsg_eval.core.errors import RSGError as _E
+    from rsg_eval.core.io import loads_json, open_regular
 
     try:
         with open_regular(path) as fh:
@@ -128,8 +128,8 @@ def check_model_config(folder: Path) -> dict:
     fields are positive integers (`vocab_size: "many"`, `-1`), not absurd (at most 16,777,216 each), and whose
     embedding (vocab_size x d_model) the weights files can hold (2e9 x 1e5 would allocate 800 TB). RSGError
     naming config.json and the field."""
-    from rsg_eval.errors import RSGError as _E
-    from rsg_eval.io import read_json
+    from rsg_eval.core.errors import RSGError as _E
+    from rsg_eval.core.io import read_json
 
     f = Path(folder) / "config.json"
     cfg = read_json(f, max_bytes=16 << 20)

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 HERE = Path(__file__).resolve().parent
 FILES = {"paper": "paper.yaml", "leaderboard": "leaderboard.yaml"}
@@ -41,7 +41,7 @@ def printed_decimals(text: str) -> int:
 
 @lru_cache(maxsize=4)
 def _read(name: str) -> dict[str, Any]:
-    from rsg_eval.io import read_yaml
+    from rsg_eval.core.io import read_yaml
 
     data = read_yaml(HERE / FILES[name])
     return data if isinstance(data, dict) else {}

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import WriteError, atomic_write_json, write_failure
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import WriteError, atomic_write_json, write_failure
 
 WEIGHTS = "model.safetensors"
 
@@ -131,7 +131,7 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
 
 
 def read_meta(folder: Path) -> dict:
-    from rsg_eval.io import read_json
+    from rsg_eval.core.io import read_json
 
     return read_json(folder / "meta.json")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 SCHEDULES = ("linear", "cosine", "constant")
 NORMALIZE = ("sum", "token", "byte")
@@ -155,10 +155,10 @@ def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = Non
         cs.for_task("TERRa")  # validate early
         return cs
 
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     p = Path(path)
-    from rsg_eval.io import read_yaml
+    from rsg_eval.core.io import read_yaml
 
     if not p.exists():
         raise RSGError("config file not found", file=p)

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from rsg_eval.errors import RSGError
-from rsg_eval.limits import JSON_DEPTH, LINE_BYTES, YAML_NODES
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.limits import JSON_DEPTH, LINE_BYTES, YAML_NODES
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
