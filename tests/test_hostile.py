@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval import io as rio
 from rsg_eval import runs
-from rsg_eval.data import SAMPLE_DIR, check_folder, resolve_data, safe_extract
-from rsg_eval.errors import RSGError
+from rsg_eval.core import io as rio
+from rsg_eval.core.data import SAMPLE_DIR, check_folder, load_items, resolve_data, safe_extract
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.tasks import parse_records
 from rsg_eval.runs import FolderLock, RunFolder, run_path
-from rsg_eval.tasks import TASK_NAMES, load_items, parse_records
 from tests.test_bad_input import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_a_lock_with_an_impossible_pid_is_taken_over(tmp_path, pid):
 # ------------------------------------------------------------------------------ 3: few-shot K
 
 def test_fewshot_k_beyond_the_pool_draws_each_group_once():
-    from rsg_eval.fewshot import draw_shots, load_pool
+    from rsg_eval.core.fewshot import draw_shots, load_pool
 
     pool = load_pool(resolve_data("sample"), "TERRa")
     item = load_items("sample", "TERRa", "val")[0]
@@ -167,7 +167,7 @@ def test_fewshot_k_beyond_the_pool_draws_each_group_once():
         shots = draw_shots(pool, item, 10 ** 6, seed=0)
     keys = [s.key for s in shots]
     assert len(keys) == len(set(keys)) == len(pool) - len(pool.by_identity.get(
-        __import__("rsg_eval.fewshot", fromlist=["identity"]).identity("TERRa", item.fields), ()))
+        __import__("rsg_eval.core.fewshot", fromlist=["identity"]).identity("TERRa", item.fields), ()))
     assert draw_shots(pool, item, 10 ** 6, seed=0) == shots  # deterministic
     assert draw_shots(pool, item, 2, seed=0) == draw_shots(pool, item, 2, seed=0)
 
@@ -187,7 +187,7 @@ class CountingTokenizer:
 
 
 def test_fewshot_fit_is_found_by_bisection_with_bounded_text():
-    from rsg_eval.prompts import _n_tokens, load_template, render_fewshot
+    from rsg_eval.core.prompts import _n_tokens, load_template, render_fewshot
 
     tpl = load_template("TERRa")
     item = load_items("sample", "TERRa", "val")[0]
@@ -219,7 +219,7 @@ def test_fewshot_fit_is_found_by_bisection_with_bounded_text():
     ("{{ ('x' * 99999).join(['a', 'b', 'c']) }}", "with join"),
 ])
 def test_template_bytes_are_bounded_and_every_failure_is_one_line(tmp_path, body, words):
-    from rsg_eval.prompts import load_template
+    from rsg_eval.core.prompts import load_template
     from tests.test_limits import _template, _terra_item
 
     tpl = load_template("TERRa", str(_template(tmp_path, body)))
@@ -233,7 +233,7 @@ def test_template_bytes_are_bounded_and_every_failure_is_one_line(tmp_path, body
 def _yaml_readers(tmp_path: Path):
     """Every YAML the tool reads: (name, callable(path))."""
     from rsg_eval.corpus.config import load_config
-    from rsg_eval.prompts import load_template
+    from rsg_eval.core.prompts import load_template
     from rsg_eval.report.load import load_any
     from rsg_eval.training.config import load_config_set
 
@@ -278,11 +278,11 @@ def _json_entry_points(tmp_path: Path):
     """Every JSON the tool reads: (name, file name, wrap(value_text) -> file text, read(path))."""
     from rsg_eval.corpus.readers import iter_rows
     from rsg_eval.corpus.records import Problems
-    from rsg_eval.hmtl.corpus import read_labels
+    from rsg_eval.corpus.load import read_labels
     from rsg_eval.models.hierarchical import read_hmtl_config
     from rsg_eval.models.weight_files import check_model_config, check_weight_file
     from rsg_eval.report.load import load_any
-    from rsg_eval.submission import read_predictions
+    from rsg_eval.core.submission import read_predictions
 
     def data(p):
         load_items(p, "TERRa", "val")
@@ -470,7 +470,7 @@ def tiny():
 
 def test_sigterm_during_zeroshot_keeps_finished_work_releases_the_lock_and_exits_143(tmp_path, monkeypatch, capsys,
                                                                                     tiny):
-    from rsg_eval import zeroshot
+    from rsg_eval.eval import zeroshot
 
     monkeypatch.setattr(zeroshot, "load_model", lambda *a, **k: tiny, raising=False)
     real, calls = zeroshot._score_job, []
@@ -574,7 +574,7 @@ def test_a_data_zip_with_encrypted_or_unreadable_members_is_one_line(tmp_path, m
     code, _, err = cli(monkeypatch, capsys, "data", "check", "--data", str(z))
     assert code == 2 and "x.zip: zip member 'TERRa/val.jsonl' " in one_line(err) and words in one_line(err)
     # the prediction-zip reader says the same
-    from rsg_eval.submission import read_submission_texts
+    from rsg_eval.core.submission import read_submission_texts
 
     sub = _zip_with(tmp_path / "s.zip", flag=1 if kind == "encrypted" else 0,
                     method={"encrypted": None, "aes": 99, "deflate64": 9}[kind], name="submission/TERRa.jsonl")
@@ -600,7 +600,7 @@ def test_a_task_file_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, monkeypatc
                            "--tasks", task, "--split", split, "--run", str(tmp_path / "r"), "-q")
     assert code == 2 and what in one_line(err) and rel in one_line(err)
     with deadline(20):  # every reader: prediction files too
-        from rsg_eval.submission import read_submission_texts
+        from rsg_eval.core.submission import read_submission_texts
 
         (tmp_path / "p").mkdir()
         p = tmp_path / "p" / f"{task}.jsonl"
@@ -634,7 +634,7 @@ def test_score_on_a_zip_without_task_files_exits_2(tmp_path, monkeypatch, capsys
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tiny):
-    from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot
+    from rsg_eval.eval.zeroshot import ZeroShotOptions, run_zeroshot
 
     root = tmp_path_factory.mktemp("runs")
     run_zeroshot(ZeroShotOptions(model="tiny", data="sample", tasks=["TERRa", "RCB"], split="val", root=root,
@@ -736,7 +736,7 @@ def test_under_torchrun_a_killed_process_is_named_and_the_lock_released(tmp_path
         import os, signal, sys, time
         from pathlib import Path
         from rsg_eval.commands._common import stop_signals
-        from rsg_eval.errors import Terminated
+        from rsg_eval.core.errors import Terminated
         from rsg_eval.runs import RunFolder
         from rsg_eval.training.dist import gone_peers, init_from_env
 
