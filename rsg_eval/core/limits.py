@@ -35,7 +35,7 @@ class Limit:
         if not 0 < n <= MAX_VALUE:
             shown = raw if len(raw) <= 40 else raw[:37] + "..."
             raise RSGError(f"{self.env}={shown!r} is not a positive integer of at most {MAX_VALUE:,}", field=self.env,
-                           expected=f"a number of {self.unit} from 1 to {MAX_VALUE:,} (default {self.default:,})")
+                           expected=f"a number of {self.unit}; the default is {self.default:,}")
         return n
 
     def hint(self) -> str:
