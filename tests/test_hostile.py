@@ -391,6 +391,16 @@ def test_wrong_json_types_are_named_with_their_field(tmp_path):
             assert str(exc).startswith("RuCoS.jsonl:3: field '"), str(exc)
 
 
+def test_a_string_idx_of_5000_digits_is_named(tmp_path):
+    from rsg_eval.core.submission import read_predictions
+
+    f = tmp_path / "TERRa.jsonl"
+    f.write_text('{"idx": "%s", "label": "entailment"}\n' % ("1" * 5000))
+    with pytest.raises(RSGError) as exc:
+        read_predictions(f, "TERRa")
+    assert exc.value.field == "idx" and "is not an integer" in str(exc.value) and len(str(exc.value)) < 300
+
+
 # ------------------------------------------------------------------------------ 8: RuCoS element types
 
 @pytest.mark.parametrize("mutate,field", [
