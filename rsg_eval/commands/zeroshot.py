@@ -25,6 +25,16 @@ def register(app: typer.Typer) -> None:
         template: Optional[str] = typer.Option(None, "--template", help="Template name for every task (see `rsg "
                                                                         "prompts list`) or a .yaml path.",
                                                show_default="each task's default"),
+        templates: Optional[str] = typer.Option(None, "--templates", help="Score several templates per task in "
+                                                                          "one run: all, NAME,NAME or tag:VALUE "
+                                                                          "(e.g. tag:cloze); each template's "
+                                                                          "results go to templates/<Task>/<name>/ "
+                                                                          "and the spread to spread.json.",
+                                                show_default="one template"),
+        select: str = typer.Option("default", "--select", help="With --templates: whose results go to "
+                                                               "metrics.json and the zip: default (each task's "
+                                                               "default template) or best-val (the best val "
+                                                               "score: optimistic on val)."),
         batch_size: str = typer.Option("16", "--batch-size", "-b", help="Prompts per batch, or 'auto' (halves on "
                                                                         "out-of-memory). Results do not depend on "
                                                                         "it."),
@@ -41,7 +51,13 @@ def register(app: typer.Typer) -> None:
         normalize: str = typer.Option("sum", "--normalize", help="Choice score: sum (total log-likelihood), "
                                                                  "token (per token) or byte (per UTF-8 byte)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
-                                                                  "content-free input (text fields -> 'N/A')."),
+                                                                  "content-free input (text fields -> 'N/A'); "
+                                                                  "the same as --calibration on."),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help="off, on (= --calibrate) or both: "
+                                                                              "every template scored without "
+                                                                              "and with calibration (two "
+                                                                              "columns in the spread).",
+                                                  show_default="off"),
         device: Optional[str] = typer.Option(None, "--device", help="auto (this process's GPU, else CPU), cpu, "
                                                                     "cuda, cuda:N.", show_default="auto"),
         device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too big for "
@@ -96,7 +112,16 @@ def register(app: typer.Typer) -> None:
                                   console=console, **({"restart": True} if restart else {}))
             print_summary(result, NLI_ZIP_HINT)
             return
+        if calibration is not None:
+            if calibration not in ("off", "on", "both"):
+                raise RSGError(f"unknown calibration {calibration!r}", field="--calibration",
+                               expected=["off", "on", "both"])
+            if calibrate and calibration == "off":
+                raise RSGError("--calibrate and --calibration off disagree", field="--calibration",
+                               expected="one of them")
+            calibrate = {"off": False, "on": True, "both": "both"}[calibration]
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
+                               templates=templates, select=select,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
                                calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
                                num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
