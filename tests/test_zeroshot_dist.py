@@ -213,3 +213,28 @@ def test_one_process_resumes_inside_a_task_and_ignores_damaged_or_stale_shards(t
     assert sorted(p.name for p in folder.iterdir()) == [other.name]
     whole = run_zeroshot(ZeroShotOptions(run="whole", **opts), show_progress=False, loaded=tiny)
     assert _files(res.run.path) == _files(whole.run.path)
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes_with_several_templates(tmp_path, tiny):
+    """--templates on two processes: the shards hold every template of their items; every template's files,
+    the promoted ones and the spread are byte for byte those of one process."""
+    kw = dict(templates="verdict,verdict_yesno,yesno,cloze", tasks=["TERRa", "MuSeRC", "LiDiRus"], num_fewshot=1)
+    one = run_zeroshot(_opts(tmp_path, "one", **kw), show_progress=False, loaded=tiny)
+    assert not one.interrupted
+    args = ["zeroshot", "--model", "tiny", "--data", "sample", "--tasks", "TERRa,MuSeRC,LiDiRus", "--split", "all",
+            "--num-fewshot", "1", "--shard-size", "2", "--templates", "verdict,verdict_yesno,yesno,cloze",
+            "--root", str(tmp_path), "-q", "--run", "two"]
+    proc = _torchrun(tmp_path, args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def files(folder: Path) -> dict[str, bytes]:
+        out = _files(folder)
+        out.update({str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / "templates").rglob("*"))
+                    if p.is_file() and "state" not in p.parts})
+        out["spread.json"] = (folder / "spread.json").read_bytes()
+        return out
+
+    ref = files(one.run.path)
+    assert len([k for k in ref if k.startswith("templates/TERRa/")]) == 4 * 2 * 2  # 4 templates, 2 splits, 2 files
+    assert files(tmp_path / "two") == ref
