@@ -121,7 +121,9 @@ def epochs_chart(report: dict) -> bytes | None:
 def make_charts(report: dict) -> dict[str, bytes]:
     """{file stem: PNG bytes} for every chart this report has data for."""
     out = {}
-    for name, fn in (("scores", scores_chart), ("epochs", epochs_chart)):
+    from rsg_eval.report.sensitivity import chart as prompts_chart
+
+    for name, fn in (("scores", scores_chart), ("epochs", epochs_chart), ("prompts", prompts_chart)):
         png = fn(report)
         if png is not None:
             out[name] = png
