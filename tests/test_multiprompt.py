@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from rsg_eval import multiprompt
-from rsg_eval.errors import RSGError
+from rsg_eval.eval import multiprompt
+from rsg_eval.core.errors import RSGError
 from rsg_eval.report.spread import (compare_templates, select_variant, sign_test, spread_table, summarize,
                                     total_range)
-from rsg_eval.tasks import TASK_NAMES
-from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot
+from rsg_eval.core.tasks import TASK_NAMES
+from rsg_eval.eval.zeroshot import ZeroShotOptions, run_zeroshot
 
 # ------------------------------------------------------------------------------------------------ arithmetic
 
@@ -182,7 +182,7 @@ def test_each_template_as_its_own_run_and_the_default_promoted(tmp_path, model, 
 
 
 def test_resume_one_configuration_and_select_best_val(tmp_path, tiny, monkeypatch):
-    from rsg_eval import zeroshot
+    from rsg_eval.eval import zeroshot
 
     opts = dict(templates="verdict,verdict_yesno,yesno,question,connective", tasks=["TERRa", "PARus"],
                 calibrate="both", select="best-val")
@@ -230,9 +230,9 @@ def test_identical_prompts_scored_once(tiny, monkeypatch):
     """verdict and verdict_yesno render the same TERRa input: one scored prompt with four choices, whose scores
     are those of the two templates scored apart."""
     import rsg_eval.scoring as scoring
-    from rsg_eval.multiprompt import CachedTokenizer, _merged_scores
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import load_items
+    from rsg_eval.eval.multiprompt import CachedTokenizer, _merged_scores
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.data import load_items
 
     items = [it for it in load_items("sample", "TERRa", "val")]
     a = [load_template("TERRa", "verdict").render(it) for it in items]

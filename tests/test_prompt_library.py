@@ -8,9 +8,10 @@ import hashlib
 
 import pytest
 
-from rsg_eval.errors import RSGError
-from rsg_eval.prompts import ELLIPSIS, STYLES, list_templates, load_template, parse_template
-from rsg_eval.tasks import TASK_NAMES, load_items
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.prompts import ELLIPSIS, STYLES, list_templates, load_template, parse_template
+from rsg_eval.core.data import load_items
+from rsg_eval.core.tasks import TASK_NAMES
 from tests.conftest import shared_rsg_dir
 
 
@@ -86,7 +87,7 @@ def _sources():
 @pytest.mark.parametrize("origin, data", _sources())
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_template_renders_every_record(origin, data, task):
-    from rsg_eval.data import resolve_data
+    from rsg_eval.core.data import resolve_data
 
     src = resolve_data(data)
     splits = ["test"] if task == "LiDiRus" else ["train", "val", "test"]

@@ -11,7 +11,7 @@ import pytest
 
 from rsg_eval.report import make_report, write_report
 from rsg_eval.runs import RunFolder, log_row
-from rsg_eval.tasks import load_items
+from rsg_eval.core.data import load_items
 
 
 def _run(root, name: str, right: dict[str, int]) -> None:

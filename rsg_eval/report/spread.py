@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 CAL_SUFFIX = "+cal"
 TEMPLATES_DIR = "templates"
@@ -69,7 +69,7 @@ def summarize(scores: Mapping[str, float]) -> dict:
 def total_range(per_task: Mapping[str, Mapping[str, float]]) -> dict | None:
     """The leaderboard total (mean of the nine task scores) at its lowest and highest over the choice of one
     template per task, and with every task at its templates' mean. None unless all nine tasks have scores."""
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     lows, highs, means = [], [], []
     for t in TASK_NAMES:
@@ -122,7 +122,7 @@ def select_variant(rule: str, variants: Sequence[str], val_scores: Mapping[str, 
 
 def template_folders(path: str | Path) -> dict[str, dict[str, Path]]:
     """{task: {variant: folder}} of a multi-template run folder (empty for a one-template run)."""
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     root = Path(path) / TEMPLATES_DIR
     out: dict[str, dict[str, Path]] = {}
@@ -158,7 +158,7 @@ def read_template_logs(path: str | Path, split: str = "val", only: Mapping[str, 
 
 
 def score_rows(task: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    from rsg_eval import metrics
+    from rsg_eval.core import metrics
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,7 +176,7 @@ def spread_table(logs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], 
     templates; and the total's range per column. `calibrated`: variants without "+cal" were calibrated too
     (a `--calibrate` run)."""
     from rsg_eval.report.stats import Bootstrap, percentile_ci, resample_indices
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     tasks: dict[str, dict] = {}
     per_col: dict[str, dict[str, dict[str, float]]] = {c: {} for c in COLUMNS}

@@ -1,6 +1,6 @@
 """Many templates per task in one `rsg zeroshot` run (`--templates all|NAME,NAME|tag:STYLE`, `--calibrate both`).
 
-The runner (`rsg_eval.zeroshot`) plans one job per task split as usual; in a multi-template run the job carries
+The runner (`rsg_eval.eval.zeroshot`) plans one job per task split as usual; in a multi-template run the job carries
 its *variants* (a template, or a template scored with calibration) and everything else stays: the same shards
 (per task split, shared out among processes, saved for resume), the same gather, the same one-configuration rule
 (the template set and the selection rule are part of the run's settings). What changes is what a shard does and
@@ -41,7 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.report.spread import (CAL_SUFFIX, OPTIMISM_NOTE, SELECT_RULES, TEMPLATES_DIR, score_rows,
                                     select_variant, spread_table, variant_name)
 from rsg_eval.runs import RunFolder, fingerprint, log_row
@@ -55,7 +55,7 @@ class Variant:
     """One template as scored in a multi-template run (the template, with or without calibration)."""
 
     name: str                 # template name, "+cal" appended for the calibrated twin under --calibrate both
-    template: Any             # rsg_eval.prompts.Template
+    template: Any             # rsg_eval.core.prompts.Template
     calibrate: bool
     parts: dict               # exactly a one-template run's fingerprint parts for this template
     fingerprint: str
@@ -82,7 +82,7 @@ def select_templates(task: str, spec: str | None) -> list[Any]:
 
     "all"; "a,b" (names; a task that has none of them is an error naming its templates); "tag:VALUE" (every
     template with a tag of that value, e.g. tag:cloze, tag:dialogue, tag:listed); None: the default only."""
-    from rsg_eval.prompts import list_templates, load_template
+    from rsg_eval.core.prompts import list_templates, load_template
 
     names = list_templates(task)[task]
     if spec is None:
@@ -111,7 +111,7 @@ def check_names(spec: str | None, tasks: Sequence[str]) -> None:
     """Every name in a "a,b" set must belong to some task of the run (a typo is not silently dropped)."""
     if spec is None or spec.strip() == "all" or spec.strip().startswith("tag:"):
         return
-    from rsg_eval.prompts import list_templates
+    from rsg_eval.core.prompts import list_templates
 
     known = {n for t in tasks for n in list_templates(t)[t]}
     for w in (w.strip() for w in spec.split(",")):
@@ -135,7 +135,7 @@ def plan_variants(opts: Any, task: str, split: str, base_parts: dict) -> list[Va
     return out
 
 
-# the order rsg_eval.zeroshot.plan_jobs builds a job's parts in (fingerprint() sorts keys, but keep it readable)
+# the order rsg_eval.eval.zeroshot.plan_jobs builds a job's parts in (fingerprint() sorts keys, but keep it readable)
 ORDER = ("model", "revision", "dtype", "model_dir", "task", "split", "template", "template_sha256", "prefix",
          "code_version", "normalize", "calibrate", "limit", "data_sha256", "num_fewshot", "fewshot_seed",
          "fewshot_data_sha256")
@@ -195,8 +195,8 @@ def _render_all(job: Any, variants: Sequence[Variant], scored: Sequence[Any], to
                 prefix: Any) -> dict[str, dict]:
     """{template name: {"rendered": [Rendered], "kept": {key: [shot ids]}, "cal": [str] | None}} (a template
     scored with and without calibration is rendered once)."""
-    from rsg_eval.fewshot import gold_label, shot_id
-    from rsg_eval.prompts import render_fewshot, render_fewshot_content_free, render_shot
+    from rsg_eval.core.fewshot import gold_label, shot_id
+    from rsg_eval.core.prompts import render_fewshot, render_fewshot_content_free, render_shot
 
     out: dict[str, dict] = {}
     for v in variants:
@@ -347,7 +347,7 @@ def _val_scores(run: RunFolder, job: Any) -> dict[str, float]:
 
 
 def selection(run: RunFolder, job: Any, opts: Any) -> tuple[Variant | None, str]:
-    from rsg_eval.prompts import list_templates
+    from rsg_eval.core.prompts import list_templates
 
     names = [v.name for v in job.variants]
     default = list_templates(job.task)[job.task][0]
@@ -388,7 +388,7 @@ def promote(run: RunFolder, jobs: Sequence[Any], opts: Any) -> list[str]:
 def finish_metrics(run: RunFolder, jobs: Sequence[Any], opts: Any, metrics: dict | None, *, n_boot: int = 1000
                    ) -> dict | None:
     """Add the per-template numbers to metrics.json and write spread.json (val)."""
-    from rsg_eval.io import atomic_write_json
+    from rsg_eval.core.io import atomic_write_json
     from rsg_eval.report.spread import read_template_logs
 
     only: dict[str, list[str]] = {}
