@@ -162,6 +162,8 @@ def print_summary(result: object, zip_hint: str = " (run them with --split test 
         table.add_row("[bold]total[/]", "mean of the nine task scores" if total is not None
                       else "needs all nine tasks", fmt(total, 4), "")
         console.print(table)
+    if m and m.get("spread"):
+        print_spread(m)
     done = sum(o.status == "done" for o in res.outcomes)
     skipped = sum(o.status == "skipped" for o in res.outcomes)
     truncated = sum(o.n_truncated for o in res.outcomes)
@@ -169,3 +171,28 @@ def print_summary(result: object, zip_hint: str = " (run them with --split test 
                   f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})",
                   soft_wrap=True)
     print_zip(res.zip, zip_hint)
+
+
+def print_spread(m: dict) -> None:
+    """Multi-template runs: the spread over templates per task (val), and which rule filled metrics.json/the zip."""
+    from rich.table import Table
+
+    table = Table(title="val score over templates (spread.json has every template with its 95% interval)")
+    for col, just in (("task", "left"), ("calibration", "left"), ("n", "right"), ("mean", "right"),
+                      ("sd", "right"), ("min", "right"), ("max", "right"), ("best", "left"), ("worst", "left")):
+        table.add_column(col, justify=just)
+    for task, cols in m["spread"].items():
+        for col, s in cols.items():
+            table.add_row(task, "on" if col == "calibrated" else "off", str(s["n"]), fmt(s["mean"], 4),
+                          fmt(s["sd"], 4), fmt(s["min"], 4), fmt(s["max"], 4), s["best"] or "", s["worst"] or "")
+    for col, t in (m.get("spread_total") or {}).items():
+        if t:
+            table.add_row("[bold]total[/]", "on" if col == "calibrated" else "off", "", fmt(t["mean"], 4), "",
+                          fmt(t["min"], 4), fmt(t["max"], 4), "", "")
+    console.print(table)
+    rule = m.get("select")
+    what = "each task's default template" if rule == "default" else "the best val score per task"
+    chosen = ", ".join(f"{t}: {v}" for t, v in (m.get("selected") or {}).items())
+    console.print(f"metrics.json and the zip use {what}"
+                  + (": picked on val, so these val scores are optimistic" if rule == "best-val" else "")
+                  + f" ({chosen})", soft_wrap=True)
