@@ -195,6 +195,7 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
     from rsg_eval.eval import multiprompt
 
     multi = multiprompt.multi_mode(opts)
+    loaded_templates: dict = {}  # {task: its selected templates}, parsed once for both splits
     if multi:
         multiprompt.check_names(opts.templates, tasks)
     jobs: list[Job] = []
@@ -214,7 +215,7 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
             }
             if multi:  # one job per task split, scoring every selected template (rsg_eval.eval.multiprompt)
                 base = {k: v for k, v in parts.items() if k not in ("template", "template_sha256", "calibrate")}
-                variants = multiprompt.plan_variants(opts, task, split, base)
+                variants = multiprompt.plan_variants(opts, task, split, base, loaded_templates)
                 parts = multiprompt.job_parts(base, variants, opts.select)
                 jobs.append(Job(task, split, variants[0].template, items, parts, fingerprint(parts),
                                 variants=variants))
