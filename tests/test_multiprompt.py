@@ -266,3 +266,19 @@ def test_cached_tokenizer_gives_the_tokenizers_ids(tiny):
     assert tok.hits > 0 and len(tok._cache) <= 3
     assert tok.eos_token_id == tiny.tokenizer.eos_token_id
     assert not math.isnan(tok.misses)
+
+
+def test_cli_refuses_bad_calibration_and_template_set_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from rsg_eval.cli import main
+
+    for args, want in ((["--calibration", "maybe"], "--calibration"), (["--templates", "nope"], "--templates"),
+                       (["--calibrate", "--calibration", "off"], "--calibration")):
+        monkeypatch.setattr(sys, "argv", ["rsg", "zeroshot", "--model", "tiny", "--data", "sample", "--tasks",
+                                          "TERRa", "--root", str(tmp_path), *args])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and want in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())

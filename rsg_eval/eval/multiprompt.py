@@ -7,9 +7,9 @@ its *variants* (a template, or a template scored with calibration) and everythin
 where its results go:
 
 - scoring (`score_variants`): every variant's prompts of the shard are rendered, identical prompts are merged
-  (their answer choices joined) so the encoder (seq2seq) or the prompt's KV cache (decoder-only) runs once for
-  them, and the whole lot goes through one `score_choices` call: one set of length-sorted batches for all the
-  templates instead of one per template. Calibration's content-free prompts likewise. Tokenisations are cached
+  for seq2seq models (their answer choices joined) so the encoder runs once for them, and the whole lot goes
+  through one `score_choices` call: one set of length-sorted batches for all the templates instead of one per
+  template. Calibration's content-free prompts likewise. Tokenisations are cached
   (`CachedTokenizer`): a prompt measured while fitting it to the input length is not tokenised again to score
   it, and the answer words ("Да", "Нет") once per shard, not once per item and template.
 - results (`write_variants`): each variant's predictions/logs/state go to `templates/<Task>/<variant>/`, a
@@ -232,20 +232,24 @@ def _merged_scores(loaded: Any, tok: Any, prompts: list[list[str]], choices: lis
                    opts: Any, max_tokens: Any) -> list[list[list[float]]]:
     """Scores of every (prompt, choices) of every template (outer list), one `score_choices` call for all.
 
-    Identical prompts are scored once with their choices joined (their encoder pass, or prompt KV cache, is
-    shared); each template then reads its own choices' scores back."""
-    from rsg_eval.scoring import score_choices
+    Seq2seq: identical prompts are scored once with their choices joined (one encoder pass for them); each
+    template then reads its own choices' scores back. Decoder-only models are not merged: there a prompt that
+    does not fit the context with its longest answer loses its start, and joined choices would make that cut
+    depend on the other template's answers; their prompts still share the call (one set of batches)."""
+    from rsg_eval.scoring import is_causal, score_choices
 
-    index: dict[str, int] = {}
+    merge = not is_causal(loaded.model)
+    index: dict[Any, int] = {}
     u_prompts: list[str] = []
     u_choices: list[list[str]] = []
     where: list[list[list[int]]] = []  # template, item -> positions of its choices in the merged row
     for ps, cs in zip(prompts, choices):
         w = []
-        for p, row in zip(ps, cs):
-            u = index.get(p)
+        for i, (p, row) in enumerate(zip(ps, cs)):
+            key = p if merge else (len(where), i)
+            u = index.get(key)
             if u is None:
-                u = index[p] = len(u_prompts)
+                u = index[key] = len(u_prompts)
                 u_prompts.append(p)
                 u_choices.append([])
             pos = []
