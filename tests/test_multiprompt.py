@@ -282,3 +282,19 @@ def test_cli_refuses_bad_calibration_and_template_set_in_one_line(tmp_path, monk
         err = capsys.readouterr().err
         assert exc.value.code == 2 and want in err and "Traceback" not in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_fewshot_per_template_matches_one_template_runs(tmp_path, tiny):
+    """--num-fewshot K with several templates: every template gets the same drawn shots, rendered in its own
+    wording, exactly as its one-template run renders them."""
+    kw = dict(tasks=["TERRa"], split="val", num_fewshot=2)
+    multi = run_zeroshot(_opts(tmp_path, "m", templates="yesno,cloze", **kw), show_progress=False, loaded=tiny)
+    for tpl in ("yesno", "cloze"):
+        one = run_zeroshot(_opts(tmp_path, f"o-{tpl}", template=tpl, **kw), show_progress=False, loaded=tiny)
+        a = _logs(multi.run.path / "templates" / "TERRa" / tpl, "TERRa")
+        b = _logs(one.run.path, "TERRa")
+        assert [r["shots"] for r in a] == [r["shots"] for r in b] and all(len(r["shots"]) == 2 for r in a)
+        assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+    cfg = json.loads((multi.run.path / "config.json").read_text())
+    assert cfg["template"] == "templates yesno,cloze (select default)" and cfg["variants"] == {"TERRa": ["yesno",
+                                                                                                         "cloze"]}

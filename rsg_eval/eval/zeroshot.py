@@ -322,7 +322,8 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
         **old,
         "kind": KIND, "model": opts.model, "revision": opts.revision,
         "commit_hash": model_info.get("commit_hash"),
-        "template": opts.template or "default",
+        "template": (opts.template or "default") if not any(j.variants is not None for j in jobs) else
+        f"templates {opts.templates or 'default'} (select {opts.select})",
         "templates": {**old.get("templates", {}), **{j.task: j.template.name for j in jobs}},
         "template_sha256": {**old.get("template_sha256", {}), **{j.task: j.template.sha256 for j in jobs}},
         **({"template_set": opts.templates or "default", "select": opts.select,
