@@ -23,12 +23,17 @@ rendered on one item of each split (a broken template creates nothing), then the
 recorded settings compared with this command's (`run_settings`): a difference is refused (exit 2) unless
 `restart`. A finished task split whose files no longer match its state is redone, with a line saying why.
 
+Several templates per task (`templates`, or `calibrate="both"`): a job carries its variants and the hooks in
+`_score_job`, `_job_problem`, `write_ready` and the final `promote`/`finish_metrics` hand them to
+`rsg_eval.eval.multiprompt` (one pass over all templates; per-template results under templates/<Task>/<name>/;
+the template `select` picks is promoted to the folder's own files); shards, resume and processes are unchanged.
+
 API::
 
     ZeroShotOptions(model, data=None, tasks=None, split="val", template=None, batch_size=16, limit=None,
                     run=None, root="submissions", normalize="sum", calibrate=False, device=None, dtype=None,
                     revision=None, prefix=None, seed=0, num_fewshot=0, fewshot_seed=None, shard_size=256,
-                    restart=False)
+                    restart=False, templates=None, select="default")     calibrate: False | True | "both"
     plan_jobs(opts, ident=None, *, draw=True) -> (DataSource, list[Job])   validates everything without a model
     attach_shots(opts, src, jobs)                       draws the few-shot examples of jobs planned with draw=False
     run_zeroshot(opts, *, console=None, show_progress=True, loaded=None) -> ZeroShotResult
