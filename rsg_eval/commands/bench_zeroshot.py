@@ -51,9 +51,9 @@ def zeroshot_cmd(
                                                                             "templates per task against K "
                                                                             "one-template processes (whole "
                                                                             "processes).", show_default="off"),
-    model: str = typer.Option("tiny", "--model", help="With --templates: the model the processes load."),
+    model: str = typer.Option("tiny", "--model", "-m", help="With --templates: the model the processes load."),
     data: str = typer.Option("sample", "--data", help="With --templates: the data the processes read."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="With --templates: comma-separated tasks.",
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="With --templates: comma-separated tasks.",
                                         show_default="all nine"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="With --templates: groups per task split.",
                                         show_default="all"),
