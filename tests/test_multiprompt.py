@@ -298,3 +298,19 @@ def test_fewshot_per_template_matches_one_template_runs(tmp_path, tiny):
     cfg = json.loads((multi.run.path / "config.json").read_text())
     assert cfg["template"] == "templates yesno,cloze (select default)" and cfg["variants"] == {"TERRa": ["yesno",
                                                                                                          "cloze"]}
+
+
+def test_best_val_without_val_results_leaves_test_out_and_says_so(tmp_path, tiny):
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    res = run_zeroshot(_opts(tmp_path, "t", tasks=["TERRa"], split="test", templates="yesno,cloze",
+                             select="best-val"), show_progress=False, loaded=tiny,
+                       console=Console(file=out, width=200))
+    text = " ".join(out.getvalue().split())
+    assert "TERRa/test: --select best-val needs every template's val score" in text
+    assert not (res.run.path / "state" / "TERRa.test.json").exists()  # left out of the zip
+    assert (res.run.path / "templates" / "TERRa" / "cloze" / "state" / "TERRa.test.json").is_file()
+    assert res.zip is None or "TERRa" in res.zip.missing
