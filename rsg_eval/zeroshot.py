@@ -570,14 +570,14 @@ def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict
 
 def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
     """Under a launcher each process scores on its own GPU (cuda:LOCAL_RANK); an explicit --device cuda:N would put
-    every process on GPU N and is refused (rsg_eval.training.dist.resolve_device, as in fine-tuning)."""
+    every process on GPU N and is refused (rsg_eval.engine.runtime.resolve_device, as in fine-tuning)."""
     if not dist.active:
         return opts.device
     if opts.device_map is not None:  # one model over several GPUs in one process: no room for a process per GPU
         raise RSGError(f"--device-map {opts.device_map} spreads one model over the GPUs of one process; under "
                        "torchrun/accelerate each process holds a whole model: run it in one process", field="--device-map",
                        expected="--device-map in a single process, or several processes without it")
-    from rsg_eval.training.dist import resolve_device
+    from rsg_eval.engine.runtime import resolve_device
 
     return str(resolve_device(opts.device, dist))
 
@@ -593,7 +593,7 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
     """
     from rich.console import Console
 
-    from rsg_eval.training.dist import init_from_env
+    from rsg_eval.engine.runtime import init_from_env
 
     dist = init_from_env(timeout_s=DIST_TIMEOUT_S)
     _device_for(opts, dist)  # a device no process may take is refused by all of them alike, before any work

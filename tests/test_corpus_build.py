@@ -310,7 +310,7 @@ def test_failing_batch_skipped_counted_or_stops(teachers: dict, tmp_path: Path) 
 def test_built_corpus_trains_with_train_hmtl(annotated: tuple[Path, dict], tmp_path: Path) -> None:
     import math
 
-    from rsg_eval.hmtl.train import TrainConfig, train
+    from rsg_eval.training.hmtl.train import TrainConfig, train
 
     out, s = annotated
     res = train(TrainConfig(model="tiny", corpus=str(out), out=str(tmp_path / "hmtl"), epochs=1, batch_size=2,

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rsg_eval.errors import RSGError  # noqa: E402
-from rsg_eval.training import checkpoint as ck  # noqa: E402
-from rsg_eval.training.config import FinetuneConfig, load_config_set  # noqa: E402
-from rsg_eval.training.data import Pair, build_pairs, encode_target, epoch_plan, gold_targets, rank_slice  # noqa: E402
-from rsg_eval.training.loop import Hooks, lr_factor, plan_sizes, train  # noqa: E402
+from rsg_eval.engine import checkpoint as ck  # noqa: E402
+from rsg_eval.training.finetune.config import FinetuneConfig, load_config_set  # noqa: E402
+from rsg_eval.training.finetune.data import Pair, build_pairs, encode_target, epoch_plan, gold_targets, rank_slice  # noqa: E402
+from rsg_eval.training.finetune.loop import Hooks, lr_factor, plan_sizes, train  # noqa: E402
 
 from tests._finetune_utils import mean_nll, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
@@ -289,7 +289,7 @@ def test_interrupted_swap_falls_back_to_old(tmp_path, tiny):
 
 def test_tiny_or_empty_train_split(tiny, terra_pairs, tmp_path):
     tok, pairs = terra_pairs
-    from rsg_eval.training.loop import NoTrainingData
+    from rsg_eval.training.finetune.loop import NoTrainingData
 
     with pytest.raises(NoTrainingData, match="no training examples"):
         _run(tiny, [], tok, _cfg(), tmp_path / "empty")
@@ -300,7 +300,7 @@ def test_tiny_or_empty_train_split(tiny, terra_pairs, tmp_path):
 def test_bench_counts_the_same_examples_with_and_without_grouping(tiny):
     """The benchmark's two configurations run one epoch over the same examples: equal example and real-token
     counts, less padding when grouped."""
-    from rsg_eval.training import bench
+    from rsg_eval.bench import finetune as bench
 
     model, tok = tiny()
     model.train()
@@ -353,7 +353,7 @@ def test_an_ignored_sigint_stays_ignored(tiny, terra_pairs, tmp_path):
     handler behind); SIGTERM, which a scheduler sends, is still caught."""
     import signal
 
-    from rsg_eval.training.loop import _StopRequest
+    from rsg_eval.engine.stop import StopRequest as _StopRequest
 
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
     term = signal.getsignal(signal.SIGTERM)

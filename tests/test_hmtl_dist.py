@@ -24,7 +24,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from rsg_eval.hmtl.train import TrainConfig, train
+    from rsg_eval.training.hmtl.train import TrainConfig, train
 
     train(TrainConfig(out=out, grad_accum=1, **KW), progress=False)
 
@@ -39,7 +39,7 @@ def test_two_processes_match_one(tmp_path):
     train and val losses and the final weights agree to float rounding."""
     import torch.multiprocessing as mp
 
-    from rsg_eval.hmtl.train import TrainConfig, train
+    from rsg_eval.training.hmtl.train import TrainConfig, train
     from rsg_eval.models.hierarchical import load_hierarchical
 
     one = tmp_path / "one"

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from rsg_eval.errors import RSGError
-from rsg_eval.hmtl.dataset import BatchPlan, ner_bits_for, ner_tags_for
+from rsg_eval.training.hmtl.dataset import BatchPlan, ner_bits_for, ner_tags_for
 from rsg_eval.hmtl.labels import NEREL_TYPES
 
 ORG, CITY = NEREL_TYPES.index("ORGANIZATION"), NEREL_TYPES.index("CITY")
@@ -109,8 +109,8 @@ def tiny_hier():
 def test_ner_softmax_loss_worked_by_hand(tiny_hier):
     import torch
 
-    from rsg_eval.hmtl.dataset import Batch
-    from rsg_eval.hmtl.train import task_loss
+    from rsg_eval.training.hmtl.dataset import Batch
+    from rsg_eval.training.hmtl.train import task_loss
     from rsg_eval.models.hierarchical import HierarchicalT5
 
     base, tok = tiny_hier
@@ -146,7 +146,7 @@ def test_ner_softmax_loss_worked_by_hand(tiny_hier):
 def test_softmax_entities_come_out_flat(tiny_hier, tmp_path):
     import torch
 
-    from rsg_eval.hmtl.infer import predict_entities
+    from rsg_eval.training.hmtl.infer import predict_entities
     from rsg_eval.models.hierarchical import HierarchicalT5, load_hierarchical
 
     base, tok = tiny_hier
@@ -255,7 +255,7 @@ def _cli_defaults() -> dict:
 
 
 def test_every_train_hmtl_default_is_pinned():
-    from rsg_eval.hmtl.train import TrainConfig
+    from rsg_eval.training.hmtl.train import TrainConfig
     from rsg_eval.hmtl.labels import TASKS
 
     got = _cli_defaults()
@@ -268,7 +268,7 @@ def test_every_train_hmtl_default_is_pinned():
     assert cfg.task_weights == {t: 1.0 for t in TASKS}
     # not options of the command, documented in docs/hmtl.md's recipe table
     assert (cfg.head_dropout, cfg.adapter_activation) == (0.1, "relu")
-    from rsg_eval.hmtl import schedules
+    from rsg_eval.training.hmtl import schedules
     assert schedules.TORCH_DEFAULT_STEP_SIZE_UP == 2000
 
 
@@ -307,7 +307,7 @@ def test_bad_choices_are_clear_errors(tmp_path):
 def test_rucos_config_departs_from_literal_epochs_and_flags_restore_them():
     from pathlib import Path
 
-    from rsg_eval.training.config import load_config_set
+    from rsg_eval.training.finetune.config import load_config_set
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "finetune_fredt5_1.7b.yaml"
     configs = load_config_set(str(cfg), {})

@@ -10,7 +10,7 @@ import torch
 
 from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
 
-from rsg_eval.hmtl.train import TrainConfig, train
+from rsg_eval.training.hmtl.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 

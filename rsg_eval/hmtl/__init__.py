@@ -1,4 +1,2 @@
-"""Hierarchical multi-task training of FRED-T5: corpus (light), schedules, trainer and NLI-head evaluation.
-
-Import submodules directly; this package imports nothing (corpus.py and schedules.py stay torch-free).
-"""
+"""The hierarchical model's corpus (light), labels and NLI-head evaluation. Its trainer, schedules, dataset and
+inference live in rsg_eval.training.hmtl. Import submodules directly; this package imports nothing."""

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from rsg_eval.bench.timing import sync
-from rsg_eval.training.data import Pair, collate, epoch_plan
-from rsg_eval.training.loop import _param_groups, forward_backward, make_adamw
+from rsg_eval.training.finetune.data import Pair, collate, epoch_plan
+from rsg_eval.engine.optim import make_optimizer, param_groups
+from rsg_eval.training.finetune.loop import forward_backward
 
 # d_model 256, 4+4 layers: the "small" model of the zero-shot benchmark too
 SMALL = dict(d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=4, num_decoder_layers=4)
@@ -146,10 +147,10 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
     The steps are `loop.train`'s: the same forward/backward, fused AdamW, clipping and fused GELU / RMS-norm
     kernels. Warm-up batches are the first examples, taken round the pool when it is smaller than the warm-up."""
     from rsg_eval.bench.flops import T5Dims, hardware_flops, model_flops
-    from rsg_eval.training.config import FinetuneConfig
-    from rsg_eval.training.kernels import fused_t5
+    from rsg_eval.training.finetune.config import FinetuneConfig
+    from rsg_eval.models.kernels import fused_t5
 
-    opt = make_adamw(_param_groups(model, 0.0), FinetuneConfig(lr=1e-5), device)
+    opt = make_optimizer(param_groups(model, 0.0), lr=1e-5)
     plan = epoch_plan([p.length for p in pairs], batch_size, seed=0, epoch=0, group_by_length=grouped)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
         else contextlib.nullcontext

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from rsg_eval.bench.timing import sync
-from rsg_eval.training.config import FinetuneConfig
-from rsg_eval.training.data import Pair, build_pairs, epoch_plan
+from rsg_eval.training.finetune.config import FinetuneConfig
+from rsg_eval.training.finetune.data import Pair, build_pairs, epoch_plan
 
 
 @dataclass
@@ -288,8 +288,8 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
              name: str = "ours", turns: Turns | None = None, memory: bool = True) -> PeerRun:
     """One epoch of `loop.train` on `pairs`; timed from its first step to the end of its last one (in `turns`
     with other runs when given: then the times are in `turns`)."""
-    from rsg_eval.training.bench import _RssPeak, _trim
-    from rsg_eval.training.loop import Hooks, train
+    from rsg_eval.bench.finetune import _RssPeak, _trim
+    from rsg_eval.training.finetune.loop import Hooks, train
 
     span = _Span(device)
     losses: list[float] = []
@@ -337,8 +337,9 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from rsg_eval.training.bench import _RssPeak, _trim
-    from rsg_eval.training.loop import _param_groups, lr_factor, make_adamw, plan_sizes
+    from rsg_eval.bench.finetune import _RssPeak, _trim
+    from rsg_eval.engine.optim import make_optimizer, param_groups
+    from rsg_eval.training.finetune.loop import lr_factor, plan_sizes
 
     data = [{"input_ids": list(p.src), "attention_mask": [1] * len(p.src), "labels": list(p.tgt)} for p in pairs]
     _, per_epoch, total = plan_sizes(len(pairs), cfg, 1)
@@ -384,7 +385,8 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
             bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None)
         model.to(device).train()
-        opt = make_adamw(_param_groups(model, cfg.weight_decay), cfg, device)
+        opt = make_optimizer(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
@@ -438,7 +440,7 @@ MODELS = ("tiny", "small")
 def bench_model(name: str) -> tuple[torch.nn.Module, Any]:
     """A fresh random model and its tokenizer: tiny, or small (d_model 256, 4+4 layers); same seed every call."""
     from rsg_eval.models.tiny import build_tiny
-    from rsg_eval.training.bench import SMALL
+    from rsg_eval.bench.finetune import SMALL
 
     if name not in MODELS:
         raise ValueError(name)
@@ -563,7 +565,7 @@ def profile_steps(model_factory: Callable[[], tuple[torch.nn.Module, Any]], pair
 
         _run_hf_with_callback(m, tok, pairs, cfg, device, 2 + steps, Cb())
     else:
-        from rsg_eval.training.loop import Hooks, train
+        from rsg_eval.training.finetune.loop import Hooks, train
 
         with tempfile.TemporaryDirectory(prefix="rsg-prof-") as tmp:
             train(m, tok, list(pairs), capped, evaluate=lambda _m: {"score": 0.0}, ckpt_dir=Path(tmp),
@@ -586,7 +588,8 @@ def _run_hf_with_callback(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from rsg_eval.training.loop import _param_groups, lr_factor, make_adamw, plan_sizes
+    from rsg_eval.engine.optim import make_optimizer, param_groups
+    from rsg_eval.training.finetune.loop import lr_factor, plan_sizes
 
     data = [{"input_ids": list(p.src), "attention_mask": [1] * len(p.src), "labels": list(p.tgt)} for p in pairs]
     _, _, total = plan_sizes(len(pairs), cfg, 1)
@@ -596,7 +599,8 @@ def _run_hf_with_callback(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=steps, learning_rate=cfg.lr,
             max_grad_norm=cfg.max_grad_norm, group_by_length=True, save_strategy="no", eval_strategy="no",
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed, use_cpu=device.type == "cpu")
-        opt = make_adamw(_param_groups(model, cfg.weight_decay), cfg, device)
+        opt = make_optimizer(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
                                  data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),

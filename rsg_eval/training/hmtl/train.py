@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from rsg_eval.errors import RSGError
-from rsg_eval.hmtl import schedules
+from rsg_eval.training.hmtl import schedules
 from rsg_eval.hmtl.corpus import open_corpus
-from rsg_eval.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
+from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
                                    task_indices)
 from rsg_eval.hmtl.labels import TASKS
 from rsg_eval.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -172,8 +172,8 @@ def task_loss(model: HierarchicalT5, batch: Any, ner_loss: str = "softmax") -> t
 @dataclass
 class _DistState:
     """Process layout from the launcher's environment (`accelerate launch` and `torchrun` both set WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR/PORT), joined with a timeout (`--dist-timeout`, rsg_eval.training.dist). Gradients are
-    averaged in buckets after the accumulation steps (rsg_eval.training.dist.BucketedGradAverage), so the model is
+    LOCAL_RANK, MASTER_ADDR/PORT), joined with a timeout (`--dist-timeout`, rsg_eval.engine.runtime). Gradients are
+    averaged in buckets after the accumulation steps (rsg_eval.engine.runtime.BucketedGradAverage), so the model is
     never wrapped in DDP: each task's backward touches a different part of the network."""
 
     device: torch.device
@@ -187,14 +187,14 @@ class _DistState:
 
     @property
     def dist(self) -> Any:
-        from rsg_eval.training.dist import Dist
+        from rsg_eval.engine.runtime import Dist
 
         return Dist(rank=self.process_index, world=self.num_processes, local_rank=self.local_index)
 
     @classmethod
     def setup(cls, timeout_s: float | None = None) -> "_DistState":
         """This process's device, and the process group joined (a lone process joins nothing)."""
-        from rsg_eval.training.dist import init_from_env, resolve_device
+        from rsg_eval.engine.runtime import init_from_env, resolve_device
 
         d = init_from_env(timeout_s)
         device = resolve_device(None, d)
@@ -337,7 +337,7 @@ def _tokenise(cfg: TrainConfig, cache: Path, build: Callable[[str], tuple[Any, b
     the cache folder's lock tokenises, the others wait on the lock (not in a collective, whose timeout would end the
     job while a large corpus is tokenised) and then open its cache. Nodes without a shared folder each tokenise
     their own."""
-    from rsg_eval.training.dist import file_lock
+    from rsg_eval.engine.runtime import file_lock
 
     cache.mkdir(parents=True, exist_ok=True)
     with file_lock(cache / ".tokenise.lock"):
@@ -355,7 +355,7 @@ def _grad_averager(model: HierarchicalT5, world: int) -> Any:
     the list, so last in the buckets: a step's last backward is a generation task's, which never touches them."""
     if world <= 1:
         return None
-    from rsg_eval.training.dist import BucketedGradAverage
+    from rsg_eval.engine.runtime import BucketedGradAverage
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     heads = [p for n, p in named if n.startswith("heads.")]
@@ -700,9 +700,9 @@ def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: 
                     dist: Any = None) -> dict[str, float]:
     """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode.
 
-    dist (rsg_eval.training.dist.Dist): several processes split the batches round-robin and sum their totals in one
+    dist (rsg_eval.engine.runtime.Dist): several processes split the batches round-robin and sum their totals in one
     collective, so each evaluates 1/world of the split; the batches, hence the figures, are those of one process."""
-    from rsg_eval.training.dist import Dist, all_sum_floats, shard
+    from rsg_eval.engine.runtime import Dist, all_sum_floats, shard
 
     d = dist or Dist()
     was = model.training
