@@ -15,8 +15,8 @@ from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
 pytestmark = pytest.mark.slow
 
 # dropout off everywhere (heads included), so that the processes' different dropout seeds do not matter
-KW = dict(model="tiny", corpus="sample", epochs=2, schedule="cosine", lr_min=1e-5, lr_max=3e-3,
-          max_steps_per_epoch=2, max_length=48, max_target_length=16, gradient_checkpointing=True,
+KW = dict(model="tiny", corpus="sample", epochs=2, schedule="cosine", lr_min=1e-5, lr=3e-3,
+          max_steps_per_epoch=2, max_source_length=48, max_target_length=16, gradient_checkpointing=True,
           batch_reading="per-task", head_dropout=0.0, batch_size=2)
 
 

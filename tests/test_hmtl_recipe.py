@@ -219,11 +219,11 @@ DEFAULTS = {
     "batch_size": 12,            # paper: "a batch of 12 sequences"
     "grad_accum": 2,             # paper: accumulation 2, effective batch 24
     "batch_reading": "total",    # choice: the reading closest to the text (12 in all, effective 24)
-    "max_length": 512,           # paper: sequences up to 512 tokens
+    "max_source_length": 512,        # paper: sequences up to 512 tokens
     "max_target_length": 512,    # paper: sequences up to 512 tokens
     "schedule": "paper",         # paper: CyclicLR exp_range (a reproduction runs what the paper ran)
     "lr_min": 1e-6,              # paper: 1e-6
-    "lr_max": 1e-4,              # paper: 1e-4
+    "lr": 1e-4,                  # paper: 1e-4
     "gamma": 0.9,                # paper: gamma 0.9
     "step_size_up": None,        # paper: not stated -> torch's default 2000
     "warmup_steps": None,        # cosine only: 6 % of the steps
@@ -238,9 +238,12 @@ DEFAULTS = {
     "gradient_checkpointing": True,  # paper: gradient checkpointing
     "seed": 0,                   # paper: not stated
     "max_steps_per_epoch": None,
-    "save_steps": 0,
+    "save_every": 0,
     "quiet": False,
     "dist_timeout": 7200.0,      # several processes: seconds a collective may wait (torch's NCCL default: 600)
+    "early_stopping": 0,         # paper: no early stopping
+    "sharding": None,            # several processes: ddp (fsdp on request)
+    "fsdp_cpu_offload": False,
     "restart": False,            # run folder: resume unless asked to start over
 }
 

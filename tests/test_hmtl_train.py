@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # move the loss); dropout in the heads is on, so the RNG state matters on resume. The default reading ("total") runs
 # end to end in the CLI test below and against the per-task one in the batch-readings test.
 KW = dict(model="tiny", corpus="sample", epochs=3, batch_size=3, grad_accum=2, schedule="cosine", lr_min=1e-5,
-          lr_max=3e-3, max_steps_per_epoch=2, max_length=64, max_target_length=32, gradient_checkpointing=True,
+          lr=3e-3, max_steps_per_epoch=2, max_source_length=64, max_target_length=32, gradient_checkpointing=True,
           batch_reading="per-task")
 
 
@@ -80,7 +80,7 @@ def test_checkpoint_loads_through_load_model(straight):
 def test_resume_after_interruption_is_identical(straight, tmp_path):
     out_a, _ = straight
     out_b = tmp_path / "resumed"
-    cfg = TrainConfig(out=str(out_b), save_steps=1, **KW)
+    cfg = TrainConfig(out=str(out_b), save_every=1, **KW)
 
     def stop(step):
         if step == 3:                         # in the middle of epoch 2
@@ -117,7 +117,7 @@ def test_the_out_folder_holds_one_configuration(tmp_path):
     shutil.copytree(__import__("pathlib").Path(data_py).parent / "data" / "corpus_sample", corpus)
     out = tmp_path / "out"
     kw = {**KW, "corpus": str(corpus), "epochs": 1, "max_steps_per_epoch": 2}
-    cfg = TrainConfig(out=str(out), save_steps=1, **kw)
+    cfg = TrainConfig(out=str(out), save_every=1, **kw)
 
     def stop(step):
         raise KeyboardInterrupt
@@ -183,8 +183,8 @@ def test_batch_readings_weigh_each_task_as_its_mean_per_step(tmp_path):
     all over 2 micro-steps ("total" reading, rotating), 1 of each task over 2 micro-steps, 2 of each task at once
     ("per-task"). Each task's loss enters the step as the mean over its 2 examples, so all four end with the same
     weights. (MC and NLI only: their losses are per example; head dropout off.)"""
-    base = dict(model="tiny", corpus="sample", epochs=1, max_steps_per_epoch=2, max_length=48,
-                max_target_length=16, schedule="cosine", lr_min=1e-4, lr_max=1e-2, gradient_checkpointing=False,
+    base = dict(model="tiny", corpus="sample", epochs=1, max_steps_per_epoch=2, max_source_length=48,
+                max_target_length=16, schedule="cosine", lr_min=1e-4, lr=1e-2, gradient_checkpointing=False,
                 head_dropout=0.0, task_weights={"ner": 0, "mc": 1, "nli": 0.5, "paraphrase": 0, "qg": 0, "qa": 0,
                                                 "summarization": 0, "title": 0})
     ways = {"total-4x1": dict(batch_reading="total", batch_size=4, grad_accum=1),
