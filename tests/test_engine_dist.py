@@ -98,14 +98,14 @@ def ft_runs(tmp_path_factory):
     _finetune(root, "one", None, 1)
     for mode in ("ddp", "fsdp"):
         _spawn(_ft_worker, 2, _port(), str(root), mode, mode, 0)
-    _spawn(_ft_worker, 2, _port(), str(root), "fsdp-killed", "fsdp", 2)
+    _spawn(_ft_worker, 2, _port(), str(root), "fsdp-killed", "fsdp", 3)
     return root
 
 
 def _same_run(a: Path, b: Path) -> None:
     sa, ra, ma = _ft_result(a)
     sb, rb, mb = _ft_result(b)
-    assert len(sa) == len(sb) == 6   # 12 pairs / 4 a step = 3 steps an epoch, 2 epochs
+    assert len(sa) == len(sb) == 4   # 12 pairs: 3 micro-batches of 4, 2 optimizer steps an epoch, 2 epochs
     assert sb == pytest.approx(sa, rel=1e-4)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
@@ -122,7 +122,7 @@ def test_finetune_ddp_and_fsdp_match_one_process(ft_runs):
 
 
 def test_finetune_killed_under_fsdp_resumes_to_the_same_result(ft_runs):
-    # the first call recorded steps 1-2 and was killed; the rerun went on from step 2's checkpoint (steps 3-6)
+    # the first call recorded steps 1-3 and was killed mid-epoch; the rerun went on from step 3's checkpoint
     _same_run(ft_runs / "fsdp", ft_runs / "fsdp-killed")
 
 

@@ -103,6 +103,61 @@ def test_resume_after_interruption_is_identical(straight, tmp_path):
         train(TrainConfig(out=str(out_b), **{**KW, "epochs": 4}), progress=False)
 
 
+def test_sigterm_stops_at_a_step_boundary_and_the_rerun_ends_identical(straight, tmp_path):
+    """SIGTERM (a scheduler's preemption) after step 1, with no periodic saving: the resume point is saved at that
+    step boundary, training stops with exit code 143, and the rerun ends bit-identical to the straight run."""
+    import signal
+
+    from rsg_eval.engine.stop import Stopped
+
+    out_a, _ = straight
+    out_b = tmp_path / "term"
+    cfg = TrainConfig(out=str(out_b), **KW)
+
+    def term(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(Stopped, match="step 1") as exc:
+        train(cfg, progress=False, on_step=term)
+    assert exc.value.exit_code == 143
+    st = torch.load(out_b / "last" / "trainer_state.pt", weights_only=True)
+    assert st["global_step"] == 1 and len(st["rng"]) == 1 and {"python", "numpy", "torch"} <= set(st["rng"][0])
+    assert train(cfg, progress=False).steps == 6
+    assert _losses(out_b) == _losses(out_a)
+    from safetensors.torch import load_file
+    a, b = load_file(out_a / "final" / "model.safetensors"), load_file(out_b / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_with_the_last_good_state_saved(tmp_path):
+    """A learning rate of 1e30 sends the weights to infinity after the first step: the second step's loss is not
+    finite, the step is not applied, the resume point holds the state after step 1, and the error says what to do."""
+    from rsg_eval.errors import RSGError
+
+    cfg = TrainConfig(out=str(tmp_path / "o"), **{**KW, "epochs": 1, "schedule": "paper", "lr_min": 1e30,
+                                                  "lr": 1e30})
+    with pytest.raises(RSGError, match="became non-finite at epoch 1, optimizer step 2.*Lower --lr"):
+        train(cfg, progress=False)
+    st = torch.load(tmp_path / "o" / "last" / "trainer_state.pt", weights_only=True)
+    assert (st["epoch"], st["step"], st["global_step"], st["skipped_steps"]) == (0, 1, 1, 1)
+
+
+def test_early_stopping_on_the_mean_val_loss(tmp_path):
+    """--early-stopping 1 with a learning rate of 0: the val loss cannot improve after epoch 1, so training ends
+    after epoch 2 of 3, and final/ is epoch 2's checkpoint."""
+    import json
+
+    cfg = TrainConfig(out=str(tmp_path / "o"), **{**KW, "schedule": "paper", "lr_min": 0.0, "lr": 0.0,
+                                                  "early_stopping": 1})
+    res = train(cfg, progress=False)
+    assert res.finished and res.steps == 4
+    assert [(r["epoch"], r["split"]) for r in _losses(tmp_path / "o")] == [("1", "train"), ("1", "val"),
+                                                                          ("2", "train"), ("2", "val")]
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["stopped"] == "early_stopping"
+    assert not (tmp_path / "o" / "epoch-3").exists() and (tmp_path / "o" / "final").is_dir()
+
+
 def test_the_out_folder_holds_one_configuration(tmp_path):
     """--out is locked and holds one configuration: a resume after the corpus changed is refused (its content is
     a setting, not its path); --restart starts over; an --out from before settings.json is checked through

@@ -14,8 +14,8 @@ head). bf16: a MixedPrecisionPolicy computes with bf16 copies of the gathered pa
 fp32, so the sharded master weights and the optimizer stay fp32, as under DDP with autocast.
 
 Two rules follow from FSDP's collectives living inside the forward pass: every process must run the same modules
-in the same order (the hierarchical recipe pads a task another process runs with a zero-weight batch), and a
-module called outside the root's forward needs the root unsharded (`gathered`). Checkpoints are always written as
+in the same order (the hierarchical recipe pads a task another process runs with a zero-weight batch), and code
+that calls submodules directly (the scorer) needs the model gathered (`gathered`). Checkpoints are always written as
 full, unsharded weights (`full_model_state`), so `--model` and a single-process resume read them.
 
 With collective.py, the only module that calls torch.distributed.
@@ -52,8 +52,7 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def wrap(model: torch.nn.Module, mode: str = "none", *, device: torch.device | None = None,
-         cpu_offload: bool = False, bf16: bool = False, find_unused: bool = False,
-         broadcast_buffers: bool = True) -> torch.nn.Module:
+         cpu_offload: bool = False, bf16: bool = False, find_unused: bool = False) -> torch.nn.Module:
     """`model` ready for data-parallel training (mode from `resolve_mode`). Call after loading the weights and
     before building the optimizer (under fsdp its parameters become sharded DTensors).
 
@@ -74,7 +73,7 @@ def wrap(model: torch.nn.Module, mode: str = "none", *, device: torch.device | N
         # gradient (FRED-T5-1.7B: 6.5 GiB less per GPU)
         return DistributedDataParallel(model, device_ids=[device.index] if device is not None and
                                        device.type == "cuda" else None, gradient_as_bucket_view=True,
-                                       find_unused_parameters=find_unused, broadcast_buffers=broadcast_buffers)
+                                       find_unused_parameters=find_unused)
     if mode != "fsdp":
         raise RSGError(f"unknown sharding {mode!r}", field="--sharding", expected=list(MODES))
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -129,18 +128,26 @@ def grad_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The bare model with its root parameters gathered, for code that calls submodules directly (scoring calls
-    the encoder, then the decoder, never the root's forward). The blocks gather themselves as they run. Every
-    process must then run the same calls: under fsdp, evaluation is not split over the processes."""
+    """The bare model with every parameter gathered and kept gathered, for evaluation code that calls submodules
+    directly (scoring calls the encoder, then the decoder, and block 0's relative position bias on its own, never
+    the root's forward). Under fsdp each process then holds the whole model (in the compute dtype) until the block
+    ends; the FSDP hooks find everything gathered and do nothing. Processes must still enter and leave together."""
     bare = unwrap(model)
     if not is_fsdp(bare):
         yield bare
         return
-    bare.unshard()
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in bare.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    bare.set_reshard_after_forward(False)
     try:
         yield bare
     finally:
-        bare.reshard()
+        bare.set_reshard_after_forward(True)
+        for m in units:
+            m.reshard()
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return b
         if name in ("bf16",):  # auto (= None: on a GPU that supports it), on/off or true/false
             return None if str(value).lower() == "auto" else _as_bool(value)
+        if name == "dropout":  # default None (keep the model's), else a number: not a string
+            return float(value)
         if isinstance(default, bool):
             return _as_bool(value)
         if isinstance(default, int):

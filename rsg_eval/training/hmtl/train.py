@@ -421,7 +421,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     if st is not None:
         _load_weights(model, last)
     wrapped = sharding.wrap(model, mode, device=device, cpu_offload=cfg.fsdp_cpu_offload, bf16=bf16,
-                            find_unused=True, broadcast_buffers=False)
+                            find_unused=True)
     fsdp = mode == "fsdp"
     # AdamW over every parameter, weight decay on all of them as torch's AdamW applies it (the paper's recipe
     # states none; fine-tuning's optimizer exempts norms and biases instead): the recipe's results stay as they were
