@@ -60,7 +60,8 @@ def save_weights(model: torch.nn.Module, path: Path, state: dict[str, torch.Tens
     from safetensors.torch import save_file, save_model
 
     if state is None:
-        save_model(model, str(path))
+        # metadata format "pt": transformers' from_pretrained refuses a safetensors file without it
+        save_model(model, str(path), metadata={"format": "pt"})
         return
     keep: dict[str, torch.Tensor] = {}
     groups: dict[int, list[str]] = {}
