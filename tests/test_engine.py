@@ -15,7 +15,7 @@ from rsg_eval.engine.optim import make_optimizer, param_groups, state_bytes  # n
 from rsg_eval.engine.runtime import Dist, use_bf16  # noqa: E402
 from rsg_eval.engine.step import StepGuard, finish_step  # noqa: E402
 from rsg_eval.engine.stop import StopRequest, Stopped  # noqa: E402
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 
 
 def _net():

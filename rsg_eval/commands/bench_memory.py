@@ -30,8 +30,8 @@ def memory_cmd(
     from rsg_eval.bench import memory
     from rsg_eval.commands._common import make_console
     from rsg_eval.engine.optim import OPTIMIZERS
-    from rsg_eval.errors import RSGError
-    from rsg_eval.io import atomic_write_json
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.core.io import atomic_write_json
 
     if optimizer not in OPTIMIZERS:
         raise RSGError(f"unknown optimizer {optimizer!r}", field="--optimizer", expected=list(OPTIMIZERS))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as tdist
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 OPTIMIZERS = ("adamw",)
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from rsg_eval.engine import collective
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 
 @dataclass(frozen=True)

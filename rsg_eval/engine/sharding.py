@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 MODES = ("none", "ddp", "fsdp")
 

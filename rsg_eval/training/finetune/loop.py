@@ -31,7 +31,7 @@ from rsg_eval.engine.optim import make_optimizer, param_groups
 from rsg_eval.engine.runtime import Dist
 from rsg_eval.engine.step import StepGuard, finish_step
 from rsg_eval.engine.stop import StopRequest
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.kernels import fused_t5
 from rsg_eval.training.finetune.config import FinetuneConfig
 from rsg_eval.training.finetune.data import Pair, collate, epoch_plan, rank_slice

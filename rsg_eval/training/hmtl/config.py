@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from rsg_eval.errors import RSGError
-from rsg_eval.hmtl.labels import TASKS
+from rsg_eval.core.errors import RSGError
+from rsg_eval.corpus.labels import TASKS
 
 
 @dataclass
