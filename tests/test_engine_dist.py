@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 # fine-tuning: batch 4 per step in all (one process x 4, or two x 2), accumulation 2, dropout off (the processes'
 # dropout streams differ), a step checkpoint after every step (the kill test resumes from one)
-FT = dict(epochs=2, lr=3e-3, warmup_ratio=0.0, max_source_len=48, max_target_len=8, eval_batch_size=16,
+FT = dict(epochs=2, lr=3e-3, warmup_ratio=0.0, max_source_length=48, max_target_length=8, eval_batch_size=16,
           grad_accum=2, dropout=0.0, save_every=1)
 
 

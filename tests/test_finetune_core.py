@@ -162,7 +162,7 @@ def test_shipped_configs_parse():
 
 def _cfg(**kw) -> FinetuneConfig:
     base = dict(epochs=2, batch_size=4, grad_accum=2, lr=2e-3, warmup_ratio=0.2, dropout=0.1, save_every=1,
-                max_source_len=96, max_target_len=8)
+                max_source_length=96, max_target_length=8)
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -395,3 +395,15 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_resumes_exactly(tiny, terra_
     resumed, res = _run(tiny, pairs, tok, cfg, tmp_path / "b")
     assert res.resumed_from == 1
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_config_fields_are_named_as_the_options_and_old_keys_still_read(tmp_path):
+    """max_source_length / max_target_length (as --max-source-length ...); a config file with the old keys reads the
+    same, and the recorded settings keep the old names, so a run folder written before resumes."""
+    old = tmp_path / "old.yaml"
+    old.write_text("defaults: {max_source_len: 77}\ntasks:\n  RCB: {max_target_len: 9}\n", encoding="utf-8")
+    cs = load_config_set(old)
+    assert cs.for_task("RCB").max_source_length == 77 and cs.for_task("RCB").max_target_length == 9
+    assert load_config_set(None, {"max_target_length": 5}).for_task("TERRa").max_target_length == 5
+    rec = cs.for_task("RCB").record()
+    assert rec["max_source_len"] == 77 and rec["max_target_len"] == 9 and "max_source_length" not in rec

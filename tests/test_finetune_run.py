@@ -20,7 +20,7 @@ from rsg_eval.training.finetune.config import load_config_set  # noqa: E402
 from tests._finetune_utils import learnable_terra, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_len=64, max_target_len=8,
+LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_length=64, max_target_length=8,
              eval_batch_size=64)
 
 

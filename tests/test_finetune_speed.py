@@ -100,7 +100,7 @@ def test_one_host_sync_per_optimizer_step(monkeypatch, tmp_path):
         per_step.append(sum(reads.values()))
         losses.append(loss)
 
-    cfg = FinetuneConfig(epochs=1, batch_size=4, grad_accum=2, max_source_len=600, eval_every=0)
+    cfg = FinetuneConfig(epochs=1, batch_size=4, grad_accum=2, max_source_length=600, eval_every=0)
     train(model, tok, pairs, cfg, evaluate=lambda m: {"score": 0.0}, ckpt_dir=tmp_path, fingerprint={},
           device=torch.device("cpu"), hooks=Hooks(on_step=on_step))
     assert len(per_step) == 2 and per_step == [1, 2]

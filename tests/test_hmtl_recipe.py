@@ -319,3 +319,16 @@ def test_rucos_config_departs_from_literal_epochs_and_flags_restore_them():
     assert (rucos.epochs, rucos.eval_every, rucos.early_stopping) == (20, 2000, 5)    # the documented departure
     literal = load_config_set(str(cfg), {"eval_every": 0, "early_stopping": 0}).for_task("RuCoS")
     assert (literal.epochs, literal.eval_every, literal.early_stopping) == (20, 0, 0)
+
+
+def test_config_fields_are_named_as_the_options_and_the_fingerprint_keeps_the_old_names():
+    """--max-source-length, --lr, --save-every set max_source_length, lr, save_every; run.json and settings.json
+    keep recording max_length and lr_max, so an --out written before the rename resumes."""
+    from rsg_eval.training.hmtl.config import TrainConfig, from_dict
+
+    cfg = TrainConfig(model="m", corpus="c", out="o", max_source_length=64, lr=3e-3, save_every=5)
+    fp = cfg.fingerprint_dict()
+    assert fp["max_length"] == 64 and fp["lr_max"] == 3e-3 and "lr" not in fp and "save_steps" not in fp
+    assert "early_stopping" not in fp and "sharding" not in fp     # off / not a setting of the outputs
+    assert from_dict({"model": "m", "corpus": "c", "out": "o", "max_length": 64, "lr_max": 3e-3}) == \
+        TrainConfig(model="m", corpus="c", out="o", max_source_length=64, lr=3e-3)

@@ -79,9 +79,9 @@ def task_pairs(tokenizer: Any, data: Any, task: str = "TERRa", cfg: FinetuneConf
         return None
     tpl = load_template(task)
     items = load_items(source, task, "train")
-    max_src = cfg.max_source_len
+    max_src = cfg.max_source_length
     return build_pairs(items, lambda it: tpl.render(it, tokenizer=tokenizer, max_tokens=max_src), tokenizer,
-                       max_src, cfg.max_target_len)
+                       max_src, cfg.max_target_length)
 
 
 def terra_shaped_pairs(n: int, vocab: int, seed: int = 0) -> list[Pair]:

@@ -16,10 +16,10 @@ from rsg_eval.commands._common import (console, data_option, fmt, fsdp_offload_o
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
-# and of the run folder's config.json, which is why a few differ from the option's spelling).
+# and of the run folder's config.json: each equals its option's name).
 CONFIG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
-               "schedule": "schedule", "warmup_ratio": "warmup_ratio", "max_source_length": "max_source_len",
-               "max_target_length": "max_target_len", "eval_every": "eval_every",
+               "schedule": "schedule", "warmup_ratio": "warmup_ratio", "max_source_length": "max_source_length",
+               "max_target_length": "max_target_length", "eval_every": "eval_every",
                "early_stopping": "early_stopping", "max_steps": "max_steps", "save_every": "save_every",
                "seed": "seed", "normalize": "normalize", "template": "template",
                "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16",
@@ -59,11 +59,11 @@ def register(app: typer.Typer) -> None:
                                                                     "constant."),
         warmup_ratio: float = typer.Option(d.warmup_ratio, "--warmup-ratio", help="Share of the optimizer steps "
                                                                                   "spent warming up."),
-        max_source_length: int = typer.Option(d.max_source_len, "--max-source-length",
+        max_source_length: int = typer.Option(d.max_source_length, "--max-source-length",
                                               help="Encoder tokens; the template shortens the passage to fit "
-                                                   "(config key max_source_len)."),
-        max_target_length: int = typer.Option(d.max_target_len, "--max-target-length",
-                                              help="Decoder tokens, </s> included (config key max_target_len)."),
+                                                   "(config key max_source_length)."),
+        max_target_length: int = typer.Option(d.max_target_length, "--max-target-length",
+                                              help="Decoder tokens, </s> included (config key max_target_length)."),
         eval_every: int = typer.Option(d.eval_every, "--eval-every", help="Evaluate val every N optimizer steps; "
                                                                           "0 = after every epoch."),
         early_stopping: int = typer.Option(d.early_stopping, "--early-stopping", help="Stop a task after N "

@@ -123,7 +123,7 @@ def _set_dropout(model: torch.nn.Module, p: float) -> None:
 
 
 def _trajectory_config(cfg: FinetuneConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
+    d = cfg.record()
     for k in RESUME_MAY_CHANGE:
         d.pop(k, None)
     return d

@@ -308,7 +308,7 @@ NOT_SETTINGS = ("eval_batch_size", "save_every", "gradient_checkpointing", "batc
 
 def result_config(cfg: FinetuneConfig, dist: Dist) -> dict[str, Any]:
     """The hyper-parameters a task's results depend on: all but NOT_SETTINGS, plus the global batch."""
-    hp = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SETTINGS}
+    hp = {k: v for k, v in cfg.record().items() if k not in NOT_SETTINGS}
     hp["global_batch"] = cfg.batch_size * cfg.grad_accum * dist.world
     return hp
 
@@ -403,7 +403,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
 
     loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
     net, tok = loaded.model, loaded.tokenizer
-    max_src = min(cfg.max_source_len, int(loaded.info.get("max_input_tokens") or cfg.max_source_len))
+    max_src = min(cfg.max_source_length, int(loaded.info.get("max_input_tokens") or cfg.max_source_length))
     try:
         train_items = load_items(source, task, "train")
     except EmptyTaskFile as exc:  # reported like any task with nothing to train on; the other tasks go on
@@ -411,11 +411,11 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     if cfg.max_train_examples:
         train_items = train_items[: cfg.max_train_examples]
     pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
-                        max_src, cfg.max_target_len)
+                        max_src, cfg.max_target_length)
     n_cut = sum(p.cut for p in pairs)
     if n_cut:
-        reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_len "
-                      f"{cfg.max_target_len} and were cut (raise --max-target-length)")
+        reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_length "
+                      f"{cfg.max_target_length} and were cut (raise --max-target-length)")
     val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
     bf16 = _bf16(cfg, dev)
     mode, offload = shard
