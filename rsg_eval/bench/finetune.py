@@ -81,7 +81,7 @@ def synthetic_pairs(n: int, vocab: int, max_src: int, max_tgt: int, seed: int = 
     return pairs
 
 
-class _RssPeak:
+class RssPeak:
     """Peak RSS (bytes) of this process while the context is open, sampled from /proc/self/statm."""
 
     def __init__(self, every: float = 0.005) -> None:
@@ -102,7 +102,7 @@ class _RssPeak:
             self.peak = max(self.peak, self.rss())
             time.sleep(self.every)
 
-    def __enter__(self) -> "_RssPeak":
+    def __enter__(self) -> "RssPeak":
         self.base = self.rss()
         self.peak = self.base
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -115,7 +115,7 @@ class _RssPeak:
         self.peak = max(self.peak, self.rss())
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     gc.collect()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -175,12 +175,12 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
         for w in range(warmup):
             step([(w * batch_size + i) % len(pairs) for i in range(batch_size)])
         shapes.clear()
-        _trim()
+        trim_heap()
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         tok = pad = ex = 0
-        with _RssPeak() as mem:
+        with RssPeak() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             for idx in timed:
                 a, b = step(idx)
@@ -194,7 +194,7 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
     ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
     hflops = hardware_flops(dims, shapes, checkpointing=ckpt)
     del opt
-    _trim()
+    trim_heap()
     return BenchRow(name, grouped, ex, len(timed), secs, cpu, tok, pad, peak, mflops, hflops)
 
 
@@ -236,7 +236,7 @@ def preset_step(name: str, device: torch.device, *, batch: int, steps: int, src_
         "hfu": utilisation(row.hardware_flops, row.seconds, peak[1] if peak else None),
     }
     del model
-    _trim()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -289,7 +289,7 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
              name: str = "ours", turns: Turns | None = None, memory: bool = True) -> PeerRun:
     """One epoch of `loop.train` on `pairs`; timed from its first step to the end of its last one (in `turns`
     with other runs when given: then the times are in `turns`)."""
-    from rsg_eval.bench.finetune import _RssPeak, _trim
+    from rsg_eval.bench.finetune import RssPeak, trim_heap
     from rsg_eval.training.finetune.loop import Hooks, train
 
     span = _Span(device)
@@ -313,10 +313,10 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
             turns.finish(name)
         return {"score": 0.0}
 
-    _trim()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="rsg-bench-") as tmp, (_RssPeak() if memory else _NoPeak()) as mem:
+    with tempfile.TemporaryDirectory(prefix="rsg-bench-") as tmp, (RssPeak() if memory else _NoPeak()) as mem:
         model.train()
         res = train(model, tokenizer, list(pairs), cfg, evaluate=evaluate, ckpt_dir=Path(tmp),
                     fingerprint={"bench": name}, device=device, bf16=bf16, hooks=Hooks(on_step, None, on_start),
@@ -338,7 +338,7 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from rsg_eval.bench.finetune import _RssPeak, _trim
+    from rsg_eval.bench.finetune import RssPeak, trim_heap
     from rsg_eval.engine.optim import make_optimizer, param_groups
     from rsg_eval.training.finetune.loop import lr_factor, plan_sizes
 
@@ -393,10 +393,10 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                           processing_class=tokenizer, optimizers=(opt, sched), callbacks=[Timer()])
         trainer.remove_callback(PrinterCallback)  # its end-of-training dict would clutter the report
-        _trim()
+        trim_heap()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with _RssPeak() if memory else _NoPeak() as mem:
+        with RssPeak() if memory else _NoPeak() as mem:
             trainer.train()
     if not span.t1:
         span.stop()

@@ -43,11 +43,6 @@ class Dist:
         """Sum a Python float over ranks (float64, so the sum does not depend on the reduction order much)."""
         return collective.all_sum_floats([value], self)[0]
 
-    def all_sum_pair(self, summed: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
-        """(`summed` summed over ranks, `same`) as Python floats in one device-to-host read (collective.read_step)."""
-        vals, other = collective.read_step(summed.reshape(1), same, self)
-        return vals[0], other
-
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's object, in rank order, on every rank."""
         return collective.gather(obj, self)

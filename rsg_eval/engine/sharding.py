@@ -83,6 +83,12 @@ def wrap(model: torch.nn.Module, mode: str = "none", *, device: torch.device | N
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device is not None and device.type == "cuda")
+    import warnings
+
+    # FSDP2 warns when a unit returns a view (T5Block returns a tuple whose hidden states may be one): an in-place op
+    # on it would skip the unit's pre-backward hook. transformers' T5Stack and HierarchicalT5 only read block
+    # outputs (no in-place op), so the warning, repeated for every block, says nothing here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = shard_units(model)
     if not units:
         raise RSGError(f"{type(model).__name__} names no block to shard (_no_split_modules)", field="--sharding",

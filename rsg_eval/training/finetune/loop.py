@@ -157,6 +157,8 @@ def train(
     adds the config and tokenizer to `best/` so `--model` loads it. `fused_kernels`: train with torch's fused GELU
     and RMS norm in place of transformers' (rsg_eval.models.kernels; restored on return); off only to measure.
     The model is wrapped (DDP, or sharded in place under fsdp) for the duration of the call."""
+    # One function on purpose: the recipe's explicit loop, read top to bottom; what it shares with train-hmtl is
+    # an engine call (rsg_eval.engine).
     hooks = hooks or Hooks()
     if not pairs:
         raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",

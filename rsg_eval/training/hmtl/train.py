@@ -50,7 +50,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,7 +71,7 @@ from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPla
 from rsg_eval.corpus.labels import TASKS
 from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
-                                          load_hierarchical, ner_softmax_logits)
+                                          load_hierarchical)
 
 STATE_NAME = "trainer_state.pt"
 CODE_VERSION = "hmtl-1"   # bump when training changes what a checkpoint would contain: old outputs then refuse
@@ -332,6 +332,8 @@ def _check_run_json(run_file: Path, fp: dict[str, Any]) -> None:
 
 def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, console: Any,
            on_step: Callable[[int], None] | None, restart: bool) -> TrainResult:
+    # One function on purpose: this is the recipe's explicit loop (setup, resume, steps, epoch ends), read top to
+    # bottom; everything shared with fine-tuning is an engine call.
     import datasets
 
     datasets.disable_progress_bars()
