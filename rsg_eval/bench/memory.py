@@ -51,6 +51,7 @@ class Shape:
     block_inputs: int           # bytes of every block's input (kept under checkpointing)
     block_peak: int             # the largest block's saved bytes (recomputed one at a time)
     all_saved: int              # every saved byte without checkpointing
+    shapes: tuple[tuple[int, ...], ...] = ()   # every parameter's shape (the optimizer's state may depend on it)
 
 
 @dataclass
@@ -127,15 +128,18 @@ def measure(config: Any, batch: int, src_len: int, tgt_len: int) -> Shape:
     finally:
         for h in hooks:
             h.remove()
-    return Shape(params, root, biggest, outside, sum(inputs), max(per_block), outside + sum(per_block))
+    shapes = tuple(tuple(p.shape) for p in model.parameters())
+    return Shape(params, root, biggest, outside, sum(inputs), max(per_block), outside + sum(per_block), shapes)
 
 
 def rows(shape: Shape, *, optimizer: str = "adamw", checkpointing: bool = True) -> list[Row]:
     """One row per SETUPS entry."""
-    from rsg_eval.engine.optim import state_bytes_per_param
+    from rsg_eval.engine.optim import state_bytes
 
     act = (shape.outside + shape.block_inputs + shape.block_peak) if checkpointing else shape.all_saved
-    weights, grads, opt = 4.0 * shape.params, 4.0 * shape.params, state_bytes_per_param(optimizer) * shape.params
+    # the optimizer's state from its factory, by parameter shape (Adafactor's factored moments depend on them)
+    opt = float(state_bytes(shape.shapes or [(shape.params,)], optimizer))
+    weights, grads = 4.0 * shape.params, 4.0 * shape.params
     out = []
     for label, n, card, mode, offload in SETUPS:
         share = n if mode == "fsdp" else 1
@@ -169,4 +173,5 @@ def markdown(table: list[Row], shape: Shape, *, batch: int, src_len: int, tgt_le
 
 
 def as_json(table: list[Row], shape: Shape) -> dict[str, Any]:
-    return {"shape": asdict(shape), "rows": [asdict(r) for r in table], "computed_not_measured": True}
+    info = {k: v for k, v in asdict(shape).items() if k != "shapes"}
+    return {"shape": info, "rows": [asdict(r) for r in table], "computed_not_measured": True}

@@ -5,8 +5,8 @@ torch's fused kernel where this torch has one for the device (CUDA; CPU since to
 parameters instead of about ten passes per tensor, the same update up to float rounding, and its step counters stay
 on the device. transformers' Trainer uses it by default too (`adamw_torch_fused`).
 
-OPTIMIZERS lists the choices; issue 20 adds "adafactor" in `make_optimizer` and `state_bytes_per_param` (the
-memory table reads the optimizer's state size from there).
+OPTIMIZERS lists the choices; issue 20 adds "adafactor" in `make_optimizer` and `state_bytes` (the memory table,
+rsg_eval.bench.memory, reads the optimizer's state size from there, by parameter shape).
 """
 
 from __future__ import annotations
