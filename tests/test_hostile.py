@@ -748,7 +748,7 @@ def test_under_torchrun_a_killed_process_is_named_and_the_lock_released(tmp_path
         from rsg_eval.commands._common import stop_signals
         from rsg_eval.core.errors import Terminated
         from rsg_eval.runs import RunFolder
-        from rsg_eval.training.dist import gone_peers, init_from_env
+        from rsg_eval.engine.runtime import gone_peers, init_from_env
 
         d = init_from_env(timeout_s=60)
         out = Path({str(tmp_path)!r})

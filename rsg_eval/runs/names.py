@@ -22,7 +22,7 @@ LOCK_NAME = "rsg.lock"
 RUN_MARKER = ".rsg-run"
 # What `--restart` clears in a run folder (known names only: never the folder itself, which may be any path).
 RESULT_NAMES = ("state", "predictions", "logs", "metrics.json", ZIP_NAME, PARTIAL_ZIP_NAME, "epochs.csv",
-                "config.json")
+                "config.json", "templates", "spread.json")  # templates/, spread.json: multi-template runs
 
 
 # --------------------------------------------------------------------------------------------------- names
