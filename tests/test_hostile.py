@@ -235,7 +235,7 @@ def _yaml_readers(tmp_path: Path):
     from rsg_eval.corpus.config import load_config
     from rsg_eval.core.prompts import load_template
     from rsg_eval.report.load import load_any
-    from rsg_eval.training.config import load_config_set
+    from rsg_eval.training.finetune.config import load_config_set
 
     return [
         ("template", lambda p: load_template("TERRa", str(p))),
