@@ -84,7 +84,11 @@ def init_from_env(timeout_s: float | None = None) -> Dist:
         # Who is who, for naming a process that dies later (gone_peers): one small gather while all are alive
         import socket
 
-        _PEERS[:] = d.gather((socket.gethostname(), os.getpid()))
+        if collective.is_initialized():
+            try:
+                _PEERS[:] = d.gather((socket.gethostname(), os.getpid()))
+            except (RuntimeError, ValueError):  # naming a dead peer is a nicety: never a reason to fail here
+                _PEERS.clear()
     return d
 
 
