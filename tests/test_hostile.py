@@ -175,10 +175,14 @@ def test_fewshot_k_beyond_the_pool_draws_each_group_once():
 class CountingTokenizer:
     """A real tokenizer that counts its calls and the characters it was given."""
 
+    _tok = None
+
     def __init__(self) -> None:
         from rsg_eval.models.tiny import build_tiny_tokenizer
 
-        self.tok, self.calls, self.chars = build_tiny_tokenizer(), 0, 0
+        if CountingTokenizer._tok is None:
+            CountingTokenizer._tok = build_tiny_tokenizer()
+        self.tok, self.calls, self.chars = CountingTokenizer._tok, 0, 0
 
     def __call__(self, text: str, **kw):
         self.calls += 1
