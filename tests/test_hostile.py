@@ -651,8 +651,8 @@ def small_run(tmp_path_factory, tiny):
     from rsg_eval.eval.zeroshot import ZeroShotOptions, run_zeroshot
 
     root = tmp_path_factory.mktemp("runs")
-    run_zeroshot(ZeroShotOptions(model="tiny", data="sample", tasks=["TERRa", "RCB"], split="val", root=root,
-                                 run="r"), show_progress=False, loaded=tiny)
+    run_zeroshot(ZeroShotOptions(model="tiny", data="sample", split="val", root=root, run="r"),  # all nine: a total
+                 show_progress=False, loaded=tiny)
     return root / "r"
 
 
@@ -690,6 +690,7 @@ def test_report_messages_config_of_braces_expected_once_and_edited_metrics(tmp_p
     code, out, err = cli(monkeypatch, capsys, "report", str(run), "--out", str(tmp_path / "o"))
     assert code == 0
     assert "b TERRa: metrics.json disagrees with the logs (acc 0.99 (logs:" in out + err
+    assert "b: metrics.json's total 0.5000 disagrees with the logs (" in out + err
     (tmp_path / "empty").mkdir()
     code, _, err = cli(monkeypatch, capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert code == 2 and one_line(err).count("(expected:") == 1
