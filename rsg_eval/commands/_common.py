@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 # Rich lays output out for 80 columns when it does not write to a terminal, so a table piped to a file or `less`
 # cuts names ("RuCoS-li…"). Off a terminal we give it this wide virtual width instead: tables still take only
@@ -143,9 +143,60 @@ def canonical_args(command: Any, args: list[str]) -> tuple[list[str], list[str]]
     return out, notes
 
 
+# Below this many columns typer's rich option table cuts long option names and defaults with "…"
+# (--gradient-checkpointing/--no-gradient-checkpointing takes 52 of them); there --help falls back to click's plain
+# layout, which wraps the help under a long name instead of cutting it. Measured: at 120 columns rich still cut
+# `rsg finetune`, at 140 no command was cut.
+NARROW_HELP = 140
+
+
+def help_width() -> int:
+    """The width --help is laid out for: TERMINAL_WIDTH (typer's own override), else what rich sees (COLUMNS or
+    the terminal, 80 off a terminal)."""
+    forced = os.environ.get("TERMINAL_WIDTH", "")
+    return int(forced) if forced.isdigit() else Console().width
+
+
+def narrow_help(formatter: Any) -> bool:
+    """True when --help should take click's plain layout (a narrow terminal); sets the formatter's width then."""
+    width = help_width()
+    if width >= NARROW_HELP:
+        return False
+    formatter.width = width
+    return True
+
+
+class RsgGroup(TyperGroup):
+    """A typer group whose --help falls back to the plain layout on narrow terminals (see NARROW_HELP)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if narrow_help(formatter):  # click's own Group.format_help, under typer's rich one
+            super(TyperGroup, self).format_help(ctx, formatter)
+        else:
+            super().format_help(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        # click cuts each command's summary to fit one line ("..."); wrap it whole instead
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 class RsgCommand(TyperCommand):
     """A typer command with the hidden aliases above and a usage line that shows arguments as NAME, [NAME] and
-    NAME... (typer's own shows {name}, and `[]...` for a hidden argument)."""
+    NAME... (typer's own shows {name}, and `[]...` for a hidden argument). On a narrow terminal its --help is
+    click's plain layout, so no option name or default is cut (NARROW_HELP)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if narrow_help(formatter):  # click's own Command.format_help, under typer's rich one
+            super(TyperCommand, self).format_help(ctx, formatter)
+        else:
+            super().format_help(ctx, formatter)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         args, notes = canonical_args(self, list(args))
@@ -165,7 +216,10 @@ class RsgCommand(TyperCommand):
 
 
 class RsgTyper(typer.Typer):
-    """typer.Typer whose commands are RsgCommand: use it for every app and sub-app of `rsg`."""
+    """typer.Typer whose commands are RsgCommand (and groups RsgGroup): use it for every app and sub-app of `rsg`."""
+
+    def __init__(self, *args: Any, cls: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, cls=cls or RsgGroup, **kwargs)
 
     def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
         return super().command(*args, cls=cls or RsgCommand, **kwargs)
