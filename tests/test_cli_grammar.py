@@ -317,3 +317,13 @@ def test_root_help_at_80_columns_lists_every_command_whole() -> None:
     flat = " ".join(_help_at("rsg", 80).split())
     for name, cmd in typer.main.get_command(app).commands.items():
         assert f"{name} {' '.join(cmd.get_short_help_str(limit=10_000).split())}" in flat
+
+
+def test_help_texts_name_what_the_tool_does_today() -> None:
+    root = " ".join(_help_at("rsg", 200).split())
+    assert "decoder-only" in root
+    zs = COMMANDS["rsg zeroshot"]
+    model = next(p for p in zs.params if "--model" in getattr(p, "opts", ()))
+    assert "tiny-causal" in model.help
+    seed = next(p for p in zs.params if "--fewshot-seed" in getattr(p, "opts", ()))
+    assert "run seed" not in str(seed.show_default) and not any("--seed" in getattr(p, "opts", ()) for p in zs.params)

@@ -319,3 +319,16 @@ def test_every_auto_bf16_decision_goes_through_the_native_check():
     hits = [str(p.relative_to(root)) for p in root.rglob("*.py")
             if "is_bf16_supported(" in p.read_text(encoding="utf-8")]
     assert hits == ["models/loading.py"]
+
+
+@pytest.mark.parametrize("typo, meant", [("tinyy", "tiny"), ("Tiny", "tiny"), ("tiny-casual", "tiny-causal")])
+def test_a_typo_of_a_builtin_model_says_did_you_mean(typo, meant, monkeypatch):
+    import rsg_eval.models.loading as L
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked about a typo")
+
+    monkeypatch.setattr(L, "hub_cache_only", no_hub)
+    with pytest.raises(RSGError) as e:
+        load_model(typo, device="cpu", causal_ok=True)
+    assert f"did you mean {meant}?" in str(e.value)

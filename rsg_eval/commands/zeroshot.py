@@ -16,7 +16,8 @@ from rsg_eval.commands._common import console, data_option, fmt, print_zip, quie
 def register(app: typer.Typer) -> None:
     @app.command("zeroshot")
     def zeroshot_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
+        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random seq2seq, offline smoke test), "
+                                                             "'tiny-causal' (its decoder-only twin), a hub id such "
                                                              "as ai-forever/FRED-T5-1.7B, or a local model folder."),
         data: Optional[str] = data_option(),
         tasks: Optional[List[str]] = tasks_option(),
@@ -61,8 +62,8 @@ def register(app: typer.Typer) -> None:
                                                                   "for LiDiRus) put before each item, drawn per "
                                                                   "item; dropped first when the input is too "
                                                                   "long."),
-        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw.",
-                                                   show_default="the run seed, 0"),
+        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw (the "
+                                                   "only random step of a zero-shot run).", show_default="0"),
         shard_size: int = typer.Option(256, "--shard-size", hidden=True, help="Items per shard: the unit shared "
                                                                               "out among processes and saved for "
                                                                               "resume."),
