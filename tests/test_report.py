@@ -433,3 +433,44 @@ def test_a_run_folder_s_stale_or_damaged_task_is_left_out(tmp_path):
     rep = make_report([run.path], n_boot=50)
     assert [t["task"] for t in rep["tasks"]] == ["TERRa"]
     assert any("RCB/val: logs/val/RCB.jsonl does not match its state" in p for p in rep["problems"])
+
+
+def test_no_gain_between_runs_on_different_data_in_all_four_outputs(tmp_path):
+    """Issue 23 item 1: TERRa was scored on other examples in run b (its data sha256 differs), RCB on the same. No
+    Δ, no test and no gain for TERRa nor for the totals that include it, in Markdown, HTML, CSV and JSON alike;
+    RCB keeps its gain (hand-checked below)."""
+    tasks_a = {"TERRa": make_rows("TERRa", 40, 0.5), "RCB": make_rows("RCB", 40, 0.5)}
+    tasks_b = {"TERRa": make_rows("TERRa", 40, 0.9, seed=1), "RCB": make_rows("RCB", 40, 0.9, seed=1)}
+    a = write_run(tmp_path, "a", tasks_a)
+    b = write_run(tmp_path, "b", tasks_b)
+    for folder, terra in ((a, "1" * 64), (b, "2" * 64)):
+        m = json.loads((folder / "metrics.json").read_text())
+        m["data_sha256"] = {"TERRa": terra, "RCB": "3" * 64}
+        (folder / "metrics.json").write_text(json.dumps(m), encoding="utf-8")
+    rep = make_report([a, b], n_boot=50)
+    cells = {t["task"]: t["cells"] for t in rep["tasks"]}
+    terra, rcb = cells["TERRa"][1], cells["RCB"][1]
+    assert terra["no_gain"] == "different data" and terra["gain"] is None and terra["paired"] is None
+    assert all(g is None for g in terra["metric_gains"].values())
+    want = (rcb["score"] - cells["RCB"][0]["score"]) / cells["RCB"][0]["score"] * 100
+    assert rcb["no_gain"] is None and rcb["gain"] == pytest.approx(want) and rcb["paired"] is not None
+    tot = rep["totals"][1]
+    assert tot["gain"] is None and tot["paired"] is None and tot["no_gain"] == "different data (TERRa)"
+
+    files = write_and_read(rep, tmp_path / "out", "md,html,csv,json")
+    md_rows = {ln.split("|")[1].strip(): ln for ln in files["report.md"].splitlines()
+               if ln.startswith("| TERRa") or ln.startswith("| a ") or ln.startswith("| b ")}
+    assert "no Δ: different data" in md_rows["TERRa"] and "%" not in md_rows["TERRa"]
+    assert "no Δ: different data (TERRa)" in md_rows["b"] and "%" not in md_rows["b"].split("|", 4)[4]
+    assert "no Δ: different data" in files["report.html"]
+    assert "%" not in next(ln for ln in files["report.html"].splitlines() if "no Δ: different data (TERRa)" in ln)
+    csv_rows = list(csv.DictReader(io.StringIO(files["report.csv"])))
+    b_terra = [r for r in csv_rows if r["run"] == "b" and r["task"] == "TERRa"]
+    assert b_terra and all(r["gain_pct"] == "" and r["p_value"] == "" and r["significant"] == ""
+                           and r["no_gain"] == "different data" for r in b_terra)
+    b_total = next(r for r in csv_rows if r["run"] == "b" and r["task"] == "total")
+    assert b_total["gain_pct"] == "" and b_total["no_gain"] == "different data (TERRa)"
+    assert next(r for r in csv_rows if r["run"] == "b" and r["task"] == "RCB" and r["metric"] == "score")["gain_pct"]
+    js = json.loads(files["report.json"])
+    assert js["tasks"][[t["task"] for t in js["tasks"]].index("TERRa")]["cells"][1]["no_gain"] == "different data"
+    assert js["totals"][1]["gain"] is None and js["totals"][1]["no_gain"] == "different data (TERRa)"

@@ -25,6 +25,7 @@ from rsg_eval.report.load import Run, different_data
 from rsg_eval.report.stats import Bootstrap, mcnemar_exact, paired_test, percentile_ci, resample_indices
 
 PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
+NO_GAIN_DATA = "different data"  # why a cell has no gain: the two runs were scored on different example sets
 
 
 def _rng(seed: int, *parts: int) -> np.random.Generator:
@@ -214,11 +215,14 @@ def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]],
 
     for r, row in enumerate(rows):
         b = bases[r]
+        # a total over tasks some of which were scored on other examples than the base's: no gain, no test
+        other = [t for t in tasks if cells[t][r].get("no_gain")]
+        row["no_gain"] = f"{NO_GAIN_DATA} ({', '.join(other)})" if other else None
         row["gain_vs"] = None if b is None else runs[b].name
-        row["gain"] = None if b is None else _gain(row["total"], rows[b]["total"])
-        row["common_gain"] = None if b is None else _gain(row["common"], rows[b]["common"])
+        row["gain"] = None if b is None or other else _gain(row["total"], rows[b]["total"])
+        row["common_gain"] = None if b is None or other else _gain(row["common"], rows[b]["common"])
         row["paired"] = row["common_paired"] = None
-        if r == 0:
+        if r == 0 or other:
             continue
         if row["total"] is not None and rows[0]["total"] is not None:
             row["paired"] = paired_mean(list(TASK_NAMES), r, row["total"] - rows[0]["total"])
@@ -446,7 +450,11 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         diffs[t] = {}
         for r, cell in enumerate(cells[t]):
             b = bases[r]
-            base = cells[t][b] if b is not None else None
+            # Runs scored on different example sets (their data fingerprints differ): a gain between them means
+            # nothing, so none is given, and the cell says why (`no_gain`).
+            cell["no_gain"] = (NO_GAIN_DATA if b is not None and b != r and cell["status"] == "ok"
+                               and cells[t][b]["status"] == "ok" and different_data(runs[b], runs[r], t) else None)
+            base = cells[t][b] if b is not None and not cell["no_gain"] else None
             cell["gain_vs"] = runs[b].name if b is not None else None
             cell["gain"] = _gain(cell["score"], base["score"]) if base else None
             # per metric, as Table 3 prints two-metric tasks (RCB F1 / Acc: -2.62 % / -2.91 %)
