@@ -225,6 +225,11 @@ class RsgTyper(typer.Typer):
         return super().command(*args, cls=cls or RsgCommand, **kwargs)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 task', '2 tasks', '0 tasks' ('many' for an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def fmt(x: object, digits: int = 3) -> str:
     if x is None:
         return "–"

@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import console, data_option, fmt, plural, print_zip, quiet_option, tasks_option
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
@@ -248,6 +248,6 @@ def _summary(out: Any) -> None:
         table.add_row("[bold]total[/]", "mean of the nine task scores" if m.get("total") is not None
                       else "needs all nine tasks", fmt(m.get("total"), 4))
         console.print(table)
-    console.print(f"run folder: [bold]{out.run.path}[/] ({len(out.trained)} tasks trained, {len(out.skipped)} "
-                  f"skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
+    console.print(f"run folder: [bold]{out.run.path}[/] ({plural(len(out.trained), 'task')} trained, "
+                  f"{len(out.skipped)} skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
     print_zip(out.zip)

@@ -28,14 +28,13 @@ transformers' decoder per (prompt, choice) with the encoder states gathered per 
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Any
 
 import torch
 
 from rsg_eval.errors import RSGError
 from rsg_eval.scoring._common import (T5_TYPES, Encoded, Targets, chunks, has_plain_head, input_device, pad,
-                                      shared_prefix_len, sums_from_logits, sums_from_states, to_device)
+                                      prompts_cut, shared_prefix_len, sums_from_logits, sums_from_states, to_device)
 
 MODES = ("naive", "encoder_once", "prompt_once", "fast")
 ROW_MIN = 64  # a decoder row holds at least this many tokens (or the encoder length, if longer) before splitting
@@ -66,11 +65,9 @@ def encode(model: Any, tokenizer: Any, prompts: list[str], choices: list[list[st
             too_long += 1
             prompt_ids[i] = truncate_left(ids, limit, special)
     if too_long:
-        warnings.warn(
-            f"{too_long} of {len(prompts)} prompts are longer than the model's {limit} input tokens; their start "
-            "was cut (the prompt templates should shorten the passage instead)",
-            stacklevel=5,
-        )
+        prompts_cut(too_long, len(prompts), limit,
+                    f"{too_long} of {len(prompts)} prompts are longer than the model's {limit} input tokens; their "
+                    "start was cut (the prompt templates should shorten the passage instead)")
     flat = [c for row in choices for c in row]
     flat_ids = tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
     out: list[list[list[int]]] = []

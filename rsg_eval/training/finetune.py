@@ -402,6 +402,7 @@ def _discard_unfinished(task_ckpt: Path) -> None:
 
 def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts,
                        dev, dist, reporter, hooks, load, load_items) -> tuple[TrainResult, list[dict]]:
+    from rsg_eval.scoring import count_cut_prompts, cut_prompts_note
     from rsg_eval.training import checkpoint as ck
 
     loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
@@ -422,10 +423,24 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
     bf16 = _bf16(cfg, dev)
 
+    noted: set[str] = set()
+
+    def scored(m: torch.nn.Module, prep: _Prepared, where: str) -> list[list[float]]:
+        """score_prepared, with one note per task split (not a warning per evaluation) when prompts were cut."""
+        with count_cut_prompts() as cut:
+            out = score_prepared(m, tok, prep, cfg, dist, max_src)
+        if cut.n and where not in noted:
+            noted.add(where)
+            advice = ("raise --max-source-length or use a template that truncates the passage (its `truncate:` "
+                      "field)" if max_src < int(loaded.info.get("max_input_tokens") or max_src + 1)
+                      else "use a template that truncates the passage (its `truncate:` field)")
+            reporter.note(cut_prompts_note(where, cut, advice))
+        return out
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         if val is None or not val.items:
             raise RSGError(f"{task}: no val split in {source}; the best state cannot be chosen", field="val")
-        return val_metrics(task, val, score_prepared(m, tok, val, cfg, dist, max_src))
+        return val_metrics(task, val, scored(m, val, f"{task}/val"))
 
     user = hooks or Hooks()
 
@@ -462,7 +477,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
                 continue
             prep = _prepare(items, tpl, tok, max_src)  # LiDiRus: the TERRa template, as the model was trained
             with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()):
-                scores = score_prepared(net, tok, prep, cfg, dist, max_src)
+                scores = scored(net, prep, f"{t}/{split}")
             preds = decide(items, scores)
             if dist.main:
                 rows = [runs.log_row(it, preds[it.key], prompt=p, choices=c, scores=s)
