@@ -474,3 +474,42 @@ def test_no_gain_between_runs_on_different_data_in_all_four_outputs(tmp_path):
     js = json.loads(files["report.json"])
     assert js["tasks"][[t["task"] for t in js["tasks"]].index("TERRa")]["cells"][1]["no_gain"] == "different data"
     assert js["totals"][1]["gain"] is None and js["totals"][1]["no_gain"] == "different data (TERRa)"
+
+
+def test_runs_table_names_templates_the_same_way_for_zero_shot_and_fine_tuned_runs(tmp_path):
+    """Issue 23 item 7: a zero-shot run (template "default" + per-task names) and a fine-tuned run (a per-task
+    mapping) that used the same default templates both read "default"; a non-default one is named."""
+    from rsg_eval.prompts import list_templates
+
+    names = list_templates()
+    default = {t: names[t][0] for t in ("RCB", "TERRa")}
+    rows = {"TERRa": _terra_rows(30)}
+    zs = write_run(tmp_path, "zs", rows, config={"kind": "zeroshot", "template": "default", "templates": default})
+    ft = write_run(tmp_path, "ft", rows, config={"kind": "finetune", "template": dict(default)})
+    other = write_run(tmp_path, "ft2", rows, config={"kind": "finetune",
+                                                    "template": {**default, "RCB": names["RCB"][1]}})
+    one = write_run(tmp_path, "zs2", rows, config={"template": "mine.yaml", "templates": {"TERRa": "mine"}})
+    rep = make_report([zs, ft, other, one], n_boot=20)
+    assert [r["template"] for r in rep["runs"]] == ["default", "default", f"default; RCB: {names['RCB'][1]}",
+                                                    "mine.yaml"]
+    md = write_and_read(rep, tmp_path / "out", "md")["report.md"]
+    assert "| zs | val, local | zeroshot | tiny | default |" in md and "| ft | val, local | finetune | tiny | default |" in md
+
+
+def test_html_renders_inline_code_instead_of_backticks(tmp_path):
+    """Issue 23 item 7: notes written with `code` spans (for Markdown and the terminal) show as <code> on the page,
+    escaped; the page has no literal backtick left, the Markdown keeps them."""
+    from rsg_eval.report.html import inline_code
+
+    assert str(inline_code("run `rsg submit zip` <now>")) == "run <code>rsg submit zip</code> &lt;now&gt;"
+    assert str(inline_code("a ` alone")) == "a ` alone"
+    assert str(inline_code("`<b>`")) == "<code>&lt;b&gt;</code>"
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20)})
+    b = write_run(tmp_path, "b", {"TERRa": _terra_rows(30)})
+    rep = make_report([a, b], n_boot=20)
+    rep["problems"].append("b: see `rsg prompts show TERRa` for <the> template")
+    files = write_and_read(rep, tmp_path / "out", "md,html")
+    page = files["report.html"]
+    assert "<li>b: see <code>rsg prompts show TERRa</code> for &lt;the&gt; template</li>" in page
+    assert "`" not in page
+    assert "`rsg prompts show TERRa`" in files["report.md"]

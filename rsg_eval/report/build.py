@@ -380,10 +380,41 @@ def _template_of(run: Run, task: str) -> str | None:
 
 
 def _template_label(config: dict) -> str | None:
+    """The templates a run used, named the same way for zero-shot runs (config "template": the --template value
+    or "default", plus per task "templates") and fine-tuned ones (config "template": a per-task mapping): "default"
+    when every task used its task's default template, one name when every task used that name, else "default"
+    plus the tasks that differ ("default; RCB: other") or the whole mapping."""
     t = config.get("template")
-    if isinstance(t, dict):
-        return ", ".join(f"{k}: {v}" for k, v in t.items())
-    return None if t is None else str(t)
+    per_task = config.get("templates") if isinstance(config.get("templates"), dict) else t
+    if not isinstance(per_task, dict) or not per_task:
+        return None if t is None or isinstance(t, dict) else str(t)
+    names = {str(k): str(v) for k, v in per_task.items()}
+    if len(set(names.values())) == 1 and not isinstance(t, dict) and t not in (None, "default"):
+        return str(t)  # --template NAME (or a .yaml path) for every task
+    defaults = _default_templates(names)
+    other = {k: v for k, v in names.items() if defaults.get(k) != v}
+    if not other:
+        return "default"
+    if len(other) == len(names):
+        vals = set(other.values())
+        return vals.pop() if len(vals) == 1 else ", ".join(f"{k}: {v}" for k, v in other.items())
+    return "default; " + ", ".join(f"{k}: {v}" for k, v in other.items())
+
+
+def _default_templates(per_task: dict[str, str]) -> dict[str, str]:
+    """Each task's default template name as the prompts folder has it now ({} where it cannot be read)."""
+    from rsg_eval.errors import RSGError
+    from rsg_eval.prompts import list_templates
+
+    out = {}
+    for task in per_task:
+        try:
+            names = list_templates(task)
+        except (RSGError, OSError):
+            continue
+        if names.get(task):
+            out[task] = names[task][0]
+    return out
 
 
 def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]]) -> list[dict]:
