@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt, plural, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import THREADS_HELP, console, data_option, fmt, plural, print_zip, quiet_option, tasks_option
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
@@ -101,6 +101,7 @@ def register(app: typer.Typer) -> None:
                                                                                  "(torch's NCCL default is 600)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).",
                                                show_default="the hub's default branch"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option("No progress display."),
     ) -> None:
         """Fine-tune on each task (input: the rendered prompt; target: the gold answer + </s>), keep the best
@@ -116,6 +117,9 @@ def register(app: typer.Typer) -> None:
         from rsg_eval.training.finetune import run_finetune
         from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
         require_seq2seq(model, "rsg finetune")
+        from rsg_eval.models.threads import choose_cpu_threads
+
+        choose_cpu_threads(model, device, threads)
 
         if bf16 not in ("auto", "on", "off"):
             raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])

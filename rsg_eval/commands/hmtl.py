@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from rsg_eval.commands._common import quiet_option
+from rsg_eval.commands._common import THREADS_HELP, quiet_option
 
 
 def register(app: typer.Typer) -> None:
@@ -80,12 +80,16 @@ def train_hmtl(
     restart: bool = typer.Option(False, "--restart", help="Clear --out's checkpoints, losses and log and start "
                                  "over (needed to change settings for an existing --out: one folder holds one "
                                  "configuration)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
 ) -> None:
     """Train the hierarchical multi-task FRED-T5 (topic + NER on Block 1, NLI on Block 2, generation)."""
     from rsg_eval.errors import RSGError
     from rsg_eval.hmtl.train import TrainConfig, parse_task_weights, train
     from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
     require_seq2seq(model, "rsg train-hmtl")
+    from rsg_eval.models.threads import choose_cpu_threads
+
+    choose_cpu_threads(model, None, threads)
 
     if bf16 not in ("auto", "on", "off"):
         raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])

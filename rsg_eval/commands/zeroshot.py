@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import THREADS_HELP, console, data_option, fmt, print_zip, quiet_option, tasks_option
 
 
 def register(app: typer.Typer) -> None:
@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
                                                                 "and LiDiRus with the NLI head instead of "
                                                                 "prompts."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option(),
     ) -> None:
         """Zero-shot (or --num-fewshot) evaluation: score each answer choice by its log-likelihood, pick the best.
@@ -79,6 +80,7 @@ def register(app: typer.Typer) -> None:
         GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
         from rsg_eval.errors import RSGError
+        from rsg_eval.models.threads import choose_cpu_threads
         from rsg_eval.zeroshot import (ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot,
                                        shutdown_distributed)
 
@@ -88,6 +90,7 @@ def register(app: typer.Typer) -> None:
         if device_map is not None and device not in (None, "auto"):  # refused before any work, as load_model would
             raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
                            field="--device-map", expected="--device-map alone, or --device alone")
+        choose_cpu_threads(model, "auto" if device_map else device, threads)
         if nli_head:
             from rsg_eval.models.loading import require_seq2seq
 
