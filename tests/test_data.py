@@ -6,9 +6,9 @@ import zipfile
 
 import pytest
 
-from rsg_eval import data as D
-from rsg_eval.errors import RSGError
-from rsg_eval.tasks import load_items
+from rsg_eval.core import data as D
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.data import load_items
 
 
 def _zip_bytes(members):
@@ -92,7 +92,7 @@ def test_check_folder_reports_problems(tmp_path):
 
 def test_check_folder_compares_with_the_official_sizes(tmp_path):
     """One complete split (RCB val has 220 records officially), one partial (5 of 307 TERRa val records)."""
-    from rsg_eval.tasks import OFFICIAL_RECORDS
+    from rsg_eval.core.tasks import OFFICIAL_RECORDS
 
     rcb = tmp_path / "RCB"
     rcb.mkdir()

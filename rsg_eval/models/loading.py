@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 log = logging.getLogger(__name__)
 
