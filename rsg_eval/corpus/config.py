@@ -43,7 +43,8 @@ class SourceConfig:
 
 @dataclass
 class SubsetSpec:
-    """`subset:` / `--subset`: cut `train` examples (and `val`, default: in the corpus' val/train proportion)."""
+    """`subset:` / `--subset`: cut `train` examples (and `val`, default: train / 10, as the paper's 10k corpus had
+    10,000 train and 1,000 validation examples)."""
 
     train: int
     val: int | None = None
