@@ -50,8 +50,9 @@ def train_hmtl(
                                        "torch's AdamW default)."),
     clip_norm: float = typer.Option(1.0, "--clip-norm", help="Gradient clipping norm (paper: 1.0)."),
     task_weights: Optional[str] = typer.Option(None, "--task-weights", help="Loss weights, e.g. "
-                                               "'ner=1,mc=0.5,title=2' (others 1; 0 drops a task). Paper: the "
-                                               "plain sum of the task losses, all 1.",
+                                               "'ner=1,mc=0.5,title=2' (others 1; 0 drops a task). Default: "
+                                               "the plain sum of the task losses, all 1 (our choice: the paper "
+                                               "does not say how it combines them).",
                                                show_default="all 1"),
     split: str = typer.Option("0.25", "--encoder-split", help="Block-1 size: a layer count (6) or a fraction of "
                               "the encoder (0.25 = 6 of 24 for FRED-T5-1.7B, the paper's split)."),
