@@ -62,6 +62,11 @@ def train_hmtl(
     adapter_layout: str = typer.Option("per-head", "--adapter-layout", help="per-head (default: MC, NER, NLI and "
                                        "LM each have an adapter) or shared-mc-ner (the paper's wording: one adapter "
                                        "for the MC and NER heads together, one for NLI, one for LM)."),
+    adapter_activation: str = typer.Option("relu", "--adapter-activation", help="relu (default: the usual "
+                                           "bottleneck adapter, h + up(relu(down(h)))) or linear (the paper's "
+                                           "'compact linear adapter' read literally: h + up(down(h)), an affine map "
+                                           "the linear head after it could absorb, so it adds no capacity of its "
+                                           "own). Saved in the checkpoint's config."),
     ner_loss: str = typer.Option("softmax", "--ner-loss", help="softmax (default, the paper's cross-entropy "
                                  "against one-hot labels: per token, outside or the innermost entity's type) or "
                                  "multilabel (a sigmoid per type: nested entities at once)."),
@@ -96,7 +101,8 @@ def train_hmtl(
         raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
     cfg = TrainConfig(
         model=model, corpus=corpus, out=out, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-        batch_reading=batch_reading, adapter_layout=adapter_layout, ner_loss=ner_loss,
+        batch_reading=batch_reading, adapter_layout=adapter_layout, adapter_activation=adapter_activation,
+        ner_loss=ner_loss,
         max_length=max_length, max_target_length=max_target_length, schedule=schedule, lr_min=lr_min,
         lr_max=lr_max, gamma=gamma, step_size_up=step_size_up, warmup_steps=warmup_steps,
         weight_decay=weight_decay, clip_norm=clip_norm, task_weights=parse_task_weights(task_weights),

@@ -53,6 +53,7 @@ from rsg_eval.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_
                                    task_indices)
 from rsg_eval.corpus.labels import TASKS
 from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from rsg_eval.models.adapters import ADAPTER_ACTIVATIONS
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
                                           load_hierarchical, ner_softmax_logits)
 
@@ -82,7 +83,7 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     split: str = "0.25"                  # Block 1 = a quarter of the encoder (6 of 24 for FRED-T5-1.7B)
     adapter_dim: int | None = None       # d_model // 16
-    adapter_activation: str = "relu"
+    adapter_activation: str = "relu"     # relu | linear (the paper's wording; see models/adapters.py)
     adapter_layout: str = "per-head"     # per-head (4 adapters) | shared-mc-ner (the paper's 3: MC+NER, NLI, LM)
     ner_loss: str = "softmax"            # softmax (the paper's Eq. 1, innermost entity per token) | multilabel
     head_dropout: float = 0.1
@@ -316,6 +317,9 @@ def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log)
     if model.config.adapter_layout != cfg.adapter_layout:
         raise RSGError(f"the checkpoint has adapter layout {model.config.adapter_layout!r}", file=cfg.model,
                        field="adapter-layout", expected=[model.config.adapter_layout])
+    if model.config.adapter_activation != cfg.adapter_activation:
+        raise RSGError(f"the checkpoint has adapter activation {model.config.adapter_activation!r}", file=cfg.model,
+                       field="adapter-activation", expected=[model.config.adapter_activation])
     # The NER head has the same 29 outputs under both losses; the checkpoint records the loss it was trained with.
     model.config.ner_representation = NER_LOSSES[cfg.ner_loss]
     if tokenizer is None:
@@ -478,7 +482,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         raise RSGError("epochs, batch size and gradient accumulation must be >= 1", field="epochs")
     for name, value, choices in (("batch-reading", cfg.batch_reading, BATCH_READINGS),
                                  ("ner-loss", cfg.ner_loss, tuple(NER_LOSSES)),
-                                 ("adapter-layout", cfg.adapter_layout, ADAPTER_LAYOUTS)):
+                                 ("adapter-layout", cfg.adapter_layout, ADAPTER_LAYOUTS),
+                                 ("adapter-activation", cfg.adapter_activation, ADAPTER_ACTIVATIONS)):
         if value not in choices:
             raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
@@ -673,7 +678,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     if main:
         _link_or_copy_dir(out / f"epoch-{cfg.epochs}", final)
         atomic_write_json(run_file, {"config": fp, "finished": True, "history": history, "steps": global_step})
-        log(f"done: {global_step} optimizer steps; final checkpoint {final}; losses in {out / 'losses.csv'}")
+        steps = f"{global_step} optimizer step" + ("" if global_step == 1 else "s")
+        log(f"done: {steps}; final checkpoint {final}; losses in {out / 'losses.csv'}")
     state.wait_for_everyone()
     return TrainResult(out, final, history, True, global_step)
 
