@@ -346,3 +346,28 @@ def test_cut_prompts_are_one_note_per_task_split_not_a_warning(tmp_path):
     assert [n.split(":")[0] for n in cut] == ["TERRa/val", "TERRa/test"], rep.notes
     assert cut[0].startswith("TERRa/val: 4 of 4 prompts are longer than the model's 6 input tokens")
     assert "raise --max-source-length" in cut[0] and ".py" not in cut[0]
+
+
+def test_max_train_examples_counts_muserc_questions(tmp_path):
+    """Issue 23 item 13: `max_train_examples: 2` trains MuSeRC on its first 2 questions with all their answer
+    options (an item there is one answer), not on 2 answers."""
+    from rsg_eval.core.data import load_items
+    from rsg_eval.core.tasks import limit_groups
+    from rsg_eval.training.finetune import Reporter, run_finetune
+
+    class Starts(Reporter):
+        def __init__(self) -> None:
+            self.pairs: dict[str, int] = {}
+
+        def task_start(self, task, predicts, n_pairs, total_steps, resumed) -> None:
+            self.pairs[task] = n_pairs
+
+    items = load_items("sample", "MuSeRC", "train")
+    first_two = [it for it in items if it.group in {items[0].group, next(i.group for i in items
+                                                                         if i.group != items[0].group)}]
+    assert len(first_two) == len(limit_groups(items, 2)) > 2
+    rep = Starts()
+    run_finetune("tiny", configs=load_config_set(None, dict(LEARN, epochs=1, max_steps=1, max_train_examples=2)),
+                 tasks=["MuSeRC"], data="sample", run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck",
+                 reporter=rep)
+    assert rep.pairs == {"MuSeRC": len(first_two)}

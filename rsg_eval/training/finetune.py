@@ -27,7 +27,7 @@ import torch
 
 from rsg_eval import runs
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.tasks import EmptyTaskFile
+from rsg_eval.core.tasks import EmptyTaskFile, limit_groups
 from rsg_eval.training.config import ConfigSet, FinetuneConfig
 from rsg_eval.training.data import build_pairs
 from rsg_eval.training.dist import Dist, init_from_env, resolve_device
@@ -413,8 +413,8 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         train_items = load_items(source, task, "train")
     except EmptyTaskFile as exc:  # reported like any task with nothing to train on; the other tasks go on
         raise NoTrainingData(f"{task}: no training examples ({exc})") from None
-    if cfg.max_train_examples:
-        train_items = train_items[: cfg.max_train_examples]
+    if cfg.max_train_examples:  # counted in questions for MuSeRC (an item there is one answer option)
+        train_items = limit_groups(train_items, cfg.max_train_examples)
     pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
                         max_src, cfg.max_target_len)
     n_cut = sum(p.cut for p in pairs)
