@@ -327,3 +327,9 @@ def test_help_texts_name_what_the_tool_does_today() -> None:
     assert "tiny-causal" in model.help
     seed = next(p for p in zs.params if "--fewshot-seed" in getattr(p, "opts", ()))
     assert "run seed" not in str(seed.show_default) and not any("--seed" in getattr(p, "opts", ()) for p in zs.params)
+
+
+def test_wide_help_does_not_break_descriptions_at_the_docstring_lines() -> None:
+    out = _help_at("rsg finetune", 400)  # wide enough for the paragraph on one line: no break inside it
+    assert any("finished tasks are skipped. The defaults shown are the built-in ones: a --config file" in line
+               for line in out.splitlines())

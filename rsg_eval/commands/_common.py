@@ -199,6 +199,16 @@ class RsgCommand(TyperCommand):
     NAME... (typer's own shows {name}, and `[]...` for a hidden argument). On a narrow terminal its --help is
     click's plain layout, so no option name or default is cut (NARROW_HELP)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A docstring's line breaks are where its source lines end, not the reader's: rich keeps them, so a
+        # description broke mid-sentence ("The defaults shown / are the built-in ones"). One line per paragraph;
+        # the terminal wraps it.
+        if self.help:
+            import inspect
+
+            self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         if narrow_help(formatter):  # click's own Command.format_help, under typer's rich one
             super(TyperCommand, self).format_help(ctx, formatter)
