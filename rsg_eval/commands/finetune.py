@@ -11,7 +11,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import THREADS_HELP, console, data_option, fmt, plural, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import (THREADS_HELP, console, data_option, fmt, plural, print_zip, quiet_option,
+                                      tasks_option)
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files

@@ -1,12 +1,12 @@
 """A seeded, per-task stratified subset of a built corpus (the paper's 10k-example corpus), without re-annotating.
 
 `cut_subset(corpus, out, train=10000)`: every task keeps its share of the corpus (largest-remainder rounding, at
-least one example for a task that has any); inside a task the examples with the smallest seeded hash of their
-id are taken, i.e. a uniform random sample that is the same on every machine. Val is cut the same way, by
-default one val example per ten train examples: the paper's Figure 2 caption gives its 10k corpus as 10,000 train
-and 1,000 validation examples (the corpus' own proportion, 5 %, gave 526). The records are copied as they are (provenance included) in the
-corpus' own order; labels.json is copied whole, so the heads keep all their classes. Memory: the chosen line
-numbers only. Stdlib only.
+least one example for a task that has any); inside a task the examples with the smallest seeded hash of their id are
+taken, i.e. a uniform random sample that is the same on every machine. Val is cut the same way, by default one val
+example per ten train examples: the paper's Figure 2 caption gives its 10k corpus as 10,000 train and 1,000
+validation examples (the corpus' own proportion, 5 %, gave 526). The records are copied as they are (provenance
+included) in the corpus' own order; labels.json is copied whole, so the heads keep all their classes. Memory: the
+chosen line numbers only. Stdlib only.
 """
 
 from __future__ import annotations

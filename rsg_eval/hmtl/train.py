@@ -8,7 +8,8 @@ task's sequences go forward and backward on their own (the gradients add up exac
 only one task's activations are alive at a time). Each task's loss enters the step as the mean over its examples in
 that optimizer step, times the task weight: the objective is the weighted sum of the task losses, all weights 1 by
 default. The plain sum is our choice: the paper processes "the batches of all eight tasks" every iteration but does
-not say how their losses are combined. Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once.
+not say how their losses are combined. Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps
+once.
 
 An epoch ends when every train example has been seen at least once: the largest task sets its length, smaller tasks
 are reshuffled and repeated; the log states the plan at start. The order of every task's stream depends only on

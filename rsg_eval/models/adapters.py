@@ -1,7 +1,8 @@
 """Bottleneck adapters and the wrapped LM head of the hierarchical FRED-T5.
 
-An adapter is `h + up(act(down(h)))` (act: ReLU by default, or none: "linear") with `up` initialised to zero, so a freshly built adapter is the identity
-and the model it sits in computes exactly what the base model computes (FREDT5_NOTES.md section 3.2).
+An adapter is `h + up(act(down(h)))` (act: ReLU by default, or none: "linear") with `up` initialised to zero, so
+a freshly built adapter is the identity and the model it sits in computes exactly what the base model computes
+(FREDT5_NOTES.md section 3.2).
 """
 
 from __future__ import annotations

@@ -132,9 +132,9 @@ def task_table_rows(report: dict, sep: str = " ") -> list[list[str]]:
 
 TASK_TABLE_NOTE = ("n/p = not published for this reference row; missing = the run has no result for the task. "
                    "Two-metric tasks show each metric's gain on their first line and the task score's gain on "
-                   "the second; – = no comparable row (local runs are compared with local runs only); no Δ: different "
-                   "data = the two runs were scored on different example sets (their data files' sha256 differ), "
-                   "so neither a gain nor a test is given.")
+                   "the second; – = no comparable row (local runs are compared with local runs only); "
+                   "no Δ: different data = the two runs were scored on different example sets (their data files' "
+                   "sha256 differ), so neither a gain nor a test is given.")
 PUBLISHED_NOTES_TITLE = "Inconsistencies inside the paper (its numbers are shown as printed)"
 
 

@@ -291,4 +291,5 @@ def _run(model: Any, enc: Encoded, batch_size: int | str, progress: Progress | N
 
 
 __all__ = ["score_choices", "score_choices_naive", "predict", "is_causal", "modes_for", "forget_batch_size",
-           "count_cut_prompts", "cut_prompts_note", "CutPrompts", "NORMALIZATIONS", "DEFAULT_CALIBRATION_PROMPT", "shared_prefix_len"]
+           "count_cut_prompts", "cut_prompts_note", "CutPrompts", "NORMALIZATIONS", "DEFAULT_CALIBRATION_PROMPT",
+           "shared_prefix_len"]
