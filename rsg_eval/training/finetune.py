@@ -430,6 +430,9 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         """score_prepared, with one note per task split (not a warning per evaluation) when prompts were cut."""
         with count_cut_prompts() as cut:
             out = score_prepared(m, tok, prep, cfg, dist, max_src)
+        if dist.world > 1:  # each process scored its share of the groups: the note counts them all
+            counts = dist.gather((cut.n, cut.total))
+            cut.n, cut.total, cut.limit = sum(c[0] for c in counts), sum(c[1] for c in counts), max_src
         if cut.n and where not in noted:
             noted.add(where)
             advice = ("raise --max-source-length or use a template that truncates the passage (its `truncate:` "
