@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -179,6 +180,28 @@ def help_width() -> int:
     return int(forced) if forced.isdigit() else Console().width
 
 
+@contextlib.contextmanager
+def _whole_words() -> Iterator[None]:
+    """click wraps help text with a TextWrapper that breaks at hyphens, so `[default: gradient-checkpointing]` came
+    out as `gradient-` / `checkpointing`: an option name no one can copy. For the plain layout only, its wrapper
+    breaks at spaces alone."""
+    try:
+        from typer._click import _textwrap as tw  # typer vendors click
+    except ImportError:  # pragma: no cover - an older typer on the real click
+        from click import _textwrap as tw  # type: ignore[no-redef]
+    init = tw.TextWrapper.__init__
+
+    def whole(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("break_on_hyphens", False)
+        init(self, *args, **kwargs)
+
+    tw.TextWrapper.__init__ = whole  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tw.TextWrapper.__init__ = init  # type: ignore[method-assign]
+
+
 def narrow_help(formatter: Any) -> bool:
     """True when --help should take click's plain layout (a narrow terminal); sets the formatter's width then."""
     width = help_width()
@@ -193,7 +216,8 @@ class RsgGroup(TyperGroup):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         if narrow_help(formatter):  # click's own Group.format_help, under typer's rich one
-            super(TyperGroup, self).format_help(ctx, formatter)
+            with _whole_words():
+                super(TyperGroup, self).format_help(ctx, formatter)
         else:
             super().format_help(ctx, formatter)
 
@@ -226,7 +250,8 @@ class RsgCommand(TyperCommand):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         if narrow_help(formatter):  # click's own Command.format_help, under typer's rich one
-            super(TyperCommand, self).format_help(ctx, formatter)
+            with _whole_words():
+                super(TyperCommand, self).format_help(ctx, formatter)
         else:
             super().format_help(ctx, formatter)
 
