@@ -43,7 +43,8 @@ IDEAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "device": ("--device", ("--gpu", "--cuda", "--devices")),
     "weights dtype": ("--dtype", ("--torch-dtype", "--precision")),
     "tasks": ("--tasks/-t", ("--task-names", "--only-tasks")),
-    "prompt template": ("--template", ("--prompt", "--prompt-template", "--templates")),
+    # (--templates is another idea: a set of templates scored in one run, `rsg zeroshot --templates all`)
+    "prompt template": ("--template", ("--prompt", "--prompt-template")),
     "CPU threads": ("--threads", ("--num-threads", "--nthreads", "--n-threads")),
     "output folder or file": ("--out/-o", ("--output", "--output-dir", "--out-dir", "--outdir")),
     "run folder": ("--run and --root", ("--run-dir", "--run-name", "--runs-dir", "--output-root")),

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rsg_eval.report.load import Run, different_data
+from rsg_eval.report.sensitivity import build_sensitivity
 from rsg_eval.report.stats import Bootstrap, mcnemar_exact, paired_test, percentile_ci, resample_indices
 
 PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
@@ -537,6 +538,7 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         "disagreements": {t: d for t in tasks if (d := _disagreements(runs, t, TASK_NAMES.index(t), seed,
                                                                           n_examples))},
         "template_spread": _template_spread(runs, tasks, cells),
+        "prompt_sensitivity": build_sensitivity(runs, seed=seed, n_boot=n_boot),  # multi-template runs
         "epochs": {run.name: run.epochs for run in runs if run.epochs},
         "problems": problems,
     }

@@ -11,13 +11,15 @@ import base64
 from pathlib import Path
 from typing import Any
 
+from rsg_eval.report import sensitivity
 from rsg_eval.report.render import (GAIN_RULE, MARK, PUBLISHED_NOTES_TITLE, TASK_TABLE_NOTE, num,
                                     task_table_header, task_table_rows, totals_header, totals_only_note,
                                     totals_rows, SPREAD_HEAD, spread_rows, board_header, board_rows, has_board,
                                     table3_header, table3_rows, table3_title)
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
-CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch"}
+CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch",
+                "prompts": "Score per prompt template (dots) and the mean over templates (bars)"}
 
 
 def inline_code(text: object) -> Any:
@@ -81,6 +83,8 @@ def _context(report: dict, charts: dict[str, bytes]) -> dict:
         "spread_head": SPREAD_HEAD,
         "template_spread": [{"model": s["model"], "runs": s["runs"], "templates": s["templates"],
                              "rows": _cells(spread_rows(s))} for s in report["template_spread"]],
+        "sensitivity": [{**s, "rows": _cells(s["rows"])} for s in sensitivity.sections(report)],
+        "sensitivity_rule": (report.get("prompt_sensitivity") or {}).get("rule", ""),
         "problems": report["problems"],
     }
 

@@ -11,6 +11,8 @@ import json
 import math
 from typing import Any
 
+from rsg_eval.report import sensitivity
+
 MARK = "*"  # beside a gain when the paired test says the difference is significant
 
 
@@ -270,6 +272,7 @@ def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
     if figures:
         out += ["## Charts", ""] + [f"![{name}]({path})" for name, path in figures.items()] + [""]
     out += _md_inside(report)
+    out += sensitivity.markdown(report)  # prompt sensitivity of multi-template runs
     if report.get("published_notes"):
         out += ["## " + PUBLISHED_NOTES_TITLE, ""] + [f"- {n}" for n in report["published_notes"]] + [""]
     if report["problems"]:
@@ -373,6 +376,8 @@ def to_csv(report: dict) -> str:
             row(run, "mean:" + "+".join(report["common_tasks"]), "mean", t["common"], ci_low=ci[0], ci_high=ci[1],
                 gain_pct=t["common_gain"], gain_vs=t.get("gain_vs") if t["common_gain"] is not None else None,
                 status="ok", no_gain=t.get("no_gain"), **paired_kw(t["common_paired"]))
+    for d in sensitivity.csv_rows(report):  # per template of multi-template runs
+        w.writerow({**{k: "" for k in CSV_COLUMNS}, **d})
     return buf.getvalue()
 
 
