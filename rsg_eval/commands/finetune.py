@@ -11,8 +11,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import (console, data_option, fmt, fsdp_offload_option, print_zip, quiet_option,
-                                       sharding_option, tasks_option)
+from rsg_eval.commands._common import (THREADS_HELP, console, data_option, fmt, fsdp_offload_option, plural,
+                                       print_zip, quiet_option, sharding_option, tasks_option)
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
@@ -104,6 +104,7 @@ def register(app: typer.Typer) -> None:
                                                show_default="the hub's default branch"),
         sharding: Optional[str] = sharding_option(),
         fsdp_cpu_offload: bool = fsdp_offload_option(),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option("No progress display."),
     ) -> None:
         """Fine-tune on each task (input: the rendered prompt; target: the gold answer + </s>), keep the best
@@ -119,6 +120,9 @@ def register(app: typer.Typer) -> None:
         from rsg_eval.training.finetune.run import run_finetune
         from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
         require_seq2seq(model, "rsg finetune")
+        from rsg_eval.models.threads import choose_cpu_threads
+
+        choose_cpu_threads(model, device, threads)
 
         if bf16 not in ("auto", "on", "off"):
             raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
@@ -252,6 +256,6 @@ def _summary(out: Any) -> None:
         table.add_row("[bold]total[/]", "mean of the nine task scores" if m.get("total") is not None
                       else "needs all nine tasks", fmt(m.get("total"), 4))
         console.print(table)
-    console.print(f"run folder: [bold]{out.run.path}[/] ({len(out.trained)} tasks trained, {len(out.skipped)} "
-                  f"skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
+    console.print(f"run folder: [bold]{out.run.path}[/] ({plural(len(out.trained), 'task')} trained, "
+                  f"{len(out.skipped)} skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
     print_zip(out.zip)

@@ -10,13 +10,14 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import THREADS_HELP, console, data_option, fmt, print_zip, quiet_option, tasks_option
 
 
 def register(app: typer.Typer) -> None:
     @app.command("zeroshot")
     def zeroshot_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
+        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random seq2seq, offline smoke test), "
+                                                             "'tiny-causal' (its decoder-only twin), a hub id such "
                                                              "as ai-forever/FRED-T5-1.7B, or a local model folder."),
         data: Optional[str] = data_option(),
         tasks: Optional[List[str]] = tasks_option(),
@@ -77,14 +78,15 @@ def register(app: typer.Typer) -> None:
                                                                   "for LiDiRus) put before each item, drawn per "
                                                                   "item; dropped first when the input is too "
                                                                   "long."),
-        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw.",
-                                                   show_default="the run seed, 0"),
+        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw (the "
+                                                   "only random step of a zero-shot run).", show_default="0"),
         shard_size: int = typer.Option(256, "--shard-size", hidden=True, help="Items per shard: the unit shared "
                                                                               "out among processes and saved for "
                                                                               "resume."),
         nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
                                                                 "and LiDiRus with the NLI head instead of "
                                                                 "prompts."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option(),
     ) -> None:
         """Zero-shot (or --num-fewshot) evaluation: score each answer choice by its log-likelihood, pick the best.
@@ -101,6 +103,7 @@ def register(app: typer.Typer) -> None:
             import transformers  # noqa: F401
 
             from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
+            from rsg_eval.models.threads import choose_cpu_threads
 
         if nli_head and num_fewshot:
             raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
@@ -108,6 +111,7 @@ def register(app: typer.Typer) -> None:
         if device_map is not None and device not in (None, "auto"):  # refused before any work, as load_model would
             raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
                            field="--device-map", expected="--device-map alone, or --device alone")
+        choose_cpu_threads(model, "auto" if device_map else device, threads)
         if nli_head:
             from rsg_eval.eval.nli_head import run_nli_head_eval
             from rsg_eval.models.loading import require_seq2seq

@@ -657,7 +657,10 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
     import dataclasses
 
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from rsg_eval.scoring import CutPrompts, count_cut_prompts, cut_prompts_note
 
     result = ZeroShotResult(run, main=dist.main)
     pending = [jobs[i] for i in pending_idx]
@@ -690,6 +693,20 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
     done: dict[tuple[str, int], dict] = {}     # shard id -> result (main: every shard it knows of)
     fresh: dict[tuple[str, int], dict] = {}    # shards this process scored in this call
     written: set[int] = set()                  # ids of pending jobs whose task results are written
+
+    noted: set = set()
+
+    def _note_cut(key: str, group: list, results: list[dict]) -> None:
+        """Once per input (a task split; LiDiRus val and test share one): how many prompts lost their start."""
+        cuts = [r["cut"] for r in results if r.get("cut") and r["cut"]["n"]]
+        if key in noted or not cuts:
+            return
+        noted.add(key)
+        cut = CutPrompts(sum(c["n"] for c in cuts), sum(c["total"] for c in cuts), cuts[0]["limit"])
+        where = f"{group[0].task}/{'+'.join(j.split for j in group)}"
+        advice = "use a template that shortens the passage to fit (its `truncate:` field, docs/zeroshot.md)" + (
+            " or fewer --num-fewshot examples" if opts.num_fewshot else "")
+        console.print(f"[yellow]note:[/] {cut_prompts_note(where, cut, advice)}", highlight=False, soft_wrap=True)
 
     def write_ready(bars: dict) -> None:
         """Main process: write every task split whose shards are all known (scored here or found on disk)."""
@@ -727,6 +744,7 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                 if id(job) in bars:
                     bars["progress"].update(bars[id(job)], completed=len(job.items))
                 result.outcomes.append(TaskOutcome(job.task, job.split, "done", len(job.items), secs, n_trunc))
+            _note_cut(key, group, [done[sh.id] for sh in mine_of_key])
             if all(id(j) in written for j in group):  # consumed: the task results hold it all now
                 for sh in mine_of_key:
                     _shard_path(run, sh).unlink(missing_ok=True)
@@ -735,7 +753,9 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
 
     try:
         torch.manual_seed(opts.seed)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        # elapsed, then the time left (rich's estimate from the recent rate: "-:--:--" until it has one)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
             bars: dict = {"progress": progress}
             for job in pending:
@@ -754,9 +774,11 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                             progress.advance(bars[id(job)], n)
 
                     part = dataclasses.replace(sh.job, items=sh.job.items[sh.start:sh.end])
-                    _, rows, n_trunc = _score_job(part, loaded, opts, advance)
+                    with count_cut_prompts() as cut:  # one note per task split below, not a warning per shard
+                        _, rows, n_trunc = _score_job(part, loaded, opts, advance)
                     res = {"key": sh.key, "task": sh.task, "index": sh.index, "start": sh.start, "end": sh.end,
                            "keys": sh.keys(), "rows": rows, "n_truncated": n_trunc,
+                           "cut": {"n": cut.n, "total": cut.total, "limit": cut.limit},
                            "seconds": round(time.perf_counter() - t0, 3),
                            "model": {k: info.get(k) for k in ("fingerprint", "dtype", "device")}}
                     if part.shots is not None and part.variants is None:
