@@ -1,7 +1,7 @@
 """CPU threads for the tiny model: 1 against N, in one process, the measurement behind the commands' automatic choice
 (rsg_eval.models.threads: 1 thread for a small model on a CPU).
 
-    python -m rsg_eval.bench.threads [--threads 2] [--rounds 3]
+    rsg bench threads [--threads 2] [--rounds 3]
 
 Two pieces of work of the offline tour, on the built-in tiny model: zero-shot scoring of the bundled sample's val
 prompts of five tasks, and four training steps of a batch of 8 prompts. The thread counts take turns (1, N, N, 1, ...)
@@ -10,7 +10,6 @@ so that load from other jobs falls on both alike; each keeps its best round. Pri
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any, Callable
 
@@ -76,17 +75,11 @@ def compare(threads: int = 2, rounds: int = 3) -> list[dict[str, Any]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="the thread count compared with 1")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, best kept")
-    a = ap.parse_args()
-    rows = compare(a.threads, a.rounds)
+def lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (work, thread count), with the ratio against 1 thread."""
+    out = []
     for r in rows:
         one = next(x for x in rows if x["work"] == r["work"] and x["threads"] == 1)
-        print(f"{r['work']}: {r['threads']} thread(s): wall {r['wall_s']:.3f} s, CPU {r['cpu_s']:.3f} s"
-              + ("" if r["threads"] == 1 else f"; 1 thread is {r['wall_s'] / one['wall_s']:.2f}x faster (wall)"))
-
-
-if __name__ == "__main__":
-    main()
+        out.append(f"{r['work']}: {r['threads']} thread(s): wall {r['wall_s']:.3f} s, CPU {r['cpu_s']:.3f} s"
+                   + ("" if r["threads"] == 1 else f"; 1 thread is {r['wall_s'] / one['wall_s']:.2f}x faster (wall)"))
+    return out

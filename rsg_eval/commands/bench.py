@@ -14,7 +14,8 @@ from rsg_eval.commands._common import RsgTyper
 bench_app = RsgTyper(help="Benchmarks: speed and memory as ratios against the naive way, measured in one run.",
                         no_args_is_help=True)
 
-BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl", "bench_corpus", "bench_gpu", "bench_memory")
+BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl", "bench_corpus", "bench_gpu", "bench_memory",
+                 "bench_threads")
 
 
 def register(app: typer.Typer) -> None:
