@@ -492,7 +492,10 @@ def compare(model: str, pairs: Sequence[Pair], cfg: FinetuneConfig, device: torc
 
     plan = epoch_plan([p.length for p in pairs], cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length)
     names = ["ours", "hf-grouped"] + (["ours-plain"] if breakdown else []) + (["hf-same"] if check_steps else [])
-    ctx = multiprocessing.get_context("spawn")
+    # A fresh process per run, forked from a server that has imported torch, transformers and this module once
+    # (not spawned: each spawned process paid those imports again). No CUDA context exists before the fork.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "rsg_eval.bench.hf_trainer"])
     turns = Turns(names, every, device, ctx=ctx)
     with tempfile.TemporaryDirectory(prefix="rsg-bench-against-") as tmp:
         spec_path = str(Path(tmp) / "spec.pt")
