@@ -39,11 +39,12 @@ def test_report_lists_the_paths_it_wrote(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_finetune_prints_bar_after_its_evaluations_with_one_labelled_loss(tmp_path: Path) -> None:
+def test_finetune_prints_bar_after_its_evaluations_with_one_labelled_loss(tmp_path: Path, warm_rsg: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env["OMP_NUM_THREADS"] = "1"
     # piped, as in `rsg finetune ... > log.txt`: rich draws a bar only when it stops
-    proc = subprocess.run([RSG, "finetune", "--model", "tiny", "--data", "sample", "--tasks", "TERRa", "RCB",
+    # a real process with its stdout a pipe (the warm server's fork: tests/_warm_rsg.py)
+    proc = subprocess.run([str(warm_rsg / "rsg"), "finetune", "--model", "tiny", "--data", "sample", "--tasks", "TERRa", "RCB",
                            "--epochs", "2", "--root", str(tmp_path), "--run", "r", "--checkpoint-dir",
                            str(tmp_path / "ck")], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

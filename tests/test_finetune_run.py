@@ -145,19 +145,17 @@ def test_task_without_a_train_split_is_reported_and_others_go_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(learn_run, tmp_path):
-    """torchrun with two CPU processes (gloo), batch 4 each = the single run's batch 8: it completes, writes one
+def test_two_processes_match_one(learn_run, tmp_path, warm_rsg):
+    """Two CPU processes (gloo) laid out as torchrun does (tests/_warm_rsg.warm_torchrun), batch 4 each = the single run's batch 8: it completes, writes one
     run folder (rank 0 only), and its val metrics and losses match the single-process run."""
     d, single = learn_run
     args = ["finetune", "--model", "tiny", "--data", str(d / "data"), "--tasks", "TERRa", "--epochs",
             str(LEARN["epochs"]), "--batch-size", "4", "--lr", str(LEARN["lr"]), "--warmup-ratio", "0",
             "--max-source-length", "64", "--max-target-length", "8", "--run", str(tmp_path / "run2"),
             "--checkpoint-dir", str(tmp_path / "ck2"), "-q"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    # `--` keeps torchrun's own parser away from our flags (it would read --run as its --run-path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rsg_eval.cli", "--", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    from _warm_rsg import warm_torchrun
+
+    proc = warm_torchrun(warm_rsg, args, n=2, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck2", "run2"]  # one run folder, nothing else
     from rsg_eval.runs import RunFolder
