@@ -30,12 +30,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import T5ForConditionalGeneration
+from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from rsg_eval.errors import RSGError
 from rsg_eval.hmtl.labels import DEFAULT_MC_CLASSES, NEREL_TYPES, NLI_LABELS
 from rsg_eval.models.adapters import AdaptedLMHead, Bottleneck
+from rsg_eval.models.untied import keep_head_untied, normalize_config, save_pretrained
 
 CONFIG_NAME = "hmtl_config.json"
 HEADS_NAME = "hmtl_heads.safetensors"
@@ -331,7 +332,7 @@ class HierarchicalT5(nn.Module):
             wrapped = self.seq2seq.lm_head
             self.seq2seq.lm_head = wrapped.proj          # save the base exactly as transformers expects it
             try:
-                self.seq2seq.save_pretrained(tmp, safe_serialization=True)
+                save_pretrained(self.seq2seq, tmp, safe_serialization=True)  # untied head under transformers 4 and 5
             finally:
                 self.seq2seq.lm_head = wrapped
             heads = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
@@ -389,7 +390,8 @@ def load_hierarchical(path: str | Path, *, device: str | torch.device | None = N
         import transformers
         new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
         kwargs["dtype" if new else "torch_dtype"] = dtype     # `torch_dtype` is deprecated from 4.56 on
-    seq2seq = T5ForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    config = normalize_config(T5Config.from_pretrained(str(path)))
+    seq2seq = keep_head_untied(T5ForConditionalGeneration.from_pretrained(str(path), config=config, **kwargs))
     model = HierarchicalT5(seq2seq, cfg)
     heads_file = path / HEADS_NAME
     if not heads_file.is_file():

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rsg_eval.errors import RSGError
+from rsg_eval.models.untied import head_is_tied, keep_head_untied, normalize_config
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,8 @@ def _load_transformers(
         raise RSGError(f"could not load the tokenizer from {where} {name!r}: {_short(exc)}") from exc
     auto_cls = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
     placement = {"device_map": device_map} if device_map is not None else {}
-    model = _from_pretrained(auto_cls, name, config, dt, {**common, **placement}, where)
+    model = _from_pretrained(auto_cls, name, normalize_config(config), dt, {**common, **placement}, where)
+    keep_head_untied(model)  # transformers 5 would tie FRED-T5's separate head on a later tie_weights()
     if device_map is None:
         model.to(dev)
     model.eval()
@@ -354,9 +356,18 @@ def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: s
         "max_input_tokens": max_input_tokens(tokenizer, cfg),
         "eos_token_id": eos,
         "decoder_start_token_id": cfg.decoder_start_token_id,
-        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", True)),
+        "tie_word_embeddings": _head_tied(model),
         "tokenizer_appends_eos": _appends_eos(tokenizer),
     }
+
+
+def _head_tied(model: Any) -> bool:
+    """Whether the LM head really shares the input embeddings' tensor (transformers 5's T5 config always says
+    `tie_word_embeddings: true`, so the flag alone does not tell)."""
+    try:
+        return head_is_tied(model)
+    except (AttributeError, NotImplementedError):
+        return bool(getattr(model.config, "tie_word_embeddings", True))
 
 
 def _appends_eos(tokenizer: Any) -> bool:
