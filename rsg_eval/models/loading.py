@@ -291,6 +291,8 @@ def _load_transformers(
     keep_head_untied(model)  # transformers 5 would tie FRED-T5's separate head on a later tie_weights()
     if device_map is None:
         model.to(dev)
+    elif not getattr(model, "hf_device_map", None):  # transformers 5 records no plan when one device holds it all
+        model.hf_device_map = {"": str(next(model.parameters()).device)}
     model.eval()
     commit = getattr(config, "_commit_hash", None) or getattr(model.config, "_commit_hash", None)
     fingerprint = _dir_fingerprint(Path(name)) if local else (commit or revision or "unknown")
@@ -355,7 +357,7 @@ def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: s
         "parameters": sum(p.numel() for p in model.parameters()),
         "max_input_tokens": max_input_tokens(tokenizer, cfg),
         "eos_token_id": eos,
-        "decoder_start_token_id": cfg.decoder_start_token_id,
+        "decoder_start_token_id": getattr(cfg, "decoder_start_token_id", None),  # 5.x: seq2seq configs only
         "tie_word_embeddings": _head_tied(model),
         "tokenizer_appends_eos": _appends_eos(tokenizer),
     }
