@@ -5,6 +5,7 @@ Accepted names:
 - `tiny-causal`: the built-in random small Llama-shaped decoder-only model, same tokenizer;
 - a local directory holding a model saved with `save_pretrained` (safetensors preferred);
 - a local hierarchical checkpoint directory (it has `hmtl_config.json`), loaded by rsg_eval.models.hierarchical;
+- a LoRA adapter folder (it has `adapter_config.json`): its base model, then the adapter merged in (models/lora.py);
 - a hub id such as `ai-forever/FRED-T5-1.7B` (transformers auto classes, remote code off unless asked for).
 
 Seq2seq or decoder-only is read from the config (`is_encoder_decoder`): AutoModelForSeq2SeqLM or
@@ -139,6 +140,12 @@ def load_model(
             _refuse_causal(name, "llama")
         return _load_tiny(dev, dtype, causal=name == TINY_CAUSAL_NAME, device_map=device_map)
     path = Path(name).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():  # a LoRA adapter: its base, then the adapter
+        from rsg_eval.models.lora import load_adapter_model
+
+        return load_adapter_model(path, device=device, dtype=dtype, revision=revision,
+                                  trust_remote_code=trust_remote_code, allow_fp16=allow_fp16, causal_ok=causal_ok,
+                                  device_map=device_map)
     if path.is_dir():
         _check_local_weights(path)
         if (path / HIERARCHICAL_MARKER).is_file():
