@@ -10,7 +10,7 @@ import typer
 
 from rsg_eval import __version__
 from rsg_eval.commands._common import RsgTyper
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 app = RsgTyper(
     name="rsg",
@@ -68,7 +68,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # click usage errors and the like
-        from rsg_eval.io import storage_error
+        from rsg_eval.core.io import storage_error
 
         err = storage_error(exc, getattr(exc, "filename", None))
         if err is not None:  # a full disk that no writer turned into an RSGError: still one line, exit 2

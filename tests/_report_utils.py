@@ -56,8 +56,8 @@ def make_rows(task: str, n: int, acc: float, seed: int = 0, *, answers_per_q: tu
 
 def write_run(root: Path, name: str, tasks: dict[str, list[dict]], *, config: dict | None = None,
               split: str = "val", epochs: list[dict] | None = None, with_metrics: bool = True) -> Path:
-    """A run folder: config.json, logs/<split>/<Task>.jsonl, metrics.json (via rsg_eval.metrics), epochs.csv."""
-    from rsg_eval import metrics
+    """A run folder: config.json, logs/<split>/<Task>.jsonl, metrics.json (via rsg_eval.core.metrics), epochs.csv."""
+    from rsg_eval.core import metrics
 
     path = Path(root) / name
     (path / "logs" / split).mkdir(parents=True, exist_ok=True)

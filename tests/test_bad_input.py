@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval.data import SAMPLE_DIR
-from rsg_eval.errors import RSGError
-from rsg_eval.submission import check_zip, parse_lines, to_lines, write_task_file, write_zip
-from rsg_eval.tasks import TASK_NAMES, load_items
+from rsg_eval.core.data import SAMPLE_DIR
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.submission import check_zip, parse_lines, to_lines, write_task_file, write_zip
+from rsg_eval.core.tasks import TASK_NAMES
+from rsg_eval.core.data import load_items
 
 # Every character str.splitlines() breaks at besides "\n" and "\r". JSON allows the last three raw in a string
 # (json.dumps(ensure_ascii=False) writes them so); the others it escapes, but a reader must cope either way.
@@ -80,7 +81,7 @@ def _separator_data(root: Path) -> Path:
 def test_readers_split_lines_on_newline_only():
     """JSON escapes the control characters but writes U+0085, U+2028 and U+2029 raw: all read back whole, with
     a BOM and CRLF line ends around them."""
-    from rsg_eval.io import iter_jsonl_text
+    from rsg_eval.core.io import iter_jsonl_text
 
     text = "\ufeff" + "".join(json.dumps({"idx": i, "label": f"a{ch}b"}, ensure_ascii=False) + "\r\n"
                               for i, ch in enumerate(SEPARATORS))

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 from rsg_eval.models.loading import load_model  # noqa: E402
 from rsg_eval.models.weight_files import bin_problem, safetensors_problem  # noqa: E402
 
@@ -110,11 +110,12 @@ def test_damaged_model_through_the_cli_is_one_line_and_writes_nothing(saved, tmp
 
 
 def test_damaged_hierarchical_heads_file(tmp_path):
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.models.tiny import build_tiny
 
     base, tok = build_tiny()
-    HierarchicalT5.from_base(base, split=1).save_pretrained(tmp_path / "h", tokenizer=tok)
+    HierarchicalT5.from_base(base, split=1, **head_labels()).save_pretrained(tmp_path / "h", tokenizer=tok)
     _truncate(tmp_path / "h" / "hmtl_heads.safetensors")
     with pytest.raises(RSGError) as exc:
         load_model(tmp_path / "h")

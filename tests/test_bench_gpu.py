@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from rsg_eval.cli import app  # noqa: E402
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 
 from tests._finetune_utils import one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 

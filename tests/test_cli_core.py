@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from rsg_eval.submission import write_task_file, write_zip
-from rsg_eval.tasks import TASK_NAMES, load_items
+from rsg_eval.core.submission import write_task_file, write_zip
+from rsg_eval.core.tasks import TASK_NAMES
+from rsg_eval.core.data import load_items
 
 
 def rsg(*args, cwd=None):

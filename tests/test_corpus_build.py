@@ -15,7 +15,7 @@ from _corpus_utils import CONFIG, FIXTURES, save_tiny_qa, save_tiny_t5
 from rsg_eval.corpus.annotate import assign_jobs
 from rsg_eval.corpus.build import BuildOptions, build_corpus, percentiles, split_task
 from rsg_eval.corpus.config import load_config, parse_config
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 QUIET = dict(progress=False, echo=lambda m: None)
 
@@ -26,7 +26,7 @@ def _lines(path: Path) -> list[dict]:
 
 def _hmtl_counts(out: Path) -> dict[str, dict[str, int]]:
     """Load the corpus with the trainer's own reader (validates every record)."""
-    from rsg_eval.hmtl.corpus import load_examples, open_corpus
+    from rsg_eval.corpus.load import load_examples, open_corpus
 
     corpus = open_corpus(out, require_val=True)
     assert len(corpus.labels.mc) == 17
@@ -111,7 +111,7 @@ def test_percentiles_and_assignment_by_hand() -> None:
 
 
 def test_leakage_guard_and_limit(tmp_path: Path) -> None:
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.data import load_items
 
     words = load_items("sample", "DaNetQA", "val")[0].fields["passage"].split()
     leak = {"body": "Из нашего архива. " + " ".join(words[:20]) + " Конец заметки о реке и городах.",

@@ -10,7 +10,7 @@ from rsg_eval.corpus.annotate import cut, degenerate, sentences
 from rsg_eval.corpus.cleaning import CleanConfig, Cleaner, Deduper, cyrillic_share, find, strip
 from rsg_eval.corpus.config import load_config
 from rsg_eval.corpus.leakage import LeakageGuard, NgramIndex, build_rsg_index
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 LONG = ("Учёные Новосибирского университета опубликовали статью о климате Арктики. По их данным, площадь льда "
         "летом сокращается быстрее, чем предсказывали модели десять лет назад.")
@@ -115,7 +115,7 @@ def test_ngram_index_matches_only_long_shared_runs() -> None:
 
 
 def test_leakage_guard_drops_copy_of_a_sample_passage() -> None:
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.data import load_items
 
     index, seen = build_rsg_index("sample", n=13)
     assert seen["DaNetQA/val"] >= 1 and "DaNetQA/train" not in seen
@@ -242,7 +242,7 @@ def test_hash_sorter_and_smallest_keys(tmp_path: Path) -> None:
 def test_memory_bench_runs_both_ways(tmp_path: Path) -> None:
     import numpy as np
 
-    from rsg_eval.corpus.bench import measure
+    from rsg_eval.bench.corpus import measure
 
     ballast = np.ones(300 << 17)   # 300 MB in this (parent) process: a child must not report it as its own
     ballast[::4096] = 2.0          # touch every page

@@ -13,7 +13,7 @@ import pytest
 from rsg_eval.corpus.brat import chunk_doc, iter_brat, parse_ann_line
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import NEREL_TYPES, Problems
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 FX = Path(__file__).parent / "fixtures" / "corpus"
 

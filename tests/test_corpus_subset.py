@@ -12,7 +12,7 @@ from _corpus_utils import CONFIG, FIXTURES
 from rsg_eval.corpus.build import BuildOptions, build_corpus
 from rsg_eval.corpus.config import load_config, parse_config, parse_sizes
 from rsg_eval.corpus.subset import allocate, cut_subset
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 QUIET = dict(progress=False, echo=lambda m: None)
 
@@ -59,7 +59,7 @@ def test_subset_is_a_seeded_stratified_sample_of_the_corpus(corpus: Path, tmp_pa
                          "train.jsonl")) for k in range(4, 8)]
     assert any(o != set(sub) for o in others)   # another seed, another sample
     # the trainer reads it (17 topic classes kept from labels.json)
-    from rsg_eval.hmtl.corpus import load_examples, open_corpus
+    from rsg_eval.corpus.load import load_examples, open_corpus
 
     c = open_corpus(tmp_path / "a", require_val=True)
     assert len(load_examples(c, "train")) == 8 and len(c.labels.mc) == 17

@@ -20,7 +20,7 @@ from rsg_eval.corpus.cleaning import Cleaner
 from rsg_eval.corpus.config import parse_config
 from rsg_eval.corpus.records import NEREL_TYPES
 from rsg_eval.corpus.teachers import load_teacher, local_fingerprint
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 QUIET = dict(progress=False, echo=lambda m: None)
 pytestmark = pytest.mark.slow

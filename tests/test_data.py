@@ -6,9 +6,9 @@ import zipfile
 
 import pytest
 
-from rsg_eval import data as D
-from rsg_eval.errors import RSGError
-from rsg_eval.tasks import load_items
+from rsg_eval.core import data as D
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.data import load_items
 
 
 def _zip_bytes(members):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import WriteError, atomic_write_text, write_failure
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import WriteError, atomic_write_text, write_failure
 
 from tests.test_bad_input import cli
 
@@ -191,11 +191,12 @@ def test_hierarchical_checkpoint_full_disk(tmp_path, monkeypatch):
     from safetensors import SafetensorError
     import safetensors.torch as st
 
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.models.tiny import build_tiny
 
     base, tok = build_tiny()
-    hier = HierarchicalT5.from_base(base, split=1)
+    hier = HierarchicalT5.from_base(base, split=1, **head_labels())
     monkeypatch.setattr(st, "save_file", _fail_at(1, SafetensorError(SAFETENSORS_FULL), st.save_file))
     with pytest.raises(WriteError, match="the disk is full") as exc:
         hier.save_pretrained(tmp_path / "last", tokenizer=tok)

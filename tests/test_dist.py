@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 from rsg_eval.training import dist as D  # noqa: E402
 
 
@@ -186,7 +186,7 @@ def test_zeroshot_refuses_a_fixed_gpu_or_a_device_map_under_a_launcher_before_an
                                                                                         tmp_path):
     """`rsg zeroshot --device cuda:0` under torchrun would score every shard on GPU 0 (it used to be taken as
     given); `--device-map` needs one process. Both are refused on every process before a run folder exists."""
-    from rsg_eval import zeroshot
+    from rsg_eval.eval import zeroshot
     from rsg_eval.training import dist as dist_mod
 
     monkeypatch.setattr(dist_mod, "init_from_env", lambda timeout_s=None: rank1_of_2)

@@ -54,8 +54,8 @@ def test_paper_size_table_is_what_the_plan_computes():
 
 
 def test_sample_plan_in_the_page_is_the_log():
-    from rsg_eval.hmtl.corpus import load_examples, open_corpus
-    from rsg_eval.hmtl.labels import TASKS
+    from rsg_eval.corpus.load import load_examples, open_corpus
+    from rsg_eval.corpus.labels import TASKS
 
     c = open_corpus("sample")
     load_examples(c, "train")

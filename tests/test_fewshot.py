@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval.data import resolve_data
-from rsg_eval.errors import RSGError
-from rsg_eval.fewshot import draw_shots, identity, item_seed, load_pool
-from rsg_eval.prompts import load_template, parse_template, render_fewshot, render_fewshot_content_free, render_shot
-from rsg_eval.tasks import TASK_NAMES, load_items
-from rsg_eval.zeroshot import ZeroShotOptions, plan_jobs
+from rsg_eval.core.data import resolve_data
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.fewshot import draw_shots, identity, item_seed, load_pool
+from rsg_eval.core.prompts import (load_template, parse_template, render_fewshot, render_fewshot_content_free,
+                                   render_shot)
+from rsg_eval.core.tasks import TASK_NAMES
+from rsg_eval.core.data import load_items
+from rsg_eval.eval.zeroshot import ZeroShotOptions, plan_jobs
 
-SAMPLE = Path(__file__).resolve().parents[1] / "rsg_eval" / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "rsg_eval" / "samples" / "sample"
 IDENT = {"model": "tiny", "revision": None, "dtype": "float32"}  # plan_jobs without touching torch
 
 
@@ -249,7 +251,7 @@ def tiny():
 
 def test_zero_shot_run_logs_todays_prompts(tmp_path, tiny):
     """K = 0: every logged prompt is Template.render's, and the rows carry no `shots` field."""
-    from rsg_eval.zeroshot import run_zeroshot
+    from rsg_eval.eval.zeroshot import run_zeroshot
 
     res = run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="z", tasks=["TERRa", "RuCoS"]),
                        show_progress=False, loaded=tiny)
@@ -262,7 +264,7 @@ def test_zero_shot_run_logs_todays_prompts(tmp_path, tiny):
 
 def test_short_budget_in_a_run_drops_shots_and_records_what_was_kept(tmp_path, tiny):
     from rsg_eval.models.loading import Loaded
-    from rsg_eval.zeroshot import run_zeroshot
+    from rsg_eval.eval.zeroshot import run_zeroshot
 
     short = Loaded(tiny.model, tiny.tokenizer, {**tiny.info, "max_input_tokens": 400})
     opts = ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="s", tasks=["DaNetQA"], num_fewshot=3)
@@ -326,7 +328,7 @@ def test_nine_tasks_with_two_shots_into_a_valid_zip(tmp_path, tiny, monkeypatch)
 def test_a_run_folder_holds_one_few_shot_setting(tmp_path, tiny):
     """The few-shot settings are part of the folder's one configuration: K or the seed changed in the same --run
     is refused with the difference named (zero-shot folders record no few-shot settings at all)."""
-    from rsg_eval.zeroshot import run_zeroshot
+    from rsg_eval.eval.zeroshot import run_zeroshot
 
     def run(**kw):
         opts = ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="r", tasks=["TERRa"], **kw)

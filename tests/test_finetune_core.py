@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 from rsg_eval.training import checkpoint as ck  # noqa: E402
 from rsg_eval.training.config import FinetuneConfig, load_config_set  # noqa: E402
 from rsg_eval.training.data import Pair, build_pairs, encode_target, epoch_plan, gold_targets, rank_slice  # noqa: E402
@@ -29,9 +29,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def terra_pairs(tiny):
-    from rsg_eval.data import resolve_data
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.data import load_items
 
     _, tok = tiny()
     tpl = load_template("TERRa")
@@ -55,9 +55,9 @@ def test_target_ends_in_exactly_one_eos(tiny):
 
 def test_pairs_per_task_rules(tiny):
     """MuSeRC: every answer trains (yes and no); RuCoS: one pair per distinct gold entity; no gold: none."""
-    from rsg_eval.data import resolve_data
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.data import load_items
 
     _, tok = tiny()
     ds = resolve_data("sample")

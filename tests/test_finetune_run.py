@@ -68,11 +68,11 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from rsg_eval.cli import app
-    from rsg_eval.data import resolve_data
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.runs import RunFolder
-    from rsg_eval.submission import check_zip
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.submission import check_zip
+    from rsg_eval.core.tasks import TASK_NAMES
     from rsg_eval.training import checkpoint as ck
 
     monkeypatch.chdir(tmp_path)
@@ -124,7 +124,7 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
 
 
 def test_task_without_a_train_split_is_reported_and_others_go_on(tmp_path):
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.training.finetune import run_finetune, training_units
 
     assert training_units(["LiDiRus", "RCB", "TERRa"]) == [("RCB", ["RCB"]), ("TERRa", ["TERRa", "LiDiRus"])]
@@ -178,12 +178,13 @@ def test_two_processes_match_one(learn_run, tmp_path):
 def test_a_hierarchical_checkpoint_can_be_fine_tuned(tmp_path):
     """--model may be a hierarchical checkpoint folder: load_model gives its seq2seq model (LM adapter inside
     lm_head), which trains, checkpoints and predicts like any T5."""
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.models.tiny import build_tiny
     from rsg_eval.training.finetune import run_finetune
 
     model, tok = build_tiny()
-    HierarchicalT5.from_base(model).save_pretrained(tmp_path / "hier", tokenizer=tok)
+    HierarchicalT5.from_base(model, **head_labels()).save_pretrained(tmp_path / "hier", tokenizer=tok)
     learnable_terra(tmp_path / "data", n_train=8, n_val=4, n_test=2)
     out = run_finetune(str(tmp_path / "hier"), configs=load_config_set(None, dict(LEARN, epochs=1)),
                        tasks=["TERRa"], data=tmp_path / "data", run=str(tmp_path / "run"),
@@ -198,7 +199,7 @@ def test_a_hierarchical_checkpoint_can_be_fine_tuned(tmp_path):
 def test_nan_mid_task_stops_the_run_and_keeps_its_curve(tmp_path):
     """The LM head starts to emit NaN in training after epoch 1: the run stops with a message naming the step,
     epochs.csv keeps the epoch-1 row, and `last/` holds the state to resume from."""
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.models.loading import load_model
     from rsg_eval.runs import RunFolder
     from rsg_eval.training import checkpoint as ck
@@ -265,8 +266,8 @@ def test_one_configuration_per_run_folder(tmp_path):
     """A finished task trained with --epochs 1 is not mixed with --epochs 2 in the same --run: refused (naming
     the setting, old -> new); --restart clears the results and the checkpoints and trains again. The states
     carry the val/test data file's sha256 (what reports compare)."""
-    from rsg_eval.data import sha256_file
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.data import sha256_file
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.runs import RunFolder
     from rsg_eval.training.finetune import run_finetune
 
@@ -299,7 +300,7 @@ def test_a_broken_template_creates_nothing(tmp_path):
     """Templates (train targets too) are rendered before the model loads and before the run folder exists."""
     import textwrap
 
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.training.finetune import run_finetune
 
     learnable_terra(tmp_path / "data", n_train=4, n_val=4, n_test=2)

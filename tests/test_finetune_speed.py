@@ -137,7 +137,7 @@ def test_bench_against_refuses_unknown_peers_and_models():
     from typer.testing import CliRunner
 
     from rsg_eval.cli import app
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
 
     res = CliRunner().invoke(app, ["bench", "finetune", "--against", "deepspeed"])
     assert isinstance(res.exception, RSGError) and "expected: hf-trainer" in str(res.exception)

@@ -10,7 +10,8 @@ import torch
 
 from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
+from rsg_eval.corpus.labels import head_labels
 from rsg_eval.models.hierarchical import HierarchicalT5, load_hierarchical, resolve_split
 from rsg_eval.models.tiny import build_tiny
 
@@ -35,7 +36,7 @@ TEXTS = ["Мальчик уронил стакан, и стакан разбил
 def _fresh(tiny4, split=2, **kw):
     base, tok = tiny4
     import copy
-    m = HierarchicalT5.from_base(copy.deepcopy(base), split=split, **kw)
+    m = HierarchicalT5.from_base(copy.deepcopy(base), split=split, **{**head_labels(), **kw})
     m.eval()
     return m, tok
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.hmtl import schedules
-from rsg_eval.hmtl.corpus import load_examples, open_corpus
-from rsg_eval.hmtl.labels import NEREL_TYPES, TASKS
+from rsg_eval.corpus.load import load_examples, open_corpus
+from rsg_eval.corpus.labels import NEREL_TYPES, TASKS
 
 GOOD = [
     {"task": "ner", "text": "Анна живёт в Казани.", "entities": [{"start": 0, "end": 4, "type": "PERSON"},

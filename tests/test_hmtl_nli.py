@@ -10,8 +10,8 @@ import torch
 
 from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
 
-from rsg_eval.errors import RSGError
-from rsg_eval.hmtl.nli_eval import decide, nli_probabilities, run_nli_head_eval
+from rsg_eval.core.errors import RSGError
+from rsg_eval.eval.nli_head import decide, nli_probabilities, run_nli_head_eval
 
 HEAD = ("entailment", "contradiction", "neutral")
 
@@ -29,12 +29,13 @@ def test_decide_by_hand():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.models.tiny import build_tiny
 
     base, tok = build_tiny(num_layers=4)
     torch.manual_seed(3)
-    hier = HierarchicalT5.from_base(base, split=1)
+    hier = HierarchicalT5.from_base(base, split=1, **head_labels())
     with torch.no_grad():      # a head that is not uniform, so predictions differ between items
         hier.heads["nli"].classifier.weight.normal_(0, 2.0)
     out = tmp_path_factory.mktemp("nli") / "ckpt"
@@ -45,7 +46,7 @@ def ckpt(tmp_path_factory):
 def test_run_folder_and_predictions(ckpt, tmp_path):
     from rsg_eval.models.loading import load_model
     from rsg_eval.runs import RunFolder
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.data import load_items
 
     run_dir = tmp_path / "run"
     res = run_nli_head_eval(ckpt, data="sample", tasks=None, split="all", run_dir=run_dir, batch_size=4)

@@ -11,9 +11,9 @@ import math
 
 import pytest
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.hmtl.dataset import BatchPlan, ner_bits_for, ner_tags_for
-from rsg_eval.hmtl.labels import NEREL_TYPES
+from rsg_eval.corpus.labels import NEREL_TYPES, head_labels
 
 ORG, CITY = NEREL_TYPES.index("ORGANIZATION"), NEREL_TYPES.index("CITY")
 
@@ -114,7 +114,7 @@ def test_ner_softmax_loss_worked_by_hand(tiny_hier):
     from rsg_eval.models.hierarchical import HierarchicalT5
 
     base, tok = tiny_hier
-    m = HierarchicalT5.from_base(copy.deepcopy(base), split=1)
+    m = HierarchicalT5.from_base(copy.deepcopy(base), split=1, **head_labels())
     m.eval()
     enc = tok(["Анна Петрова работает врачом в Новосибирске.", "Да."], padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -150,7 +150,7 @@ def test_softmax_entities_come_out_flat(tiny_hier, tmp_path):
     from rsg_eval.models.hierarchical import HierarchicalT5, load_hierarchical
 
     base, tok = tiny_hier
-    m = HierarchicalT5.from_base(copy.deepcopy(base), split=1)
+    m = HierarchicalT5.from_base(copy.deepcopy(base), split=1, **head_labels())
     assert m.config.ner_representation == "softmax-innermost"
     with torch.no_grad():
         m.heads["ner"].classifier.weight.zero_()
@@ -182,8 +182,8 @@ def test_shared_mc_ner_adapter(tiny_hier, tmp_path):
     from rsg_eval.models.hierarchical import HierarchicalT5, load_hierarchical
 
     base, tok = tiny_hier
-    per = HierarchicalT5.from_base(copy.deepcopy(base), split=1)
-    sh = HierarchicalT5.from_base(copy.deepcopy(base), split=1, adapter_layout="shared-mc-ner")
+    per = HierarchicalT5.from_base(copy.deepcopy(base), split=1, **head_labels())
+    sh = HierarchicalT5.from_base(copy.deepcopy(base), split=1, adapter_layout="shared-mc-ner", **head_labels())
     assert len(_bottlenecks(per)) == 4 and len(_bottlenecks(sh)) == 3   # paper: MC+NER, NLI, LM
     enc = tok(["Мальчик уронил стакан.", "Да."], padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -209,7 +209,7 @@ def test_shared_mc_ner_adapter(tiny_hier, tmp_path):
     per.save_pretrained(tmp_path / "p", tokenizer=tok)      # per-head checkpoints keep format 1
     assert json.loads((tmp_path / "p" / "hmtl_config.json").read_text())["format_version"] == 1
     with pytest.raises(RSGError, match="adapter layout"):
-        HierarchicalT5.from_base(copy.deepcopy(base), split=1, adapter_layout="inside")
+        HierarchicalT5.from_base(copy.deepcopy(base), split=1, adapter_layout="inside", **head_labels())
 
 
 # ------------------------------------------------------------------ defaults and --help
@@ -256,7 +256,7 @@ def _cli_defaults() -> dict:
 
 def test_every_train_hmtl_default_is_pinned():
     from rsg_eval.hmtl.train import TrainConfig
-    from rsg_eval.hmtl.labels import TASKS
+    from rsg_eval.corpus.labels import TASKS
 
     got = _cli_defaults()
     assert got == DEFAULTS

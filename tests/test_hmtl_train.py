@@ -99,7 +99,7 @@ def test_resume_after_interruption_is_identical(straight, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A finished run is not redone; different settings in the same folder are refused.
     assert train(cfg, progress=False).steps == 6
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     with pytest.raises(RSGError, match="other settings: epochs: 3 -> 4.*--restart"):
         train(TrainConfig(out=str(out_b), **{**KW, "epochs": 4}), progress=False)
 
@@ -111,11 +111,11 @@ def test_the_out_folder_holds_one_configuration(tmp_path):
     import json
     import shutil
 
-    from rsg_eval.data import __file__ as data_py
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.corpus.load import sample_dir
 
     corpus = tmp_path / "corpus"
-    shutil.copytree(__import__("pathlib").Path(data_py).parent / "data" / "corpus_sample", corpus)
+    shutil.copytree(sample_dir(), corpus)
     out = tmp_path / "out"
     kw = {**KW, "corpus": str(corpus), "epochs": 1, "max_steps_per_epoch": 2}
     cfg = TrainConfig(out=str(out), save_steps=1, **kw)

@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from rsg_eval.io import atomic_write_json, atomic_write_text, read_jsonl
-from rsg_eval.errors import RSGError
+from rsg_eval.core.io import atomic_write_json, atomic_write_text, read_jsonl
+from rsg_eval.core.errors import RSGError
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval import data as D
-from rsg_eval.errors import RSGError
-from rsg_eval.prompts import cut_fields, list_templates, load_template
-from rsg_eval.submission import check_zip, read_predictions
-from rsg_eval.tasks import TASK_NAMES, Item, load_items
+from rsg_eval.core import data as D
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.prompts import cut_fields, list_templates, load_template
+from rsg_eval.core.submission import check_zip, read_predictions
+from rsg_eval.core.tasks import TASK_NAMES, Item
+from rsg_eval.core.data import load_items
 
 from tests.test_bad_input import cli
 
@@ -226,7 +227,7 @@ def test_zip_size_and_ratio_limits(tmp_path, monkeypatch):
 def test_failed_extraction_leaves_nothing_and_a_killed_one_is_cleaned_up(tmp_path, monkeypatch):
     import shutil as sh
 
-    from rsg_eval.io import WriteError
+    from rsg_eval.core.io import WriteError
 
     monkeypatch.setenv("RSG_DATA_DIR", str(tmp_path / "cache" / "rsg"))
     z = _zip(tmp_path / "d.zip", [("TERRa/val.jsonl", TERRA), ("TERRa/test.jsonl", TERRA)])
@@ -306,7 +307,7 @@ def test_blank_lines_cost_neither_memory_nor_time(tmp_path):
 
 
 def test_line_length_cap(tmp_path, monkeypatch):
-    from rsg_eval.io import read_jsonl
+    from rsg_eval.core.io import read_jsonl
 
     monkeypatch.setenv("RSG_MAX_LINE_BYTES", "1000")
     long = json.dumps({"idx": 1, "label": "entailment", "pad": "я" * 600}, ensure_ascii=False)  # 1,2xx bytes

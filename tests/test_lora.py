@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 from rsg_eval.models import lora  # noqa: E402
 from rsg_eval.models.loading import load_model  # noqa: E402
 from rsg_eval.models.tiny import build_tiny, build_tiny_causal  # noqa: E402

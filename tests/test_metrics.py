@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from rsg_eval import metrics as M
-from rsg_eval.tasks import TASK_NAMES, Item
+from rsg_eval.core import metrics as M
+from rsg_eval.core.tasks import TASK_NAMES, Item
 
 E, N = "entailment", "not_entailment"
 
@@ -96,8 +96,8 @@ def test_lidirus_diagnostics_per_category():
 
 
 def test_tfidf_reference_scores_exactly(shared_rsg):
-    from rsg_eval.submission import read_predictions
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.submission import read_predictions
+    from rsg_eval.core.data import load_items
 
     ref = shared_rsg / "reference"
     rcb = M.score_items("RCB", load_items(shared_rsg, "RCB", "val"),

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.loading import load_model, max_input_tokens, resolve_dtype
 from rsg_eval.models.tiny import build_tiny, build_tiny_tokenizer
 from rsg_eval.models.untied import declared_untied
@@ -112,10 +112,11 @@ def test_local_dir_dtype_override(tmp_path):
 
 def test_hierarchical_dir_goes_through_load_hierarchical(tmp_path):
     from rsg_eval.models.adapters import AdaptedLMHead
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
 
     base, tok = build_tiny()
-    hier = HierarchicalT5.from_base(base, split=1)
+    hier = HierarchicalT5.from_base(base, split=1, **head_labels())
     with torch.no_grad():  # a non-zero LM adapter, so the head differs from the base head
         for p in hier.lm_adapter.parameters():
             p.add_(0.05)

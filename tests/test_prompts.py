@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from rsg_eval.errors import RSGError
-from rsg_eval.prompts import ELLIPSIS, list_templates, load_template, parse_template
-from rsg_eval.tasks import TASK_NAMES, Item, load_items
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.prompts import ELLIPSIS, list_templates, load_template, parse_template
+from rsg_eval.core.tasks import TASK_NAMES, Item
+from rsg_eval.core.data import load_items
 
 
 class WordTokenizer:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval import metrics
+from rsg_eval.core import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RSG = str(Path(sys.executable).parent / "rsg")
@@ -66,7 +66,7 @@ LONG_WARNING = "Token indices sequence length is longer than the specified maxim
 
 
 def _long_terra_item():
-    from rsg_eval.tasks import Item
+    from rsg_eval.core.tasks import Item
 
     premise = " ".join(["Весенний паводок затопил несколько дачных посёлков у реки."] * 200)  # ~2400 tokens
     fields = {"premise": premise, "hypothesis": "Жителей посёлков вывезли."}
@@ -77,7 +77,7 @@ def test_truncating_a_long_prompt_prints_no_length_warning(capfd: pytest.Capture
     """The template shortens the passage by measuring the full prompt first; transformers must not warn about
     that measurement (it warns once per tokenizer, so each check gets a fresh one)."""
     from rsg_eval.models.tiny import MAX_INPUT_TOKENS, build_tiny_tokenizer
-    from rsg_eval.prompts import load_template
+    from rsg_eval.core.prompts import load_template
 
     tok = build_tiny_tokenizer()
     assert tok.model_max_length == MAX_INPUT_TOKENS
@@ -107,7 +107,7 @@ def test_unreachable_hub_fails_fast_with_one_line(monkeypatch: pytest.MonkeyPatc
     """Without the probe, huggingface_hub retries with back-off (1+2+4+8+8 s of sleep alone) before failing."""
     from huggingface_hub import constants
 
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.models.loading import load_model
 
     monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval import metrics
-from rsg_eval.errors import RSGError
+from rsg_eval.core import metrics
+from rsg_eval.core.errors import RSGError
 from rsg_eval.report import make_report, parse_formats, write_report
 from rsg_eval.report.load import load_published, load_score_file
-from rsg_eval.tasks import TASK_NAMES
+from rsg_eval.core.tasks import TASK_NAMES
 from _report_utils import all_tasks, make_rows, row, write_run
 
 NLI = ["entailment", "not_entailment"]
@@ -250,8 +250,8 @@ def test_looking_inside(tmp_path):
     b = write_run(tmp_path, "b", {"LiDiRus": rows_b, "TERRa": terra_b}, config={"template": "t2"})
     rep = make_report([a, b], n_boot=100, n_examples=3)
     # LiDiRus diagnostics recomputed from the logged tags equal metrics.lidirus_diagnostics
-    from rsg_eval.runs import _item_from_row
-    items = [_item_from_row("LiDiRus", "val", r) for r in rows_a]
+    from rsg_eval.runs import item_from_row
+    items = [item_from_row("LiDiRus", "val", r) for r in rows_a]
     expect = metrics.lidirus_diagnostics(items, {r["key"]: r["pred"] for r in rows_a})
     assert rep["diagnostics"]["a"] == expect and "logic/Negation" in expect
     # confusion matrix of TERRa for b: gold alternates; items 0..29 right, 30..39 wrong (5 of each gold)
@@ -312,7 +312,7 @@ def test_cli_stays_torch_free_and_errors_exit_2(tmp_path):
 @pytest.mark.parametrize("data", ["sample", "shared"])
 def test_report_on_real_tiny_zeroshot_runs(tmp_path, data, request):
     """Two real `rsg zeroshot` runs (tiny model; bundled sample data, or ../shared/rsg when present) end to end."""
-    zeroshot = pytest.importorskip("rsg_eval.zeroshot")
+    zeroshot = pytest.importorskip("rsg_eval.eval.zeroshot")
     import torch
 
     from rsg_eval.models.loading import load_model
@@ -351,12 +351,12 @@ def test_runs_on_different_data_are_never_paired(tmp_path):
     """Issue 10 item 8: the same idx in two runs whose data differ (sample vs an edited copy) are different
     examples. Real tiny zero-shot runs record each task split's data sha256; the report shows them side by side,
     says why, and pairs nothing (no test, no disagreement sample)."""
-    zeroshot = pytest.importorskip("rsg_eval.zeroshot")
+    zeroshot = pytest.importorskip("rsg_eval.eval.zeroshot")
     import shutil
 
     import torch
 
-    from rsg_eval.data import SAMPLE_DIR
+    from rsg_eval.core.data import SAMPLE_DIR
     from rsg_eval.models.loading import load_model
 
     torch.set_num_threads(1)
@@ -415,7 +415,7 @@ def test_a_run_folder_s_stale_or_damaged_task_is_left_out(tmp_path):
     """Only results of the folder's one configuration reach a report: a stale state (other settings) and a
     truncated log are named and left out, and metrics.json's number for them is not used either."""
     from rsg_eval.runs import RunFolder, log_row
-    from rsg_eval.tasks import Item
+    from rsg_eval.core.tasks import Item
 
     def items(task, labels, golds):
         return [Item(task, "val", k, k, k, {}, labels, g, {}) for k, g in enumerate(golds)]

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from rsg_eval import metrics
+from rsg_eval.core import metrics
 from rsg_eval.published import extras, parse_printed_gain, printed_decimals
 from rsg_eval.report import make_report, write_report
 from rsg_eval.report.load import load_published
-from rsg_eval.tasks import TASK_NAMES
+from rsg_eval.core.tasks import TASK_NAMES
 from _report_utils import all_tasks, row, write_run
 
 # The paper's Table 3 as published (figures from ../shared/docs/PAPER_RESULTS.md), one list per printed row.
@@ -69,7 +69,7 @@ def test_every_printed_gain_recomputes():
     t3 = ex["table3"]
     old, new = paper[t3["baseline"]], paper[t3["run"]]
     assert len(t3["gains"]) == 9
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
     for task, printed in t3["gains"].items():
         names = get_task(task).metrics
         want = parse_printed_gain(printed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsg_eval import metrics
+from rsg_eval.core import metrics
 from rsg_eval.report.stats import Bootstrap, paired_test, percentile_ci, resample_indices
 from _report_utils import make_rows
 

@@ -8,10 +8,12 @@ import zipfile
 
 import pytest
 
-from rsg_eval import runs, submission
-from rsg_eval.errors import RSGError
+from rsg_eval import runs
+from rsg_eval.core import submission
+from rsg_eval.core.errors import RSGError
 from rsg_eval.runs import RunFolder, default_run_name, fingerprint, log_row
-from rsg_eval.tasks import TASK_NAMES, Item, load_items
+from rsg_eval.core.tasks import TASK_NAMES, Item
+from rsg_eval.core.data import load_items
 
 
 def _items(task: str, split: str, labels: tuple, golds: list, groups: list | None = None, meta=None) -> list[Item]:
@@ -83,7 +85,7 @@ def test_interrupted_rewrite_leaves_task_unfinished(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "atomic_write_jsonl", boom)  # die after predictions, before logs/state
+    monkeypatch.setattr(runs.folder, "atomic_write_jsonl", boom)  # die after predictions, before logs/state
     with pytest.raises(KeyboardInterrupt):
         _write(run, items, {0: "not_entailment", 1: "not_entailment"}, fp="new")
     assert not run.is_done("TERRa", "val", "old") and not run.is_done("TERRa", "val", "new")

@@ -1,4 +1,4 @@
-"""Invariants of the bundled sample data (rsg_eval/data/sample), checked on the raw files.
+"""Invariants of the bundled sample data (rsg_eval/samples/sample), checked on the raw files.
 
 Stdlib only on purpose: these tests pin the file format that the readers in rsg_eval must cope with,
 so they must not go through those readers.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE = Path(__file__).resolve().parents[1] / "rsg_eval" / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "rsg_eval" / "samples" / "sample"
 SPLITS = ("train", "val", "test")
 SIMPLE = ("RCB", "PARus", "TERRa", "RUSSE", "RWSD", "DaNetQA")
 SIMPLE_SIZES = {"train": 12, "val": 6, "test": 5}

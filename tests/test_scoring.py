@@ -11,9 +11,9 @@ import torch
 from _scoring_utils import SYNC_REASON, TRANSFORMERS5
 from _scoring_utils import (CHOICES, PREFIX_CHOICES, PREFIX_PROMPTS, PROMPTS, FP32Head, OOMAbove, close,
                             count_syncs, max_diff)
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.tiny import build_tiny
-from rsg_eval.scoring import _score, forget_batch_size, modes_for, predict, score_choices, score_choices_naive
+from rsg_eval.scoring import score_in_mode, forget_batch_size, modes_for, predict, score_choices, score_choices_naive
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny():
 
 
 def _mode(model, tok, prompts, choices, mode, bs=16):
-    return _score(model, tok, prompts, choices, batch_size=bs, normalize="sum", calibrate=False,
+    return score_in_mode(model, tok, prompts, choices, batch_size=bs, normalize="sum", calibrate=False,
                   calibration_prompts=None, max_input_tokens=None, progress=None, mode=mode)
 
 
@@ -132,10 +132,11 @@ def test_too_long_input_is_truncated_from_the_left_with_a_warning(tiny):
 
 
 def test_hierarchical_seq2seq_fast_equals_naive():
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
 
     base, tok = build_tiny(seed=3)
-    hier = HierarchicalT5.from_base(base, split=1)
+    hier = HierarchicalT5.from_base(base, split=1, **head_labels())
     with torch.no_grad():
         for p in hier.lm_adapter.parameters():
             p.add_(0.05)

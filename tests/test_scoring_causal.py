@@ -12,9 +12,9 @@ import torch
 from _scoring_utils import SYNC_REASON, TRANSFORMERS5
 from _scoring_utils import (CHOICES, PREFIX_CHOICES, PREFIX_PROMPTS, PROMPTS, FP32Head, OOMAbove, close,
                             count_syncs, max_diff)
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.tiny import build_tiny_causal, build_tiny_tokenizer
-from rsg_eval.scoring import _causal, _score, forget_batch_size, modes_for, predict, score_choices, \
+from rsg_eval.scoring import _causal, score_in_mode, forget_batch_size, modes_for, predict, score_choices, \
     score_choices_naive
 
 
@@ -25,7 +25,7 @@ def tiny():
 
 
 def _mode(model, tok, prompts, choices, mode, bs=16, **kw):
-    return _score(model, tok, prompts, choices, batch_size=bs, normalize=kw.get("normalize", "sum"),
+    return score_in_mode(model, tok, prompts, choices, batch_size=bs, normalize=kw.get("normalize", "sum"),
                   calibrate=False, calibration_prompts=None, max_input_tokens=kw.get("limit"), progress=None,
                   mode=mode)
 

@@ -5,10 +5,11 @@ import zipfile
 
 import pytest
 
-from rsg_eval.errors import RSGError
-from rsg_eval.metrics import score_items
-from rsg_eval.submission import check_zip, read_predictions, to_lines, write_task_file, write_zip
-from rsg_eval.tasks import TASK_NAMES, load_items
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.metrics import score_items
+from rsg_eval.core.submission import check_zip, read_predictions, to_lines, write_task_file, write_zip
+from rsg_eval.core.tasks import TASK_NAMES
+from rsg_eval.core.data import load_items
 
 
 def _first_label_preds(items):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from rsg_eval.errors import RSGError
-from rsg_eval.tasks import (TASK_NAMES, fix_span_index, get_task, limit_groups, load_items, locate_word,
-                            resolve_tasks)
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.data import load_items
+from rsg_eval.core.tasks import TASK_NAMES, fix_span_index, get_task, limit_groups, locate_word, resolve_tasks
 
 SPLITS = {t: (("val", "test") if t == "LiDiRus" else ("train", "val", "test")) for t in TASK_NAMES}
 
@@ -94,7 +94,7 @@ def test_rwsd_wrong_span_index_corrected():
 
 
 def test_bom_and_crlf_files_parse():
-    from rsg_eval.data import resolve_data
+    from rsg_eval.core.data import resolve_data
 
     src = resolve_data("sample")
     assert src.path("TERRa", "val").read_bytes().startswith(b"\xef\xbb\xbf")

@@ -11,11 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval import metrics, submission, zeroshot  # noqa: E402
-from rsg_eval.errors import RSGError  # noqa: E402
+from rsg_eval.core import metrics, submission  # noqa: E402
+from rsg_eval.eval import zeroshot
+from rsg_eval.core.errors import RSGError  # noqa: E402
 from rsg_eval.runs import RunFolder  # noqa: E402
-from rsg_eval.tasks import TASK_NAMES, load_items  # noqa: E402
-from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot  # noqa: E402
+from rsg_eval.core.tasks import TASK_NAMES  # noqa: E402
+from rsg_eval.core.data import load_items
+from rsg_eval.eval.zeroshot import ZeroShotOptions, run_zeroshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -188,33 +190,19 @@ def test_bad_input(tmp_path, tiny):
                                      tasks=["TERRa"]), show_progress=False)
 
 
-def test_nli_head_dispatch_and_missing_module(monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("rsg_eval.hmtl.nli_eval") is not None:
-        # Dispatched to the hierarchical part's evaluator, which refuses a plain model clearly.
-        with pytest.raises(RSGError, match="hierarchical checkpoint"):
-            zeroshot.run_nli_head(model="tiny", data="sample")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "rsg_eval.hmtl.nli_eval" else real(name, *a))
-    with pytest.raises(RSGError, match="nli_eval"):
-        zeroshot.run_nli_head(model="x")
-
-
 @pytest.mark.slow
 def test_hierarchical_checkpoint_prompted_and_nli_head(tmp_path):
     """A hierarchical checkpoint works as --model for prompts (LM adapter head) and with --nli-head."""
-    pytest.importorskip("rsg_eval.hmtl.nli_eval")
     from typer.testing import CliRunner
 
     from rsg_eval.cli import app
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.models.tiny import build_tiny
 
     base, tok = build_tiny(num_layers=4)
     ckpt = tmp_path / "ckpt"
-    HierarchicalT5.from_base(base, split=1).save_pretrained(ckpt, tokenizer=tok)
+    HierarchicalT5.from_base(base, split=1, **head_labels()).save_pretrained(ckpt, tokenizer=tok)
     common = ["--model", str(ckpt), "--data", "sample", "--tasks", "TERRa", "--root", str(tmp_path), "-q"]
     res = CliRunner().invoke(app, ["zeroshot", *common, "--run", "prompted"])
     assert res.exit_code == 0, res.output
@@ -291,7 +279,7 @@ def test_a_run_folder_refuses_other_settings_and_restart_starts_over(tmp_path, t
 def test_a_changed_template_or_data_file_of_a_finished_task_is_refused(tmp_path, tiny):
     import shutil
 
-    from rsg_eval.data import SAMPLE_DIR
+    from rsg_eval.core.data import SAMPLE_DIR
 
     data = tmp_path / "data"
     shutil.copytree(SAMPLE_DIR, data)

@@ -10,9 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval import metrics, submission  # noqa: E402
-from rsg_eval.tasks import TASK_NAMES, load_items  # noqa: E402
-from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot  # noqa: E402
+from rsg_eval.core import metrics, submission  # noqa: E402
+from rsg_eval.core.tasks import TASK_NAMES  # noqa: E402
+from rsg_eval.core.data import load_items
+from rsg_eval.eval.zeroshot import ZeroShotOptions, run_zeroshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_batch_size_and_calibration_through_the_runner(tmp_path, tiny_causal):
         for a, b in zip(logs[1][t], logs[16][t]):
             assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
     cal = _run(tmp_path, tiny_causal, tasks=["TERRa"], split="val", calibrate=True, run="cal").run
-    from rsg_eval.prompts import load_template
+    from rsg_eval.core.prompts import load_template
     from rsg_eval.scoring import score_choices
 
     tpl = load_template("TERRa")

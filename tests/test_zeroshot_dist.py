@@ -16,9 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval import zeroshot  # noqa: E402
+from rsg_eval.eval import zeroshot  # noqa: E402
 from rsg_eval.runs import RunFolder  # noqa: E402
-from rsg_eval.zeroshot import ZeroShotOptions, _assign, _plan_shards, plan_jobs, run_zeroshot  # noqa: E402
+from rsg_eval.eval.zeroshot import ZeroShotOptions, _assign, _plan_shards, plan_jobs, run_zeroshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 IDENT = {"model": "tiny", "revision": None, "dtype": "float32"}
@@ -119,8 +119,8 @@ def test_two_processes_write_what_one_writes_and_resume_per_shard(tmp_path, tiny
 
 FAILING = textwrap.dedent("""\
     import json, os, sys
-    from rsg_eval import zeroshot
-    from rsg_eval.zeroshot import ZeroShotOptions, run_zeroshot
+    from rsg_eval.eval import zeroshot
+    from rsg_eval.eval.zeroshot import ZeroShotOptions, run_zeroshot
 
     root, rank, out = sys.argv[1], int(os.environ["RANK"]), {}
     # 1. the main process fails before any model loads (the run path is a file): both stop with its message

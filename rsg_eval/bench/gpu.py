@@ -102,7 +102,7 @@ def section_finetune(s: Sizes, device: torch.device, peak: float | None) -> dict
 def hierarchical_step_flops(d: T5Dims, split: int, batch: int, src: int, tgt: int, tasks: list[str]) -> int:
     """Model FLOPs of one hierarchical optimizer step (one batch per task): the generation tasks run the whole
     model, NLI the whole encoder, topic and NER Block 1 only (heads and adapters are negligible and left out)."""
-    from rsg_eval.hmtl.labels import GEN_TASKS
+    from rsg_eval.corpus.labels import GEN_TASKS
 
     total = 0
     for t in tasks:
@@ -119,8 +119,9 @@ def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> 
     """One optimizer step exactly as `rsg train-hmtl` runs it (rsg_eval.hmtl.train.task_loss per task, backward,
     clipping, AdamW), on random batches of fixed shape."""
     from rsg_eval.hmtl.dataset import collate
-    from rsg_eval.hmtl.labels import TASKS
+    from rsg_eval.corpus.labels import TASKS
     from rsg_eval.hmtl.train import TrainConfig, task_loss
+    from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.training.bench import build_model
 
@@ -128,7 +129,7 @@ def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> 
     base, vocab = build_model(s.model, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = HierarchicalT5.from_base(base, split="0.25").to(device).train()
+        model = HierarchicalT5.from_base(base, split="0.25", **head_labels()).to(device).train()
     model.seq2seq.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.seq2seq.config.use_cache = False
     bf16 = device.type == "cuda" and _bf16_native()

@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rsg_eval.models.tiny import _CORPUS, build_tiny, build_tiny_causal
-from rsg_eval.scoring import _score, modes_for, predict
+from rsg_eval.models.tiny import TINY_CORPUS, build_tiny, build_tiny_causal
+from rsg_eval.scoring import score_in_mode, modes_for, predict
 
 BENCH_MODEL = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4)
 BENCH_CAUSAL_MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -54,7 +54,7 @@ MEMORY_CUDA = "torch.cuda.max_memory_allocated during the run, above the allocat
 MEMORY_CPU = ("peak bytes held by tensors allocated during the run, from torch.profiler memory events "
               "(weights excluded)")
 
-_WORDS = sorted({w.strip(".,?!:;«»—()") for w in _CORPUS.split()} - {""})
+_WORDS = sorted({w.strip(".,?!:;«»—()") for w in TINY_CORPUS.split()} - {""})
 _NAME_PARTS = ("Ива", "Пет", "Сер", "Ник", "Ол", "Ан", "Мар", "Кир", "Вол", "Лев", "Сок", "Мор", "Бел", "Гор")
 _NAME_ENDS = ("ов", "ин", "ский", "енко", "ова", "ина", "ев", "ук")
 
@@ -121,7 +121,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _score_way(model: Any, tokenizer: Any, case: Case, way: str, batch_size: int) -> list[list[float]]:
-    return _score(model, tokenizer, case.prompts, case.choices, batch_size=batch_size, normalize="sum",
+    return score_in_mode(model, tokenizer, case.prompts, case.choices, batch_size=batch_size, normalize="sum",
                   calibrate=False, calibration_prompts=None, max_input_tokens=None, progress=None, mode=way)
 
 

@@ -13,7 +13,7 @@ def register(bench_app: typer.Typer) -> None:
 
 
 def _sizes(text: str) -> list[int]:
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
 
     out = []
     for part in text.split(","):
@@ -42,8 +42,8 @@ def corpus_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from rsg_eval.corpus.bench import measure
-    from rsg_eval.io import atomic_write_json
+    from rsg_eval.bench.corpus import measure
+    from rsg_eval.core.io import atomic_write_json
 
     console = Console()
     rows = []

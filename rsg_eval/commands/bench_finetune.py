@@ -73,7 +73,7 @@ def register(bench_app: typer.Typer) -> None:
         """Examples/s, tokens/s and peak memory of fine-tuning steps; ratios grouped / ungrouped in one run."""
         import torch
 
-        from rsg_eval.errors import RSGError
+        from rsg_eval.core.errors import RSGError
         from rsg_eval.training import bench
 
         if threads:
@@ -117,7 +117,7 @@ def register(bench_app: typer.Typer) -> None:
         if json_out:
             from dataclasses import asdict
 
-            from rsg_eval.io import atomic_write_json
+            from rsg_eval.core.io import atomic_write_json
 
             atomic_write_json(json_out, {"device": str(device), "batch": batch, "rows": [asdict(r) for r in rows]})
 
@@ -160,7 +160,7 @@ def _preset(bench: Any, preset: str, batch: int, steps: int, tgt_len: int, check
     import torch
 
     from rsg_eval.bench.flops import peak_line
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
 
     if preset == "fredt5-1.7b" and not torch.cuda.is_available():
         raise RSGError("--preset fredt5-1.7b needs a CUDA GPU (a 1.7B model does not train on CPU in useful time); "
@@ -183,7 +183,7 @@ def _preset(bench: Any, preset: str, batch: int, steps: int, tgt_len: int, check
                   f"{r['hardware_tflop_per_step']:.2f} T; "
                   + peak_line(r["device"], (r["peak"]["name"], r["peak"]["tflops"]) if r["peak"] else None))
     if json_out:
-        from rsg_eval.io import atomic_write_json
+        from rsg_eval.core.io import atomic_write_json
 
         atomic_write_json(json_out, r)
 
@@ -192,7 +192,7 @@ def _against(models: list[str] | None, examples: int | None, batch: int, data: s
              check_steps: int, breakdown: bool, json_out: Path | None, profile: int = 0) -> None:
     import torch
 
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.training import bench, bench_hf
     from rsg_eval.training.config import FinetuneConfig
 
@@ -228,7 +228,7 @@ def _against(models: list[str] | None, examples: int | None, batch: int, data: s
                    "threads": torch.get_num_threads(), "bf16": bf16})
     _against_table(report)
     if json_out:
-        from rsg_eval.io import atomic_write_json
+        from rsg_eval.core.io import atomic_write_json
 
         atomic_write_json(json_out, report)
         console.print(f"report written to {json_out}")
@@ -255,7 +255,7 @@ def _profile(factory: Any, pairs: Any, cfg: Any, device: Any, steps: int, json_o
             t.add_row(row["op"], f"{row['calls_per_step']:.0f}", f"{row['ms_per_step']:.1f}", f"{row['share']:.1%}")
         out.print(t)
     if json_out:
-        from rsg_eval.io import atomic_write_json
+        from rsg_eval.core.io import atomic_write_json
 
         atomic_write_json(json_out, report)
 

@@ -38,8 +38,8 @@ def gpu_cmd(
 
     from rsg_eval.bench import gpu
     from rsg_eval.bench.flops import peak_line
-    from rsg_eval.errors import RSGError
-    from rsg_eval.io import atomic_write_json, atomic_write_text
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.core.io import atomic_write_json, atomic_write_text
 
     if threads:
         torch.set_num_threads(threads)

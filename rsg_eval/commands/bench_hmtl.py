@@ -38,9 +38,9 @@ def hmtl_cmd(
     from rich.table import Table
 
     from rsg_eval.commands._common import make_console
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.hmtl.bench import run_bench
-    from rsg_eval.io import atomic_write_json
+    from rsg_eval.core.io import atomic_write_json
 
     if d_model % 4:
         raise RSGError("--d-model must be a multiple of 4 (4 attention heads)", field="d_model")

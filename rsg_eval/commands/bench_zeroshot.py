@@ -56,8 +56,8 @@ def zeroshot_cmd(
     from rich.table import Table
 
     from rsg_eval.bench.zeroshot import ARCHS, run_bench
-    from rsg_eval.errors import RSGError
-    from rsg_eval.io import atomic_write_json
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.core.io import atomic_write_json
     from rsg_eval.models.loading import resolve_device
 
     if arch not in ARCHS:

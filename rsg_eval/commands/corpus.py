@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from rsg_eval.commands._common import quiet_option
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 
 def _teachers(values: list[str]) -> dict[str, str]:

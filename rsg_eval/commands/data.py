@@ -24,8 +24,8 @@ def download_cmd(
     """Download the official per-task zips, check their sha256 and extract them safely."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from rsg_eval.data import default_data_dir, download
-    from rsg_eval.tasks import resolve_tasks
+    from rsg_eval.core.data import default_data_dir, download
+    from rsg_eval.core.tasks import resolve_tasks
 
     names = resolve_tasks(tasks)
     target = data_dir or default_data_dir()
@@ -50,8 +50,8 @@ def check_cmd(
     """Validate a data folder: parse every split and print tasks, splits and counts (exit status 2 on a problem)."""
     from rich.table import Table
 
-    from rsg_eval.data import check_folder, resolve_data
-    from rsg_eval.tasks import resolve_tasks
+    from rsg_eval.core.data import check_folder, resolve_data
+    from rsg_eval.core.tasks import resolve_tasks
 
     src = resolve_data(data)
     rows = check_folder(src, resolve_tasks(tasks))

@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         are the built-in ones: a --config file replaces them (and --model tiny without --config uses
         configs/finetune_tiny.yaml's smaller ones); options typed on the command line win over both.
         """
-        from rsg_eval.errors import RSGError
+        from rsg_eval.core.errors import RSGError
         from rsg_eval.training.config import TINY_DEFAULTS, load_config_set
         from rsg_eval.training.finetune import run_finetune
         from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
@@ -235,7 +235,7 @@ class _RichReporter:
 def _summary(out: Any) -> None:
     from rich.table import Table
 
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     m = out.metrics or {}
     if m.get("tasks"):

@@ -82,7 +82,7 @@ def train_hmtl(
                                  "configuration)."),
 ) -> None:
     """Train the hierarchical multi-task FRED-T5 (topic + NER on Block 1, NLI on Block 2, generation)."""
-    from rsg_eval.errors import RSGError
+    from rsg_eval.core.errors import RSGError
     from rsg_eval.hmtl.train import TrainConfig, parse_task_weights, train
     from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
     require_seq2seq(model, "rsg train-hmtl")

@@ -23,7 +23,7 @@ def list_cmd(
     """List the templates of each task (the default one first) with their descriptions."""
     from rich.table import Table
 
-    from rsg_eval.prompts import list_templates, load_template, prompts_dir
+    from rsg_eval.core.prompts import list_templates, load_template, prompts_dir
 
     table = Table(title=f"prompt templates ({prompts_dir()})")
     for col in ("task", "template", "description", "truncates"):
@@ -51,8 +51,9 @@ def show_cmd(
     from rich.panel import Panel
     from rich.text import Text
 
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import get_task, load_items
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.tasks import get_task
+    from rsg_eval.core.data import load_items
 
     spec = get_task(task)
     tpl = load_template(spec.name, template)

@@ -13,11 +13,12 @@ from rsg_eval.commands._common import console, data_option, fmt, tasks_option
 def score_predictions(pred: Path, data: object, split: str = "val", task: str | None = None,
                       tasks: list[str] | None = None) -> dict:
     """Score leaderboard-format predictions against a split: {"tasks": {T: metrics}, "total", "missing"}."""
-    from rsg_eval.data import resolve_data
-    from rsg_eval.errors import RSGError
-    from rsg_eval.metrics import lidirus_diagnostics, score_items, total
-    from rsg_eval.submission import parse_lines, read_predictions, read_submission_texts
-    from rsg_eval.tasks import get_task, load_items, resolve_tasks
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.core.metrics import lidirus_diagnostics, score_items, total
+    from rsg_eval.core.submission import parse_lines, read_predictions, read_submission_texts
+    from rsg_eval.core.tasks import get_task, resolve_tasks
+    from rsg_eval.core.data import load_items
 
     src = resolve_data(data)
     if task is not None:
@@ -66,8 +67,8 @@ def register(app: typer.Typer) -> None:
         """Compute the leaderboard's metrics locally and the total (when all nine tasks are there)."""
         from rich.table import Table
 
-        from rsg_eval.io import atomic_write_json
-        from rsg_eval.tasks import TASK_NAMES, get_task
+        from rsg_eval.core.io import atomic_write_json
+        from rsg_eval.core.tasks import TASK_NAMES, get_task
 
         res = score_predictions(pred, data, split, task, tasks)
         table = Table(title=f"{pred} on {split} ({res['data']})")

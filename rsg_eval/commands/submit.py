@@ -23,9 +23,9 @@ def check_cmd(
 
     Exit status 2 when there is a problem; warnings (accepted spellings, RuCoS labels that are no entity) are
     printed and do not fail the check."""
-    from rsg_eval.data import resolve_data
-    from rsg_eval.submission import check_zip
-    from rsg_eval.tasks import TASK_NAMES, resolve_tasks
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.submission import check_zip
+    from rsg_eval.core.tasks import TASK_NAMES, resolve_tasks
 
     src = resolve_data(data)
     names = resolve_tasks(tasks) if tasks else list(TASK_NAMES)
@@ -53,8 +53,8 @@ def check_cmd(
 def _hint_partial(zip_path: Path, expected: List[str]) -> None:
     """A zip that holds only some tasks (a partial run) fails for every missing one: say how to check just the
     tasks it holds, and that the leaderboard wants all nine."""
-    from rsg_eval.errors import RSGError
-    from rsg_eval.submission import read_submission_texts
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.core.submission import read_submission_texts
 
     try:
         held = set(read_submission_texts(zip_path))
@@ -73,7 +73,7 @@ def zip_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="The zip to write."),
 ) -> None:
     """Zip <Task>.jsonl files as submission/<Task>.jsonl, the official sample's layout."""
-    from rsg_eval.submission import write_zip
+    from rsg_eval.core.submission import write_zip
 
     write_zip(folder, out)
     console.print(f"wrote {out}")

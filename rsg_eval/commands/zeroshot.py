@@ -77,9 +77,8 @@ def register(app: typer.Typer) -> None:
         resumes an interrupted run: finished tasks with unchanged settings are skipped. Runs unchanged on several
         GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
-        from rsg_eval.errors import RSGError
-        from rsg_eval.zeroshot import (ZeroShotOptions, parse_batch_size, run_nli_head, run_zeroshot,
-                                       shutdown_distributed)
+        from rsg_eval.core.errors import RSGError
+        from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
 
         if nli_head and num_fewshot:
             raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
@@ -88,12 +87,13 @@ def register(app: typer.Typer) -> None:
             raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
                            field="--device-map", expected="--device-map alone, or --device alone")
         if nli_head:
+            from rsg_eval.eval.nli_head import run_nli_head_eval
             from rsg_eval.models.loading import require_seq2seq
 
             require_seq2seq(model, "--nli-head")
-            result = run_nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run,
-                                  root=root, batch_size=parse_batch_size(batch_size), device=device, dtype=dtype,
-                                  console=console, **({"restart": True} if restart else {}))
+            result = run_nli_head_eval(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run,
+                                       root=root, batch_size=parse_batch_size(batch_size), device=device,
+                                       dtype=dtype, console=console, **({"restart": True} if restart else {}))
             print_summary(result, NLI_ZIP_HINT)
             return
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
@@ -122,9 +122,9 @@ def print_summary(result: object, zip_hint: str = " (run them with --split test 
     """Final rich table of val metrics, then where the run folder and zip are (ZeroShotResult, NLIHeadResult)."""
     from rich.table import Table
 
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
-    res = result  # rsg_eval.zeroshot.ZeroShotResult
+    res = result  # rsg_eval.eval.zeroshot.ZeroShotResult
     m = res.metrics
     if m and m.get("tasks"):
         table = Table(title=f"val metrics ({res.run.path})")

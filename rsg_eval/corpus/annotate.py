@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from rsg_eval.corpus.cleaning import normalise
 from rsg_eval.corpus.teachers import TEACHER_TASKS, TeacherSpec  # noqa: F401 (re-exported for the config)
-from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_text
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import atomic_write_text
 
 JOBS: dict[str, tuple[str, ...]] = {"ner": ("ner",), "mc": ("mc",), "nli": ("nli",), "qa": ("qg", "qa"),
                                     "summarization": ("summarization",), "title": ("title",),

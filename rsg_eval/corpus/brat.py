@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rsg_eval.corpus.records import Problems, make_id
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 _SPAN = re.compile(r"^(\d+) (\d+)$")
 

@@ -40,8 +40,8 @@ from rsg_eval.corpus.leakage import LeakageGuard, build_rsg_index
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import MAIN_FIELD, NLI_LABELS, RAW, TASKS, Problems
 from rsg_eval.corpus.stage import HashSorter, SmallestKeys, Spool, iter_spool, key64
-from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, atomic_write_text, guarded_write
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import atomic_write_json, atomic_write_text, guarded_write
 
 BUILD_FORMAT = 2
 MAX_ROUNDS = 8   # rounds of handing texts to the jobs still below their targets
@@ -162,9 +162,9 @@ def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, v
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
-    """Stream JSON lines into a temporary file next to `path`, fsync, then rename (like rsg_eval.io's atomic
+    """Stream JSON lines into a temporary file next to `path`, fsync, then rename (like rsg_eval.core.io's atomic
     writers, without holding the whole file in memory: a full corpus is a few GB of text). A full disk is one
-    line naming the file (rsg_eval.io.guarded_write), with the temporary file removed."""
+    line naming the file (rsg_eval.core.io.guarded_write), with the temporary file removed."""
     with guarded_write(path):
         _write_jsonl_atomic(path, rows)
     return path
@@ -184,7 +184,7 @@ def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
         raise
 
 
-def _public(rec: dict) -> dict:
+def public_record(rec: dict) -> dict:
     """The record as written: internal `_` keys dropped; the source name goes to `source`, except for paraphrase,
     whose `source` field is its input text (docs/design.md), so there it goes to `origin`."""
     out = {k: v for k, v in rec.items() if not k.startswith("_")}
@@ -192,7 +192,7 @@ def _public(rec: dict) -> dict:
     return out
 
 
-def _leakage_index(cfg: CorpusConfig, opts: BuildOptions) -> tuple[LeakageGuard | None, dict]:
+def leakage_index(cfg: CorpusConfig, opts: BuildOptions) -> tuple[LeakageGuard | None, dict]:
     if not cfg.leakage:
         opts.echo("warning: the leakage guard is switched off in the config")
         return None, {"applied": False, "reason": "disabled in the config"}
@@ -251,7 +251,7 @@ def build_corpus(cfg: CorpusConfig, out: Path, opts: BuildOptions | None = None)
     out.mkdir(parents=True, exist_ok=True)
     problems = Problems(strict=opts.strict, echo=opts.echo)
     specs = cfg.teacher_specs(opts.teachers)
-    guard, leak_info = _leakage_index(cfg, opts)
+    guard, leak_info = leakage_index(cfg, opts)
     work = out / "work"
     stage = work / "stage"
     if stage.exists():
@@ -533,7 +533,7 @@ class _Builder:
             sources[rec["_src"] + (" (teacher)" if "teacher" in rec else "")] += 1
             if task in ("mc", "nli"):
                 labels[rec["label"]] += 1
-            (val if side == "val" else train).add(key64(seed, "order", task, rec["id"]), _public(rec))
+            (val if side == "val" else train).add(key64(seed, "order", task, rec["id"]), public_record(rec))
         d["built"] = d["train"] + d["val"]
         d["capped"] = n_all - d["built"]
         d["teacher_made"] = sum(v for k, v in sources.items() if k.endswith(" (teacher)"))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from rsg_eval.corpus.records import MAIN_FIELD, RAW, TASKS, text_fields
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 RULES = ("control", "markup", "emoji", "special")
 ACTIONS = ("drop", "strip", "off")

@@ -15,7 +15,7 @@ import yaml
 from rsg_eval.corpus.annotate import JOBS, TEACHER_TASKS, TeacherSpec
 from rsg_eval.corpus.cleaning import CleanConfig
 from rsg_eval.corpus.records import NEREL_TYPES, TASKS
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 KINDS: dict[str, tuple[str, ...]] = {
     # kind: allowed keys besides name, kind, path, limit, clean, dedup

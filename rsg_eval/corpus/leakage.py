@@ -108,8 +108,9 @@ def build_rsg_index(data: Any, n: int = 13, splits: tuple[str, ...] = ("val", "t
 
     Returns the index and {"Task/split": number of distinct texts} for the summary.
     """
-    from rsg_eval.data import resolve_data
-    from rsg_eval.tasks import TASK_NAMES, get_task, load_items
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.tasks import TASK_NAMES, get_task
+    from rsg_eval.core.data import load_items
 
     src = resolve_data(data)
     index = NgramIndex(n)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rsg_eval.corpus.records import NLI_LABELS, Problems, make_id
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".jsonl.zst", ".csv.gz", ".txt")
 

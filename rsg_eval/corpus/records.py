@@ -6,13 +6,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 # One definition of the heads' label sets and the task list, shared with the trainer (stdlib only).
-from rsg_eval.hmtl.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS  # noqa: F401 (re-exported)
+from rsg_eval.corpus.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS  # noqa: F401 (re-exported)
 
-# The eight tasks of the hierarchical model and the text fields each record carries.
+# The eight tasks of the hierarchical model and the fields each record carries (the corpus schema, defined once:
+# build-corpus writes it, corpus/load.py checks it on read).
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "ner": ("text",),
+    "ner": ("text", "entities"),
     "mc": ("text", "label"),
     "nli": ("premise", "hypothesis", "label"),
     "paraphrase": ("source", "target"),
@@ -21,8 +22,9 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "summarization": ("text", "summary"),
     "title": ("text", "title"),
 }
-# Free-text fields (cleaned, checked for leakage); labels are not text.
-TEXT_FIELDS: dict[str, tuple[str, ...]] = {t: tuple(f for f in fs if f != "label") for t, fs in TASK_FIELDS.items()}
+# Free-text fields (cleaned, checked for leakage); labels and entity spans are not text.
+TEXT_FIELDS: dict[str, tuple[str, ...]] = {t: tuple(f for f in fs if f not in ("label", "entities"))
+                                           for t, fs in TASK_FIELDS.items()}
 # The field that stands for a record in length statistics.
 MAIN_FIELD: dict[str, str] = {"ner": "text", "mc": "text", "nli": "premise", "paraphrase": "source",
                               "qg": "context", "qa": "context", "summarization": "text", "title": "text"}

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rsg_eval.corpus.stage import key64
-from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_json, iter_jsonl, sha256_file
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import atomic_write_json, iter_jsonl, sha256_file
 
 
 def allocate(counts: dict[str, int], n: int) -> dict[str, int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 TEACHER_TASKS = ("ner", "mc", "nli", "qa", "qg", "summarization", "title", "paraphrase")
 SEQ2SEQ = ("qg", "summarization", "title", "paraphrase")

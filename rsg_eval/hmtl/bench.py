@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from rsg_eval.bench.timing import best_of
+from rsg_eval.corpus.labels import head_labels
 from rsg_eval.models.hierarchical import HierarchicalT5
 
 
@@ -50,7 +51,7 @@ def run_bench(*, d_model: int = 256, d_ff: int = 704, num_heads: int = 4, layers
         torch.set_num_threads(threads)
     base, _ = build_tiny(seed=seed, d_model=d_model, d_ff=d_ff, num_heads=num_heads, d_kv=d_model // num_heads,
                          num_layers=layers, num_decoder_layers=1)
-    model = HierarchicalT5.from_base(base, split=split).to(device).eval()
+    model = HierarchicalT5.from_base(base, split=split, **head_labels()).to(device).eval()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, base.config.vocab_size, (batch, seq_len), generator=g)
     mask = torch.ones_like(ids)

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from rsg_eval.errors import RSGError
-from rsg_eval.hmtl.corpus import Corpus, iter_examples
-from rsg_eval.hmtl.labels import GEN_TASKS, TASKS
+from rsg_eval.core.errors import RSGError
+from rsg_eval.corpus.load import Corpus, iter_examples
+from rsg_eval.corpus.labels import GEN_TASKS, TASKS
 
 DATA_VERSION = 2   # bump when templates or the tokenised layout change (2: ner_tag column)
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
@@ -127,7 +127,7 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, max_length: int, m
     """datasets.map function: encoder inputs, targets with an explicit </s>, class labels, NER bitmasks."""
     gen_ids = {TASK_INDEX[t] for t in GEN_TASKS}
     ner_id = TASK_INDEX["ner"]
-    from rsg_eval.limits import cut_text
+    from rsg_eval.core.limits import cut_text
 
     # cut by characters first: a fast tokenizer encodes a whole text before truncating it (same ids kept)
     texts = [cut_text(lm_prefix + x if t in gen_ids else x, max_length) for t, x in zip(batch["task"], batch["input"])]

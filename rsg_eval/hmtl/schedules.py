@@ -94,7 +94,7 @@ def build_scheduler(optimizer: Any, schedule: str, *, base_lr: float, max_lr: fl
     import torch
 
     if schedule not in SCHEDULES:
-        from rsg_eval.errors import RSGError
+        from rsg_eval.core.errors import RSGError
         raise RSGError(f"unknown schedule {schedule!r}", field="schedule", expected=list(SCHEDULES))
     up = step_size_up or default_step_size_up(schedule, steps_per_epoch)
     if schedule == "paper":

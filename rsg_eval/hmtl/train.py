@@ -45,13 +45,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.hmtl import schedules
-from rsg_eval.hmtl.corpus import open_corpus
+from rsg_eval.corpus.load import open_corpus
 from rsg_eval.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
                                    task_indices)
-from rsg_eval.hmtl.labels import TASKS
-from rsg_eval.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from rsg_eval.corpus.labels import TASKS
+from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
                                           load_hierarchical, ner_softmax_logits)
 
@@ -310,8 +310,8 @@ def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log)
             model = HierarchicalT5.from_base(
                 loaded.model, split=cfg.split, adapter_dim=cfg.adapter_dim,
                 adapter_activation=cfg.adapter_activation, head_dropout=cfg.head_dropout,
-                mc_labels=list(labels.mc), ner_labels=list(labels.ner), base_model=cfg.model,
-                adapter_layout=cfg.adapter_layout, ner_loss=cfg.ner_loss)
+                mc_labels=list(labels.mc), ner_labels=list(labels.ner), nli_labels=list(labels.nli),
+                base_model=cfg.model, adapter_layout=cfg.adapter_layout, ner_loss=cfg.ner_loss)
     if model.config.adapter_layout != cfg.adapter_layout:
         raise RSGError(f"the checkpoint has adapter layout {model.config.adapter_layout!r}", file=cfg.model,
                        field="adapter-layout", expected=[model.config.adapter_layout])

@@ -26,15 +26,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-from rsg_eval.errors import RSGError
-from rsg_eval.hmtl.labels import DEFAULT_MC_CLASSES, NEREL_TYPES, NLI_LABELS
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.adapters import AdaptedLMHead, Bottleneck
 from rsg_eval.models.untied import keep_head_untied, normalize_config, save_pretrained
 
@@ -56,9 +55,11 @@ class HMTLConfig:
     adapter_dim: int                      # bottleneck size; d_model // 16 by default (96 for 1.7B)
     adapter_activation: str = "relu"
     head_dropout: float = 0.1
-    mc_labels: list[str] = field(default_factory=lambda: [f"topic_{i}" for i in range(DEFAULT_MC_CLASSES)])
-    ner_labels: list[str] = field(default_factory=lambda: list(NEREL_TYPES))
-    nli_labels: list[str] = field(default_factory=lambda: list(NLI_LABELS))
+    # The heads' label names come from the caller (the corpus owns them: rsg_eval.corpus.labels.head_labels());
+    # a head has one output per name. Every checkpoint records all three lists.
+    mc_labels: list[str] = field(default_factory=list)
+    ner_labels: list[str] = field(default_factory=list)
+    nli_labels: list[str] = field(default_factory=list)
     # softmax-innermost: per token a softmax over [outside (logit fixed at 0), 29 types], the innermost entity's type
     # is the target; multilabel-sigmoid: one sigmoid per type, outside = all zeros (nested types at once).
     # Checkpoints written before the softmax loss existed carry multilabel-sigmoid.
@@ -167,6 +168,9 @@ class HierarchicalT5(nn.Module):
         if config.adapter_layout not in ADAPTER_LAYOUTS:
             raise RSGError(f"unknown adapter layout {config.adapter_layout!r}", field="adapter_layout",
                            expected=list(ADAPTER_LAYOUTS))
+        empty = [h for h in ("mc", "ner", "nli") if not getattr(config, f"{h}_labels")]
+        if empty:  # a head has one output per label name; the caller names them (corpus.labels.head_labels)
+            raise RSGError(f"no label names for the {', '.join(empty)} head", field=f"{empty[0]}_labels")
         shared = config.adapter_layout == "shared-mc-ner"
         # shared-mc-ner: one RMSNorm + one adapter on Block 1's output, read by both Block-1 heads (B, T, d)
         self.block1_shared: nn.Module | None = nn.Sequential(block1_norm(), Bottleneck(d, r, act)) if shared else None
@@ -196,7 +200,7 @@ class HierarchicalT5(nn.Module):
     @classmethod
     def from_base(cls, seq2seq: T5ForConditionalGeneration, *, split: int | float | str | None = None,
                   adapter_dim: int | None = None, adapter_activation: str = "relu", head_dropout: float = 0.1,
-                  mc_labels: list[str] | None = None, ner_labels: list[str] | None = None,
+                  mc_labels: Sequence[str], ner_labels: Sequence[str], nli_labels: Sequence[str],
                   base_model: str | None = None, adapter_layout: str = "per-head",
                   ner_loss: str = "softmax") -> "HierarchicalT5":
         """Wrap a plain T5 model. Heads and adapters are new; the base weights are used as they are."""
@@ -207,12 +211,9 @@ class HierarchicalT5(nn.Module):
             split_layer=resolve_split(split, c.num_layers), num_layers=c.num_layers, d_model=c.d_model,
             adapter_dim=adapter_dim or max(1, c.d_model // 16), adapter_activation=adapter_activation,
             head_dropout=head_dropout, base_model=base_model, adapter_layout=adapter_layout,
-            ner_representation=NER_LOSSES[ner_loss],
+            ner_representation=NER_LOSSES[ner_loss], mc_labels=list(mc_labels), ner_labels=list(ner_labels),
+            nli_labels=list(nli_labels),
         )
-        if mc_labels is not None:
-            cfg.mc_labels = list(mc_labels)
-        if ner_labels is not None:
-            cfg.ner_labels = list(ner_labels)
         return cls(seq2seq, cfg)
 
     @property
@@ -316,7 +317,7 @@ class HierarchicalT5(nn.Module):
         its own), hmtl_heads.safetensors (heads + LM adapter), hmtl_config.json, and the tokenizer files.
         `extra(tmp_dir)` may add files (the trainer's resume state) before the directory is renamed into place.
         """
-        from rsg_eval.io import guarded_write
+        from rsg_eval.core.io import guarded_write
 
         path = Path(path)
         with guarded_write(path):  # a full disk: one line naming the checkpoint (the temp dir is removed below)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.models.untied import head_is_tied, keep_head_untied, normalize_config
 
 log = logging.getLogger(__name__)

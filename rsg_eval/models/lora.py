@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def save_adapter(model: Any, folder: str | Path, base: str | Path, tokenizer: An
     cfg_file = folder / ADAPTER_CONFIG
     data = json.loads(cfg_file.read_text(encoding="utf-8"))
     data["base_model_name_or_path"] = base_reference(base)
-    from rsg_eval.io import atomic_write_text
+    from rsg_eval.core.io import atomic_write_text
 
     atomic_write_text(cfg_file, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:

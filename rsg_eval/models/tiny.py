@@ -74,7 +74,7 @@ CAUSAL_CONFIG: dict[str, Any] = dict(
 )
 
 # Training text for the BPE. Our own sentences, in the register of the RSG tasks (news, fiction, questions).
-_CORPUS = """\
+TINY_CORPUS = """\
 Мальчик уронил стакан, и стакан разбился. Что было причиной? Что произошло в результате?
 Девочка открыла окно, потому что в комнате было душно. Утром пошёл дождь, и улицы стали мокрыми.
 Президент компании объявил о новом проекте в Москве. Правительство России приняло решение о поддержке науки.
@@ -110,7 +110,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     # Repeating the lines gives the trainer stable pair counts; the corpus is fixed, so the merges are too.
-    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 3, trainer=trainer)
+    tok.train_from_iterator([line for line in TINY_CORPUS.splitlines() if line] * 3, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from rsg_eval.io import atomic_write_text
+from rsg_eval.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 _MAX_HEADER = 100 << 20  # safetensors refuses headers over 100 MB itself
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 HERE = Path(__file__).resolve().parent
 FILES = {"paper": "paper.yaml", "leaderboard": "leaderboard.yaml"}

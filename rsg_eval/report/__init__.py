@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 FORMATS = ("md", "html", "csv", "json")
 
@@ -66,7 +66,7 @@ def parse_formats(text: str | Sequence[str]) -> list[str]:
 
 def write_report(report: dict, out: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write the report files and its PNG charts into `out`; returns the paths written."""
-    from rsg_eval.io import atomic_write_bytes, atomic_write_text
+    from rsg_eval.core.io import atomic_write_bytes, atomic_write_text
     from rsg_eval.report import render
     from rsg_eval.report.charts import make_charts
 

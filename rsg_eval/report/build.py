@@ -3,7 +3,7 @@
 Torch-free. The first run is the reference. Per task: each leaderboard metric of each run, the task score
 with its 95% bootstrap interval, the relative gain in percent per metric and for the task score (the paper's
 Table 3) and a paired bootstrap test against the reference; then the totals (Tables 1 and 2). Scores of runs
-with examples are recomputed from their logs through `rsg_eval.metrics.score`; runs without examples (published
+with examples are recomputed from their logs through `rsg_eval.core.metrics.score`; runs without examples (published
 rows, score files, tasks only in metrics.json) show their numbers without intervals.
 
 Gains compare only comparable rows (`comparable`): local runs with local runs on the same split, published or
@@ -146,7 +146,7 @@ class _TaskBoot:
         res = paired_test(diff, diff_s, n_groups=n_groups)
         out = {"diff": res.diff, "ci": list(res.ci), "p": res.p_value, "significant": res.significant,
                "n_groups": res.n_groups, "mcnemar": None}
-        from rsg_eval.tasks import get_task
+        from rsg_eval.core.tasks import get_task
 
         if get_task(self.task).metrics == ("acc",):  # one item per group: McNemar applies as a cross-check
             b, c, p = mcnemar_exact([_right(self.task, ref_rows[k]["gold"], ref_rows[k]["pred"]) for k in shared],
@@ -157,7 +157,7 @@ class _TaskBoot:
 
 def _cell(run: Run, task: str, boot: _TaskBoot, r: int, problems: list[str]) -> dict:
     """One run's numbers for one task."""
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     names = list(get_task(task).metrics)
     if r in boot.boots:
@@ -183,8 +183,8 @@ def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]],
             diffs: dict[str, dict[int, np.ndarray]], bases: list[int | None]) -> tuple[list[dict], list[str]]:
     """Official totals (all nine tasks) and, when runs cover different tasks, the mean over the tasks every
     run with per-task numbers has; intervals where a run has examples for all of them, paired tests likewise."""
-    from rsg_eval.metrics import total
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.metrics import total
+    from rsg_eval.core.tasks import TASK_NAMES
 
     with_tasks = [r for r in range(len(runs)) if any(cells[t][r]["score"] is not None for t in tasks)]
     common = [t for t in tasks if with_tasks and all(cells[t][r]["score"] is not None for r in with_tasks)]
@@ -251,7 +251,7 @@ def _paper_table3(runs: Sequence[Run], extras: dict[int, dict], cells: dict[str,
     the gain per metric, computed as (new - old) / old. A computed gain that does not round to the printed one
     is reported as a problem (a typo in paper.yaml, or in the paper)."""
     from rsg_eval.published import parse_printed_gain, printed_decimals
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     index = {run.name: r for r, run in enumerate(runs)}
     spec = next((e["table3"] for e in extras.values() if e.get("table3")), None)
@@ -296,8 +296,8 @@ def _diagnostics(run: Run) -> dict[str, dict]:
     """LiDiRus MCC per diagnostic category, recomputed from the log rows' tags, else from metrics.json."""
     rows = run.logs.get("LiDiRus")
     if rows and any(x.get("meta") for x in rows):
-        from rsg_eval.metrics import lidirus_diagnostics
-        from rsg_eval.tasks import Item
+        from rsg_eval.core.metrics import lidirus_diagnostics
+        from rsg_eval.core.tasks import Item
 
         items = [Item(task="LiDiRus", split=run.split, key=_key(x["key"]), group=_key(x["group"]),
                       doc=x.get("doc", x["group"]), fields={}, labels=tuple(x.get("labels") or ()),
@@ -311,7 +311,7 @@ def _diagnostics(run: Run) -> dict[str, dict]:
 
 
 def _confusion(task: str, rows: list[dict]) -> dict:
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     fixed = [str(x) for x in (get_task(task).labels or ())]
     seen = sorted({str(x["gold"]) for x in rows} | {str(x["pred"]) for x in rows})
@@ -331,7 +331,7 @@ def _cut(text: Any) -> str:
 def _right(task: str, gold: Any, pred: Any) -> bool:
     """Is one prediction right? RuCoS: an exact match with a gold answer after normalisation."""
     if task == "RuCoS":
-        from rsg_eval.metrics import rucos_f1_em
+        from rsg_eval.core.metrics import rucos_f1_em
 
         gold = list(gold) if isinstance(gold, (list, tuple)) else [gold]
         return rucos_f1_em([gold], [pred])[1] == 1.0
@@ -413,7 +413,7 @@ def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, lis
 def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_examples: int = 5,
                  problems: Sequence[str] = ()) -> dict:
     """All numbers of a report of `runs` (the first is the reference) as a JSON-able dict."""
-    from rsg_eval.tasks import TASK_NAMES, get_task
+    from rsg_eval.core.tasks import TASK_NAMES, get_task
 
     runs = list(runs)
     _unique_names(runs)

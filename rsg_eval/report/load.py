@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 PUBLISHED = {"paper": "paper.yaml", "leaderboard": "leaderboard.yaml"}
 SCORE_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -91,7 +91,7 @@ def looks_like_run(path: Path) -> bool:
 def load_run_folder(path: str | Path, split: str = "val") -> Run:
     """A run folder -> Run. Raises RSGError when the folder is not a run."""
     from rsg_eval.runs import RunFolder
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     path = Path(path)
     if not path.exists():
@@ -191,7 +191,7 @@ def _number(value: Any, where: str, path: Path) -> float:
 
 def _task_metrics(task: str, value: Any, path: Path) -> dict[str, float]:
     """One task entry of a score file -> {metric: v, "score": mean}."""
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     spec = get_task(task)
     names = spec.metrics
@@ -244,7 +244,7 @@ def _run_from_entry(entry: Any, defaults: dict, path: Path, origin: str, index: 
     tasks_in = entry.get("tasks") or {}
     if not isinstance(tasks_in, dict):
         raise RSGError("tasks must map task names to scores", file=path, field=f"{name}.tasks")
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     reported: dict[str, dict[str, float]] = {}
     for task, value in tasks_in.items():

@@ -7,10 +7,10 @@ metric), a query (= passage) for RuCoS.
 Speed: each group is reduced once to a row of sufficient statistics (counts of right answers, confusion
 cells, F1 sums), so one bootstrap replicate is a weighted sum of rows and B replicates are one matrix
 product W @ C with W (B, G) the multiplicities of each group and C (G, F) the statistics. The metric
-formulas on those sums mirror `rsg_eval.metrics` exactly (same zero-division rules, same type-strict
+formulas on those sums mirror `rsg_eval.core.metrics` exactly (same zero-division rules, same type-strict
 accuracy); `Bootstrap` checks this on the data itself and on a few replicates against the real scorer and
 falls back to calling the scorer on every replicate when they ever disagree, so the numbers can never drift
-from `rsg_eval.metrics.score`.
+from `rsg_eval.core.metrics.score`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _CHUNK = 256  # replicates per matrix product: bounds memory at _CHUNK * G float
 
 
 def default_scorer() -> Scorer:
-    from rsg_eval.metrics import score
+    from rsg_eval.core.metrics import score
 
     return score
 
@@ -54,7 +54,7 @@ def _features(task: str, golds: list, preds: list, order: list[list[int]]) -> tu
             c[gi, 4] = 1
         return c, {}
     if task == "RuCoS":
-        from rsg_eval.metrics import rucos_f1_em
+        from rsg_eval.core.metrics import rucos_f1_em
 
         # columns: items, sum of per-query F1, sum of per-query EM (each query scored alone = its own mean)
         c = np.zeros((n_groups, 3))
@@ -67,7 +67,7 @@ def _features(task: str, golds: list, preds: list, order: list[list[int]]) -> tu
     # (the metrics compare str(label) for MCC and F1, and value plus type for accuracy).
     labels = sorted({str(g) for g in golds} | {str(p) for p in preds})
     if task == "RCB":
-        from rsg_eval.tasks import get_task
+        from rsg_eval.core.tasks import get_task
 
         labels = [str(x) for x in get_task("RCB").labels] + [x for x in labels
                                                               if x not in {str(y) for y in get_task("RCB").labels}]
@@ -106,7 +106,7 @@ def _mcc(conf: np.ndarray) -> np.ndarray:
 
 
 def metrics_from_sums(task: str, sums: np.ndarray, info: dict, n_fixed_labels: int = 3) -> dict[str, np.ndarray]:
-    """(B, F) summed statistics -> {metric: (B,)} plus "score", the formulas of rsg_eval.metrics."""
+    """(B, F) summed statistics -> {metric: (B,)} plus "score", the formulas of rsg_eval.core.metrics."""
     with np.errstate(invalid="ignore", divide="ignore"):
         if task == "MuSeRC":
             tp, fp, fn, em, nq = (sums[:, j] for j in range(5))

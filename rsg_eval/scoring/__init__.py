@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.scoring import _causal, _seq2seq
 from rsg_eval.scoring._common import Encoded, input_device, shared_prefix_len
 
@@ -82,7 +82,7 @@ def score_choices(
         `<LM>` or BOS) and raise a warning.
     progress: called with the number of prompts finished after each batch.
     """
-    return _score(model, tokenizer, prompts, choices, batch_size=batch_size, normalize=normalize,
+    return score_in_mode(model, tokenizer, prompts, choices, batch_size=batch_size, normalize=normalize,
                   calibrate=calibrate, calibration_prompts=calibration_prompts,
                   max_input_tokens=max_input_tokens, progress=progress, mode="fast")
 
@@ -101,7 +101,7 @@ def score_choices_naive(
     progress: Progress | None = None,
 ) -> list[list[float]]:
     """The reference: same contract as `score_choices`, one full forward per (prompt, choice)."""
-    return _score(model, tokenizer, prompts, choices, batch_size=batch_size, normalize=normalize,
+    return score_in_mode(model, tokenizer, prompts, choices, batch_size=batch_size, normalize=normalize,
                   calibrate=calibrate, calibration_prompts=calibration_prompts,
                   max_input_tokens=max_input_tokens, progress=progress, mode="naive")
 
@@ -133,7 +133,7 @@ def _arch(model: Any) -> Any:
     return _causal if is_causal(model) else _seq2seq
 
 
-def _score(model, tokenizer, prompts, choices, *, batch_size, normalize, calibrate, calibration_prompts,
+def score_in_mode(model, tokenizer, prompts, choices, *, batch_size, normalize, calibrate, calibration_prompts,
            max_input_tokens, progress, mode: str = "fast") -> list[list[float]]:
     """mode: one of `modes_for(model)`; see the module docstring."""
     prompts, choices = list(prompts), [list(c) for c in choices]

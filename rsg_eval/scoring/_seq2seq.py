@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.scoring._common import (T5_TYPES, Encoded, Targets, chunks, has_plain_head, input_device, pad,
                                       shared_prefix_len, sums_from_logits, sums_from_states, to_device)
 

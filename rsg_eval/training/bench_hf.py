@@ -64,9 +64,10 @@ class PeerRun:
 def task_pairs(tokenizer: Any, data: Any, task: str = "TERRa", cfg: FinetuneConfig | None = None) -> list[Pair] | None:
     """The task's train pairs exactly as `rsg finetune` builds them (default template, default lengths); None
     when the data source has no train split of the task."""
-    from rsg_eval.data import resolve_data
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import get_task, load_items
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.tasks import get_task
+    from rsg_eval.core.data import load_items
 
     cfg = cfg or FinetuneConfig()
     task = get_task(task).name

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import WriteError, atomic_write_json, write_failure
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import WriteError, atomic_write_json, write_failure
 
 WEIGHTS = "model.safetensors"
 

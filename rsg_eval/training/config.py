@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 SCHEDULES = ("linear", "cosine", "constant")
 NORMALIZE = ("sum", "token", "byte")
@@ -156,7 +156,7 @@ def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = Non
         return cs
     import yaml
 
-    from rsg_eval.tasks import get_task
+    from rsg_eval.core.tasks import get_task
 
     p = Path(path)
     try:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 
 @dataclass(frozen=True)

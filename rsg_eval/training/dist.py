@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 
 @dataclass(frozen=True)

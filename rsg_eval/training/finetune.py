@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rsg_eval import runs
-from rsg_eval.errors import RSGError
-from rsg_eval.tasks import EmptyTaskFile
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.tasks import EmptyTaskFile
 from rsg_eval.training.config import ConfigSet, FinetuneConfig
 from rsg_eval.training.data import build_pairs
 from rsg_eval.training.dist import Dist, init_from_env, resolve_device
@@ -63,7 +63,7 @@ class FinetuneOutcome:
 
 def training_units(tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
     """[(train task, [tasks it predicts])] in leaderboard order of the trained task: LiDiRus rides on TERRa."""
-    from rsg_eval.tasks import TASK_NAMES, get_task
+    from rsg_eval.core.tasks import TASK_NAMES, get_task
 
     units: dict[str, list[str]] = {}
     for t in tasks:
@@ -136,7 +136,7 @@ def decide(items: Sequence[Any], scores: Sequence[Sequence[float]]) -> dict[Any,
 
 
 def val_metrics(task: str, prep: _Prepared, scores: Sequence[Sequence[float]]) -> dict[str, float]:
-    from rsg_eval import metrics
+    from rsg_eval.core import metrics
 
     m = metrics.score_items(task, prep.items, decide(prep.items, scores))
     return {k: float(v) for k, v in m.items()}
@@ -164,9 +164,10 @@ def run_finetune(
     `hooks(task)` gives per-task loop hooks (tests use it to stop a run mid-task); `load` replaces
     `rsg_eval.models.loading.load_model` (same signature). `dist_timeout`: seconds a collective may wait under
     a launcher (rsg_eval.training.dist.DEFAULT_TIMEOUT_S)."""
-    from rsg_eval.data import resolve_data
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import load_items, resolve_tasks
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.tasks import resolve_tasks
+    from rsg_eval.core.data import load_items
 
     reporter = reporter or Reporter()
     dist = init_from_env(dist_timeout)
@@ -195,7 +196,7 @@ def run_finetune(
     try:
         if dist.main:
             if restart:  # the results are cleared: so are every task's checkpoints (finished ones too)
-                from rsg_eval.tasks import TASK_NAMES
+                from rsg_eval.core.tasks import TASK_NAMES
 
                 for t in TASK_NAMES:
                     _discard_unfinished(ckpt_root / t)
@@ -269,8 +270,8 @@ def check_templates(units: list[tuple[str, list[str]]], templates: dict[str, Any
     each file (a RuCoS train file is large)."""
     import itertools
 
-    from rsg_eval.io import iter_jsonl
-    from rsg_eval.tasks import parse_records
+    from rsg_eval.core.io import iter_jsonl
+    from rsg_eval.core.tasks import parse_records
 
     for train_task, predicts in units:
         tpl = templates[train_task]
@@ -288,7 +289,7 @@ def check_templates(units: list[tuple[str, list[str]]], templates: dict[str, Any
 
 def data_shas(source: Any, units: list[tuple[str, list[str]]]) -> dict[str, str | None]:
     """{"Task/split": sha256 of the data file} for every file the units read (None: not in the data)."""
-    from rsg_eval.data import sha256_file
+    from rsg_eval.core.data import sha256_file
 
     out: dict[str, str | None] = {}
     for train_task, predicts in units:
@@ -314,7 +315,7 @@ def run_settings(model: str, revision: str | None, units: list[tuple[str, list[s
     template, the data files (its own, and the train/val files its model was trained and selected on) and the
     hyper-parameters of the task that trains it, with the global batch instead of per-device batch x
     accumulation (so 2 processes x batch 4 resume 1 x 8)."""
-    from rsg_eval.zeroshot import data_identity
+    from rsg_eval.runs.provenance import data_identity
 
     settings: dict[str, Any] = {"model": model, "revision": revision, "code_version": CODE_VERSION,
                                 "data": data_identity(source)}
@@ -356,7 +357,7 @@ def _claim(folder: runs.RunFolder, settings: dict, per_task: dict, restart: bool
 
 def _merged_config(folder: runs.RunFolder, cfg: dict[str, Any]) -> dict[str, Any]:
     """This call's config merged with what earlier calls on the folder recorded (their tasks stay listed)."""
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     try:
         old = folder.read_config() or {}
@@ -370,7 +371,7 @@ def _merged_config(folder: runs.RunFolder, cfg: dict[str, Any]) -> dict[str, Any
 
 
 def _order_rows(rows: list[dict]) -> list[dict]:
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     order = {n: i for i, n in enumerate(TASK_NAMES)}
     cols = ["task", "epoch", "step", "train_loss", "acc", "f1", "f1a", "em", "mcc", "score"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 from rsg_eval.training import checkpoint as ck
 from rsg_eval.training.config import FinetuneConfig
 from rsg_eval.training.data import Pair, collate, epoch_plan, rank_slice

@@ -29,7 +29,7 @@ internals and an unknown field is an error, not an empty string. Errors name the
 builds, and no rendered prompt or choice, may exceed RSG_MAX_PROMPT_CHARS; loop iterations and calls are
 counted against RSG_MAX_TEMPLATE_STEPS per render; deep recursion and numeric overflow are errors naming the
 file. With `max_tokens`, text fields are cut to max_tokens x RSG_MAX_CHARS_PER_TOKEN characters before
-anything is tokenised (rsg_eval.limits).
+anything is tokenised (rsg_eval.core.limits).
 
 API::
 
@@ -62,11 +62,11 @@ from jinja2 import StrictUndefined, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
-from rsg_eval.errors import RSGError
-from rsg_eval.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
-from rsg_eval.tasks import TASK_NAMES, get_task
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
+from rsg_eval.core.tasks import TASK_NAMES, get_task
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"  # rsg_eval/core/prompts.py -> the repo root
 
 # Template variables each task's items provide (docs/design.md, "Template fields per task").
 TASK_FIELDS: dict[str, tuple[str, ...]] = {

@@ -9,7 +9,7 @@ calibration, limit, data file sha256, and with --num-fewshot K > 0: K, its seed,
 skipped, and the model is loaded only when some task is still to do, so rerunning an interrupted command resumes
 it and rerunning a finished one costs seconds. At the end: metrics.json (val) and the leaderboard zip (test).
 
-Few-shot (`num_fewshot` K): each item's prompt starts with K solved train examples (`rsg_eval.fewshot`: drawn per
+Few-shot (`num_fewshot` K): each item's prompt starts with K solved train examples (`rsg_eval.core.fewshot`: drawn per
 task and item key, so the same whatever the batch size, --limit, task order or process count), dropped from the
 last one when the input is too long, before the item's passage is shortened (`prompts.render_fewshot`).
 
@@ -39,16 +39,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from rsg_eval import __version__
-from rsg_eval.errors import RSGError
-from rsg_eval.io import sha256_file
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import sha256_file
 from rsg_eval.runs import RunFolder, ZipResult, fingerprint, log_row, run_path
+from rsg_eval.runs.provenance import data_identity, git_commit, versions as _versions  # noqa: F401 (re-exported)
 
 # Bump the suffix when rendering or scoring changes in a way that changes results: old task states then no longer
 # match and a resumed run redoes them.
@@ -78,7 +78,7 @@ class ZeroShotOptions:
     revision: str | None = None
     prefix: str | None = None
     seed: int = 0
-    num_fewshot: int = 0              # solved train examples before each item (rsg_eval.fewshot)
+    num_fewshot: int = 0              # solved train examples before each item (rsg_eval.core.fewshot)
     fewshot_seed: int | None = None   # default: seed
     shard_size: int = 256             # items per shard: the unit shared out among processes and saved for resume
     device_map: str | None = None     # "auto": spread a model too big for one GPU over several (accelerate)
@@ -91,8 +91,8 @@ class Job:
 
     task: str
     split: str
-    template: Any                     # rsg_eval.prompts.Template
-    items: list                       # rsg_eval.tasks.Item, already limited
+    template: Any                     # rsg_eval.core.prompts.Template
+    items: list                       # rsg_eval.core.tasks.Item, already limited
     parts: dict
     fingerprint: str
     shots: dict | None = None         # item.key -> [train Item] (few-shot examples; None when K = 0 or not drawn)
@@ -176,10 +176,11 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
     before minutes go into loading a model. `draw=False` leaves the few-shot draw to `attach_shots` (the runner
     draws only for the task splits still to do).
     """
-    from rsg_eval.data import resolve_data
-    from rsg_eval.fewshot import pool_path
-    from rsg_eval.prompts import load_template
-    from rsg_eval.tasks import limit_groups, load_items, resolve_tasks
+    from rsg_eval.core.data import resolve_data
+    from rsg_eval.core.fewshot import pool_path
+    from rsg_eval.core.prompts import load_template
+    from rsg_eval.core.tasks import limit_groups, resolve_tasks
+    from rsg_eval.core.data import load_items
 
     _check_options(opts)
     tasks = resolve_tasks(list(opts.tasks) if opts.tasks else None)
@@ -208,11 +209,11 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
 
 
 def attach_shots(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job]) -> None:
-    """Draw each item's few-shot examples (rsg_eval.fewshot: seeded per task and item key, so the draw is the
+    """Draw each item's few-shot examples (rsg_eval.core.fewshot: seeded per task and item key, so the draw is the
     same whatever the batch size, process count, --limit or task order). No-op for K = 0."""
     if not opts.num_fewshot:
         return
-    from rsg_eval.fewshot import draw_shots, load_pool
+    from rsg_eval.core.fewshot import draw_shots, load_pool
 
     pools: dict[str, Any] = {}
     for job in jobs:
@@ -234,12 +235,6 @@ def check_renders(job: Job, opts: ZeroShotOptions) -> None:
     job.template.render(first, prefix=opts.prefix)
     if opts.calibrate:
         job.template.render_content_free(first, prefix=opts.prefix)
-
-
-def data_identity(src: Any) -> str:
-    """The data a run reads, as a run-level setting: "sample", else the resolved folder or zip path."""
-    origin = str(getattr(src, "origin", src))
-    return origin if origin == "sample" else str(Path(origin).expanduser().resolve())
 
 
 def run_settings(opts: ZeroShotOptions, src: Any, jobs: list[Job]) -> tuple[dict, dict]:
@@ -277,37 +272,9 @@ def _run_folder(opts: ZeroShotOptions) -> RunFolder:
 
 # --------------------------------------------------------------------------------------------------- config
 
-def _versions() -> dict[str, str | None]:
-    import platform
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "rsg-eval": __version__}
-    for pkg in ("torch", "transformers", "tokenizers", "jinja2"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_commit() -> str | None:
-    """HEAD of the repository this package lives in, with "-dirty" when tracked files changed; None if no git."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Job], info: dict | None) -> dict:
     """Merge this invocation into config.json (a resumed run adds tasks; earlier ones stay recorded)."""
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     old = run.read_config() or {}
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -350,8 +317,8 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
     """Render, score and pick `job.items` (a whole task split or one shard of it): (preds by key, log rows,
     number of prompts whose passage was shortened). With few-shot examples each row also lists the keys of the
     train examples its prompt kept (`shots`)."""
-    from rsg_eval.fewshot import gold_label, shot_id
-    from rsg_eval.prompts import render_fewshot, render_fewshot_content_free, render_shot
+    from rsg_eval.core.fewshot import gold_label, shot_id
+    from rsg_eval.core.prompts import render_fewshot, render_fewshot_content_free, render_shot
     from rsg_eval.scoring import predict, score_choices
 
     tok, max_tokens = loaded.tokenizer, loaded.info.get("max_input_tokens")
@@ -481,7 +448,7 @@ def _read_shard(run: RunFolder, sh: _Shard) -> dict | None:
 
 
 def _write_shard(run: RunFolder, sh: _Shard, result: dict) -> None:
-    from rsg_eval.io import atomic_write_json
+    from rsg_eval.core.io import atomic_write_json
 
     path = _shard_path(run, sh)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -793,21 +760,3 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                 console.print(f"[yellow]{task}/{split}: {why}: left out of metrics.json and the zip[/]",
                               soft_wrap=True)
     return result
-
-
-# --------------------------------------------------------------------------------------------------- nli head
-
-def run_nli_head(**kwargs: Any) -> Any:
-    """`--nli-head`: evaluate TERRa/RCB/LiDiRus with a hierarchical checkpoint's NLI head (the hierarchical part's
-    `rsg_eval.hmtl.nli_eval.run_nli_head_eval`), when that module is installed."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("rsg_eval.hmtl.nli_eval") is None:
-        raise RSGError("--nli-head needs rsg_eval.hmtl.nli_eval (the hierarchical model's NLI-head evaluator), "
-                       "which this installation does not have", field="--nli-head")
-    mod = importlib.import_module("rsg_eval.hmtl.nli_eval")
-    fn = getattr(mod, "run_nli_head_eval", None)
-    if fn is None:
-        raise RSGError("rsg_eval.hmtl.nli_eval has no run_nli_head_eval()", field="--nli-head")
-    return fn(**kwargs)

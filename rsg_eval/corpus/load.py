@@ -17,21 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import iter_jsonl
-from rsg_eval.hmtl.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS
-
-# Required fields per task (docs/design.md). Types: str unless listed in _SPECIAL.
-TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "ner": ("text", "entities"),
-    "mc": ("text", "label"),
-    "nli": ("premise", "hypothesis", "label"),
-    "paraphrase": ("source", "target"),
-    "qg": ("context", "answer", "question"),
-    "qa": ("context", "question", "answer"),
-    "summarization": ("text", "summary"),
-    "title": ("text", "title"),
-}
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import iter_jsonl
+from rsg_eval.corpus.labels import GEN_TASKS, NEREL_TYPES, NLI_LABELS, TASKS
+from rsg_eval.corpus.records import TASK_FIELDS  # the schema, defined once
 
 # Encoder inputs for the generation tasks (Russian instructions, FRED's `<LM>` prefix added by the trainer when the
 # tokenizer knows it) and for NLI. Changing them changes what a trained checkpoint expects: keep them stable.
@@ -76,7 +65,7 @@ class Corpus:
 
 
 def sample_dir() -> Path:
-    return Path(str(resources.files("rsg_eval") / "data" / "corpus_sample"))
+    return Path(str(resources.files("rsg_eval") / "samples" / "corpus_sample"))
 
 
 def resolve_corpus_dir(spec: str | Path) -> Path:

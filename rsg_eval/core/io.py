@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from rsg_eval.errors import RSGError
-from rsg_eval.limits import LINE_BYTES
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.limits import LINE_BYTES
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

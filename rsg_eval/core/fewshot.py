@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsg_eval.errors import RSGError
-from rsg_eval.tasks import Item, get_task, load_items
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.tasks import Item, get_task
+from rsg_eval.core.data import load_items
 
 # Tasks whose shots are judged "the same text as the item" by the passage alone: a shot from the item's own
 # passage would show another question (or the same query) on the text the model is being tested on.

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import read_jsonl
+from rsg_eval.core.errors import RSGError
 
 TASK_NAMES: tuple[str, ...] = (
     "LiDiRus", "RCB", "PARus", "MuSeRC", "TERRa", "RUSSE", "RWSD", "DaNetQA", "RuCoS",
@@ -422,20 +420,6 @@ def parse_records(task: str, split: str, records: list[tuple[int, dict]], source
         raise EmptyTaskFile(f"the {task} {split} file holds {len(records)} record(s) but nothing to predict",
                        file=source, expected="MuSeRC passages with questions and answers")
     return items
-
-
-def load_items(data: Any, task: str, split: str) -> list[Item]:
-    """Items of one task split from a DataSource, a data folder spec, or a path to a .jsonl file."""
-    task = get_task(task).name
-    check_split(task, split)
-    if isinstance(data, (str, Path)) and str(data).endswith(".jsonl"):
-        path = Path(data)
-    else:
-        from rsg_eval.data import resolve_data
-
-        src = data if hasattr(data, "path") else resolve_data(data)
-        path = src.path(task, split)
-    return parse_records(task, split, read_jsonl(path), str(path))
 
 
 def limit_groups(items: Sequence[Item], n: int | None) -> list[Item]:

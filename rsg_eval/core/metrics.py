@@ -20,8 +20,8 @@ import warnings
 from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
-from rsg_eval.errors import RSGError
-from rsg_eval.tasks import DIAGNOSTIC_KEYS, NLI2, NLI3, TASK_NAMES, Item, get_task
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.tasks import DIAGNOSTIC_KEYS, NLI2, NLI3, TASK_NAMES, Item, get_task
 
 MISSING = "__missing__"
 

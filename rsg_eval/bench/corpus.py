@@ -126,13 +126,13 @@ def naive_build(cfg: Any, out: Path) -> int:
 
     from datasketch import MinHash, MinHashLSH
 
-    from rsg_eval.corpus.build import _leakage_index, _public, BuildOptions, split_task, write_jsonl_atomic
+    from rsg_eval.corpus.build import leakage_index, public_record, BuildOptions, split_task, write_jsonl_atomic
     from rsg_eval.corpus.build import read_source
     from rsg_eval.corpus.cleaning import Cleaner, dedup_key, normalise
     from rsg_eval.corpus.records import Problems
 
     cleaner = Cleaner(cfg.cleaning)
-    guard, _ = _leakage_index(cfg, BuildOptions(echo=lambda m: None))
+    guard, _ = leakage_index(cfg, BuildOptions(echo=lambda m: None))
     lsh = MinHashLSH(threshold=cfg.cleaning.near_threshold, num_perm=cfg.cleaning.num_perm)
     seen: set[bytes] = set()
     recs: list[dict] = []
@@ -161,8 +161,8 @@ def naive_build(cfg: Any, out: Path) -> int:
     rng.shuffle(train)
     rng.shuffle(val)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(out / "train.jsonl", (_public(r) for r in train))
-    write_jsonl_atomic(out / "val.jsonl", (_public(r) for r in val))
+    write_jsonl_atomic(out / "train.jsonl", (public_record(r) for r in train))
+    write_jsonl_atomic(out / "val.jsonl", (public_record(r) for r in val))
     return len(train) + len(val)
 
 
@@ -172,11 +172,11 @@ def measure(n: int, *, naive: bool = False, workdir: Path | None = None, timeout
         src = Path(tmp) / "synthetic.jsonl"
         made = write_synthetic(src, n)
         env = dict(os.environ, PYTHONHASHSEED="0")
-        code = ("import sys; from rsg_eval.corpus.bench import child; "
+        code = ("import sys; from rsg_eval.bench.corpus import child; "
                 f"child({str(src)!r}, {str(Path(tmp) / 'out')!r}, {naive!r})")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode != 0:
-            from rsg_eval.errors import RSGError
+            from rsg_eval.core.errors import RSGError
 
             raise RSGError(f"the {n}-record run failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
         rep = json.loads(r.stdout.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from rsg_eval.errors import RSGError
+from rsg_eval.core.errors import RSGError
 
 MiB = 1 << 20
 

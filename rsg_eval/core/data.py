@@ -14,13 +14,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import sha256_file  # noqa: F401  (also imported from here)
-from rsg_eval.tasks import TASK_NAMES, check_split, get_task
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import sha256_file  # noqa: F401  (also imported from here)
+from rsg_eval.core.io import read_jsonl
+from rsg_eval.core.tasks import TASK_NAMES, Item, check_split, get_task, parse_records
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "samples" / "sample"
 DOWNLOAD_URL = "https://russiansuperglue.com/tasks/download/{task}"
 
 # sha256 and size of the official per-task zips (RSG_SPEC.md section 0, from the HF dataset_infos.json).
@@ -207,8 +208,8 @@ def safe_extract(zip_path: Path, target: Path) -> list[Path]:
     """
     import zlib
 
-    from rsg_eval.io import guarded_write
-    from rsg_eval.limits import ZIP_BYTES, ZIP_RATIO
+    from rsg_eval.core.io import guarded_write
+    from rsg_eval.core.limits import ZIP_BYTES, ZIP_RATIO
 
     try:
         zf = zipfile.ZipFile(zip_path)
@@ -345,9 +346,6 @@ def _urllib_fetch(url: str, dest: Path, progress: Callable[[int, int | None], No
 
 def check_folder(spec: str | Path | DataSource, tasks: Iterable[str] | None = None) -> list[dict]:
     """Parse every split of every task; return rows {task, split, file, records, items, labelled, error}."""
-    from rsg_eval.io import read_jsonl
-    from rsg_eval.tasks import parse_records
-
     src = resolve_data(spec)
     rows: list[dict] = []
     for name in (tasks or TASK_NAMES):
@@ -366,3 +364,15 @@ def check_folder(spec: str | Path | DataSource, tasks: Iterable[str] | None = No
                 row["error"] = str(exc)
             rows.append(row)
     return rows
+
+
+def load_items(data: Any, task: str, split: str) -> list[Item]:
+    """Items of one task split from a DataSource, a data folder spec, or a path to a .jsonl file."""
+    task = get_task(task).name
+    check_split(task, split)
+    if isinstance(data, (str, Path)) and str(data).endswith(".jsonl"):
+        path = Path(data)
+    else:
+        src = data if hasattr(data, "path") else resolve_data(data)
+        path = src.path(task, split)
+    return parse_records(task, split, read_jsonl(path), str(path))

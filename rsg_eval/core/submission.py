@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
-from rsg_eval.errors import RSGError
-from rsg_eval.io import atomic_write_bytes, atomic_write_text, dumps_jsonl, iter_jsonl_text, iter_lines
-from rsg_eval.limits import SUBMISSION_BYTES
-from rsg_eval.metrics import normalize_answer
-from rsg_eval.tasks import BOOL, NLI2, NLI3, TASK_NAMES, Item, get_task
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import atomic_write_bytes, atomic_write_text, dumps_jsonl, iter_jsonl_text, iter_lines
+from rsg_eval.core.limits import SUBMISSION_BYTES
+from rsg_eval.core.metrics import normalize_answer
+from rsg_eval.core.tasks import BOOL, NLI2, NLI3, TASK_NAMES, Item, get_task
 
 ZIP_FOLDER = "submission"
 
@@ -326,8 +326,8 @@ def check_zip(zip_path: str | Path, data: Any, tasks: Iterable[str] | None = Non
     true/false for RUSSE, RWSD and DaNetQA (the official TF-IDF baseline's spelling), a RuCoS label that is
     none of its passage's entities.
     """
-    from rsg_eval.data import resolve_data, safe_member_name
-    from rsg_eval.tasks import load_items
+    from rsg_eval.core.data import resolve_data, safe_member_name
+    from rsg_eval.core.data import load_items
 
     zip_path = Path(zip_path)
     problems: list[Problem] = []

@@ -1,7 +1,7 @@
 """`rsg zeroshot --nli-head`: answer TERRa, LiDiRus and RCB with a hierarchical checkpoint's NLI head.
 
 Blocks 1 and 2 run, the decoder does not. The input is the same "premise + Гипотеза: hypothesis" text the trainer
-used (`rsg_eval.hmtl.corpus.NLI_TEMPLATE`). The head gives p(entailment), p(contradiction), p(neutral):
+used (`rsg_eval.corpus.load.NLI_TEMPLATE`). The head gives p(entailment), p(contradiction), p(neutral):
 
 - RCB (three classes): the most probable of the three;
 - TERRa, LiDiRus (two classes): entailment when p(entailment) > p(contradiction) + p(neutral), i.e. the two
@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from rsg_eval.errors import RSGError
-from rsg_eval.hmtl.corpus import nli_input
+from rsg_eval.core.errors import RSGError
+from rsg_eval.corpus.load import nli_input
 
 KIND = "nli-head"
 NLI_TASKS = ("LiDiRus", "RCB", "TERRa")     # leaderboard order
@@ -33,14 +33,14 @@ SPLIT_CHOICES = ("val", "test", "all")
 
 @dataclass
 class NLIHeadResult:
-    """What the run did, with the fields `rsg zeroshot`'s summary reads (rsg_eval.zeroshot.ZeroShotResult's)."""
+    """What the run did, with the fields `rsg zeroshot`'s summary reads (rsg_eval.eval.zeroshot.ZeroShotResult's)."""
 
     run: Any                                    # rsg_eval.runs.RunFolder
     done: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict | None = None
     zip: Any = None                             # rsg_eval.runs.ZipResult: submission-partial.zip (3 of 9 tasks)
-    outcomes: list[Any] = field(default_factory=list)   # rsg_eval.zeroshot.TaskOutcome per (task, split)
+    outcomes: list[Any] = field(default_factory=list)   # rsg_eval.eval.zeroshot.TaskOutcome per (task, split)
     interrupted: bool = False
     main: bool = True
 
@@ -50,7 +50,7 @@ def nli_probabilities(hier: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]
                       max_length: int = 512) -> torch.Tensor:
     """(N, n_nli) probabilities in the head's label order for (premise, hypothesis) pairs; batched by length so
     padding stays small (padding does not change a result: pooling and attention are masked)."""
-    from rsg_eval.limits import cut_text
+    from rsg_eval.core.limits import cut_text
 
     texts = [cut_text(nli_input(p, h), max_length) for p, h in pairs]  # never tokenise a crafted 200 MB text
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -89,7 +89,7 @@ def _splits(split: str) -> list[str]:
 
 
 def _tasks(tasks: Sequence[str] | str | None) -> list[str]:
-    from rsg_eval.tasks import resolve_tasks
+    from rsg_eval.core.tasks import resolve_tasks
 
     if tasks is None or (isinstance(tasks, str) and tasks.lower() == "all"):
         return list(NLI_TASKS)
@@ -114,9 +114,10 @@ def run_nli_head_eval(model_path: str | Path | None = None, *, model: str | Path
     """
     from rich.console import Console
 
-    from rsg_eval.data import resolve_data, sha256_file
+    from rsg_eval.core.data import resolve_data, sha256_file
     from rsg_eval.runs import RunFolder, fingerprint, run_path
-    from rsg_eval.tasks import limit_groups, load_items
+    from rsg_eval.core.tasks import limit_groups
+    from rsg_eval.core.data import load_items
 
     console = console or Console(stderr=True)
     model_id = str(model_path if model_path is not None else model or "")
@@ -147,7 +148,7 @@ def run_nli_head_eval(model_path: str | Path | None = None, *, model: str | Path
     tags = [f"limit{limit}"] if limit else []
     folder = RunFolder(Path(run_dir) if run_dir is not None else
                        run_path(run, model=model_id, kind=KIND, tags=tags, root=root))
-    from rsg_eval.zeroshot import data_identity
+    from rsg_eval.runs.provenance import data_identity
 
     settings = {**ident, "code_version": CODE_VERSION, "limit": limit, "data": data_identity(src)}
     claim = folder.claim(KIND, settings, per_task={(j[0], j[1]): {"data_sha256": j[3]["data_sha256"]} for j in jobs},
@@ -162,7 +163,7 @@ def _evaluate(folder: Any, jobs: list, model_id: str, src: Any, loaded: Any, bs:
               split: str, device: str | None, dtype: str | None, console: Any) -> NLIHeadResult:
     """run_nli_head_eval's work once the run folder is claimed."""
     from rsg_eval.runs import log_row
-    from rsg_eval.zeroshot import TaskOutcome
+    from rsg_eval.eval.zeroshot import TaskOutcome
 
     result = NLIHeadResult(folder)
     pending = []
@@ -209,7 +210,7 @@ def _evaluate(folder: Any, jobs: list, model_id: str, src: Any, loaded: Any, bs:
 def _write_config(folder: Any, model_id: str, src: Any, jobs: list, loaded: Any, bs: int, limit: int | None,
                   split: str) -> None:
     from rsg_eval import __version__
-    from rsg_eval.tasks import TASK_NAMES
+    from rsg_eval.core.tasks import TASK_NAMES
 
     old = folder.read_config() or {}
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

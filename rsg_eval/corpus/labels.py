@@ -17,3 +17,10 @@ DEFAULT_MC_CLASSES = 17  # the paper's topic head size; the real names come from
 TASKS: tuple[str, ...] = ("ner", "mc", "nli", "paraphrase", "qg", "qa", "summarization", "title")
 CLS_TASKS: tuple[str, ...] = ("ner", "mc", "nli")
 GEN_TASKS: tuple[str, ...] = ("paraphrase", "qg", "qa", "summarization", "title")
+
+
+def head_labels(mc: list[str] | None = None) -> dict[str, list[str]]:
+    """The label names of the hierarchical model's three heads, as `HierarchicalT5.from_base` takes them: the
+    corpus' topic names (`mc`; by default DEFAULT_MC_CLASSES placeholders), NEREL's types and the NLI labels."""
+    return {"mc_labels": list(mc) if mc is not None else [f"topic_{i}" for i in range(DEFAULT_MC_CLASSES)],
+            "ner_labels": list(NEREL_TYPES), "nli_labels": list(NLI_LABELS)}
