@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from rsg_eval.core.errors import RSGError  # noqa: E402
 from rsg_eval.models import lora  # noqa: E402
-from rsg_eval.models.loading import load_model  # noqa: E402
+from rsg_eval.models.loading import load_adapter_model, load_model  # noqa: E402
 from rsg_eval.models.tiny import build_tiny, build_tiny_causal  # noqa: E402
 from rsg_eval.scoring import predict, score_choices  # noqa: E402
 from rsg_eval.training.data import Pair, collate, encode_source, encode_target  # noqa: E402
@@ -94,7 +94,7 @@ def test_saved_adapter_reloads_merged_and_unmerged_to_the_same_predictions(train
     merged = load_model(folder, device="cpu")
     assert merged.info["source"] == "lora" and merged.info["base_model"] == "tiny"
     assert not any(".lora_" in n for n, _ in merged.model.named_parameters())  # plain model after the merge
-    unmerged = lora.load_adapter_model(folder, merge=False, device="cpu")
+    unmerged = load_adapter_model(folder, merge=False, device="cpu")
     got_m, got_u = _scores(merged.model, merged.tokenizer), _scores(unmerged.model, unmerged.tokenizer)
     assert got_u == want
     assert predict(got_m) == predict(got_u) == predict(want)

@@ -102,7 +102,7 @@ def test_either_config_layout_loads_untied(tmp_path, layout):
 
 def test_hierarchical_model_keeps_the_head_untied(tmp_path):
     base, tok = build_tiny(num_layers=2)
-    hier = HierarchicalT5.from_base(base, split=1)
+    hier = HierarchicalT5.from_base(base, split=1, mc_labels=["a", "b"], ner_labels=["PER"], nli_labels=["x", "y"])
     proj = hier.seq2seq.lm_head.proj
     assert proj.weight.data_ptr() != hier.seq2seq.shared.weight.data_ptr()
     hier.save_pretrained(tmp_path / "ck", tokenizer=tok)

@@ -141,8 +141,6 @@ def load_model(
         return _load_tiny(dev, dtype, causal=name == TINY_CAUSAL_NAME, device_map=device_map)
     path = Path(name).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():  # a LoRA adapter: its base, then the adapter
-        from rsg_eval.models.lora import load_adapter_model
-
         return load_adapter_model(path, device=device, dtype=dtype, revision=revision,
                                   trust_remote_code=trust_remote_code, allow_fp16=allow_fp16, causal_ok=causal_ok,
                                   device_map=device_map)
@@ -163,6 +161,28 @@ def load_model(
     cache_only = hub_cache_only(name, revision)
     return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False,
                               local_files_only=cache_only, causal_ok=causal_ok, device_map=device_map)
+
+
+def load_adapter_model(folder: str | Path, *, merge: bool = True, **load_kwargs: Any) -> Loaded:
+    """A LoRA adapter folder: the base model its adapter_config.json names (loaded with the same options), the
+    adapter applied and, by default, merged (rsg_eval.models.lora). The fingerprint covers base and adapter, so
+    run folders tell adapters of one base apart."""
+    from rsg_eval.models.lora import adapter_tokenizer, apply_adapter, read_base
+
+    folder = Path(folder).expanduser()
+    base_name = read_base(folder)
+    if Path(base_name).expanduser().resolve() == folder.resolve():
+        raise RSGError("the adapter names itself as its base model", file=folder / "adapter_config.json")
+    base = load_model(base_name, **load_kwargs)
+    if base.info.get("source") in ("hierarchical", "lora"):
+        raise RSGError(f"LoRA adapters on a {base.info['source']} model are not supported", file=folder)
+    model = apply_adapter(base.model, folder, merge=merge)
+    tokenizer = adapter_tokenizer(folder) or base.tokenizer
+    info = dict(base.info)
+    info.update(model=str(folder), source="lora", base_model=base_name, merged=merge,
+                fingerprint=f"lora-{_dir_fingerprint(folder)}-{base.info['fingerprint']}",
+                parameters=sum(p.numel() for p in model.parameters()))
+    return Loaded(model, tokenizer, info)
 
 
 def _looks_like_path(name: str) -> bool:

@@ -11,7 +11,7 @@ wrapped model computes exactly what the base does until it trains) to the target
 
 An adapter folder holds peft's `adapter_config.json` and `adapter_model.safetensors`, plus the tokenizer; the
 config's `base_model_name_or_path` is the base model's hub id, built-in name (`tiny`) or absolute folder path.
-`load_adapter_model` (reached through `load_model(folder)`) loads that base, applies the adapter and, by default,
+`load_model(folder)` (models/loading.py) loads that base, then `apply_adapter` applies the adapter and, by default,
 merges it into the base weights (W + alpha/R·B·A) so scoring runs at the base model's speed with no adapter layers.
 
 peft is an optional extra (`pip install -e ".[lora]"`): only LoRA needs it, and everything else works without it.
@@ -156,38 +156,27 @@ def read_base(folder: Path) -> str:
     return base
 
 
-def load_adapter_model(folder: Path, *, merge: bool = True, **load_kwargs: Any) -> Any:
-    """Load an adapter folder's base model (through load_model, same device/dtype options), apply the adapter and
-    merge it (default): a Loaded whose model is a plain transformers model. Its fingerprint covers base and
-    adapter, so run folders tell adapters apart."""
-    from rsg_eval.models.loading import Loaded, _dir_fingerprint, load_model
-
+def apply_adapter(model: Any, folder: Path, *, merge: bool = True) -> Any:
+    """The base `model` with the adapter in `folder` applied and, by default, merged into its weights (a plain
+    transformers model again). load_model calls this after loading the base the adapter names."""
     peft = require_peft()
-    base_name = read_base(folder)
-    if Path(base_name).expanduser().resolve() == folder.resolve():
-        raise RSGError("the adapter names itself as its base model", file=folder / ADAPTER_CONFIG)
-    base = load_model(base_name, **load_kwargs)
-    if base.info.get("source") == "hierarchical":
-        raise RSGError("LoRA adapters on hierarchical checkpoints are not supported", file=folder)
     try:
-        model = peft.PeftModel.from_pretrained(base.model, str(folder), is_trainable=False)
+        wrapped = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        from rsg_eval.models.loading import _short
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise RSGError(f"could not apply the adapter to its base model: {first}", file=folder) from exc
+    out = wrapped.merge_and_unload() if merge else wrapped
+    out.eval()
+    return out
 
-        raise RSGError(f"could not apply the adapter to {base_name!r}: {_short(exc)}", file=folder) from exc
-    if merge:
-        model = model.merge_and_unload()
-    model.eval()
-    tokenizer = base.tokenizer
-    if any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    info = dict(base.info)
-    info.update(model=str(folder), source="lora", base_model=base_name,
-                fingerprint=f"lora-{_dir_fingerprint(folder)}-{base.info['fingerprint']}",
-                parameters=sum(p.numel() for p in model.parameters()), merged=merge)
-    return Loaded(model, tokenizer, info)
+def adapter_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved with the adapter, or None (then the base's is used)."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def merged_state_equal(a: Any, b: Any) -> bool:
