@@ -83,7 +83,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_mlflow_file_store(tmp_path, monkeypatch):
+def test_mlflow_local_store(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = make_tracker("mlflow", run_dir=tmp_path, run_name="terra-fredt5", fingerprint="abc123")
@@ -91,7 +91,7 @@ def test_mlflow_file_store(tmp_path, monkeypatch):
     _log(t)
     import mlflow
 
-    client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").resolve().as_uri())
+    client = mlflow.tracking.MlflowClient(tracking.local_mlflow_uri(tmp_path))
     run = client.get_run(run_id)
     assert run.data.tags["fingerprint"] == "abc123" and run.info.run_name == "terra-fredt5"
     assert run.data.params["optimizer"] == "adafactor" and run.data.params["lora.rank"] == "8"

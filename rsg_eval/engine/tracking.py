@@ -12,7 +12,8 @@ one line naming its extra, raised before any training starts:
 - wandb: `wandb.init(name=run name, tags=[fingerprint], config=...)` under RUN/wandb; the project is
   $WANDB_PROJECT or "rsg-eval"; WANDB_MODE=offline works without a network;
 - mlflow: a run named after the run with the tag `fingerprint`; the tracking URI is $MLFLOW_TRACKING_URI or a
-  file store in RUN/mlruns; the config as params (flattened, values cut to 500 characters as MLflow requires).
+  SQLite store RUN/mlflow.db (MLflow 3 refuses new file stores), experiment $MLFLOW_EXPERIMENT_NAME or
+  "rsg-eval"; the config as params (flattened, values cut to 500 characters as MLflow requires).
 The CSV logs and the PNG curves the commands write are unchanged; trackers come on top.
 """
 
@@ -132,9 +133,16 @@ class MlflowTracker(Tracker):
         import mlflow
 
         self.mlflow = mlflow
+        experiment = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-        self.run = mlflow.start_run(run_name=run_name, tags={"fingerprint": fingerprint})
+            # a local SQLite store in the run folder (MLflow 3 refuses new file stores); artifacts beside it
+            run_dir.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(local_mlflow_uri(run_dir))
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "rsg-eval")
+            found = mlflow.get_experiment_by_name(name)
+            experiment = found.experiment_id if found else mlflow.create_experiment(
+                name, artifact_location=(run_dir / "mlartifacts").resolve().as_uri())
+        self.run = mlflow.start_run(run_name=run_name, tags={"fingerprint": fingerprint}, experiment_id=experiment)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         flat = _flatten(json.loads(json.dumps(config, default=str)))
@@ -146,6 +154,10 @@ class MlflowTracker(Tracker):
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def local_mlflow_uri(run_dir: Path) -> str:
+    return "sqlite:///" + str((run_dir / "mlflow.db").resolve())
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
