@@ -105,3 +105,19 @@ def test_backends_listed_match_the_extras():
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert all(b in extras for b in tracking.BACKENDS if b != "none")
+
+
+def test_scalar_names_and_throughput():
+    s = tracking.step_scalars(loss=1.5, lr=1e-3, grad_norm=0.25, tokens_per_s=100.0,
+                              task_losses={"mc": 1.0, "nli": 2.0})
+    assert s == {"train/loss": 1.5, "train/lr": 1e-3, "train/grad_norm": 0.25, "train/tokens_per_s": 100.0,
+                 "train/loss/mc": 1.0, "train/loss/nli": 2.0}
+    assert tracking.eval_scalars({"terra": {"accuracy": 0.5, "n": 10, "ok": True, "note": "x"}}) == \
+        {"eval/terra/accuracy": 0.5, "eval/terra/n": 10.0}
+    t = tracking.Throughput()
+    clock = iter([10.0, 12.0, 12.0])
+    t._clock = lambda: next(clock)
+    t._last = 8.0
+    assert t.tick(400) == 200.0  # 400 tokens in 2 s
+    assert t.tick(100) == 50.0
+    assert math.isnan(t.tick(5))  # no time passed

@@ -218,3 +218,42 @@ def make_tracker(report_to: str | Iterable[str] | None, *, run_dir: str | Path, 
         MultiTracker(made).close()
         raise
     return made[0] if len(made) == 1 else MultiTracker(made)
+
+
+# ----------------------------------------------------------------------------------------------- what recipes log
+
+
+class Throughput:
+    """Tokens per second between optimizer steps, on the host clock. The step's one host read (engine.step) has
+    already waited for the device, so the interval covers the device's work without a sync of its own."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._last = self._clock()
+
+    def tick(self, tokens: int) -> float:
+        now = self._clock()
+        dt, self._last = now - self._last, now
+        return tokens / dt if dt > 0 else float("nan")
+
+
+def step_scalars(*, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
+                 task_losses: Mapping[str, float] | None = None) -> dict[str, float]:
+    """One optimizer step's scalars under stable names: train/loss (the mean for train-hmtl), train/lr,
+    train/grad_norm (before clipping), train/tokens_per_s, and train/loss/<task> per task (train-hmtl)."""
+    out = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s}
+    for task, value in (task_losses or {}).items():
+        out[f"train/loss/{task}"] = value
+    return out
+
+
+def eval_scalars(metrics: Mapping[str, Mapping[str, Any]], prefix: str = "eval") -> dict[str, float]:
+    """Every numeric metric of every task: {"terra": {"accuracy": 0.6}} -> {"eval/terra/accuracy": 0.6}."""
+    out: dict[str, float] = {}
+    for task, values in metrics.items():
+        for name, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{prefix}/{task}/{name}"] = float(v)
+    return out
