@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from rsg_eval.models.tiny import build_tiny_causal
 from rsg_eval.scoring import encode_causal, predict, score_choices
-from rsg_eval.training.causal import (LORA_DEFAULT_ABOVE, answer_tokens, build_causal_pairs, collate_causal,
-                                      lora_by_default)
+from rsg_eval.training.causal import (LORA_DEFAULT_ABOVE, answer_tokens, build_causal_pairs, causal_nll_sum,
+                                      collate_causal, lora_by_default)
 from rsg_eval.training.data import Pair
 
 LABELS = ("entailment", "not_entailment")
@@ -69,6 +69,10 @@ def test_loss_is_the_answer_tokens_cross_entropy(tiny_causal):
         for j, t in enumerate(p.tgt):
             terms.append(-logp[i, len(p.src) + j - 1, t])  # the position before token t predicts it
     torch.testing.assert_close(out.loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        total = causal_nll_sum(model, b)
+    torch.testing.assert_close(total, torch.stack(terms).sum(), rtol=1e-5, atol=1e-5)
+    assert answer_tokens(b) == len(terms)
 
 
 def test_a_few_steps_lower_the_loss_and_rank_classification_follows(tiny_causal):

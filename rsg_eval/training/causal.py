@@ -76,6 +76,22 @@ def collate_causal(pairs: Sequence[Pair], pad_id: int) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def causal_nll_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """One micro-batch's summed answer-token NLL in fp32 (a 0-d tensor on the device, no host read), for the
+    recipe's per-token loss scaling across micro-batches and processes (the seq2seq recipe sums the same way).
+
+    Logits (B, L, V) at position t score token t+1: logits[:, :-1] against labels[:, 1:], -100 ignored."""
+    import torch
+    import torch.nn.functional as F
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
 def answer_tokens(batch: dict[str, Any]) -> int:
     """How many tokens a batch's loss averages over (for per-token loss weighting across micro-batches)."""
     return int((batch["labels"] != -100).sum())
