@@ -42,7 +42,7 @@ def mean_nll(model, tokenizer, pairs) -> float:
     import torch
     import torch.nn.functional as F
 
-    from rsg_eval.training.data import collate
+    from rsg_eval.training.finetune.data import collate
 
     model.eval()
     with torch.no_grad():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))   # test helpers (_warm_rsg) import as top-level modules
 
 
 def shared_rsg_dir() -> Path | None:
@@ -30,3 +32,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "rsg-cache"
     monkeypatch.setenv("RSG_DATA_DIR", str(cache / "rsg"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+
+
+@pytest.fixture(scope="session")
+def warm_rsg(tmp_path_factory):
+    """A forking `rsg` server for tests that run many CLI commands as processes (tests/_warm_rsg.py): the folder
+    to put first on PATH. Hub offline, one thread, its own HF_HOME."""
+    from _warm_rsg import WarmRsg
+
+    base = tmp_path_factory.mktemp("warm-rsg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(base / "hf"), OMP_NUM_THREADS="1",
+               RSG_DATA_DIR=str(base / "rsg-data"), XDG_CACHE_HOME=str(base / "cache"))
+    server = WarmRsg(base, env)
+    yield server.bin
+    server.close()

@@ -124,7 +124,7 @@ def test_damaged_hierarchical_heads_file(tmp_path):
 
 def test_damaged_finetune_checkpoint_says_what_to_delete(tmp_path):
     from rsg_eval.models.tiny import build_tiny
-    from rsg_eval.training import checkpoint as ck
+    from rsg_eval.engine import checkpoint as ck
 
     model, _ = build_tiny()
     folder = ck.write_checkpoint(tmp_path, "last", model, {"state": {"step": 1}}, extra={"x": torch.zeros(2)})
@@ -139,7 +139,7 @@ def test_damaged_finetune_checkpoint_says_what_to_delete(tmp_path):
 
 
 def test_damaged_hmtl_resume_point(tmp_path):
-    from rsg_eval.hmtl import train as hmtl_train
+    from rsg_eval.training.hmtl import train as hmtl_train
 
     (tmp_path / hmtl_train.STATE_NAME).write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(RSGError) as exc:

@@ -58,7 +58,7 @@ def test_hardware_flops_equal_torchs_flop_counter(checkpointing):
 def test_the_6n_shortcut_overstates_fredt5_about_twice():
     from transformers import T5Config
 
-    from rsg_eval.training.bench import FRED_1_7B
+    from rsg_eval.bench.finetune import FRED_1_7B
 
     cfg = T5Config(**FRED_1_7B)
     d = T5Dims.from_config(cfg)

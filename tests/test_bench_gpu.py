@@ -71,8 +71,8 @@ def test_every_benchmark_timer_waits_for_the_device(monkeypatch):
     """The hmtl and fine-tuning benches read their clocks only after a device sync at both ends of each timing
     (a no-op on CPU, so counted here by replacing it)."""
     from rsg_eval.bench import timing
-    from rsg_eval.hmtl.bench import run_bench
-    from rsg_eval.training import bench
+    from rsg_eval.bench.hmtl import run_bench
+    from rsg_eval.bench import finetune as bench
 
     calls: list = []
     monkeypatch.setattr(timing, "sync", lambda device=None: calls.append(device))
@@ -101,8 +101,8 @@ def test_preset_keeps_the_batch_asked_for_and_runs_one_step():
 
 def test_preset_result_counts_flops_of_the_steps_it_timed():
     from rsg_eval.bench.flops import T5Dims, hardware_flops, model_flops
-    from rsg_eval.training.bench import preset_step
-    from rsg_eval.training.bench import build_model
+    from rsg_eval.bench.finetune import preset_step
+    from rsg_eval.bench.finetune import build_model
 
     r = preset_step("tiny", torch.device("cpu"), batch=3, steps=2, src_len=16, tgt_len=4, warmup=1)
     assert r["steps"] == 2 and r["examples"] == 6 and r["mfu"] is None

@@ -161,7 +161,7 @@ def test_finetune_safetensors_full_disk_leaves_no_new_folder_and_resumes(tmp_pat
 def test_torch_save_full_disk_in_a_checkpoint(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from rsg_eval.models.tiny import build_tiny
-    from rsg_eval.training import checkpoint as ck
+    from rsg_eval.engine import checkpoint as ck
 
     model, _ = build_tiny()
     ck.write_checkpoint(tmp_path, "last", model, {"state": {"step": 1}}, extra={"x": torch.zeros(3)})

@@ -1,5 +1,5 @@
 """Several processes, checked on one CPU by faking the launcher's environment: the process-group timeout option,
-the device each rank takes (an explicit cuda:N is refused), and the bucketed gradient averaging."""
+the device each rank takes (an explicit cuda:N is refused), and the collective helpers in one process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rsg_eval.core.errors import RSGError  # noqa: E402
-from rsg_eval.training import dist as D  # noqa: E402
+from rsg_eval.engine import collective as C  # noqa: E402
+from rsg_eval.engine import runtime as D  # noqa: E402
 
 
 @pytest.fixture
@@ -65,8 +66,8 @@ def test_cuda_without_a_gpu_and_unknown_devices():
 
 def test_the_process_group_gets_the_timeout(rank1_of_2, monkeypatch):
     seen = []
-    monkeypatch.setattr(D.tdist, "is_initialized", lambda: False)
-    monkeypatch.setattr(D.tdist, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
+    monkeypatch.setattr(C.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(C.tdist, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
     _gpus(monkeypatch, 0)
     assert D.init_from_env() == rank1_of_2
     assert seen[-1] == ("gloo", {"timeout": timedelta(seconds=D.DEFAULT_TIMEOUT_S)})
@@ -78,8 +79,8 @@ def test_the_process_group_gets_the_timeout(rank1_of_2, monkeypatch):
 def test_finetune_refuses_a_fixed_gpu_under_a_launcher_before_any_work(rank1_of_2, monkeypatch, tmp_path):
     """`rsg finetune --device cuda:0` under torchrun: one clear error, and nothing written (it used to put every
     rank on GPU 0)."""
-    from rsg_eval.training import finetune
-    from rsg_eval.training.config import load_config_set
+    from rsg_eval.training.finetune import run as finetune
+    from rsg_eval.training.finetune.config import load_config_set
 
     timeouts = []
     monkeypatch.setattr(finetune, "init_from_env", lambda t=None: timeouts.append(t) or rank1_of_2)
@@ -95,7 +96,7 @@ def test_cli_passes_the_timeout(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from rsg_eval.cli import app
-    from rsg_eval.training import finetune
+    from rsg_eval.training.finetune import run as finetune
 
     class Stop(Exception):
         pass
@@ -112,74 +113,25 @@ def test_cli_passes_the_timeout(monkeypatch, tmp_path):
     assert isinstance(res.exception, Stop) and seen == [45.0]
 
 
-def _bucket_worker(rank: int, world: int, init: str, out: str) -> None:
-    """One rank: two micro-steps on its own data; the second (last) backward runs armed. Branch `b` is used only
-    by rank 0 in the last step, and never by rank 1 at all."""
-    import torch.distributed as tdist
-
-    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(0)
-    net = torch.nn.ModuleDict({"a": torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)),
-                               "b": torch.nn.Linear(6, 4)})
-    # `b` first in the list, so last in the (reversed) bucket order: what the last backward does not touch goes
-    # last, as the hierarchical trainer orders its heads; 200-byte buckets: several of them
-    params = list(net["b"].parameters()) + list(net["a"].parameters())
-    avg = D.BucketedGradAverage(params, world, bucket_mb=200 / 2**20)
-    g = torch.Generator().manual_seed(10 + rank)
-    xs = [torch.randn(5, 6, generator=g) for _ in range(2)]
-    net["a"](xs[0]).pow(2).sum().backward()
-    avg.arm()
-    loss = net["a"](xs[1]).pow(2).sum()
-    if rank == 0:
-        loss = loss + net["b"](xs[1]).sum()
-    loss.backward()
-    avg.finish()
-    torch.save({"grads": {n: p.grad for n, p in net.named_parameters()}, "buckets": len(avg.buckets),
-                "in_backward": avg.launched_in_backward}, out)
-    tdist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_bucketed_average_equals_the_mean_of_each_ranks_gradients(tmp_path):
-    """Two gloo processes: the bucketed, overlapped average equals the mean of the gradients each rank computed
-    (worked out here in one process), including a parameter only one rank touched."""
-    import torch.multiprocessing as mp
-
-    init = f"file://{tmp_path / 'rdzv'}"
-    outs = [str(tmp_path / f"r{r}.pt") for r in range(2)]
-    mp.start_processes(_run_bucket_worker, args=(2, init, outs), nprocs=2, join=True, start_method="spawn")
-    res = [torch.load(o) for o in outs]
-    # the reference: each rank's gradient computed alone, then averaged by hand
-    per_rank = []
-    for rank in range(2):
-        torch.manual_seed(0)
-        net = torch.nn.ModuleDict({"a": torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                                                            torch.nn.Linear(8, 4)), "b": torch.nn.Linear(6, 4)})
-        g = torch.Generator().manual_seed(10 + rank)
-        xs = [torch.randn(5, 6, generator=g) for _ in range(2)]
-        net["a"](xs[0]).pow(2).sum().backward()
-        loss = net["a"](xs[1]).pow(2).sum() + (net["b"](xs[1]).sum() if rank == 0 else 0)
-        loss.backward()
-        per_rank.append({n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()})
-    for name in per_rank[0]:
-        want = (per_rank[0][name] + per_rank[1][name]) / 2
-        for r in range(2):
-            torch.testing.assert_close(res[r]["grads"][name], want, rtol=1e-6, atol=1e-7, msg=f"{name} rank {r}")
-    assert res[0]["buckets"] >= 3
-    # both ranks launched their first buckets while their last backward still ran (overlap)
-    assert res[0]["in_backward"] >= 1 and res[1]["in_backward"] >= 1
-
-
-def _run_bucket_worker(rank: int, world: int, init: str, outs: list) -> None:
-    _bucket_worker(rank, world, init, outs[rank])
-
-
 def test_shards_cover_the_range_once():
-    parts = [D.shard(23, D.Dist(rank=r, world=3, local_rank=r), chunk=4) for r in range(3)]
+    parts = [C.shard(23, D.Dist(rank=r, world=3, local_rank=r), chunk=4) for r in range(3)]
     assert sorted(s for p in parts for s in p) == list(range(0, 23, 4))
     assert parts[0] == [0, 12] and parts[2] == [8, 20]
-    assert D.shard(5, D.Dist()) == [0, 1, 2, 3, 4]
-    assert D.all_sum_floats([1.5, 2.0], D.Dist()) == [1.5, 2.0]
+    assert C.shard(5, D.Dist()) == [0, 1, 2, 3, 4]
+    assert C.all_sum_floats([1.5, 2.0], D.Dist()) == [1.5, 2.0]
+
+
+def test_main_acts_in_one_process_returns_or_raises():
+    assert C.main_acts(D.Dist(), lambda: 41 + 1) == 42
+    with pytest.raises(RSGError, match="refused"):
+        C.main_acts(D.Dist(), lambda: (_ for _ in ()).throw(RSGError("refused")))
+
+
+def test_read_step_reads_losses_and_norm_together():
+    vals, norm = C.read_step(torch.tensor([1.5, 2.5]), torch.tensor(3.0), D.Dist())
+    assert vals == [1.5, 2.5] and norm == 3.0
+    vals, norm = C.read_step(torch.tensor(4.0), None, D.Dist())
+    assert vals == [4.0] and norm != norm  # nan: no gradient
 
 
 def test_zeroshot_refuses_a_fixed_gpu_or_a_device_map_under_a_launcher_before_any_work(rank1_of_2, monkeypatch,
@@ -187,7 +139,7 @@ def test_zeroshot_refuses_a_fixed_gpu_or_a_device_map_under_a_launcher_before_an
     """`rsg zeroshot --device cuda:0` under torchrun would score every shard on GPU 0 (it used to be taken as
     given); `--device-map` needs one process. Both are refused on every process before a run folder exists."""
     from rsg_eval.eval import zeroshot
-    from rsg_eval.training import dist as dist_mod
+    from rsg_eval.engine import runtime as dist_mod
 
     monkeypatch.setattr(dist_mod, "init_from_env", lambda timeout_s=None: rank1_of_2)
     for extra, msg in (({"device": "cuda:0"}, "every process on GPU 0"), ({"device_map": "auto"}, "one process")):

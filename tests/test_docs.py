@@ -1,7 +1,8 @@
 """The docs cannot drift from the CLI.
 
 Every fenced block tagged ```sh offline in README.md and docs/*.md is run: each page's blocks in order, with
-`bash -e`, in one fresh temporary folder per page (the venv's bin/ first on PATH, so `rsg` is this checkout's;
+`bash -e`, in one fresh temporary folder per page (`rsg` is this checkout's, run by a warm forking server:
+tests/_warm_rsg.py;
 `configs/` and `tests/fixtures/` linked in as in a clone; a private RSG_DATA_DIR, XDG_CACHE_HOME and HF_HOME;
 HF_HUB_OFFLINE=1). Commands that need a GPU, the hub or minutes go in untagged ```sh blocks.
 Also: every relative link in those pages points at an existing file (and heading), and README.md stays a front page.
@@ -86,7 +87,7 @@ def test_every_part_has_a_page_with_tested_commands() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("page", PAGES_WITH_COMMANDS, ids=_rel)
-def test_offline_commands_run(page: Path, tmp_path: Path) -> None:
+def test_offline_commands_run(page: Path, tmp_path: Path, warm_rsg: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     (work / "configs").symlink_to(REPO / "configs", target_is_directory=True)
@@ -94,7 +95,9 @@ def test_offline_commands_run(page: Path, tmp_path: Path) -> None:
     (work / "tests" / "fixtures").symlink_to(REPO / "tests" / "fixtures", target_is_directory=True)
     env = dict(os.environ)
     env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        # `rsg` is the warm forking client (tests/_warm_rsg.py): each command is still its own process running
+        # this checkout's entry point, without paying the torch import again; then the venv's bin/.
+        "PATH": f"{warm_rsg}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "RSG_DATA_DIR": str(tmp_path / "rsg-data"),
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
         "HF_HOME": str(tmp_path / "hf"),

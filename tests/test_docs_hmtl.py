@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rsg_eval.hmtl.dataset import BatchPlan
+from rsg_eval.training.hmtl.dataset import BatchPlan
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "hmtl.md"
 

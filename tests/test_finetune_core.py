@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rsg_eval.core.errors import RSGError  # noqa: E402
-from rsg_eval.training import checkpoint as ck  # noqa: E402
-from rsg_eval.training.config import FinetuneConfig, load_config_set  # noqa: E402
-from rsg_eval.training.data import Pair, build_pairs, encode_target, epoch_plan, gold_targets, rank_slice  # noqa: E402
-from rsg_eval.training.loop import Hooks, lr_factor, plan_sizes, train  # noqa: E402
+from rsg_eval.engine import checkpoint as ck  # noqa: E402
+from rsg_eval.training.finetune.config import FinetuneConfig, load_config_set  # noqa: E402
+from rsg_eval.training.finetune.data import Pair, build_pairs, encode_target, epoch_plan, gold_targets, rank_slice  # noqa: E402
+from rsg_eval.training.finetune.loop import Hooks, lr_factor, plan_sizes, train  # noqa: E402
 
 from tests._finetune_utils import mean_nll, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
@@ -162,7 +162,7 @@ def test_shipped_configs_parse():
 
 def _cfg(**kw) -> FinetuneConfig:
     base = dict(epochs=2, batch_size=4, grad_accum=2, lr=2e-3, warmup_ratio=0.2, dropout=0.1, save_every=1,
-                max_source_len=96, max_target_len=8)
+                max_source_length=96, max_target_length=8)
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -289,7 +289,7 @@ def test_interrupted_swap_falls_back_to_old(tmp_path, tiny):
 
 def test_tiny_or_empty_train_split(tiny, terra_pairs, tmp_path):
     tok, pairs = terra_pairs
-    from rsg_eval.training.loop import NoTrainingData
+    from rsg_eval.training.finetune.loop import NoTrainingData
 
     with pytest.raises(NoTrainingData, match="no training examples"):
         _run(tiny, [], tok, _cfg(), tmp_path / "empty")
@@ -300,7 +300,7 @@ def test_tiny_or_empty_train_split(tiny, terra_pairs, tmp_path):
 def test_bench_counts_the_same_examples_with_and_without_grouping(tiny):
     """The benchmark's two configurations run one epoch over the same examples: equal example and real-token
     counts, less padding when grouped."""
-    from rsg_eval.training import bench
+    from rsg_eval.bench import finetune as bench
 
     model, tok = tiny()
     model.train()
@@ -353,7 +353,7 @@ def test_an_ignored_sigint_stays_ignored(tiny, terra_pairs, tmp_path):
     handler behind); SIGTERM, which a scheduler sends, is still caught."""
     import signal
 
-    from rsg_eval.training.loop import _StopRequest
+    from rsg_eval.engine.stop import StopRequest as _StopRequest
 
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
     term = signal.getsignal(signal.SIGTERM)
@@ -395,3 +395,15 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_resumes_exactly(tiny, terra_
     resumed, res = _run(tiny, pairs, tok, cfg, tmp_path / "b")
     assert res.resumed_from == 1
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_config_fields_are_named_as_the_options_and_old_keys_still_read(tmp_path):
+    """max_source_length / max_target_length (as --max-source-length ...); a config file with the old keys reads the
+    same, and the recorded settings keep the old names, so a run folder written before resumes."""
+    old = tmp_path / "old.yaml"
+    old.write_text("defaults: {max_source_len: 77}\ntasks:\n  RCB: {max_target_len: 9}\n", encoding="utf-8")
+    cs = load_config_set(old)
+    assert cs.for_task("RCB").max_source_length == 77 and cs.for_task("RCB").max_target_length == 9
+    assert load_config_set(None, {"max_target_length": 5}).for_task("TERRa").max_target_length == 5
+    rec = cs.for_task("RCB").record()
+    assert rec["max_source_len"] == 77 and rec["max_target_len"] == 9 and "max_source_length" not in rec

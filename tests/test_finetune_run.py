@@ -15,19 +15,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval.training.config import load_config_set  # noqa: E402
+from rsg_eval.training.finetune.config import load_config_set  # noqa: E402
 
 from tests._finetune_utils import learnable_terra, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_len=64, max_target_len=8,
+LEARN = dict(epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_length=64, max_target_length=8,
              eval_batch_size=64)
 
 
 @pytest.fixture(scope="module")
 def learn_run(tmp_path_factory):
     """One single-process run on the learnable TERRa fixture (shared by the learning and two-process tests)."""
-    from rsg_eval.training.finetune import run_finetune
+    from rsg_eval.training.finetune.run import run_finetune
 
     d = tmp_path_factory.mktemp("learn")
     learnable_terra(d / "data")
@@ -73,7 +73,7 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
     from rsg_eval.runs import RunFolder
     from rsg_eval.core.submission import check_zip
     from rsg_eval.core.tasks import TASK_NAMES
-    from rsg_eval.training import checkpoint as ck
+    from rsg_eval.engine import checkpoint as ck
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
@@ -125,7 +125,7 @@ def test_smoke_all_tasks_zip_resume_and_full_disk(tmp_path, monkeypatch):
 
 def test_task_without_a_train_split_is_reported_and_others_go_on(tmp_path):
     from rsg_eval.core.errors import RSGError
-    from rsg_eval.training.finetune import run_finetune, training_units
+    from rsg_eval.training.finetune.run import run_finetune, training_units
 
     assert training_units(["LiDiRus", "RCB", "TERRa"]) == [("RCB", ["RCB"]), ("TERRa", ["TERRa", "LiDiRus"])]
     assert training_units(["LiDiRus"]) == [("TERRa", ["LiDiRus"])]
@@ -181,7 +181,7 @@ def test_a_hierarchical_checkpoint_can_be_fine_tuned(tmp_path):
     from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
     from rsg_eval.models.tiny import build_tiny
-    from rsg_eval.training.finetune import run_finetune
+    from rsg_eval.training.finetune.run import run_finetune
 
     model, tok = build_tiny()
     HierarchicalT5.from_base(model, **head_labels()).save_pretrained(tmp_path / "hier", tokenizer=tok)
@@ -202,8 +202,8 @@ def test_nan_mid_task_stops_the_run_and_keeps_its_curve(tmp_path):
     from rsg_eval.core.errors import RSGError
     from rsg_eval.models.loading import load_model
     from rsg_eval.runs import RunFolder
-    from rsg_eval.training import checkpoint as ck
-    from rsg_eval.training.finetune import run_finetune
+    from rsg_eval.engine import checkpoint as ck
+    from rsg_eval.training.finetune.run import run_finetune
 
     learnable_terra(tmp_path / "data", n_train=16, n_val=4, n_test=2)
     calls = {"train_forwards": 0}
@@ -233,8 +233,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_results(tmp_path):
     """Through the runner: kill TERRa after step 3 of 4, rerun the same call: the same epochs.csv, val metrics
     and test predictions as a run that was never interrupted."""
     from rsg_eval.runs import RunFolder
-    from rsg_eval.training.finetune import run_finetune
-    from rsg_eval.training.loop import Hooks
+    from rsg_eval.training.finetune.run import run_finetune
+    from rsg_eval.training.finetune.loop import Hooks
 
     learnable_terra(tmp_path / "data", n_train=16, n_val=4, n_test=2)
     cfg = load_config_set(None, dict(LEARN, epochs=2, save_every=1))
@@ -269,7 +269,7 @@ def test_one_configuration_per_run_folder(tmp_path):
     from rsg_eval.core.data import sha256_file
     from rsg_eval.core.errors import RSGError
     from rsg_eval.runs import RunFolder
-    from rsg_eval.training.finetune import run_finetune
+    from rsg_eval.training.finetune.run import run_finetune
 
     learnable_terra(tmp_path / "data", n_train=4, n_val=4, n_test=2)
 
@@ -301,7 +301,7 @@ def test_a_broken_template_creates_nothing(tmp_path):
     import textwrap
 
     from rsg_eval.core.errors import RSGError
-    from rsg_eval.training.finetune import run_finetune
+    from rsg_eval.training.finetune.run import run_finetune
 
     learnable_terra(tmp_path / "data", n_train=4, n_val=4, n_test=2)
     evil = tmp_path / "evil.yaml"

@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rsg_eval.training.config import FinetuneConfig  # noqa: E402
-from rsg_eval.training.kernels import TanhGELU, fused_t5  # noqa: E402
+from rsg_eval.training.finetune.config import FinetuneConfig  # noqa: E402
+from rsg_eval.models.kernels import TanhGELU, fused_t5  # noqa: E402
 
 from tests._finetune_utils import learnable_terra, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
@@ -78,8 +78,8 @@ def test_one_host_sync_per_optimizer_step(monkeypatch, tmp_path):
     """With 2 micro-batches per step, the loop reads the device once per step (loss and gradient norm together);
     it used to read every micro-batch's loss and the norm separately (3 per step)."""
     from rsg_eval.models.tiny import build_tiny
-    from rsg_eval.training.bench_hf import terra_shaped_pairs
-    from rsg_eval.training.loop import Hooks, train
+    from rsg_eval.bench.hf_trainer import terra_shaped_pairs
+    from rsg_eval.training.finetune.loop import Hooks, train
 
     model, tok = build_tiny()
     model.train()
@@ -100,7 +100,7 @@ def test_one_host_sync_per_optimizer_step(monkeypatch, tmp_path):
         per_step.append(sum(reads.values()))
         losses.append(loss)
 
-    cfg = FinetuneConfig(epochs=1, batch_size=4, grad_accum=2, max_source_len=600, eval_every=0)
+    cfg = FinetuneConfig(epochs=1, batch_size=4, grad_accum=2, max_source_length=600, eval_every=0)
     train(model, tok, pairs, cfg, evaluate=lambda m: {"score": 0.0}, ckpt_dir=tmp_path, fingerprint={},
           device=torch.device("cpu"), hooks=Hooks(on_step=on_step))
     assert len(per_step) == 2 and per_step == [1, 2]
@@ -146,7 +146,7 @@ def test_bench_against_refuses_unknown_peers_and_models():
 
 
 def test_synthetic_pairs_have_terras_shape():
-    from rsg_eval.training.bench_hf import terra_shaped_pairs, windows
+    from rsg_eval.bench.hf_trainer import terra_shaped_pairs, windows
 
     pairs = terra_shaped_pairs(400, 1000, seed=1)
     src = sorted(len(p.src) for p in pairs)
@@ -159,7 +159,7 @@ def test_turns_interleave_runs_and_count_only_their_own_time():
     """Two runs in threads take turns every 2 steps; a run's clock stops while the other holds the turn."""
     import time
 
-    from rsg_eval.training.bench_hf import Turns
+    from rsg_eval.bench.hf_trainer import Turns
 
     turns = Turns(["slow", "fast"], every=2, device=torch.device("cpu"))
     order: list[str] = []

@@ -209,7 +209,7 @@ def test_bad_checkpoint_errors(tmp_path):
 
 def test_bench_ways_agree():
     # The benchmark's two ways (full encoder + hidden_states[k] vs Block 1 only) give identical logits.
-    from rsg_eval.hmtl.bench import run_bench
+    from rsg_eval.bench.hmtl import run_bench
 
     r = run_bench(d_model=32, d_ff=64, layers=4, split=1, batch=3, seq_len=12, repeats=1)
     assert r["same_predictions"] and r["max_abs_logit_diff"] == 0.0

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.hmtl import schedules
+from rsg_eval.training.hmtl import schedules
 from rsg_eval.corpus.load import load_examples, open_corpus
 from rsg_eval.corpus.labels import NEREL_TYPES, TASKS
 
@@ -99,7 +99,7 @@ def test_sample_corpus_has_all_tasks_in_both_splits():
 
 
 def test_ner_bits_nested():
-    from rsg_eval.hmtl.dataset import ner_bits_for
+    from rsg_eval.training.hmtl.dataset import ner_bits_for
     # tokens: "Москов"(0,6) "ский"(6,10) " уни"(10,14) "верс"(14,18) special (0,0); CITY=2 inside ORG=19
     offsets = [(0, 6), (6, 10), (10, 14), (14, 18), (0, 0)]
     bits = ner_bits_for(offsets, [(0, 18, 19), (0, 10, 2)])
@@ -111,7 +111,7 @@ def test_ner_bits_nested():
 def test_tokenised_cache_is_reused_and_targets_end_with_eos(tmp_path):
     import torch
 
-    from rsg_eval.hmtl.dataset import build_split, collate, task_indices
+    from rsg_eval.training.hmtl.dataset import build_split, collate, task_indices
     from rsg_eval.models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -142,7 +142,7 @@ def test_tokenised_cache_is_reused_and_targets_end_with_eos(tmp_path):
 
 def test_stream_positions_cover_each_round_once():
     import numpy as np
-    from rsg_eval.hmtl.dataset import stream_positions
+    from rsg_eval.training.hmtl.dataset import stream_positions
 
     a = stream_positions(5, seed=0, epoch=0, task=1, start=0, count=12)
     assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))
@@ -205,8 +205,8 @@ def test_schedule_values_by_hand():
 
 def test_ner_spans_round_trip_through_token_bits():
     # Gold spans -> per-token bitmasks (training) -> spans again (inference): nested entities survive.
-    from rsg_eval.hmtl.dataset import ner_bits_for
-    from rsg_eval.hmtl.infer import _strip_space, decode_spans
+    from rsg_eval.training.hmtl.dataset import ner_bits_for
+    from rsg_eval.training.hmtl.infer import _strip_space, decode_spans
     from rsg_eval.models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -223,7 +223,7 @@ def test_ner_spans_round_trip_through_token_bits():
 
 def test_bad_record_surfaces_through_datasets(tmp_path):
     # The datasets builder wraps generator errors; the user still gets our file:line:field message.
-    from rsg_eval.hmtl.dataset import build_split
+    from rsg_eval.training.hmtl.dataset import build_split
     from rsg_eval.models.tiny import build_tiny_tokenizer
 
     folder = tmp_path / "corpus"

@@ -127,7 +127,7 @@ def test_nli_head_cli_prints_the_zeroshot_summary_and_its_partial_zip(ckpt, tmp_
 
 
 def test_block1_predictions_batch_invariant(ckpt):
-    from rsg_eval.hmtl.infer import predict_entities, predict_topics
+    from rsg_eval.training.hmtl.infer import predict_entities, predict_topics
     from rsg_eval.models.hierarchical import load_hierarchical
 
     hier, tok = load_hierarchical(ckpt)

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.hmtl.dataset import BatchPlan, ner_bits_for, ner_tags_for
+from rsg_eval.training.hmtl.dataset import BatchPlan, ner_bits_for, ner_tags_for
 from rsg_eval.corpus.labels import NEREL_TYPES, head_labels
 
 ORG, CITY = NEREL_TYPES.index("ORGANIZATION"), NEREL_TYPES.index("CITY")
@@ -109,8 +109,8 @@ def tiny_hier():
 def test_ner_softmax_loss_worked_by_hand(tiny_hier):
     import torch
 
-    from rsg_eval.hmtl.dataset import Batch
-    from rsg_eval.hmtl.train import task_loss
+    from rsg_eval.training.hmtl.dataset import Batch
+    from rsg_eval.training.hmtl.train import task_loss
     from rsg_eval.models.hierarchical import HierarchicalT5
 
     base, tok = tiny_hier
@@ -146,7 +146,7 @@ def test_ner_softmax_loss_worked_by_hand(tiny_hier):
 def test_softmax_entities_come_out_flat(tiny_hier, tmp_path):
     import torch
 
-    from rsg_eval.hmtl.infer import predict_entities
+    from rsg_eval.training.hmtl.infer import predict_entities
     from rsg_eval.models.hierarchical import HierarchicalT5, load_hierarchical
 
     base, tok = tiny_hier
@@ -219,11 +219,11 @@ DEFAULTS = {
     "batch_size": 12,            # paper: "a batch of 12 sequences"
     "grad_accum": 2,             # paper: accumulation 2, effective batch 24
     "batch_reading": "total",    # choice: the reading closest to the text (12 in all, effective 24)
-    "max_length": 512,           # paper: sequences up to 512 tokens
+    "max_source_length": 512,        # paper: sequences up to 512 tokens
     "max_target_length": 512,    # paper: sequences up to 512 tokens
     "schedule": "paper",         # paper: CyclicLR exp_range (a reproduction runs what the paper ran)
     "lr_min": 1e-6,              # paper: 1e-6
-    "lr_max": 1e-4,              # paper: 1e-4
+    "lr": 1e-4,                  # paper: 1e-4
     "gamma": 0.9,                # paper: gamma 0.9
     "step_size_up": None,        # paper: not stated -> torch's default 2000
     "warmup_steps": None,        # cosine only: 6 % of the steps
@@ -238,9 +238,12 @@ DEFAULTS = {
     "gradient_checkpointing": True,  # paper: gradient checkpointing
     "seed": 0,                   # paper: not stated
     "max_steps_per_epoch": None,
-    "save_steps": 0,
+    "save_every": 0,
     "quiet": False,
     "dist_timeout": 7200.0,      # several processes: seconds a collective may wait (torch's NCCL default: 600)
+    "early_stopping": 0,         # paper: no early stopping
+    "sharding": None,            # several processes: ddp (fsdp on request)
+    "fsdp_cpu_offload": False,
     "restart": False,            # run folder: resume unless asked to start over
 }
 
@@ -255,7 +258,7 @@ def _cli_defaults() -> dict:
 
 
 def test_every_train_hmtl_default_is_pinned():
-    from rsg_eval.hmtl.train import TrainConfig
+    from rsg_eval.training.hmtl.train import TrainConfig
     from rsg_eval.corpus.labels import TASKS
 
     got = _cli_defaults()
@@ -268,7 +271,7 @@ def test_every_train_hmtl_default_is_pinned():
     assert cfg.task_weights == {t: 1.0 for t in TASKS}
     # not options of the command, documented in docs/hmtl.md's recipe table
     assert (cfg.head_dropout, cfg.adapter_activation) == (0.1, "relu")
-    from rsg_eval.hmtl import schedules
+    from rsg_eval.training.hmtl import schedules
     assert schedules.TORCH_DEFAULT_STEP_SIZE_UP == 2000
 
 
@@ -307,7 +310,7 @@ def test_bad_choices_are_clear_errors(tmp_path):
 def test_rucos_config_departs_from_literal_epochs_and_flags_restore_them():
     from pathlib import Path
 
-    from rsg_eval.training.config import load_config_set
+    from rsg_eval.training.finetune.config import load_config_set
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "finetune_fredt5_1.7b.yaml"
     configs = load_config_set(str(cfg), {})
@@ -316,3 +319,16 @@ def test_rucos_config_departs_from_literal_epochs_and_flags_restore_them():
     assert (rucos.epochs, rucos.eval_every, rucos.early_stopping) == (20, 2000, 5)    # the documented departure
     literal = load_config_set(str(cfg), {"eval_every": 0, "early_stopping": 0}).for_task("RuCoS")
     assert (literal.epochs, literal.eval_every, literal.early_stopping) == (20, 0, 0)
+
+
+def test_config_fields_are_named_as_the_options_and_the_fingerprint_keeps_the_old_names():
+    """--max-source-length, --lr, --save-every set max_source_length, lr, save_every; run.json and settings.json
+    keep recording max_length and lr_max, so an --out written before the rename resumes."""
+    from rsg_eval.training.hmtl.config import TrainConfig, from_dict
+
+    cfg = TrainConfig(model="m", corpus="c", out="o", max_source_length=64, lr=3e-3, save_every=5)
+    fp = cfg.fingerprint_dict()
+    assert fp["max_length"] == 64 and fp["lr_max"] == 3e-3 and "lr" not in fp and "save_steps" not in fp
+    assert "early_stopping" not in fp and "sharding" not in fp     # off / not a setting of the outputs
+    assert from_dict({"model": "m", "corpus": "c", "out": "o", "max_length": 64, "lr_max": 3e-3}) == \
+        TrainConfig(model="m", corpus="c", out="o", max_source_length=64, lr=3e-3)

@@ -11,7 +11,7 @@ import torch
 from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
 from _scoring_utils import SYNC_REASON, TRANSFORMERS5
 
-from rsg_eval.hmtl.train import TrainConfig, train
+from rsg_eval.training.hmtl.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # move the loss); dropout in the heads is on, so the RNG state matters on resume. The default reading ("total") runs
 # end to end in the CLI test below and against the per-task one in the batch-readings test.
 KW = dict(model="tiny", corpus="sample", epochs=3, batch_size=3, grad_accum=2, schedule="cosine", lr_min=1e-5,
-          lr_max=3e-3, max_steps_per_epoch=2, max_length=64, max_target_length=32, gradient_checkpointing=True,
+          lr=3e-3, max_steps_per_epoch=2, max_source_length=64, max_target_length=32, gradient_checkpointing=True,
           batch_reading="per-task")
 
 
@@ -81,7 +81,7 @@ def test_checkpoint_loads_through_load_model(straight):
 def test_resume_after_interruption_is_identical(straight, tmp_path):
     out_a, _ = straight
     out_b = tmp_path / "resumed"
-    cfg = TrainConfig(out=str(out_b), save_steps=1, **KW)
+    cfg = TrainConfig(out=str(out_b), save_every=1, **KW)
 
     def stop(step):
         if step == 3:                         # in the middle of epoch 2
@@ -104,6 +104,61 @@ def test_resume_after_interruption_is_identical(straight, tmp_path):
         train(TrainConfig(out=str(out_b), **{**KW, "epochs": 4}), progress=False)
 
 
+def test_sigterm_stops_at_a_step_boundary_and_the_rerun_ends_identical(straight, tmp_path):
+    """SIGTERM (a scheduler's preemption) after step 1, with no periodic saving: the resume point is saved at that
+    step boundary, training stops with exit code 143, and the rerun ends bit-identical to the straight run."""
+    import signal
+
+    from rsg_eval.engine.stop import Stopped
+
+    out_a, _ = straight
+    out_b = tmp_path / "term"
+    cfg = TrainConfig(out=str(out_b), **KW)
+
+    def term(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(Stopped, match="step 1") as exc:
+        train(cfg, progress=False, on_step=term)
+    assert exc.value.exit_code == 143
+    st = torch.load(out_b / "last" / "trainer_state.pt", weights_only=True)
+    assert st["global_step"] == 1 and len(st["rng"]) == 1 and {"python", "numpy", "torch"} <= set(st["rng"][0])
+    assert train(cfg, progress=False).steps == 6
+    assert _losses(out_b) == _losses(out_a)
+    from safetensors.torch import load_file
+    a, b = load_file(out_a / "final" / "model.safetensors"), load_file(out_b / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_with_the_last_good_state_saved(tmp_path):
+    """A learning rate of 1e30 sends the weights to infinity after the first step: the second step's loss is not
+    finite, the step is not applied, the resume point holds the state after step 1, and the error says what to do."""
+    from rsg_eval.core.errors import RSGError
+
+    cfg = TrainConfig(out=str(tmp_path / "o"), **{**KW, "epochs": 1, "schedule": "paper", "lr_min": 1e30,
+                                                  "lr": 1e30})
+    with pytest.raises(RSGError, match="became non-finite at epoch 1, optimizer step 2.*Lower --lr"):
+        train(cfg, progress=False)
+    st = torch.load(tmp_path / "o" / "last" / "trainer_state.pt", weights_only=True)
+    assert (st["epoch"], st["step"], st["global_step"], st["skipped_steps"]) == (0, 1, 1, 1)
+
+
+def test_early_stopping_on_the_mean_val_loss(tmp_path):
+    """--early-stopping 1 with a learning rate of 0: the val loss cannot improve after epoch 1, so training ends
+    after epoch 2 of 3, and final/ is epoch 2's checkpoint."""
+    import json
+
+    cfg = TrainConfig(out=str(tmp_path / "o"), **{**KW, "schedule": "paper", "lr_min": 0.0, "lr": 0.0,
+                                                  "early_stopping": 1})
+    res = train(cfg, progress=False)
+    assert res.finished and res.steps == 4
+    assert [(r["epoch"], r["split"]) for r in _losses(tmp_path / "o")] == [("1", "train"), ("1", "val"),
+                                                                          ("2", "train"), ("2", "val")]
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["stopped"] == "early_stopping"
+    assert not (tmp_path / "o" / "epoch-3").exists() and (tmp_path / "o" / "final").is_dir()
+
+
 def test_the_out_folder_holds_one_configuration(tmp_path):
     """--out is locked and holds one configuration: a resume after the corpus changed is refused (its content is
     a setting, not its path); --restart starts over; an --out from before settings.json is checked through
@@ -118,7 +173,7 @@ def test_the_out_folder_holds_one_configuration(tmp_path):
     shutil.copytree(sample_dir(), corpus)
     out = tmp_path / "out"
     kw = {**KW, "corpus": str(corpus), "epochs": 1, "max_steps_per_epoch": 2}
-    cfg = TrainConfig(out=str(out), save_steps=1, **kw)
+    cfg = TrainConfig(out=str(out), save_every=1, **kw)
 
     def stop(step):
         raise KeyboardInterrupt
@@ -184,8 +239,8 @@ def test_batch_readings_weigh_each_task_as_its_mean_per_step(tmp_path):
     all over 2 micro-steps ("total" reading, rotating), 1 of each task over 2 micro-steps, 2 of each task at once
     ("per-task"). Each task's loss enters the step as the mean over its 2 examples, so all four end with the same
     weights. (MC and NLI only: their losses are per example; head dropout off.)"""
-    base = dict(model="tiny", corpus="sample", epochs=1, max_steps_per_epoch=2, max_length=48,
-                max_target_length=16, schedule="cosine", lr_min=1e-4, lr_max=1e-2, gradient_checkpointing=False,
+    base = dict(model="tiny", corpus="sample", epochs=1, max_steps_per_epoch=2, max_source_length=48,
+                max_target_length=16, schedule="cosine", lr_min=1e-4, lr=1e-2, gradient_checkpointing=False,
                 head_dropout=0.0, task_weights={"ner": 0, "mc": 1, "nli": 0.5, "paraphrase": 0, "qg": 0, "qa": 0,
                                                 "summarization": 0, "title": 0})
     ways = {"total-4x1": dict(batch_reading="total", batch_size=4, grad_accum=1),

@@ -160,7 +160,7 @@ def test_text_is_cut_by_characters_before_tokenisation(monkeypatch):
 
 
 def test_finetune_pairs_never_tokenise_a_whole_crafted_passage():
-    from rsg_eval.training.data import build_pairs
+    from rsg_eval.training.finetune.data import build_pairs
 
     tok = CountingTokenizer()
     tok.eos_token_id = "</s>"

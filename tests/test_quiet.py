@@ -89,7 +89,7 @@ def test_truncating_a_long_prompt_prints_no_length_warning(capfd: pytest.Capture
 
 def test_finetune_encoding_of_a_long_prompt_prints_no_length_warning(capfd: pytest.CaptureFixture) -> None:
     from rsg_eval.models.tiny import MAX_INPUT_TOKENS, build_tiny_tokenizer
-    from rsg_eval.training.data import encode_source, encode_target
+    from rsg_eval.training.finetune.data import encode_source, encode_target
 
     long_text = " ".join(["Весенний паводок затопил несколько дачных посёлков у реки."] * 200)
     tok = build_tiny_tokenizer()

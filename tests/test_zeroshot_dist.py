@@ -16,6 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _warm_rsg import warm_torchrun  # noqa: E402
+
 from rsg_eval.eval import zeroshot  # noqa: E402
 from rsg_eval.runs import RunFolder  # noqa: E402
 from rsg_eval.eval.zeroshot import ZeroShotOptions, _assign, _plan_shards, plan_jobs, run_zeroshot  # noqa: E402
@@ -56,6 +58,8 @@ def test_shards_are_the_same_for_any_number_of_processes(tmp_path):
 
 
 def _torchrun(cwd: Path, args: list[str], n: int = 2, module: str | None = "rsg_eval.cli") -> subprocess.CompletedProcess:
+    """The real launcher (torch.distributed.run); the other calls use the warm one (tests/_warm_rsg.py), which sets
+    the same environment for each rank without paying the torch import in three fresh processes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # `--` keeps torchrun's own parser away from our flags (it would read --run as its --run-path)
     target = ["-m", module, "--"] if module else []
@@ -80,7 +84,7 @@ def tiny():
 
 
 @pytest.mark.slow
-def test_two_processes_write_what_one_writes_and_resume_per_shard(tmp_path, tiny, monkeypatch):
+def test_two_processes_write_what_one_writes_and_resume_per_shard(tmp_path, tiny, monkeypatch, warm_rsg):
     one = run_zeroshot(_opts(tmp_path, "one"), show_progress=False, loaded=tiny)
     assert not one.interrupted and len(one.outcomes) == 8
     args = ["zeroshot", "--model", "tiny", "--data", "sample", "--tasks", TASKS, "--split", "all", "--num-fewshot",
@@ -109,7 +113,7 @@ def test_two_processes_write_what_one_writes_and_resume_per_shard(tmp_path, tiny
     assert cut.interrupted and cut.run.finished("val") == ["TERRa"] and cut.run.finished("test") == []
     saved = sorted(p.name for p in (cut.run.path / "state" / "shards").iterdir())
     assert len(saved) == 1 and saved[0].startswith("TERRa-")
-    proc = _torchrun(tmp_path, [*args, "--run", "resumed"])
+    proc = warm_torchrun(warm_rsg, [*args, "--run", "resumed"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
     assert re.search(r"\b1 of \d+ shards already scored by an earlier run, reused", out)
@@ -149,11 +153,11 @@ FAILING = textwrap.dedent("""\
 
 
 @pytest.mark.slow
-def test_a_failure_on_one_process_stops_all_and_keeps_finished_shards(tmp_path, tiny):
+def test_a_failure_on_one_process_stops_all_and_keeps_finished_shards(tmp_path, tiny, warm_rsg):
     (tmp_path / "a-file").write_text("not a folder")
     script = tmp_path / "failing.py"
     script.write_text(FAILING)
-    proc = _torchrun(tmp_path, [str(script), str(tmp_path)], module=None)
+    proc = warm_torchrun(warm_rsg, [str(tmp_path)], script=str(script), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["setup"].startswith("RSGError") and "exists and is not a folder" in r0["setup"]

@@ -2,7 +2,7 @@
 (FREDT5_NOTES.md 1.1), in about five minutes on one H100/H200, it measures:
 
   finetune      one `rsg finetune` training step at batch 12 x 512 -> 512, bf16 autocast, gradient checkpointing,
-                fused AdamW: step time, model/hardware FLOPs, MFU/HFU, peak memory (rsg_eval.training.bench);
+                fused AdamW: step time, model/hardware FLOPs, MFU/HFU, peak memory (rsg_eval.bench.finetune);
   hierarchical  one `rsg train-hmtl` optimizer step: a batch of 12 x 512 of every one of the eight tasks (targets
                 of 512 for the five generation tasks), gradient accumulation 1, checkpointing: time, MFU, memory;
   zeroshot      rank classification at the RuCoS shape (passages near 512 tokens, 15 candidate sentences): prompts/s
@@ -40,7 +40,7 @@ NEEDS_GIB = {"finetune": 34, "hierarchical": 36, "zeroshot": 14, "early_exit": 6
 class Sizes:
     """Shapes of one run of the command: full (FRED-T5-1.7B) or tiny."""
 
-    model: str                    # rsg_eval.training.bench.build_model name
+    model: str                    # rsg_eval.bench.finetune.build_model name
     batch: int
     src_len: int
     tgt_len: int
@@ -51,7 +51,7 @@ class Sizes:
     zs_passage_words: int
     zs_candidates: int
     zs_batch: int
-    ee: dict[str, int]            # rsg_eval.hmtl.bench.run_bench shape
+    ee: dict[str, int]            # rsg_eval.bench.hmtl.run_bench shape
     ee_repeats: int
 
 
@@ -89,7 +89,7 @@ def _reset_peak(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------- sections
 
 def section_finetune(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
-    from rsg_eval.training.bench import preset_step
+    from rsg_eval.bench.finetune import preset_step
 
     r = preset_step(s.model, device, batch=s.batch, steps=s.steps, src_len=s.src_len, tgt_len=s.tgt_len,
                     checkpointing=True, warmup=s.warmup, peak_tflops=peak)
@@ -116,14 +116,14 @@ def hierarchical_step_flops(d: T5Dims, split: int, batch: int, src: int, tgt: in
 
 
 def section_hierarchical(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
-    """One optimizer step exactly as `rsg train-hmtl` runs it (rsg_eval.hmtl.train.task_loss per task, backward,
+    """One optimizer step exactly as `rsg train-hmtl` runs it (rsg_eval.training.hmtl.train.task_loss per task, backward,
     clipping, AdamW), on random batches of fixed shape."""
-    from rsg_eval.hmtl.dataset import collate
+    from rsg_eval.training.hmtl.dataset import collate
     from rsg_eval.corpus.labels import TASKS
-    from rsg_eval.hmtl.train import TrainConfig, task_loss
+    from rsg_eval.training.hmtl.train import TrainConfig, task_loss
     from rsg_eval.corpus.labels import head_labels
     from rsg_eval.models.hierarchical import HierarchicalT5
-    from rsg_eval.training.bench import build_model
+    from rsg_eval.bench.finetune import build_model
 
     ner_loss = TrainConfig.__dataclass_fields__["ner_loss"].default  # what `rsg train-hmtl` trains by default
     base, vocab = build_model(s.model, device)
@@ -200,7 +200,7 @@ def _zeroshot_compare(model: Any, tokenizer: Any, case: Any, batch_size: int, de
 def section_zeroshot(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
     from rsg_eval.bench.zeroshot import rucos_like
     from rsg_eval.models.tiny import build_tiny_tokenizer
-    from rsg_eval.training.bench import build_model
+    from rsg_eval.bench.finetune import build_model
 
     model, _ = build_model(s.model, device)
     model.eval()
@@ -223,7 +223,7 @@ def section_zeroshot(s: Sizes, device: torch.device, peak: float | None) -> dict
 
 
 def section_early_exit(s: Sizes, device: torch.device, peak: float | None) -> dict[str, Any]:
-    from rsg_eval.hmtl.bench import run_bench
+    from rsg_eval.bench.hmtl import run_bench
 
     bf16 = device.type == "cuda" and _bf16_native()
     r = run_bench(**s.ee, repeats=s.ee_repeats, device=str(device), bf16=bf16, peak_tflops=peak)

@@ -44,6 +44,21 @@ def quiet_option(help: str = "No progress bars.") -> typer.models.OptionInfo:
     return typer.Option(False, "--quiet", "-q", help=help)
 
 
+def sharding_option() -> typer.models.OptionInfo:
+    """--sharding for the training commands (rsg_eval.engine.sharding)."""
+    return typer.Option(None, "--sharding", help="Data parallelism under torchrun or accelerate launch: ddp "
+                                                 "(every GPU holds the whole model) or fsdp (FSDP2: weights, "
+                                                 "gradients and AdamW state sharded over the GPUs; for models "
+                                                 "that do not fit one GPU). One process: ignored.",
+                        show_default="ddp under a launcher")
+
+
+def fsdp_offload_option() -> typer.models.OptionInfo:
+    return typer.Option(False, "--fsdp-cpu-offload", help="With --sharding fsdp: keep the weight shards, their "
+                                                          "gradients and the optimizer step in CPU memory (slower; "
+                                                          "fits the smallest GPUs).")
+
+
 # ------------------------------------------------------------------------------------------ one CLI grammar
 # One spelling per idea across all commands (tests/test_cli_grammar.py holds the table and walks every option).
 # Spellings that commands used before are kept working for a release as hidden aliases: they are not options

@@ -14,7 +14,7 @@ from rsg_eval.commands._common import RsgTyper
 bench_app = RsgTyper(help="Benchmarks: speed and memory as ratios against the naive way, measured in one run.",
                         no_args_is_help=True)
 
-BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl", "bench_corpus", "bench_gpu")
+BENCH_MODULES = ("bench_zeroshot", "bench_finetune", "bench_hmtl", "bench_corpus", "bench_gpu", "bench_memory")
 
 
 def register(app: typer.Typer) -> None:

@@ -74,7 +74,7 @@ def register(bench_app: typer.Typer) -> None:
         import torch
 
         from rsg_eval.core.errors import RSGError
-        from rsg_eval.training import bench
+        from rsg_eval.bench import finetune as bench
 
         if threads:
             torch.set_num_threads(threads)
@@ -193,8 +193,8 @@ def _against(models: list[str] | None, examples: int | None, batch: int, data: s
     import torch
 
     from rsg_eval.core.errors import RSGError
-    from rsg_eval.training import bench, bench_hf
-    from rsg_eval.training.config import FinetuneConfig
+    from rsg_eval.bench import finetune as bench, hf_trainer as bench_hf
+    from rsg_eval.training.finetune.config import FinetuneConfig
 
     name = (models or ["small"])[0]
     if name not in ("tiny", "small") or (models and len(models) > 1):
@@ -238,7 +238,7 @@ def _profile(factory: Any, pairs: Any, cfg: Any, device: Any, steps: int, json_o
     from rich.console import Console
     from rich.table import Table
 
-    from rsg_eval.training import bench_hf
+    from rsg_eval.bench import hf_trainer as bench_hf
 
     out = Console(width=max(console.width, 130))
     report = {}

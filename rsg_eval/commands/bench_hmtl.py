@@ -39,7 +39,7 @@ def hmtl_cmd(
 
     from rsg_eval.commands._common import make_console
     from rsg_eval.core.errors import RSGError
-    from rsg_eval.hmtl.bench import run_bench
+    from rsg_eval.bench.hmtl import run_bench
     from rsg_eval.core.io import atomic_write_json
 
     if d_model % 4:

@@ -11,14 +11,15 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import (console, data_option, fmt, fsdp_offload_option, print_zip, quiet_option,
+                                       sharding_option, tasks_option)
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
-# and of the run folder's config.json, which is why a few differ from the option's spelling).
+# and of the run folder's config.json: each equals its option's name).
 CONFIG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
-               "schedule": "schedule", "warmup_ratio": "warmup_ratio", "max_source_length": "max_source_len",
-               "max_target_length": "max_target_len", "eval_every": "eval_every",
+               "schedule": "schedule", "warmup_ratio": "warmup_ratio", "max_source_length": "max_source_length",
+               "max_target_length": "max_target_length", "eval_every": "eval_every",
                "early_stopping": "early_stopping", "max_steps": "max_steps", "save_every": "save_every",
                "seed": "seed", "normalize": "normalize", "template": "template",
                "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16",
@@ -26,7 +27,7 @@ CONFIG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "grad_accum": "gr
 
 
 def register(app: typer.Typer) -> None:
-    from rsg_eval.training.config import FinetuneConfig  # torch-free: the defaults --help shows
+    from rsg_eval.training.finetune.config import FinetuneConfig  # torch-free: the defaults --help shows
 
     d = FinetuneConfig()
 
@@ -58,11 +59,11 @@ def register(app: typer.Typer) -> None:
                                                                     "constant."),
         warmup_ratio: float = typer.Option(d.warmup_ratio, "--warmup-ratio", help="Share of the optimizer steps "
                                                                                   "spent warming up."),
-        max_source_length: int = typer.Option(d.max_source_len, "--max-source-length",
+        max_source_length: int = typer.Option(d.max_source_length, "--max-source-length",
                                               help="Encoder tokens; the template shortens the passage to fit "
-                                                   "(config key max_source_len)."),
-        max_target_length: int = typer.Option(d.max_target_len, "--max-target-length",
-                                              help="Decoder tokens, </s> included (config key max_target_len)."),
+                                                   "(config key max_source_length)."),
+        max_target_length: int = typer.Option(d.max_target_length, "--max-target-length",
+                                              help="Decoder tokens, </s> included (config key max_target_length)."),
         eval_every: int = typer.Option(d.eval_every, "--eval-every", help="Evaluate val every N optimizer steps; "
                                                                           "0 = after every epoch."),
         early_stopping: int = typer.Option(d.early_stopping, "--early-stopping", help="Stop a task after N "
@@ -101,6 +102,8 @@ def register(app: typer.Typer) -> None:
                                                                                  "(torch's NCCL default is 600)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).",
                                                show_default="the hub's default branch"),
+        sharding: Optional[str] = sharding_option(),
+        fsdp_cpu_offload: bool = fsdp_offload_option(),
         quiet: bool = quiet_option("No progress display."),
     ) -> None:
         """Fine-tune on each task (input: the rendered prompt; target: the gold answer + </s>), keep the best
@@ -112,8 +115,8 @@ def register(app: typer.Typer) -> None:
         configs/finetune_tiny.yaml's smaller ones); options typed on the command line win over both.
         """
         from rsg_eval.core.errors import RSGError
-        from rsg_eval.training.config import TINY_DEFAULTS, load_config_set
-        from rsg_eval.training.finetune import run_finetune
+        from rsg_eval.training.finetune.config import TINY_DEFAULTS, load_config_set
+        from rsg_eval.training.finetune.run import run_finetune
         from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
         require_seq2seq(model, "rsg finetune")
 
@@ -129,10 +132,11 @@ def register(app: typer.Typer) -> None:
             with reporter:
                 out = run_finetune(model, configs=configs, tasks=task_list, data=data, run=run, root=root,
                                    checkpoint_dir=checkpoint_dir, device=device, revision=revision,
-                                   restart=restart, reporter=reporter, dist_timeout=dist_timeout)
-        except KeyboardInterrupt:
+                                   restart=restart, reporter=reporter, dist_timeout=dist_timeout,
+                                   sharding_mode=sharding, fsdp_cpu_offload=fsdp_cpu_offload)
+        except KeyboardInterrupt as exc:
             console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
-            raise typer.Exit(130)
+            raise typer.Exit(getattr(exc, "exit_code", 130))  # 130 Ctrl-C, 143 SIGTERM (rsg_eval.engine.stop)
         if not reporter.main:
             return
         _summary(out)

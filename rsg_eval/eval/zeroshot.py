@@ -474,19 +474,9 @@ def _describe(exc: BaseException) -> str:
 def _on_main(dist: Any, fn: Any) -> Any:
     """Run `fn` on the main process only and hand its result to every process; when it fails there, every
     process raises (none is left waiting for a message that never comes)."""
-    if not dist.active:
-        return fn()
-    if dist.main:
-        try:
-            out = fn()
-        except BaseException as exc:
-            dist.broadcast(("error", _describe(exc)))
-            raise
-        return dist.broadcast(("ok", out))[1]
-    status, value = dist.broadcast(None)
-    if status == "error":
-        raise RSGError(value)
-    return value
+    from rsg_eval.engine.collective import main_acts
+
+    return main_acts(dist, fn)
 
 
 def _agree(dist: Any, exc: BaseException | None) -> None:
@@ -503,11 +493,9 @@ def _agree(dist: Any, exc: BaseException | None) -> None:
 
 def _gather_to_main(dist: Any, obj: Any) -> list[Any] | None:
     """Every process's object on the main process (in rank order); None elsewhere."""
-    import torch.distributed as tdist
+    from rsg_eval.engine.collective import gather_to_main
 
-    out = [None] * dist.world if dist.main else None
-    tdist.gather_object(obj, out, dst=0)
-    return out
+    return gather_to_main(obj, dist)
 
 
 def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict) -> tuple:
@@ -537,14 +525,14 @@ def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict
 
 def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
     """Under a launcher each process scores on its own GPU (cuda:LOCAL_RANK); an explicit --device cuda:N would put
-    every process on GPU N and is refused (rsg_eval.training.dist.resolve_device, as in fine-tuning)."""
+    every process on GPU N and is refused (rsg_eval.engine.runtime.resolve_device, as in fine-tuning)."""
     if not dist.active:
         return opts.device
     if opts.device_map is not None:  # one model over several GPUs in one process: no room for a process per GPU
         raise RSGError(f"--device-map {opts.device_map} spreads one model over the GPUs of one process; under "
                        "torchrun/accelerate each process holds a whole model: run it in one process", field="--device-map",
                        expected="--device-map in a single process, or several processes without it")
-    from rsg_eval.training.dist import resolve_device
+    from rsg_eval.engine.runtime import resolve_device
 
     return str(resolve_device(opts.device, dist))
 
@@ -560,7 +548,7 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
     """
     from rich.console import Console
 
-    from rsg_eval.training.dist import init_from_env
+    from rsg_eval.engine.runtime import init_from_env
 
     dist = init_from_env(timeout_s=DIST_TIMEOUT_S)
     _device_for(opts, dist)  # a device no process may take is refused by all of them alike, before any work
@@ -591,28 +579,17 @@ def run_zeroshot(opts: ZeroShotOptions, *, console: Any = None, show_progress: b
 def _leave_together(dist: Any) -> None:
     """Every process waits here until the main one is done writing: under torchrun a process that exits with an
     error first gets the others killed, perhaps while the main one still writes the finished tasks' results."""
-    if not dist.active:
-        return
-    import datetime as dt
+    from rsg_eval.engine.collective import leave_together
 
-    import torch.distributed as tdist
-
-    try:
-        if tdist.get_backend() == "gloo":  # bounded: a process that is gone is not waited for forever
-            tdist.monitored_barrier(timeout=dt.timedelta(seconds=LEAVE_TIMEOUT_S), wait_all_ranks=True)
-        else:
-            tdist.barrier()
-    except RuntimeError:
-        pass  # a process did not come: nothing left to protect; the error that caused it is already on its way
+    leave_together(dist, LEAVE_TIMEOUT_S)  # bounded under gloo: a process that is gone is not waited for
 
 
 def shutdown_distributed() -> None:
     """End of a `rsg zeroshot` process: leave the process group cleanly (a process that exits with it still up
     can abort in gloo's teardown while another is still running). A no-op in a single process."""
-    import torch.distributed as tdist
+    from rsg_eval.engine.collective import leave
 
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+    leave()
 
 
 def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job], pending_idx: list[int],

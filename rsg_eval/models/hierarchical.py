@@ -299,6 +299,38 @@ class HierarchicalT5(nn.Module):
         return self.seq2seq(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                             use_cache=False).loss
 
+    # ------------------------------------------------------------------ training
+    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                target: torch.Tensor, ner_loss: str | None = None) -> torch.Tensor:
+        """One task's training loss on one batch (a 0-d fp32 tensor): the entry point DDP and FSDP wrap, so their
+        hooks see every call. task: "mc", "ner", "nli" (the heads) or a generation task (the LM loss).
+
+        input_ids, attention_mask: (B, T). target: mc/nli (B,) class indices; ner (B, T) the innermost entity's
+        class per token (-100 = padding) for the softmax loss, or (B, T, n) 0/1 floats for the multi-label loss;
+        generation (B, T') label ids (-100 = ignored). The loss is a mean over the batch's examples (heads) or its
+        real tokens (NER, generation), computed in fp32 even under bf16 autocast. MC, NLI and NER (softmax) use the
+        paper's cross-entropy against one-hot targets, its Eq. 1. ner_loss: "softmax" | "multilabel"; default from
+        the config's ner_representation."""
+        import torch.nn.functional as F
+
+        if task == "mc":
+            return F.cross_entropy(self.mc_logits(input_ids, attention_mask).float(), target)
+        if task == "nli":
+            return F.cross_entropy(self.nli_logits(input_ids, attention_mask).float(), target)
+        if task == "ner":
+            if ner_loss is None:
+                ner_loss = "softmax" if self.config.ner_representation == NER_LOSSES["softmax"] else "multilabel"
+            logits = self.ner_logits(input_ids, attention_mask).float()                  # (B, T, n)
+            if ner_loss == "softmax":
+                # per token, softmax over outside + n types against the innermost entity's type; padding ignored
+                full = ner_softmax_logits(logits)                                        # (B, T, 1 + n)
+                return F.cross_entropy(full.flatten(0, 1), target.flatten(), ignore_index=-100)
+            # multi-label: one binary cross-entropy per (token, type), averaged over real tokens and types
+            per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            m = attention_mask.unsqueeze(-1).to(per.dtype)
+            return (per * m).sum() / (m.sum() * per.shape[-1]).clamp(min=1.0)
+        return self.lm_loss(input_ids, attention_mask, target)
+
     # ------------------------------------------------------------------ checkpoints
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not in the base T5 checkpoint: the three heads, the shared Block-1 branch (if any)
@@ -310,21 +342,24 @@ class HierarchicalT5(nn.Module):
         return sd
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None,
-                        extra: Callable[[Path], None] | None = None) -> Path:
+                        extra: Callable[[Path], None] | None = None,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write one checkpoint directory atomically: temp dir next to it, then rename over the old one.
 
         Contents: config.json + model.safetensors (the base T5 with its plain lm_head, loadable by transformers on
         its own), hmtl_heads.safetensors (heads + LM adapter), hmtl_config.json, and the tokenizer files.
         `extra(tmp_dir)` may add files (the trainer's resume state) before the directory is renamed into place.
+        `state`: this model's full state dict when its own parameters are shards (FSDP: gathered by the caller).
         """
         from rsg_eval.core.io import guarded_write
 
         path = Path(path)
         with guarded_write(path):  # a full disk: one line naming the checkpoint (the temp dir is removed below)
-            self._save_to(path, tokenizer, extra)
+            self._save_to(path, tokenizer, extra, state)
         return path
 
-    def _save_to(self, path: Path, tokenizer: Any, extra: Callable[[Path], None] | None) -> None:
+    def _save_to(self, path: Path, tokenizer: Any, extra: Callable[[Path], None] | None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,10 +368,17 @@ class HierarchicalT5(nn.Module):
             wrapped = self.seq2seq.lm_head
             self.seq2seq.lm_head = wrapped.proj          # save the base exactly as transformers expects it
             try:
-                save_pretrained(self.seq2seq, tmp, safe_serialization=True)  # untied head under transformers 4 and 5
+                # save_pretrained (models/untied.py): a config transformers 4 and 5 both read as untied
+                if state is None:
+                    save_pretrained(self.seq2seq, tmp, safe_serialization=True)
+                else:   # the base's tensors from the full state: seq2seq.X, its LM head seq2seq.lm_head.proj.X
+                    base = {k[len("seq2seq."):].replace("lm_head.proj.", "lm_head."): v for k, v in state.items()
+                            if k.startswith("seq2seq.") and not k.startswith("seq2seq.lm_head.adapter.")}
+                    save_pretrained(self.seq2seq, tmp, safe_serialization=True, state_dict=base)
             finally:
                 self.seq2seq.lm_head = wrapped
-            heads = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
+            own = self.heads_state_dict() if state is None else _heads_from_state(state)
+            heads = {k: v.detach().contiguous().cpu() for k, v in own.items()}
             save_file(heads, str(tmp / HEADS_NAME), metadata={"format": "pt"})
             # a per-head checkpoint stays readable by releases before the shared layout (format 1)
             cfg = {**asdict(self.config), "format_version": 2 if self.config.adapter_layout != "per-head" else 1}
@@ -349,6 +391,14 @@ class HierarchicalT5(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _heads_from_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`heads_state_dict`'s names and tensors taken from the whole model's state dict."""
+    out = {k: v for k, v in state.items() if k.startswith(("heads.", "block1_shared."))}
+    pre = "seq2seq.lm_head.adapter."
+    out.update({"lm_adapter." + k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
+    return out
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:

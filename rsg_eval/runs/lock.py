@@ -22,7 +22,7 @@ from rsg_eval.runs.names import LOCK_NAME
 def is_main_process() -> bool:
     """False on every process but rank 0 under torchrun / `accelerate launch` (both set RANK); True alone.
 
-    Read from the environment (as rsg_eval.training.dist does), so this light module needs no torch."""
+    Read from the environment (as rsg_eval.engine.runtime does), so this light module needs no torch."""
     try:
         return int(os.environ.get("RANK", "0")) == 0
     except ValueError:

@@ -7,7 +7,18 @@ optimizer step) and "per-task" (12 of every task per micro-step, 192 per optimiz
 task's sequences go forward and backward on their own (the gradients add up exactly as for one summed loss, but
 only one task's activations are alive at a time). Each task's loss enters the step as the mean over its examples in
 that optimizer step, times the task weight: the objective is the weighted sum of the task losses (the paper's sum,
-all weights 1). Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once.
+all weights 1). Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once
+(rsg_eval.engine.step.finish_step: one host read of the task losses and the gradient norm; a non-finite loss or norm
+skips the step, saves the resume point of the last good step and stops with a message).
+
+Several processes (torchrun, accelerate launch): PyTorch's DDP (default) or FSDP2 (`--sharding fsdp`) wrap the
+model, whose `forward(task, ...)` is each task's loss. DDP is told that a forward uses only part of the model
+(find_unused_parameters: the head tasks never reach the decoder). Under FSDP every process must run the same modules
+in the same order, so where the "total" reading deals a task to one process and not another, the others run a
+one-example batch of it with weight 0; gradients are reduced after every backward (a task's blocks are not all
+reached by the step's last one). SIGINT / SIGTERM stop at the next optimizer step with a resume point (exit 130 /
+143); rerunning resumes. `--early-stopping N` stops after N epochs without a better mean val loss (off by default:
+the paper has none).
 
 An epoch ends when every train example has been seen at least once: the largest task sets its length, smaller tasks
 are reshuffled and repeated; the log states the plan at start. The order of every task's stream depends only on
@@ -24,7 +35,8 @@ settings unless --restart, which clears everything below but cache/):
                              validation loss", Figures 2-3) as the headline, and each task's loss
     epoch-N/                 a hierarchical checkpoint after each epoch (`--model out/epoch-N` everywhere)
     final/                   the last epoch's checkpoint (hard links, no extra disk)
-    last/                    checkpoint + trainer_state.pt for resuming (after each epoch and every --save-every)
+    last/                    checkpoint + trainer_state.pt for resuming (after each epoch, every --save-every, and at
+                             a stop); trainer_state.pt holds tensors and plain values only, read weights_only
     cache/                   the tokenised corpus (datasets, memory-mapped)
 """
 
@@ -38,67 +50,31 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
+from rsg_eval.engine import collective, rng, runtime, sharding
+from rsg_eval.engine.early_stop import EarlyStopping
+from rsg_eval.engine.optim import make_optimizer
+from rsg_eval.engine.runtime import Dist
+from rsg_eval.engine.step import StepGuard, finish_step
+from rsg_eval.engine.stop import StopRequest
 from rsg_eval.core.errors import RSGError
-from rsg_eval.hmtl import schedules
+from rsg_eval.training.hmtl import schedules
+from rsg_eval.training.hmtl.config import TrainConfig, parse_task_weights  # noqa: F401  (re-exported)
 from rsg_eval.corpus.load import open_corpus
-from rsg_eval.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
+from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
                                    task_indices)
 from rsg_eval.corpus.labels import TASKS
 from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
-                                          load_hierarchical, ner_softmax_logits)
+                                          load_hierarchical)
 
 STATE_NAME = "trainer_state.pt"
 CODE_VERSION = "hmtl-1"   # bump when training changes what a checkpoint would contain: old outputs then refuse
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    corpus: str
-    out: str
-    epochs: int = 4
-    batch_size: int = 12                 # sequences per micro-step: in all ("total") or per task ("per-task")
-    grad_accum: int = 2
-    batch_reading: str = "total"         # the paper's "batch of 12 sequences": total (default) | per-task
-    max_length: int = 512
-    max_target_length: int = 512
-    schedule: str = "paper"              # paper | cycle-gamma | cosine
-    lr_min: float = 1e-6
-    lr_max: float = 1e-4
-    gamma: float = 0.9                   # paper: per optimizer step (exp_range); cycle-gamma: per cycle
-    step_size_up: int | None = None      # paper: 2000 (torch default); cycle-gamma: half an epoch
-    warmup_steps: int | None = None      # cosine: 6 % of all steps
-    weight_decay: float = 0.01           # torch AdamW default
-    clip_norm: float = 1.0
-    task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
-    split: str = "0.25"                  # Block 1 = a quarter of the encoder (6 of 24 for FRED-T5-1.7B)
-    adapter_dim: int | None = None       # d_model // 16
-    adapter_activation: str = "relu"
-    adapter_layout: str = "per-head"     # per-head (4 adapters) | shared-mc-ner (the paper's 3: MC+NER, NLI, LM)
-    ner_loss: str = "softmax"            # softmax (the paper's Eq. 1, innermost entity per token) | multilabel
-    head_dropout: float = 0.1
-    bf16: str = "auto"                   # auto = bf16 autocast on a GPU that supports it
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    max_steps_per_epoch: int | None = None   # cap (smoke runs)
-    save_steps: int = 0                  # also save a resume point every N optimizer steps (0 = per epoch only)
-    lm_prefix: str = "auto"              # "<LM>" when the tokenizer has it (FRED), else ""
-    val_batch_size: int | None = None
-    dist_timeout: float = 7200.0         # seconds a process may wait for the others (several GPUs)
-
-    def fingerprint_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("out", "save_steps", "val_batch_size", "dist_timeout"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -108,27 +84,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     finished: bool
     steps: int
-
-
-def parse_task_weights(spec: str | None) -> dict[str, float]:
-    """"ner=1,mc=0.5" -> full weight dict (unnamed tasks keep 1.0)."""
-    weights = {t: 1.0 for t in TASKS}
-    if not spec:
-        return weights
-    for part in spec.split(","):
-        if not part.strip():
-            continue
-        name, _, val = part.partition("=")
-        name = name.strip()
-        if name not in weights:
-            raise RSGError(f"unknown task {name!r}", field="task-weights", expected=list(TASKS))
-        try:
-            weights[name] = float(val)
-        except ValueError:
-            raise RSGError(f"not a number: {val!r}", field=f"task-weights {name}") from None
-        if weights[name] < 0:
-            raise RSGError("weights must be >= 0", field=f"task-weights {name}")
-    return weights
 
 
 # ---------------------------------------------------------------------------- small pieces
@@ -148,87 +103,11 @@ class _Log:
                 fh.write(line + "\n")
 
 
-def task_loss(model: HierarchicalT5, batch: Any, ner_loss: str = "softmax") -> torch.Tensor:
-    """One task's loss on one batch (a mean over its examples, or its real tokens). Computed in fp32 even under bf16
-    autocast. MC, NLI and NER (default) use the paper's cross-entropy against one-hot targets, its Eq. 1."""
-    ids, mask, y = batch.input_ids, batch.attention_mask, batch.target
-    if batch.task == "mc":
-        return F.cross_entropy(model.mc_logits(ids, mask).float(), y)
-    if batch.task == "nli":
-        return F.cross_entropy(model.nli_logits(ids, mask).float(), y)
-    if batch.task == "ner" and ner_loss == "softmax":
-        # per token, softmax over outside + 29 types against the innermost entity's type; padding (-100) ignored
-        full = ner_softmax_logits(model.ner_logits(ids, mask).float())          # (B, T, 1 + n)
-        return F.cross_entropy(full.flatten(0, 1), y.flatten(), ignore_index=-100)
-    if batch.task == "ner":
-        # multi-label: one binary cross-entropy per (token, type), averaged over real tokens and types.
-        logits = model.ner_logits(ids, mask).float()                         # (B, T, n)
-        per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        m = mask.unsqueeze(-1).to(per.dtype)
-        return (per * m).sum() / (m.sum() * per.shape[-1]).clamp(min=1.0)
-    return model.lm_loss(ids, mask, y)
-
-
-@dataclass
-class _DistState:
-    """Process layout from the launcher's environment (`accelerate launch` and `torchrun` both set WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR/PORT), joined with a timeout (`--dist-timeout`, rsg_eval.training.dist). Gradients are
-    averaged in buckets after the accumulation steps (rsg_eval.training.dist.BucketedGradAverage), so the model is
-    never wrapped in DDP: each task's backward touches a different part of the network."""
-
-    device: torch.device
-    num_processes: int = 1
-    process_index: int = 0
-    local_index: int = 0
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.process_index == 0
-
-    @property
-    def dist(self) -> Any:
-        from rsg_eval.training.dist import Dist
-
-        return Dist(rank=self.process_index, world=self.num_processes, local_rank=self.local_index)
-
-    @classmethod
-    def setup(cls, timeout_s: float | None = None) -> "_DistState":
-        """This process's device, and the process group joined (a lone process joins nothing)."""
-        from rsg_eval.training.dist import init_from_env, resolve_device
-
-        d = init_from_env(timeout_s)
-        device = resolve_device(None, d)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return cls(device, d.world, d.rank, d.local_rank)
-
-    def wait_for_everyone(self) -> None:
-        if self.num_processes > 1:
-            torch.distributed.barrier()
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _use_bf16(setting: str, device: torch.device) -> bool:
-    if setting == "auto":
-        from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
-        return device.type == "cuda" and cuda_bf16_native()
-    return setting in ("true", "yes", "1", "on")
-
-
-def _rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+def task_loss(model: Any, batch: Any, ner_loss: str = "softmax") -> torch.Tensor:
+    """One task's loss on one batch through the model's forward (HierarchicalT5.forward; `model` may be its DDP or
+    FSDP wrapper): a mean over its examples, or its real tokens, in fp32 even under bf16 autocast."""
+    return model(batch.task, input_ids=batch.input_ids, attention_mask=batch.attention_mask, target=batch.target,
+                 ner_loss=ner_loss)
 
 
 def _link_or_copy_dir(src: Path, dst: Path) -> None:
@@ -337,7 +216,7 @@ def _tokenise(cfg: TrainConfig, cache: Path, build: Callable[[str], tuple[Any, b
     the cache folder's lock tokenises, the others wait on the lock (not in a collective, whose timeout would end the
     job while a large corpus is tokenised) and then open its cache. Nodes without a shared folder each tokenise
     their own."""
-    from rsg_eval.training.dist import file_lock
+    from rsg_eval.engine.collective import file_lock
 
     cache.mkdir(parents=True, exist_ok=True)
     with file_lock(cache / ".tokenise.lock"):
@@ -350,31 +229,28 @@ def _tokenise(cfg: TrainConfig, cache: Path, build: Callable[[str], tuple[Any, b
     return splits["train"], splits["val"]
 
 
-def _grad_averager(model: HierarchicalT5, world: int) -> Any:
-    """Bucketed, overlapped gradient averaging over the processes (None for one process). The heads come first in
-    the list, so last in the buckets: a step's last backward is a generation task's, which never touches them."""
-    if world <= 1:
-        return None
-    from rsg_eval.training.dist import BucketedGradAverage
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    heads = [p for n, p in named if n.startswith("heads.")]
-    rest = [p for n, p in named if not n.startswith("heads.")]
-    return BucketedGradAverage(heads + rest, world)
-
-
 _DAMAGED = ("the resume point is damaged (a disk error, or it was changed); delete {folder} and rerun the same "
             "command: training then starts again from the beginning")
 
 
 def _load_resume_point(last: Path) -> dict[str, Any]:
-    """The trainer state saved with `last` (written by this program, hence weights_only=False)."""
+    """The trainer state saved with `last`, read with `torch.load(weights_only=True)`: tensors and plain values
+    only, no pickled object is ever executed. States written before the engine hold the same kinds of values
+    (optimizer and schedule state dicts, counters, loss sums, history, RNG tensors), so they read the same way; a
+    file holding anything else is refused with one line."""
     import pickle
     import zipfile
 
     try:
-        return torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        return torch.load(last / STATE_NAME, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise RSGError("the trainer state holds Python objects other than tensors and plain values, which are "
+                           "not loaded (no pickle is executed); delete " + str(last) + " to start the run over, or "
+                           "pass --restart", file=last / STATE_NAME) from None
+        raise RSGError(f"not a loadable trainer state ({type(exc).__name__}): " + _DAMAGED.format(folder=last),
+                       file=last / STATE_NAME) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise RSGError(f"not a loadable trainer state ({type(exc).__name__}): " + _DAMAGED.format(folder=last),
                        file=last / STATE_NAME) from None
 
@@ -409,7 +285,7 @@ def out_settings(cfg: TrainConfig, corpus: Any) -> dict[str, Any]:
 _OUTPUTS = ("last", "final", "run.json", "losses.csv", "losses.png", "train.log", "settings.json")
 
 
-def _claim_out(cfg: TrainConfig, corpus: Any, state: "_DistState", restart: bool) -> Any:
+def _claim_out(cfg: TrainConfig, corpus: Any, d: Dist, restart: bool) -> Any:
     """The main process locks --out and checks its settings; a refusal is raised on every process."""
     from rsg_eval.runs import claim_folder
 
@@ -425,29 +301,21 @@ def _claim_out(cfg: TrainConfig, corpus: Any, state: "_DistState", restart: bool
             elif p.exists():
                 p.unlink()
 
-    claim, err = None, None
-    if state.is_main_process:
+    def claim_it() -> Any:
         legacy = (out / "run.json").is_file() and not (out / "settings.json").is_file()
+        claim = claim_folder(out, "train-hmtl", out_settings(cfg, corpus), restart=restart,
+                             record="settings.json", has_results=has_results, clear=clear, option="--out",
+                             unrecorded="compare" if legacy else "refuse", main=True)
         try:
-            claim = claim_folder(out, "train-hmtl", out_settings(cfg, corpus), restart=restart,
-                                 record="settings.json", has_results=has_results, clear=clear, option="--out",
-                                 unrecorded="compare" if legacy else "refuse", main=True)
-            try:
-                if legacy and not restart:  # an --out from before settings.json: its run.json holds the recipe
-                    _check_run_json(out / "run.json", cfg.fingerprint_dict())
-                claim.write_record()
-            except BaseException:
-                claim.release()
-                raise
-        except RSGError as exc:
-            err = exc
-    if state.num_processes > 1:
-        box = [str(err) if err is not None else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if err is None and box[0] is not None:
-            raise RSGError(box[0])
-    if err is not None:
-        raise err
+            if legacy and not restart:  # an --out from before settings.json: its run.json holds the recipe
+                _check_run_json(out / "run.json", cfg.fingerprint_dict())
+            claim.write_record()
+        except BaseException:
+            claim.release()
+            raise
+        return claim
+
+    claim = collective.main_acts(d, claim_it, share=False)   # a refusal is raised on every process
     return claim if claim is not None else contextlib.nullcontext()
 
 
@@ -464,25 +332,32 @@ def _check_run_json(run_file: Path, fp: dict[str, Any]) -> None:
 
 def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, console: Any,
            on_step: Callable[[int], None] | None, restart: bool) -> TrainResult:
+    # One function on purpose: this is the recipe's explicit loop (setup, resume, steps, epoch ends), read top to
+    # bottom; everything shared with fine-tuning is an engine call.
     import datasets
 
     datasets.disable_progress_bars()
-    state = _DistState.setup(cfg.dist_timeout)
-    device = state.device
-    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    d, device = runtime.setup(None, cfg.dist_timeout)
+    world, rank, main = d.world, d.rank, d.main
+    mode = sharding.resolve_mode(cfg.sharding, d)
+    if cfg.fsdp_cpu_offload and mode != "fsdp":
+        raise RSGError("--fsdp-cpu-offload needs --sharding fsdp under a launcher (torchrun or accelerate launch "
+                       "with several processes)", field="--fsdp-cpu-offload", expected="--sharding fsdp")
     out = Path(cfg.out)
     if cfg.schedule not in schedules.SCHEDULES:
         raise RSGError(f"unknown schedule {cfg.schedule!r}", field="schedule", expected=list(schedules.SCHEDULES))
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise RSGError("epochs, batch size and gradient accumulation must be >= 1", field="epochs")
+    if cfg.early_stopping < 0:
+        raise RSGError(f"bad value {cfg.early_stopping}", field="--early-stopping", expected="an integer >= 0")
     for name, value, choices in (("batch-reading", cfg.batch_reading, BATCH_READINGS),
                                  ("ner-loss", cfg.ner_loss, tuple(NER_LOSSES)),
                                  ("adapter-layout", cfg.adapter_layout, ADAPTER_LAYOUTS)):
         if value not in choices:
             raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
-    held.enter_context(_claim_out(cfg, corpus, state, restart))   # creates --out, locked, one configuration
-    state.wait_for_everyone()
+    held.enter_context(_claim_out(cfg, corpus, d, restart))   # creates --out, locked, one configuration
+    d.barrier()
     if console is None and main:
         from rich.console import Console
         console = Console(stderr=True)
@@ -504,7 +379,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
 
     cache = out / "cache"
     def build(split: str) -> tuple[Any, bool]:
-        return build_split(corpus, split, tokenizer, cache_dir=cache, max_length=cfg.max_length,
+        return build_split(corpus, split, tokenizer, cache_dir=cache, max_length=cfg.max_source_length,
                            max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
 
     train_ds, val_ds = _tokenise(cfg, cache, build, log)
@@ -518,6 +393,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     vidx = task_indices(val_ds) if val_ds is not None else {}
     if val_ds is None:
         log("the corpus has no val split: only train losses are reported", "WARN")
+    if cfg.early_stopping and not vidx:
+        raise RSGError("--early-stopping needs a val split in the corpus", field="--early-stopping")
 
     plan = BatchPlan(tuple((t, len(tidx[t])) for t in tasks), batch_size=cfg.batch_size,
                      grad_accum=cfg.grad_accum, world=world, reading=cfg.batch_reading)
@@ -531,150 +408,201 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     if cfg.batch_reading == "total" and cfg.batch_size * cfg.grad_accum * world < len(tasks):
         log(f"{cfg.batch_size * cfg.grad_accum * world} sequences per optimizer step cannot hold all "
             f"{len(tasks)} tasks: they take turns across steps")
+    if world > 1:
+        log(f"{world} processes, sharding {mode}" + (" with CPU offload" if cfg.fsdp_cpu_offload else ""))
 
-    try:   # torch's fused kernel (CUDA; CPU since torch 2.4), as fine-tuning uses: one kernel over all parameters,
-        # and its step counters stay on the device, where the for-each kernel reads one per tensor on the host
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):   # an older torch, or a device without the fused kernel
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
-    scheduler = schedules.build_scheduler(
-        optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr_max, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, gamma=cfg.gamma, step_size_up=cfg.step_size_up,
-        warmup_steps=cfg.warmup_steps)
-    if cfg.schedule == "paper":
-        up = cfg.step_size_up or schedules.TORCH_DEFAULT_STEP_SIZE_UP
-        log(schedules.paper_note(cfg.lr_min, cfg.lr_max, up, cfg.gamma))
-    bf16 = _use_bf16(cfg.bf16, device)
+    bf16 = runtime.use_bf16(cfg.bf16, device)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach every trainable part even when inputs need no grad.
         model.seq2seq.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.seq2seq.config.use_cache = False
 
-    # ---- resume
+    # ---- resume: the full weights go in before sharding, the optimizer state after
+    last = out / "last"
+    st = _load_resume_point(last) if (last / STATE_NAME).is_file() else None
+    if st is not None:
+        _load_weights(model, last)
+    wrapped = sharding.wrap(model, mode, device=device, cpu_offload=cfg.fsdp_cpu_offload, bf16=bf16,
+                            find_unused=True)
+    fsdp = mode == "fsdp"
+    # AdamW over every parameter, weight decay on all of them as torch's AdamW applies it (the paper's recipe
+    # states none; fine-tuning's optimizer exempts norms and biases instead): the recipe's results stay as they were
+    optimizer = make_optimizer(wrapped.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
+    scheduler = schedules.build_scheduler(
+        optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, gamma=cfg.gamma, step_size_up=cfg.step_size_up,
+        warmup_steps=cfg.warmup_steps)
+    if cfg.schedule == "paper":
+        up = cfg.step_size_up or schedules.TORCH_DEFAULT_STEP_SIZE_UP
+        log(schedules.paper_note(cfg.lr_min, cfg.lr, up, cfg.gamma))
+
     epoch, step, global_step = 0, 0, 0
     sums: dict[str, list[float]] = {t: [0.0, 0] for t in tasks}
     history: list[dict[str, Any]] = []
-    last = out / "last"
-    if (last / STATE_NAME).is_file():
-        st = _load_resume_point(last)
-        _load_weights(model, last)
-        optimizer.load_state_dict(st["optimizer"])
+    stopper = EarlyStopping(cfg.early_stopping, higher_is_better=False)
+    guard = StepGuard(tolerance=0)    # one non-finite step stops training (its learning rate is too high)
+    if st is not None:
+        sharding.load_optimizer_state(wrapped, optimizer, st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         epoch, step, global_step = st["epoch"], st["step"], st["global_step"]
         sums, history = st["sums"], st["history"]
-        _set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
+        stopper = EarlyStopping.from_json(st.get("early_stopping"), cfg.early_stopping, False)
+        guard.skipped = int(st.get("skipped_steps", 0))
+        mine = rng.pick(st["rng"], rank)
+        if mine is not None:
+            rng.restore(mine)
         log(f"resuming at epoch {epoch + 1}, step {step} (global step {global_step})")
     else:
         torch.manual_seed(cfg.seed + rank)
     if main:
         atomic_write_json(run_file, {"config": fp, "finished": False, "history": history, "steps": global_step})
 
-    def save_resume_point(e: int, s: int) -> None:
-        rng = _rng_state()
-        gathered = [rng]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, rng)
-        if main:
-            blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": e,
-                    "step": s, "global_step": global_step, "sums": sums, "history": history, "rng": gathered}
+    def save_model(path: Path, extra: Callable[[Path], None] | None = None) -> None:
+        """A hierarchical checkpoint of the full weights (gathered from every process's shards under fsdp)."""
+        full = sharding.full_model_state(wrapped) if fsdp else None
+        collective.main_acts(d, lambda: model.save_pretrained(path, tokenizer=tokenizer, extra=extra, state=full),
+                             share=False)
 
-            def extra(tmp: Path) -> None:
-                torch.save(blob, tmp / STATE_NAME)
-            model.save_pretrained(last, tokenizer=tokenizer, extra=extra)
-        state.wait_for_everyone()
+    def save_resume_point(e: int, s: int, snapshot: dict[str, Any] | None = None) -> None:
+        gathered = d.gather(rng.to_json(snapshot or rng.snapshot()))   # every process's generators, JSON
+        opt_state = sharding.full_optimizer_state(wrapped, optimizer)
+        blob = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "epoch": e, "step": s,
+                "global_step": global_step, "sums": sums, "history": history, "rng": gathered,
+                "early_stopping": stopper.to_json(), "skipped_steps": guard.skipped}
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    averager = _grad_averager(model, world)
+        def extra(tmp: Path) -> None:
+            torch.save(blob, tmp / STATE_NAME)
+        save_model(last, extra)
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_ner = len(model.config.ner_labels)
+    slot = {t: k for k, t in enumerate(tasks)}
     prog = None
     if progress and main:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
         prog.start()
+    stopped_early = halt = False
     try:
-        while epoch < cfg.epochs:
-            bar = prog.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=step,
-                                info="") if prog else None
-            model.train()
-            # Each task's summed loss in the step, kept on the device: reading it per task batch (float(loss))
-            # would make the host wait for the GPU 8 x grad_accum times a step, starving the queue; it is read
-            # once per optimizer step below. float64 as the host sums were (MPS has none: float32 there).
-            acc = torch.zeros(len(tasks), device=device,
-                              dtype=torch.float32 if device.type == "mps" else torch.float64)   # (n_tasks,)
-            slot = {t: k for k, t in enumerate(tasks)}
-            while step < steps_per_epoch:
-                in_step = plan.step_counts(step)     # examples of each task in this optimizer step, all processes
-                jobs = [job for micro in range(cfg.grad_accum) for job in plan.micro(step, micro, rank)]
-                for j, (t, start, count) in enumerate(jobs):
-                    pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
-                                           start=start, count=count)
-                    rows = train_ds[tidx[t][pos].tolist()]
-                    batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
-                    with _autocast(device, bf16):
-                        loss = task_loss(model, batch, cfg.ner_loss)
-                    if averager is not None and j == len(jobs) - 1:
-                        averager.arm()  # the step's last backward: reduce buckets as they complete
-                    # the task's mean over its examples in the whole step: this batch's share is count / in_step
-                    # (x world, because the all-reduce below averages over the processes)
-                    (loss * (cfg.task_weights.get(t, 1.0) * count * world / in_step[t])).backward()
-                    acc[slot[t]] += loss.detach().to(acc.dtype) * count
-                if averager is not None:
-                    averager.finish()       # every p.grad is now the average over the processes
-                    # Loss bookkeeping over all processes, so every rank logs (and saves) the same numbers.
-                    torch.distributed.all_reduce(acc)
-                step_loss = acc.tolist()    # the step's one host sync
-                acc.zero_()
-                for k, t in enumerate(tasks):
-                    sums[t][0] += step_loss[k]          # example-weighted: the epoch's mean over examples
-                    sums[t][1] += in_step[t]
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                global_step += 1
-                if prog:
-                    cur = [sums[t][0] / sums[t][1] for t in tasks if sums[t][1]]
-                    prog.update(bar, completed=step, info=f"mean loss {sum(cur) / max(1, len(cur)):.3f}  "
-                                                          f"lr {optimizer.param_groups[0]['lr']:.2e}")
-                if cfg.save_steps and global_step % cfg.save_steps == 0 and step < steps_per_epoch:
-                    save_resume_point(epoch, step)
-                if on_step is not None:
-                    on_step(global_step)
-            # ---- end of epoch: losses, checkpoint, resume point
-            train_row = _loss_row(epoch + 1, "train", {t: sums[t][0] / sums[t][1] for t in tasks if sums[t][1]})
-            history.append(train_row)
-            if val_ds is not None and vidx:
-                val = evaluate_losses(model, val_ds, vidx, tasks, batch_size=cfg.val_batch_size or cfg.batch_size,
-                                      pad_id=pad_id, n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss,
-                                      dist=state.dist)
-                history.append(_loss_row(epoch + 1, "val", val))
-            log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
-            epoch += 1
-            step = 0
-            sums = {t: [0.0, 0] for t in tasks}
-            if main:
-                write_losses(out, history, tasks)
-                model.save_pretrained(out / f"epoch-{epoch}", tokenizer=tokenizer)
-            save_resume_point(epoch, 0)
-            if main:
-                atomic_write_json(run_file, {"config": fp, "finished": False, "history": history,
-                                             "steps": global_step})
-            if prog and bar is not None:
-                prog.remove_task(bar)
+        with StopRequest() as stop:
+            while epoch < cfg.epochs and not stopped_early:
+                bar = prog.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=step,
+                                    info="") if prog else None
+                model.train()
+                while step < steps_per_epoch:
+                    snapshot = rng.snapshot()   # the generators at this step boundary (a skipped step resumes here)
+                    in_step = plan.step_counts(step)   # examples of each task in this optimizer step, all processes
+                    jobs = _step_jobs(plan, step, cfg.grad_accum, rank, world, aligned=fsdp)
+                    # Each task's summed loss in the step, kept on the device and read once per optimizer step
+                    # (finish_step). float64 as the host sums were.
+                    acc = torch.zeros(len(tasks), device=device, dtype=torch.float64)   # (n_tasks,)
+                    for j, (t, start, count) in enumerate(jobs):
+                        pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
+                                               start=start, count=max(count, 1))
+                        rows = train_ds[tidx[t][pos].tolist()]
+                        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
+                        # the task's mean over its examples in the whole step: this batch's share is count / in_step
+                        # (x world, because DDP and FSDP average the gradients over the processes); count 0: a
+                        # batch run only so that every process runs the same modules (fsdp)
+                        scale = cfg.task_weights.get(t, 1.0) * count * world / in_step[t] if count else 0.0
+                        # DDP: gradients stay local until the step's last backward; FSDP: reduced every backward
+                        with sharding.grad_sync(wrapped, sync=fsdp or j == len(jobs) - 1):
+                            with runtime.autocast(device, bf16):
+                                loss = task_loss(wrapped, batch, cfg.ner_loss)
+                            (loss * scale).backward()
+                        acc[slot[t]] += loss.detach().to(acc.dtype) * count
+                    done = finish_step(wrapped.parameters(), optimizer, scheduler, acc, d, max_norm=cfg.clip_norm,
+                                       guard=guard)
+                    if guard.exceeded:
+                        save_resume_point(epoch, step, snapshot)   # the weights are still the last good step's
+                        bad = next((t for t, v in zip(tasks, done.losses) if not math.isfinite(v)), None)
+                        what = f"loss of task {bad}" if bad else f"gradient norm ({done.grad_norm})"
+                        raise RSGError(f"the training {what} became non-finite at epoch {epoch + 1}, optimizer "
+                                       f"step {step + 1}; training stopped. The last good state is saved in {last}. "
+                                       f"Lower --lr or raise the warm-up, then rerun the same command to resume",
+                                       field="train_loss")
+                    for k, t in enumerate(tasks):
+                        sums[t][0] += done.losses[k]      # example-weighted: the epoch's mean over examples
+                        sums[t][1] += in_step[t]
+                    step += 1
+                    global_step += 1
+                    if prog:
+                        cur = [sums[t][0] / sums[t][1] for t in tasks if sums[t][1]]
+                        prog.update(bar, completed=step, info=f"mean loss {sum(cur) / max(1, len(cur)):.3f}  "
+                                                              f"lr {optimizer.param_groups[0]['lr']:.2e}")
+                    saved = bool(cfg.save_every and global_step % cfg.save_every == 0 and step < steps_per_epoch)
+                    if saved:
+                        save_resume_point(epoch, step)
+                    if on_step is not None:
+                        on_step(global_step)
+                    if stop.agreed(d):    # Ctrl-C / SIGTERM: every process stops at this same step boundary
+                        if step < steps_per_epoch:
+                            if not saved:
+                                save_resume_point(epoch, step)
+                            raise stop.stopped(f"stopped at epoch {epoch + 1}, step {step}; the resume point is "
+                                               f"saved in {last}: rerun the same command to continue")
+                        halt = True   # the epoch's last step: finish the epoch (it saves), then stop
+                # ---- end of epoch: losses, checkpoint, resume point
+                train_row = _loss_row(epoch + 1, "train", {t: sums[t][0] / sums[t][1] for t in tasks if sums[t][1]})
+                history.append(train_row)
+                if val_ds is not None and vidx:
+                    val = evaluate_losses(wrapped if fsdp else model, val_ds, vidx, tasks,
+                                          batch_size=cfg.val_batch_size or cfg.batch_size, pad_id=pad_id,
+                                          n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss,
+                                          dist=Dist() if fsdp else d)
+                    history.append(_loss_row(epoch + 1, "val", val))
+                    stopper.update(history[-1]["mean"])
+                    stopped_early = stopper.stop
+                log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
+                epoch += 1
+                step = 0
+                sums = {t: [0.0, 0] for t in tasks}
+                if main:
+                    write_losses(out, history, tasks)
+                save_model(out / f"epoch-{epoch}")
+                save_resume_point(epoch, 0)
+                if main:
+                    atomic_write_json(run_file, {"config": fp, "finished": False, "history": history,
+                                                 "steps": global_step})
+                if prog and bar is not None:
+                    prog.remove_task(bar)
+                if stopped_early:
+                    log(f"early stopping: the mean val loss has not improved for {cfg.early_stopping} epoch(s) "
+                        f"(best {stopper.best:.4f}); stopping after epoch {epoch}")
+                if halt and epoch < cfg.epochs and not stopped_early:
+                    raise stop.stopped(f"stopped after epoch {epoch}; the resume point is saved in {last}: rerun "
+                                       f"the same command to continue")
     finally:
         if prog:
             prog.stop()
     final = out / "final"
     if main:
-        _link_or_copy_dir(out / f"epoch-{cfg.epochs}", final)
-        atomic_write_json(run_file, {"config": fp, "finished": True, "history": history, "steps": global_step})
+        _link_or_copy_dir(out / f"epoch-{epoch}", final)
+        atomic_write_json(run_file, {"config": fp, "finished": True, "history": history, "steps": global_step,
+                                     **({"stopped": "early_stopping"} if stopped_early else {})})
         log(f"done: {global_step} optimizer steps; final checkpoint {final}; losses in {out / 'losses.csv'}")
-    state.wait_for_everyone()
+    d.barrier()
     return TrainResult(out, final, history, True, global_step)
+
+
+def _step_jobs(plan: BatchPlan, step: int, grad_accum: int, rank: int, world: int, *, aligned: bool
+               ) -> list[tuple[str, int, int]]:
+    """(task, stream start, count) of this process's batches in optimizer step `step`.
+
+    aligned (fsdp): every process runs the same tasks in the same order in each micro-step; where another process
+    has a task this one has not, this one gets it with count 0 (a one-example batch whose loss is weighted 0), so
+    all processes gather the same blocks' shards in the same order."""
+    jobs: list[tuple[str, int, int]] = []
+    for micro in range(grad_accum):
+        mine = plan.micro(step, micro, rank)
+        if not aligned:
+            jobs += mine
+            continue
+        have = {t: (t, a, n) for t, a, n in mine}
+        everyone = {t for r in range(world) for t, _, _ in plan.micro(step, micro, r)}
+        jobs += [have.get(t, (t, 0, 0)) for t in plan.tasks if t in everyone]
+    return jobs
 
 
 def _loss_row(epoch: int, split: str, losses: dict[str, float]) -> dict[str, Any]:
@@ -700,9 +628,9 @@ def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: 
                     dist: Any = None) -> dict[str, float]:
     """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode.
 
-    dist (rsg_eval.training.dist.Dist): several processes split the batches round-robin and sum their totals in one
+    dist (rsg_eval.engine.runtime.Dist): several processes split the batches round-robin and sum their totals in one
     collective, so each evaluates 1/world of the split; the batches, hence the figures, are those of one process."""
-    from rsg_eval.training.dist import Dist, all_sum_floats, shard
+    from rsg_eval.engine.collective import all_sum_floats, shard
 
     d = dist or Dist()
     was = model.training
@@ -714,12 +642,12 @@ def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: 
         if rows_idx is None or not len(rows_idx):
             continue
         # summed on the device, read once per task (not once per batch: each read waits for the GPU)
-        total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+        total = torch.zeros((), device=device, dtype=torch.float64)
         n = 0
         for i in shard(len(rows_idx), d, batch_size):
             chunk = rows_idx[i:i + batch_size].tolist()
             batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=ner_loss)
-            with _autocast(device, bf16):
+            with runtime.autocast(device, bf16):
                 loss = task_loss(model, batch, ner_loss)
             total += loss.to(total.dtype) * len(chunk)
             n += len(chunk)

@@ -34,10 +34,12 @@ class TanhGELU(torch.nn.Module):
 
 def _rms_forward(norm: Any) -> Any:
     """A forward for one T5LayerNorm `norm` that calls F.rms_norm in fp32 (the original's arithmetic)."""
-    weight, eps = norm.weight, norm.variance_epsilon
+    eps = norm.variance_epsilon
     original = norm.forward
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
+        # read at call time: FSDP swaps the gathered weight in for each forward (a sharded DTensor between)
+        weight = norm.weight
         if weight.dtype != torch.float32:  # a half-precision model: the original casts at the end; keep it
             return original(hidden)
         with torch.autocast(hidden.device.type, enabled=False):

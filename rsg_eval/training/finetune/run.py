@@ -28,10 +28,11 @@ import torch
 from rsg_eval import runs
 from rsg_eval.core.errors import RSGError
 from rsg_eval.core.tasks import EmptyTaskFile
-from rsg_eval.training.config import ConfigSet, FinetuneConfig
-from rsg_eval.training.data import build_pairs
-from rsg_eval.training.dist import Dist, init_from_env, resolve_device
-from rsg_eval.training.loop import Hooks, NoTrainingData, TrainResult, train
+from rsg_eval.engine import collective, sharding
+from rsg_eval.engine.runtime import Dist, init_from_env, resolve_device, use_bf16
+from rsg_eval.training.finetune.config import ConfigSet, FinetuneConfig
+from rsg_eval.training.finetune.data import build_pairs
+from rsg_eval.training.finetune.loop import Hooks, NoTrainingData, TrainResult, train
 
 CODE_VERSION = "finetune-1"   # bump when training or decoding changes what a finished task would contain
 SPLITS = ("val", "test")
@@ -86,13 +87,8 @@ def _versions() -> dict[str, str]:
 
 
 def _bf16(cfg: FinetuneConfig, device: torch.device) -> bool:
-    """bf16 autocast only on a CUDA GPU that supports it; never fp16, never on CPU."""
-    if device.type != "cuda":
-        return False
-    if cfg.bf16 is None:
-        from rsg_eval.models.loading import cuda_bf16_native  # native bf16 only, not V100/T4 emulation
-        return cuda_bf16_native()
-    return bool(cfg.bf16)
+    """bf16 autocast only on a CUDA GPU that supports it; never fp16, never on CPU (runtime.use_bf16)."""
+    return use_bf16(cfg.bf16, device)
 
 
 @dataclass
@@ -158,20 +154,27 @@ def run_finetune(
     hooks: Callable[[str], Hooks] | None = None,
     load: Callable[..., Any] | None = None,
     dist_timeout: float | None = None,
+    sharding_mode: str | None = None,
+    fsdp_cpu_offload: bool = False,
 ) -> FinetuneOutcome:
     """Fine-tune `model` on each task and write the run folder. See the module docstring.
 
     `hooks(task)` gives per-task loop hooks (tests use it to stop a run mid-task); `load` replaces
     `rsg_eval.models.loading.load_model` (same signature). `dist_timeout`: seconds a collective may wait under
-    a launcher (rsg_eval.training.dist.DEFAULT_TIMEOUT_S)."""
+    a launcher (rsg_eval.engine.runtime.DEFAULT_TIMEOUT_S). `sharding_mode`: none | ddp | fsdp (None: ddp under a
+    launcher), `fsdp_cpu_offload` for fsdp (rsg_eval.engine.sharding)."""
     from rsg_eval.core.data import resolve_data
     from rsg_eval.core.prompts import load_template
-    from rsg_eval.core.tasks import resolve_tasks
     from rsg_eval.core.data import load_items
+    from rsg_eval.core.tasks import resolve_tasks
 
     reporter = reporter or Reporter()
     dist = init_from_env(dist_timeout)
     dev = resolve_device(device, dist)  # before any work: a wrong --device under a launcher fails at once
+    mode = sharding.resolve_mode(sharding_mode, dist)
+    if fsdp_cpu_offload and mode != "fsdp":
+        raise RSGError("--fsdp-cpu-offload needs --sharding fsdp under a launcher (torchrun or accelerate launch "
+                       "with several processes)", field="--fsdp-cpu-offload", expected="--sharding fsdp")
     if load is None:
         from rsg_eval.models.loading import load_model as load
     names = resolve_tasks(list(tasks) if tasks else None)
@@ -202,7 +205,7 @@ def run_finetune(
                     _discard_unfinished(ckpt_root / t)
                 reporter.note(f"--restart: cleared the results in {folder.path} and the checkpoints in {ckpt_root}")
             folder.write_config(_merged_config(folder, _run_config(model, revision, names, units, templates,
-                                                                   configs, source, dist, ckpt_root)))
+                                                                   configs, source, dist, ckpt_root, mode)))
             epochs_rows = folder.read_epochs()
         dist.barrier()
         for train_task, predicts in units:
@@ -232,7 +235,8 @@ def run_finetune(
             try:
                 result, task_rows = _train_and_predict(
                     model, revision, train_task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts, dev,
-                    dist, reporter, hooks(train_task) if hooks else None, load, load_items)
+                    dist, reporter, hooks(train_task) if hooks else None, load, load_items,
+                    (mode, fsdp_cpu_offload))
             except RSGError as exc:
                 if isinstance(exc, NoTrainingData):
                     out.failed[train_task] = str(exc)
@@ -304,7 +308,7 @@ NOT_SETTINGS = ("eval_batch_size", "save_every", "gradient_checkpointing", "batc
 
 def result_config(cfg: FinetuneConfig, dist: Dist) -> dict[str, Any]:
     """The hyper-parameters a task's results depend on: all but NOT_SETTINGS, plus the global batch."""
-    hp = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SETTINGS}
+    hp = {k: v for k, v in cfg.record().items() if k not in NOT_SETTINGS}
     hp["global_batch"] = cfg.batch_size * cfg.grad_accum * dist.world
     return hp
 
@@ -341,17 +345,8 @@ def run_settings(model: str, revision: str | None, units: list[tuple[str, list[s
 def _claim(folder: runs.RunFolder, settings: dict, per_task: dict, restart: bool, dist: Dist) -> runs.Claim:
     """Rank 0 claims the run folder (lock + settings check); a refusal is raised on every rank, so no process
     waits for a partner that has stopped."""
-    claim, err = None, None
-    if dist.main:
-        try:
-            claim = folder.claim("finetune", settings, per_task=per_task, restart=restart, main=True)
-        except RSGError as exc:
-            err = exc
-    msg = dist.broadcast(str(err) if err is not None else None)
-    if err is not None:
-        raise err
-    if msg is not None:
-        raise RSGError(msg)
+    claim = collective.main_acts(
+        dist, lambda: folder.claim("finetune", settings, per_task=per_task, restart=restart, main=True), share=False)
     return claim if claim is not None else folder.claim("finetune", settings, per_task=per_task, main=False)
 
 
@@ -383,7 +378,7 @@ def _order_rows(rows: list[dict]) -> list[dict]:
 
 def _saved_history(task_ckpt: Path) -> list[dict]:
     """The val history stored in a task's `last` checkpoint ([] when there is none)."""
-    from rsg_eval.training import checkpoint as ck
+    from rsg_eval.engine import checkpoint as ck
 
     last = ck.find(task_ckpt, "last")
     if last is None:
@@ -402,12 +397,13 @@ def _discard_unfinished(task_ckpt: Path) -> None:
 
 
 def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts,
-                       dev, dist, reporter, hooks, load, load_items) -> tuple[TrainResult, list[dict]]:
-    from rsg_eval.training import checkpoint as ck
+                       dev, dist, reporter, hooks, load, load_items, shard=("none", False)
+                       ) -> tuple[TrainResult, list[dict]]:
+    from rsg_eval.engine import checkpoint as ck
 
     loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
     net, tok = loaded.model, loaded.tokenizer
-    max_src = min(cfg.max_source_len, int(loaded.info.get("max_input_tokens") or cfg.max_source_len))
+    max_src = min(cfg.max_source_length, int(loaded.info.get("max_input_tokens") or cfg.max_source_length))
     try:
         train_items = load_items(source, task, "train")
     except EmptyTaskFile as exc:  # reported like any task with nothing to train on; the other tasks go on
@@ -415,18 +411,29 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     if cfg.max_train_examples:
         train_items = train_items[: cfg.max_train_examples]
     pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
-                        max_src, cfg.max_target_len)
+                        max_src, cfg.max_target_length)
     n_cut = sum(p.cut for p in pairs)
     if n_cut:
-        reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_len "
-                      f"{cfg.max_target_len} and were cut (raise --max-target-length)")
+        reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_length "
+                      f"{cfg.max_target_length} and were cut (raise --max-target-length)")
     val = _prepare(load_items(source, task, "val"), tpl, tok, max_src) if source.has(task, "val") else None
     bf16 = _bf16(cfg, dev)
+    mode, offload = shard
+    # under fsdp every process runs the same forward passes (each gathers the blocks' shards): each scores all of
+    # val instead of its share
+    eval_dist = Dist() if mode == "fsdp" else dist
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         if val is None or not val.items:
             raise RSGError(f"{task}: no val split in {source}; the best state cannot be chosen", field="val")
-        return val_metrics(task, val, score_prepared(m, tok, val, cfg, dist, max_src))
+        return val_metrics(task, val, score_prepared(m, tok, val, cfg, eval_dist, max_src))
+
+    def model_files(folder: Path) -> None:
+        # config and tokenizer beside the weights: `--model <checkpoint>/best` loads the fine-tuned model
+        net.config.save_pretrained(str(folder))
+        if getattr(net, "generation_config", None) is not None:
+            net.generation_config.save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
 
     user = hooks or Hooks()
 
@@ -449,10 +456,19 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     result = train(net, tok, pairs, cfg, evaluate=evaluate, ckpt_dir=task_ckpt,
                    fingerprint={"model": model_name, "model_fingerprint": loaded.info.get("fingerprint"),
                                 "template_sha256": tpl.sha256, "task": task, "code": CODE_VERSION},
-                   device=dev, dist=dist, bf16=bf16, hooks=Hooks(on_step, on_eval, on_start), task=task)
+                   device=dev, dist=dist, bf16=bf16, hooks=Hooks(on_step, on_eval, on_start), task=task,
+                   sharding_mode=mode, cpu_offload=offload, files=model_files)
     best = result.best_dir or ck.find(task_ckpt, "best")
     if best is None:
         raise RSGError(f"{task}: training finished without a best checkpoint in {task_ckpt}", file=task_ckpt)
+    if sharding.is_fsdp(net):
+        # the trained model is sharded: predict with a whole copy per process, from the best checkpoint's full
+        # weights (prediction then splits the items over the processes, as under ddp)
+        del net, loaded
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
+        net = loaded.model
     ck.load_weights(net, best / ck.WEIGHTS)
     net.eval()
     best_meta = ck.read_meta(best)
@@ -488,7 +504,7 @@ def _null():
 
 
 def _run_config(model, revision, names, units, templates, configs: ConfigSet, source, dist: Dist,
-                ckpt_root: Path) -> dict[str, Any]:
+                ckpt_root: Path, mode: str = "none") -> dict[str, Any]:
     return {
         "kind": "finetune",
         "model": model,
@@ -503,6 +519,7 @@ def _run_config(model, revision, names, units, templates, configs: ConfigSet, so
         "trained_on": {t: tt for tt, ps in units for t in ps},
         "hyperparameters": {tt: configs.for_task(tt).to_dict() for tt, _ in units},
         "world_size": dist.world,
+        "sharding": mode,
         "checkpoint_dir": str(ckpt_root),
         "code_version": CODE_VERSION,
         "command": " ".join(sys.argv),

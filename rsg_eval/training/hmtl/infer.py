@@ -56,7 +56,7 @@ def predict_entities(model: Any, tokenizer: Any, texts: Sequence[str], *, thresh
     """Entities per text ({start, end, type, text}), from Block 1 only. A softmax-trained head (the default) gives
     one type per token, the innermost entity's, so entities come out flat; a multi-label head (sigmoid >
     `threshold` per type) can give nested ones."""
-    from rsg_eval.hmtl.dataset import ensure_fast
+    from rsg_eval.training.hmtl.dataset import ensure_fast
 
     fast = ensure_fast(tokenizer)
     enc = fast(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",

@@ -1,5 +1,8 @@
-"""Per-task checkpoints: `best/` (weights + meta) and `last/` (weights, optimizer, scheduler, trainer state,
-RNG states). Weights are safetensors. A checkpoint folder is written as `<name>.new/` and swapped in with
+"""Checkpoints: `best/` (weights + meta) and `last/` (weights, optimizer, scheduler, trainer state, RNG states).
+Weights are safetensors, always full and unsharded whichever way the model was trained (under FSDP the caller
+gathers them with sharding.full_model_state first); with the model's config and tokenizer beside them (`files`),
+the folder is a model `--model` loads. Trainer state is a torch file of tensors and plain values only, read with
+`torch.load(weights_only=True)`: no pickle is ever executed. A checkpoint folder is written as `<name>.new/` and swapped in with
 renames, so a crash or a full disk leaves the previous one whole:
 
     write <name>.new/ -> rename <name> to <name>.old -> rename <name>.new to <name> -> delete <name>.old
@@ -9,16 +12,13 @@ renames, so a crash or a full disk leaves the previous one whole:
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rsg_eval.core.errors import RSGError
@@ -52,11 +52,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Model weights as safetensors; `save_model` dedups tied tensors (T5's shared embeddings)."""
-    from safetensors.torch import save_model
+def save_weights(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Model weights as safetensors, each tied tensor once (T5's shared embeddings).
 
-    save_model(model, str(path))
+    state: the full weights when they are not the model's own tensors (gathered from FSDP shards); `model` then
+    only tells which names are tied."""
+    from safetensors.torch import save_file, save_model
+
+    if state is None:
+        # metadata format "pt": transformers' from_pretrained refuses a safetensors file without it
+        save_model(model, str(path), metadata={"format": "pt"})
+        return
+    keep: dict[str, torch.Tensor] = {}
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():  # a tied parameter: stored once, under its first name the state holds
+        name = next((n for n in names if n in state), None)
+        if name is not None:
+            keep[name] = state[name]
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    keep.update({k: v for k, v in state.items() if k not in params})  # buffers
+    save_file({k: v.detach().contiguous().cpu() for k, v in keep.items()}, str(path), metadata={"format": "pt"})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -84,8 +101,11 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
 
 
 def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
-                     extra: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint `root/name` atomically (see module doc). `extra` objects go to `training.pt`.
+                     extra: dict[str, Any] | None = None, *, state: dict[str, torch.Tensor] | None = None,
+                     files: Any = None) -> Path:
+    """Write checkpoint `root/name` atomically (see module doc). `extra` objects go to `training.pt`; `state`:
+    the full weights when gathered from shards (see save_weights); `files(folder)` adds files (config.json and
+    the tokenizer, so `--model` loads the folder).
 
     Raises SaveError (an RSGError) on any OSError or storage failure (a full disk surfaces from safetensors as
     SafetensorError and from torch.save as RuntimeError), after removing the half-written folder; any other
@@ -96,7 +116,9 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
         if new.exists():
             shutil.rmtree(new)
         new.mkdir()
-        save_weights(model, new / WEIGHTS)
+        save_weights(model, new / WEIGHTS) if state is None else save_weights(model, new / WEIGHTS, state)
+        if files is not None:
+            files(new)
         if extra is not None:
             tmp = new / "training.pt"
             with open(tmp, "wb") as fh:
@@ -149,55 +171,3 @@ def load_training(folder: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
         raise RSGError(f"not a loadable training state ({type(exc).__name__}): "
                        + _CORRUPT_HINT.format(folder=folder), file=path) from None
-
-
-# ---- RNG states as JSON-able values (so they sit in meta.json next to the position they belong to) ----
-
-def rng_snapshot() -> dict[str, Any]:
-    """This process's generator states as they are (cheap: taken at every step boundary, converted to JSON
-    by `rng_json` only when a checkpoint is written)."""
-    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def rng_json(snap: dict[str, Any]) -> dict[str, Any]:
-    """A `rng_snapshot` as JSON-able values."""
-    np_state = snap["numpy"]
-    out: dict[str, Any] = {
-        "python": _py_state_to_json(snap["python"]),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": base64.b64encode(snap["torch"].numpy().tobytes()).decode("ascii"),
-    }
-    if "cuda" in snap:
-        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in snap["cuda"]]
-    return out
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and every CUDA device) generator states of this process, JSON-able."""
-    return rng_json(rng_snapshot())
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_py_state_from_json(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(_bytes_tensor(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
-
-
-def _bytes_tensor(b64: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).clone()
-
-
-def _py_state_to_json(st: tuple) -> list:
-    version, internal, gauss = st
-    return [version, list(internal), gauss]
-
-
-def _py_state_from_json(js: list) -> tuple:
-    return (js[0], tuple(js[1]), js[2])

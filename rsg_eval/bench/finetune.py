@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from rsg_eval.bench.timing import sync
-from rsg_eval.training.data import Pair, collate, epoch_plan
-from rsg_eval.training.loop import _param_groups, forward_backward, make_adamw
+from rsg_eval.training.finetune.data import Pair, collate, epoch_plan
+from rsg_eval.engine.optim import make_optimizer, param_groups
+from rsg_eval.training.finetune.loop import forward_backward
 
 # d_model 256, 4+4 layers: the "small" model of the zero-shot benchmark too
 SMALL = dict(d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=4, num_decoder_layers=4)
@@ -80,7 +81,7 @@ def synthetic_pairs(n: int, vocab: int, max_src: int, max_tgt: int, seed: int = 
     return pairs
 
 
-class _RssPeak:
+class RssPeak:
     """Peak RSS (bytes) of this process while the context is open, sampled from /proc/self/statm."""
 
     def __init__(self, every: float = 0.005) -> None:
@@ -101,7 +102,7 @@ class _RssPeak:
             self.peak = max(self.peak, self.rss())
             time.sleep(self.every)
 
-    def __enter__(self) -> "_RssPeak":
+    def __enter__(self) -> "RssPeak":
         self.base = self.rss()
         self.peak = self.base
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -114,7 +115,7 @@ class _RssPeak:
         self.peak = max(self.peak, self.rss())
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     gc.collect()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -148,10 +149,10 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
     The steps are `loop.train`'s: the same forward/backward, fused AdamW, clipping and fused GELU / RMS-norm
     kernels. Warm-up batches are the first examples, taken round the pool when it is smaller than the warm-up."""
     from rsg_eval.bench.flops import T5Dims, hardware_flops, model_flops
-    from rsg_eval.training.config import FinetuneConfig
-    from rsg_eval.training.kernels import fused_t5
+    from rsg_eval.training.finetune.config import FinetuneConfig
+    from rsg_eval.models.kernels import fused_t5
 
-    opt = make_adamw(_param_groups(model, 0.0), FinetuneConfig(lr=1e-5), device)
+    opt = make_optimizer(param_groups(model, 0.0), lr=1e-5)
     plan = epoch_plan([p.length for p in pairs], batch_size, seed=0, epoch=0, group_by_length=grouped)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
         else contextlib.nullcontext
@@ -176,12 +177,12 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
         for w in range(warmup):
             step([(w * batch_size + i) % len(pairs) for i in range(batch_size)])
         shapes.clear()
-        _trim()
+        trim_heap()
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         tok = pad = ex = 0
-        with _RssPeak() as mem:
+        with RssPeak() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             for idx in timed:
                 a, b = step(idx)
@@ -195,7 +196,7 @@ def run_config(model: torch.nn.Module, pairs: list[Pair], batch_size: int, group
     ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
     hflops = hardware_flops(dims, shapes, checkpointing=ckpt)
     del opt
-    _trim()
+    trim_heap()
     return BenchRow(name, grouped, ex, len(timed), secs, cpu, tok, pad, peak, mflops, hflops)
 
 
@@ -237,7 +238,7 @@ def preset_step(name: str, device: torch.device, *, batch: int, steps: int, src_
         "hfu": utilisation(row.hardware_flops, row.seconds, peak[1] if peak else None),
     }
     del model
-    _trim()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -34,8 +34,8 @@ class FinetuneConfig:
     warmup_ratio: float = 0.06     # share of optimizer steps spent warming up (ignored when warmup_steps > 0)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0     # 0 = no clipping
-    max_source_len: int = 512      # encoder tokens; the template truncates the passage to fit
-    max_target_len: int = 128      # decoder tokens incl. the explicit </s> (RuCoS answers are whole sentences)
+    max_source_length: int = 512   # encoder tokens; the template truncates the passage to fit
+    max_target_length: int = 128   # decoder tokens incl. the explicit </s> (RuCoS answers are whole sentences)
     eval_every: int = 0            # optimizer steps between val evaluations; 0 = after every epoch
     eval_batch_size: int = 16
     normalize: str = "sum"         # rank-classification normalisation for val/test decoding
@@ -55,7 +55,8 @@ class FinetuneConfig:
         def bad(name: str, expected: str) -> RSGError:
             return RSGError(f"bad value {getattr(self, name)!r}", file=where, field=name, expected=expected)
 
-        for name in ("epochs", "batch_size", "grad_accum", "max_source_len", "max_target_len", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_source_length", "max_target_length",
+                     "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, "an integer >= 1")
         for name in ("eval_every", "early_stopping", "max_steps", "max_train_examples", "warmup_steps",
@@ -81,17 +82,29 @@ class FinetuneConfig:
         d["adam_betas"] = list(self.adam_betas)
         return d
 
+    def record(self) -> dict[str, Any]:
+        """`to_dict` under the names checkpoints and run folders have always recorded (OLD_NAMES): what the
+        fingerprints hash, so runs written before the fields were renamed stay resumable."""
+        return {OLD_NAMES.get(k, k): v for k, v in self.to_dict().items()}
+
+
+# Field names equal the option names (--max-source-length, --max-target-length); before, these two were shorter.
+# Config files may use either; fingerprints keep the old names (FinetuneConfig.record).
+OLD_NAMES = {"max_source_length": "max_source_len", "max_target_length": "max_target_len"}
+ALIASES = {old: new for new, old in OLD_NAMES.items()}
+
 
 FIELD_NAMES = tuple(f.name for f in fields(FinetuneConfig))
 
 # Defaults for the built-in random `tiny` model when no --config is given: the offline smoke path must be fast,
 # and its scores are meaningless anyway (same values as configs/finetune_tiny.yaml).
-TINY_DEFAULTS: dict[str, Any] = {"batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "max_source_len": 128,
-                                 "max_target_len": 48, "eval_batch_size": 32}
+TINY_DEFAULTS: dict[str, Any] = {"batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "max_source_length": 128,
+                                 "max_target_length": 48, "eval_batch_size": 32}
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type; unknown field -> RSGError listing the valid ones."""
+    name = ALIASES.get(name, name)
     if name not in FIELD_NAMES:
         raise RSGError(f"unknown setting {name!r}", file=where, field=name, expected=FIELD_NAMES)
     default = getattr(FinetuneConfig(), name)
@@ -105,6 +118,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return b
         if name in ("bf16",):  # auto (= None: on a GPU that supports it), on/off or true/false
             return None if str(value).lower() == "auto" else _as_bool(value)
+        if name == "dropout":  # default None (keep the model's), else a number: not a string
+            return float(value)
         if isinstance(default, bool):
             return _as_bool(value)
         if isinstance(default, int):
@@ -148,9 +163,9 @@ def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = Non
                     base: Mapping[str, Any] | None = None) -> ConfigSet:
     """Read a YAML config (`defaults:` and `tasks:` blocks; a flat mapping counts as `defaults`). `base` is used
     as the `defaults:` block when there is no file (the command passes TINY_DEFAULTS for `--model tiny`)."""
-    cli_vals = {k: _coerce(k, v, "command line") for k, v in (cli or {}).items() if v is not None}
+    cli_vals = {ALIASES.get(k, k): _coerce(k, v, "command line") for k, v in (cli or {}).items() if v is not None}
     if path is None:
-        cs = ConfigSet(yaml_defaults={k: _coerce(k, v, "defaults") for k, v in (base or {}).items()},
+        cs = ConfigSet(yaml_defaults={ALIASES.get(k, k): _coerce(k, v, "defaults") for k, v in (base or {}).items()},
                        cli=cli_vals, source="command line")
         cs.for_task("TERRa")  # validate early
         return cs
@@ -172,13 +187,13 @@ def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = Non
     top = {k: v for k, v in raw.items() if k not in ("defaults", "tasks")}
     defaults = dict(raw.get("defaults") or {})
     defaults.update(top)
-    yd = {k: _coerce(k, v, str(p)) for k, v in defaults.items()}
+    yd = {ALIASES.get(k, k): _coerce(k, v, str(p)) for k, v in defaults.items()}
     yt: dict[str, dict[str, Any]] = {}
     for tname, block in (raw.get("tasks") or {}).items():
         spec = get_task(str(tname))  # unknown task -> RSGError listing the nine
         if not isinstance(block, dict):
             raise RSGError("a task block must be a mapping", file=p, field=f"tasks.{tname}")
-        yt[spec.name] = {k: _coerce(k, v, f"{p} (tasks.{spec.name})") for k, v in block.items()}
+        yt[spec.name] = {ALIASES.get(k, k): _coerce(k, v, f"{p} (tasks.{spec.name})") for k, v in block.items()}
     cs = ConfigSet(yaml_defaults=yd, yaml_tasks=yt, cli=cli_vals, source=str(p))
     for t in ["TERRa", *yt]:
         cs.for_task(t)

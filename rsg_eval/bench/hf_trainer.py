@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from rsg_eval.bench.timing import sync
-from rsg_eval.training.config import FinetuneConfig
-from rsg_eval.training.data import Pair, build_pairs, epoch_plan
+from rsg_eval.training.finetune.config import FinetuneConfig
+from rsg_eval.training.finetune.data import Pair, build_pairs, epoch_plan
 
 
 @dataclass
@@ -79,9 +79,9 @@ def task_pairs(tokenizer: Any, data: Any, task: str = "TERRa", cfg: FinetuneConf
         return None
     tpl = load_template(task)
     items = load_items(source, task, "train")
-    max_src = cfg.max_source_len
+    max_src = cfg.max_source_length
     return build_pairs(items, lambda it: tpl.render(it, tokenizer=tokenizer, max_tokens=max_src), tokenizer,
-                       max_src, cfg.max_target_len)
+                       max_src, cfg.max_target_length)
 
 
 def terra_shaped_pairs(n: int, vocab: int, seed: int = 0) -> list[Pair]:
@@ -289,8 +289,8 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
              name: str = "ours", turns: Turns | None = None, memory: bool = True) -> PeerRun:
     """One epoch of `loop.train` on `pairs`; timed from its first step to the end of its last one (in `turns`
     with other runs when given: then the times are in `turns`)."""
-    from rsg_eval.training.bench import _RssPeak, _trim
-    from rsg_eval.training.loop import Hooks, train
+    from rsg_eval.bench.finetune import RssPeak, trim_heap
+    from rsg_eval.training.finetune.loop import Hooks, train
 
     span = _Span(device)
     losses: list[float] = []
@@ -313,10 +313,10 @@ def run_ours(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg:
             turns.finish(name)
         return {"score": 0.0}
 
-    _trim()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="rsg-bench-") as tmp, (_RssPeak() if memory else _NoPeak()) as mem:
+    with tempfile.TemporaryDirectory(prefix="rsg-bench-") as tmp, (RssPeak() if memory else _NoPeak()) as mem:
         model.train()
         res = train(model, tokenizer, list(pairs), cfg, evaluate=evaluate, ckpt_dir=Path(tmp),
                     fingerprint={"bench": name}, device=device, bf16=bf16, hooks=Hooks(on_step, None, on_start),
@@ -338,8 +338,9 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from rsg_eval.training.bench import _RssPeak, _trim
-    from rsg_eval.training.loop import _param_groups, lr_factor, make_adamw, plan_sizes
+    from rsg_eval.bench.finetune import RssPeak, trim_heap
+    from rsg_eval.engine.optim import make_optimizer, param_groups
+    from rsg_eval.training.finetune.loop import lr_factor, plan_sizes
 
     data = [{"input_ids": list(p.src), "attention_mask": [1] * len(p.src), "labels": list(p.tgt)} for p in pairs]
     _, per_epoch, total = plan_sizes(len(pairs), cfg, 1)
@@ -385,16 +386,17 @@ def run_hf(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: F
             bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None)
         model.to(device).train()
-        opt = make_adamw(_param_groups(model, cfg.weight_decay), cfg, device)
+        opt = make_optimizer(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                           processing_class=tokenizer, optimizers=(opt, sched), callbacks=[Timer()])
         trainer.remove_callback(PrinterCallback)  # its end-of-training dict would clutter the report
-        _trim()
+        trim_heap()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with _RssPeak() if memory else _NoPeak() as mem:
+        with RssPeak() if memory else _NoPeak() as mem:
             trainer.train()
     if not span.t1:
         span.stop()
@@ -439,7 +441,7 @@ MODELS = ("tiny", "small")
 def bench_model(name: str) -> tuple[torch.nn.Module, Any]:
     """A fresh random model and its tokenizer: tiny, or small (d_model 256, 4+4 layers); same seed every call."""
     from rsg_eval.models.tiny import build_tiny
-    from rsg_eval.training.bench import SMALL
+    from rsg_eval.bench.finetune import SMALL
 
     if name not in MODELS:
         raise ValueError(name)
@@ -564,7 +566,7 @@ def profile_steps(model_factory: Callable[[], tuple[torch.nn.Module, Any]], pair
 
         _run_hf_with_callback(m, tok, pairs, cfg, device, 2 + steps, Cb())
     else:
-        from rsg_eval.training.loop import Hooks, train
+        from rsg_eval.training.finetune.loop import Hooks, train
 
         with tempfile.TemporaryDirectory(prefix="rsg-prof-") as tmp:
             train(m, tok, list(pairs), capped, evaluate=lambda _m: {"score": 0.0}, ckpt_dir=Path(tmp),
@@ -587,7 +589,8 @@ def _run_hf_with_callback(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from rsg_eval.training.loop import _param_groups, lr_factor, make_adamw, plan_sizes
+    from rsg_eval.engine.optim import make_optimizer, param_groups
+    from rsg_eval.training.finetune.loop import lr_factor, plan_sizes
 
     data = [{"input_ids": list(p.src), "attention_mask": [1] * len(p.src), "labels": list(p.tgt)} for p in pairs]
     _, _, total = plan_sizes(len(pairs), cfg, 1)
@@ -597,7 +600,8 @@ def _run_hf_with_callback(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=steps, learning_rate=cfg.lr,
             max_grad_norm=cfg.max_grad_norm, group_by_length=True, save_strategy="no", eval_strategy="no",
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed, use_cpu=device.type == "cpu")
-        opt = make_adamw(_param_groups(model, cfg.weight_decay), cfg, device)
+        opt = make_optimizer(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
                                  data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),

@@ -1,5 +1,9 @@
 """The fine-tuning loop for one task: AdamW, warm-up + decay, accumulation, clipping, bf16 autocast on GPU,
-val evaluation with best-state tracking, early stopping, exact resume, data parallelism.
+val evaluation with best-state tracking, early stopping, exact resume, data parallelism (DDP or FSDP).
+
+The loop is this recipe's own; what it shares with train-hmtl comes from rsg_eval.engine: the optimizer factory,
+`finish_step` (clip, one host read, non-finite guard, step, schedule), the stop on SIGINT/SIGTERM, checkpoints,
+RNG capture and the DDP/FSDP wrapping.
 
 Loss normalisation: every optimizer step minimises the mean token NLL over all target tokens of that step (all
 micro-batches, all ranks). Each rank knows the global token count because the batch plan is deterministic, so
@@ -13,22 +17,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsg_eval.engine import checkpoint as ck
+from rsg_eval.engine import collective, rng, sharding
+from rsg_eval.engine.optim import make_optimizer, param_groups
+from rsg_eval.engine.runtime import Dist
+from rsg_eval.engine.step import StepGuard, finish_step
+from rsg_eval.engine.stop import StopRequest
 from rsg_eval.core.errors import RSGError
-from rsg_eval.training import checkpoint as ck
-from rsg_eval.training.config import FinetuneConfig
-from rsg_eval.training.data import Pair, collate, epoch_plan, rank_slice
-from rsg_eval.training.dist import Dist
-from rsg_eval.training.kernels import fused_t5
+from rsg_eval.models.kernels import fused_t5
+from rsg_eval.training.finetune.config import FinetuneConfig
+from rsg_eval.training.finetune.data import Pair, collate, epoch_plan, rank_slice
 
 # Settings that may change between a run and its resume without breaking exactness of what was done so far.
 RESUME_MAY_CHANGE = ("lr", "max_grad_norm", "early_stopping", "eval_batch_size", "normalize", "save_every")
@@ -107,20 +113,7 @@ def plan_sizes(n_pairs: int, cfg: FinetuneConfig, world: int) -> tuple[int, int,
     return micro, per_epoch, total
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: no decay on biases and layer-norm scales (the usual AdamW practice)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+seed_everything = rng.seed_everything
 
 
 def _set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -130,7 +123,7 @@ def _set_dropout(model: torch.nn.Module, p: float) -> None:
 
 
 def _trajectory_config(cfg: FinetuneConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
+    d = cfg.record()
     for k in RESUME_MAY_CHANGE:
         d.pop(k, None)
     return d
@@ -151,13 +144,21 @@ def train(
     hooks: Hooks | None = None,
     task: str = "task",
     fused_kernels: bool = True,
+    sharding_mode: str = "none",
+    cpu_offload: bool = False,
+    files: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train `model` (a seq2seq LM, already on `device`, fp32 master weights) on `pairs`.
 
-    `evaluate(model)` runs on every rank with the unwrapped model in eval mode and returns the val metrics with
-    a "score" key (higher is better). Checkpoints go to ckpt_dir/{last,best}; a `last` with the same
-    fingerprint is resumed, a finished one is returned as is. `fused_kernels`: train with torch's fused GELU and
-    RMS norm in place of transformers' (rsg_eval.training.kernels; restored on return); off only to measure."""
+    `evaluate(model)` runs on every rank with the bare model in eval mode and returns the val metrics with a
+    "score" key (higher is better); under fsdp every rank must score the same items (sharding.gathered).
+    Checkpoints go to ckpt_dir/{last,best}; a `last` with the same fingerprint is resumed, a finished one is
+    returned as is. `sharding_mode`: none | ddp | fsdp (sharding.resolve_mode), `cpu_offload` for fsdp; `files(dir)`
+    adds the config and tokenizer to `best/` so `--model` loads it. `fused_kernels`: train with torch's fused GELU
+    and RMS norm in place of transformers' (rsg_eval.models.kernels; restored on return); off only to measure.
+    The model is wrapped (DDP, or sharded in place under fsdp) for the duration of the call."""
+    # One function on purpose: the recipe's explicit loop, read top to bottom; what it shares with train-hmtl is
+    # an engine call (rsg_eval.engine).
     hooks = hooks or Hooks()
     if not pairs:
         raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",
@@ -167,28 +168,26 @@ def train(
     if cfg.dropout is not None:
         _set_dropout(net, cfg.dropout)
     if cfg.gradient_checkpointing:
-        # non-reentrant checkpointing works with DDP and with frozen inputs; the KV cache is useless in training
+        # non-reentrant checkpointing works with DDP, FSDP and frozen inputs; the KV cache is useless in training
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.config.use_cache = False
-    opt = make_adamw(_param_groups(net, cfg.weight_decay), cfg, device)
     _, per_epoch, total = plan_sizes(len(pairs), cfg, dist.world)
     warm = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
     fp = dict(fingerprint, n_pairs=len(pairs), world=dist.world, config=_trajectory_config(cfg))
 
-    state, resumed = _maybe_resume(net, opt, sched, ckpt_dir, fp, cfg, dist, task)
+    last, state = _resume_point(ckpt_dir, fp, task)
     best_dir = ck.find(ckpt_dir, "best")
     if state.done:
-        return TrainResult(state, best_dir, resumed)
+        return TrainResult(state, best_dir, state.step)
+    if last is not None:
+        ck.load_weights(net, last / ck.WEIGHTS)   # full weights, before any sharding
+    wrapped = sharding.wrap(net, sharding_mode, device=device, cpu_offload=cpu_offload, bf16=bf16)
+    fsdp = sharding.is_fsdp(net)
+    opt = make_optimizer(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                         eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
+    resumed = _resume_optimizer(last, wrapped, opt, sched, cfg, dist) if last is not None else None
 
-    ddp = net
-    if dist.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # gradient_as_bucket_view: the .grad tensors ARE the all-reduce buckets, not a second copy of every
-        # gradient (FRED-T5-1.7B: 6.5 GiB less per GPU)
-        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      gradient_as_bucket_view=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = [p.length for p in pairs]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
@@ -198,15 +197,15 @@ def train(
 
     def save_last(rng_snapshot: dict[str, Any]) -> None:
         meta = {"task": task, "state": state.to_json(), "fingerprint": fp,
-                "rng": dist.gather(ck.rng_json(rng_snapshot)), "saved_at": time.time()}
-        extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-        _save(dist, ckpt_dir, "last", net, meta, extra)
+                "rng": dist.gather(rng.to_json(rng_snapshot)), "saved_at": time.time()}
+        extra = {"optimizer": sharding.full_optimizer_state(wrapped, opt), "scheduler": sched.state_dict()}
+        _save(dist, ckpt_dir, "last", wrapped, meta, extra)
 
     def run_eval(epoch_mark: float) -> None:
         nonlocal best_dir
         net.eval()
-        with torch.no_grad(), autocast():
-            metrics = evaluate(net)
+        with torch.no_grad(), autocast(), sharding.gathered(wrapped) as bare:
+            metrics = evaluate(bare)
         net.train()
         train_loss = state.loss_sum / state.loss_tokens if state.loss_tokens else float("nan")
         row = {"task": task, "epoch": epoch_mark, "step": state.step, "train_loss": train_loss, **metrics}
@@ -217,38 +216,37 @@ def train(
             state.best_score, state.best_step, state.best_epoch = score, state.step, epoch_mark
             state.best_metrics = dict(metrics)
             state.evals_since_best = 0
-            best_dir = _save(dist, ckpt_dir, "best", net,
+            best_dir = _save(dist, ckpt_dir, "best", wrapped,
                              {"task": task, "step": state.step, "epoch": epoch_mark, "metrics": metrics,
-                              "fingerprint": fp}, None)
+                              "fingerprint": fp}, None, files)
         else:
             state.evals_since_best += 1
         if hooks.on_eval:
             hooks.on_eval(state, row)
 
+    guard = StepGuard(tolerance=0)   # one non-finite step stops the task (its learning rate is too high)
     net.train()
-    with _StopRequest() as stop, fused_t5(net, enabled=fused_kernels):
+    with StopRequest() as stop, fused_t5(net, enabled=fused_kernels):
         while state.epoch < cfg.epochs and not state.done:
             plan = epoch_plan(lengths, cfg.batch_size, cfg.seed, state.epoch,
                               group_by_length=cfg.group_by_length, world=dist.world)
             while state.micro < len(plan):
-                snapshot = ck.rng_snapshot()  # the RNG at this step boundary, saved with any checkpoint of it
+                snapshot = rng.snapshot()  # the RNG at this step boundary, saved with any checkpoint of it
                 group = plan[state.micro : state.micro + cfg.grad_accum]
                 tokens = sum(len(pairs[i].tgt) for gb in group for i in gb)  # global target tokens of this step
                 local_nll = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync
                 for j, gb in enumerate(group):
                     mine, weight = rank_slice(gb, dist.rank, dist.world)
                     batch = to_device(collate([pairs[i] for i in mine], pad_id), device)
-                    sync = contextlib.nullcontext() if (j == len(group) - 1 or not dist.active) else ddp.no_sync()
-                    with sync:
-                        nll = forward_backward(ddp, net, batch, weight * dist.world / tokens, autocast)
+                    # every micro-batch runs every block, so gradients may stay local until the step's last one
+                    with sharding.grad_sync(wrapped, sync=j == len(group) - 1):
+                        nll = forward_backward(wrapped, net, batch, weight * dist.world / tokens, autocast)
                     local_nll += nll * weight
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    net.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                # the one host sync of a step: the loss for the log and both values for the NaN guard
-                step_nll, norm_value = dist.all_sum_pair(local_nll, grad_norm)
+                out = finish_step(wrapped.parameters(), opt, sched, local_nll, dist, max_norm=cfg.max_grad_norm,
+                                  guard=guard)
+                step_nll, norm_value = out.loss, out.grad_norm
                 step_loss = step_nll / tokens
-                if not math.isfinite(step_loss) or not math.isfinite(norm_value):
-                    opt.zero_grad(set_to_none=True)
+                if guard.exceeded:
                     save_last(snapshot)  # parameters are still those after the last good step
                     what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                     raise RSGError(
@@ -257,9 +255,6 @@ def train(
                         f"state (after step {state.step}) is saved in {ckpt_dir / 'last'}. Lower --lr, raise the "
                         f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
                         field="train_loss")
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
                 state.step += 1
                 state.micro += len(group)
                 state.loss_sum += step_nll
@@ -289,52 +284,21 @@ def train(
                     state.micro = 0
                 saved = evaluated or state.done or bool(cfg.save_every and state.step % cfg.save_every == 0)
                 if saved:
-                    save_last(ck.rng_snapshot())
+                    save_last(rng.snapshot())
                 if hooks.on_step:
                     hooks.on_step(state, step_loss)
-                # Ctrl-C / SIGTERM: every rank agrees (a sum over ranks) and stops at this same step boundary
-                if dist.all_sum(1.0 if stop.requested else 0.0) > 0:
+                # Ctrl-C / SIGTERM: every rank agrees and stops at this same step boundary
+                if stop.agreed(dist):
                     if not saved and not state.done:
-                        save_last(ck.rng_snapshot())
-                    raise KeyboardInterrupt(f"{task}: stopped at step {state.step}; its state is saved in "
-                                            f"{ckpt_dir / 'last'}")
+                        save_last(rng.snapshot())
+                    raise stop.stopped(f"{task}: stopped at step {state.step}; its state is saved in "
+                                       f"{ckpt_dir / 'last'}")
                 if state.done or end_of_epoch:
                     break  # a new epoch needs its own plan (the outer loop builds it)
         if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
             state.done = True
-            save_last(ck.rng_snapshot())
+            save_last(rng.snapshot())
         return TrainResult(state, best_dir, resumed)
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM handler for the training loop: the first signal asks the loop to save `last` at the next
-    step boundary and stop (a preempted cluster job or Ctrl-C loses nothing); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._prev: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is signal.SIG_IGN:
-                    continue   # nohup or a background job: whoever started us asked for this signal to be ignored
-                self._prev[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        for sig, prev in self._prev.items():
-            signal.signal(sig, prev)
 
 
 def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str, torch.Tensor], scale: float,
@@ -356,17 +320,6 @@ def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str
     return nll.detach()
 
 
-def make_adamw(groups: list[dict[str, Any]], cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, with torch's fused kernel where this torch has one for the device (CUDA; CPU since torch 2.4): one
-    kernel over all parameters instead of about ten passes per tensor, the same update up to float rounding.
-    transformers' Trainer uses it by default too (`adamw_torch_fused`, torch >= 2.8)."""
-    kw: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
-        return torch.optim.AdamW(groups, **kw)
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Host tensors to the device; on CUDA through pinned memory without blocking, so the copy overlaps the
     queue of kernels still running from the previous micro-batch."""
@@ -375,25 +328,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _save(dist: Dist, root: Path, name: str, net: torch.nn.Module, meta: dict, extra: dict | None) -> Path:
-    """Rank 0 writes; the others learn whether it worked, so every rank raises the same error or none."""
-    err: str | None = None
-    if dist.main:
-        try:
-            ck.write_checkpoint(root, name, net, meta, extra)
-        except ck.SaveError as exc:
-            err = str(exc)
-    err = dist.broadcast(err)
-    if err is not None:
-        raise ck.SaveError(err)
+def _save(dist: Dist, root: Path, name: str, wrapped: torch.nn.Module, meta: dict, extra: dict | None,
+          files: Callable[[Path], None] | None = None) -> Path:
+    """Rank 0 writes (the full weights: gathered from the shards under fsdp, every rank taking part); the others
+    learn whether it worked, so every rank raises the same error or none."""
+    bare = sharding.unwrap(wrapped)
+    state = sharding.full_model_state(wrapped) if sharding.is_fsdp(bare) else None
+    collective.main_acts(dist, lambda: ck.write_checkpoint(root, name, bare, meta, extra, state=state,
+                                                           files=files), share=False)
     return root / name
 
 
-def _maybe_resume(net, opt, sched, ckpt_dir: Path, fp: dict, cfg: FinetuneConfig, dist: Dist,
-                  task: str) -> tuple[TrainState, int | None]:
+def _resume_point(ckpt_dir: Path, fp: dict, task: str) -> tuple[Path | None, TrainState]:
+    """(the `last` folder to resume, its trainer state); (None, a fresh state) when there is none. A `last` made
+    with other settings is refused, naming the first that differs."""
     last = ck.find(ckpt_dir, "last")
     if last is None:
-        return TrainState(), None
+        return None, TrainState()
     meta = ck.read_meta(last)
     old = meta.get("fingerprint", {})
     diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
@@ -409,17 +360,23 @@ def _maybe_resume(net, opt, sched, ckpt_dir: Path, fp: dict, cfg: FinetuneConfig
             f"{task}: the checkpoint in {last} was made with a different {k}{detail}; rerun with the same "
             f"settings to resume it, or pass --restart to discard unfinished checkpoints",
             file=last / "meta.json", field=k)
+    return last, TrainState.from_json(meta["state"])
+
+
+def _resume_optimizer(last: Path, wrapped: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                      cfg: FinetuneConfig, dist: Dist) -> int:
+    """Optimizer, schedule and this rank's RNG from `last`; returns the step it resumes from."""
+    meta = ck.read_meta(last)
     state = TrainState.from_json(meta["state"])
-    ck.load_weights(net, last / ck.WEIGHTS)
     tr = ck.load_training(last)
-    opt.load_state_dict(tr["optimizer"])
+    sharding.load_optimizer_state(wrapped, opt, tr["optimizer"])
     sched.load_state_dict(tr["scheduler"])
     # lr may change on resume (e.g. after a NaN): rescale the schedule's base, keep its position
     sched.base_lrs = [cfg.lr for _ in sched.base_lrs]
     for g, f in zip(opt.param_groups, [sched.lr_lambdas[0](sched.last_epoch)] * len(opt.param_groups)):
         g["lr"] = cfg.lr * f
         g["initial_lr"] = cfg.lr
-    rngs = meta.get("rng") or []
-    if rngs:
-        ck.set_rng_state(rngs[dist.rank if dist.rank < len(rngs) else 0])
-    return state, state.step
+    mine = rng.pick(meta.get("rng") or [], dist.rank)
+    if mine is not None:
+        rng.restore(mine)
+    return state.step
