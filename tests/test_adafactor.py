@@ -1,4 +1,4 @@
-"""Adafactor with the T5 recipe's settings (rsg_eval.engine.optim_adafactor): the same steps as transformers'
+"""Adafactor with the T5 recipe's settings (rsg_eval.engine.optim): the same steps as transformers'
 Adafactor called with those settings, the settings' effect checked by hand, and optimizer-state sizes: measured on
 CPU for a small model against the shape formula, and computed on the meta device for FRED-T5-1.7B."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers.optimization import Adafactor
 
-from rsg_eval.engine.optim_adafactor import (ADAFACTOR_SETTINGS, make_adafactor, measured_state_bytes,
-                                             memory_table, state_bytes, trainable_shapes)
+from rsg_eval.engine.optim import (ADAFACTOR_SETTINGS, make_adafactor, make_optimizer, measured_state_bytes,
+                                   param_groups, state_bytes)
 from rsg_eval.models.tiny import build_tiny
 
 
@@ -32,7 +32,7 @@ def test_steps_match_transformers_adafactor_with_the_recipe_settings():
     model, tok = build_tiny()
     twin = copy.deepcopy(model)
     batch = _batch(tok)
-    _steps(model, make_adafactor(model.parameters(), lr=1e-3, weight_decay=0.01), batch)
+    _steps(model, make_optimizer(model.parameters(), name="adafactor", lr=1e-3, weight_decay=0.01), batch)
     direct = Adafactor(twin.parameters(), lr=1e-3, weight_decay=0.01, scale_parameter=False, relative_step=False,
                        warmup_init=False)
     _steps(twin, direct, batch)
@@ -67,13 +67,13 @@ def test_settings_fixed_lr_no_parameter_scaling_no_first_moment():
 def test_state_size_formula_matches_what_the_optimizers_hold():
     model, tok = build_tiny()
     batch = _batch(tok)
-    shapes = trainable_shapes(model)
-    for name, make in (("adafactor", lambda p: make_adafactor(p, lr=1e-3)),
-                       ("adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True))):
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    for name in ("adafactor", "adamw"):
         m = copy.deepcopy(model)
-        opt = make(m.parameters())
+        opt = make_optimizer(param_groups(m, 0.01), name=name, lr=1e-3)
         _steps(m, opt, batch, n=1)
-        assert measured_state_bytes(opt) == state_bytes(shapes, name), name
+        steps = 4 * len(shapes) if name == "adamw" else 0  # AdamW's per-tensor step counters (0-d fp32)
+        assert measured_state_bytes(opt) == state_bytes(shapes, name) + steps, name
     ratio = state_bytes(shapes, "adamw") / state_bytes(shapes, "adafactor")
     assert ratio > 20  # the tiny T5 (64-wide, 1.1k vocabulary)
 
@@ -82,13 +82,23 @@ def test_fredt5_1_7b_states_on_the_meta_device():
     from transformers import T5Config
 
     from rsg_eval.models.untied import build_t5
-    from rsg_eval.training.bench import FRED_1_7B
+    from rsg_eval.bench.finetune import FRED_1_7B
 
     with torch.device("meta"):
         model = build_t5(T5Config(**FRED_1_7B))
-    table = memory_table(model)
+    shapes = [tuple(p.shape) for p in model.parameters()]
     n = sum(p.numel() for p in model.parameters())
     assert 1.73e9 < n < 1.75e9  # FREDT5_NOTES.md 1.1: 1,740.4 M with the separate head
-    assert table["adamw_states"] == pytest.approx(8 * n, rel=1e-4)  # ~13.9 GB
-    assert table["adafactor_states"] < 0.01 * table["adamw_states"]
-    assert table["weights"] + table["gradients"] + table["adamw_states"] > 27e9  # the issue's ~27 GB
+    adamw, adafactor = state_bytes(shapes, "adamw"), state_bytes(shapes, "adafactor")
+    assert adamw == 8 * n  # ~13.9 GB
+    assert adafactor < 0.01 * adamw  # ~8 MB: rows + columns of every matrix
+    assert 4 * n + 4 * n + adamw > 27e9  # weights + gradients + AdamW states: the issue's ~27 GB
+
+
+def test_bench_memory_shows_both_optimizers_measured_as_computed():
+    from rsg_eval.bench import memory
+
+    small = memory.measured_small_states()
+    for name, (got, want) in small.items():
+        assert got == want, name
+    assert small["adamw"][0] > 20 * small["adafactor"][0]
