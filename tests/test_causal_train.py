@@ -1,4 +1,4 @@
-"""Decoder-only fine-tuning blocks (rsg_eval.training.causal): the prompt is masked at hand-checked positions,
+"""Decoder-only fine-tuning blocks (rsg_eval.training.finetune.causal): the prompt is masked at hand-checked positions,
 the ids are the scorer's, the loss is the answer tokens' only, and a few steps on tiny-causal lower it and make
 rank classification pick the trained answers."""
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from rsg_eval.models.tiny import build_tiny_causal
 from rsg_eval.scoring import encode_causal, predict, score_choices
-from rsg_eval.training.causal import (LORA_DEFAULT_ABOVE, answer_tokens, build_causal_pairs, causal_nll_sum,
+from rsg_eval.training.finetune.causal import (LORA_DEFAULT_ABOVE, answer_tokens, build_causal_pairs, causal_nll_sum,
                                       collate_causal, lora_by_default)
-from rsg_eval.training.data import Pair
+from rsg_eval.training.finetune.data import Pair
 
 LABELS = ("entailment", "not_entailment")
 VERBAL = {"entailment": "да", "not_entailment": "нет"}

@@ -15,7 +15,7 @@ from rsg_eval.models import lora  # noqa: E402
 from rsg_eval.models.loading import load_adapter_model, load_model  # noqa: E402
 from rsg_eval.models.tiny import build_tiny, build_tiny_causal  # noqa: E402
 from rsg_eval.scoring import predict, score_choices  # noqa: E402
-from rsg_eval.training.data import Pair, collate, encode_source, encode_target  # noqa: E402
+from rsg_eval.training.finetune.data import Pair, collate, encode_source, encode_target  # noqa: E402
 
 # A learnable toy task: the answer is the last word of the input.
 TOY = [(f"Вопрос номер {i}: ответ {'да' if i % 2 == 0 else 'нет'}.", "да" if i % 2 == 0 else "нет")

@@ -126,7 +126,7 @@ def encode_causal(model: Any, tokenizer: Any, prompts: list[str], choices: list[
     """Decoder-only token ids exactly as rank classification scores them: per prompt its ids (the tokenizer's
     BOS kept, its end kept when cut to the context), per choice its continuation ids (lm-evaluation-harness's
     boundary: the whole text encoded and split after the prompt). Causal fine-tuning trains on these ids, so
-    it learns the very tokens that are scored (rsg_eval.training.causal)."""
+    it learns the very tokens that are scored (rsg_eval.training.finetune.causal)."""
     limit = max_input_tokens or _default_max_tokens(model, tokenizer)
     return _causal.encode(model, tokenizer, prompts, choices, limit)
 

@@ -14,7 +14,6 @@ and prediction see the same tokens:
 Models over `LORA_DEFAULT_ABOVE` parameters (1e9: a 1.3B-3B decoder with AdamW needs 16 bytes a parameter, over
 20 GB before activations) train with LoRA by default (`DEFAULT_LORA_RANK`); smaller ones fine-tune fully.
 
-Move to rsg_eval/training/finetune/ when the engine's recipe folder lands.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 from rsg_eval.scoring import encode_causal
-from rsg_eval.training.data import Pair, gold_targets
+from rsg_eval.training.finetune.data import Pair, gold_targets
 
 LORA_DEFAULT_ABOVE = 1_000_000_000
 DEFAULT_LORA_RANK = 16
