@@ -178,6 +178,7 @@ def test_two_processes_match_one_for_a_decoder_only_model(llama_folder, tmp_path
     """torchrun, two CPU processes (gloo), batch 4 each vs one process with batch 8, tiny-causal: the same losses
     and val metrics."""
     d = llama_folder
+    (tmp_path / "data").symlink_to(d / "data")
     one = _run("tiny-causal", tmp_path, "one")
     args = ["finetune", "--model", "tiny-causal", "--data", str(d / "data"), "--tasks", "TERRa", "--epochs", "2",
             "--batch-size", "4", "--lr", str(LEARN["lr"]), "--warmup-ratio", "0", "--max-source-length", "64",
