@@ -37,7 +37,7 @@ def _train(model, tok, steps: int = 40, lr: float = 1e-2) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
