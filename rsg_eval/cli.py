@@ -14,8 +14,8 @@ from rsg_eval.core.errors import RSGError
 
 app = RsgTyper(
     name="rsg",
-    help="Russian SuperGLUE for seq2seq models: data, metrics, zero-shot, fine-tuning, the hierarchical "
-    "FRED-T5, submissions and reports.",
+    help="Russian SuperGLUE for seq2seq (FRED-T5) and decoder-only models: data, metrics, zero-shot and few-shot, "
+    "fine-tuning, the hierarchical FRED-T5, submissions and reports.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -72,7 +72,13 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         conn.sendall(_INT.pack(os.getpid()))
         try:
-            if request.get("script"):   # `python SCRIPT ARGS...` (a torchrun script target)
+            if request.get("call"):   # fn(index, *args) of an importable module (what mp.spawn runs)
+                import importlib
+
+                mod, _, name = request["call"].partition(":")
+                fn = getattr(importlib.import_module(mod), name)
+                fn(*json.loads(request["args"]))
+            elif request.get("script"):   # `python SCRIPT ARGS...` (a torchrun script target)
                 import runpy
 
                 sys.argv = [request["script"], *request["argv"]]
@@ -148,7 +154,10 @@ try:
 except OSError:
     real()
 script = os.environ.pop("WARM_RSG_SCRIPT", "")   # set by warm_torchrun for a script target
-payload = json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ), script=script)).encode()
+call = os.environ.pop("WARM_RSG_CALL", "")       # set by warm_spawn: module:function
+args = os.environ.pop("WARM_RSG_ARGS", "[]")
+payload = json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ), script=script, call=call,
+                          args=args)).encode()
 socket.send_fds(s, [INT.pack(len(payload))], [0, 1, 2])
 s.sendall(payload)
 def recv_int():
@@ -236,3 +245,26 @@ def warm_torchrun(bin_dir: Path, args: list[str], *, n: int = 2, cwd: Path, env:
     codes = [p.returncode for p in procs]
     code = next((c for c in codes if c), 0)
     return subprocess.CompletedProcess(args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+
+
+def warm_spawn(bin_dir: Path, fn, *args, nprocs: int = 2, timeout: float = 900) -> None:
+    """`torch.multiprocessing.start_processes(fn, args, nprocs, start_method="spawn")` on the warm server: process i
+    runs fn(i, *args) (fn a module-level function, args JSON-able). Raises when any process fails, with its
+    output."""
+    procs = []
+    env = dict(os.environ, WARM_RSG_CALL=f"{fn.__module__}:{fn.__qualname__}")
+    for i in range(nprocs):
+        procs.append(subprocess.Popen([str(bin_dir / "rsg")], env=dict(env, WARM_RSG_ARGS=json.dumps([i, *args])),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    bad = [(i, p.returncode, out) for i, (p, out) in enumerate(zip(procs, outs)) if p.returncode]
+    if bad:
+        raise RuntimeError("\n".join(f"process {i} exited {rc}:\n{out[-4000:]}" for i, rc, out in bad))

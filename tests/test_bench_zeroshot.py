@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -92,3 +93,16 @@ def test_cli_writes_json(tmp_path):
     assert "peak" in res.output
     res = CliRunner().invoke(app, ["bench", "zeroshot", "--arch", "rnn"])
     assert res.exit_code == 2 or "unknown architecture" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_templates_bench_runs_whole_processes_and_compares_predictions():
+    """`rsg bench zeroshot --templates 2` at a toy size: three whole processes (two one-template, one with both),
+    the same predictions per template on both sides, ratios of the measured times."""
+    from rsg_eval.bench.templates import run_templates_bench
+
+    rep = run_templates_bench(k=2, tasks=["TERRa", "PARus"], split="val", limit=2, threads=1)
+    assert rep["same_predictions"] and len(rep["separate"]) == 2
+    assert rep["templates"]["TERRa"][0] == "yesno" and rep["templates"]["PARus"][0] == "question"
+    assert rep["ratio_wall"] == pytest.approx(rep["separate_wall_s"] / rep["multi"]["wall_s"])
+    assert all(p["wall_s"] > 0 and p["cpu_s"] > 0 for p in [*rep["separate"], rep["multi"]])

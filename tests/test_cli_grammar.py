@@ -43,7 +43,8 @@ IDEAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "device": ("--device", ("--gpu", "--cuda", "--devices")),
     "weights dtype": ("--dtype", ("--torch-dtype", "--precision")),
     "tasks": ("--tasks/-t", ("--task-names", "--only-tasks")),
-    "prompt template": ("--template", ("--prompt", "--prompt-template", "--templates")),
+    # (--templates is another idea: a set of templates scored in one run, `rsg zeroshot --templates all`)
+    "prompt template": ("--template", ("--prompt", "--prompt-template")),
     "CPU threads": ("--threads", ("--num-threads", "--nthreads", "--n-threads")),
     "output folder or file": ("--out/-o", ("--output", "--output-dir", "--out-dir", "--outdir")),
     "run folder": ("--run and --root", ("--run-dir", "--run-name", "--runs-dir", "--output-root")),
@@ -283,3 +284,53 @@ def test_tasks_take_the_words_after_them_only_where_no_argument_follows() -> Non
 def test_stray_words_are_refused_with_a_usage_error() -> None:
     res = CliRunner().invoke(app, ["zeroshot", "--model", "tiny", "TERRa"])
     assert res.exit_code == 2 and "TERRa" in res.output
+
+
+def _help_at(path: str, columns: int) -> str:
+    argv = path.split()[1:] + ["--help"]
+    result = CliRunner().invoke(app, argv, env={"COLUMNS": str(columns), "TERMINAL_WIDTH": None})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS))
+def test_help_at_80_columns_shows_every_option_and_default_whole(path: str) -> None:
+    """An 80-column terminal: no line is wider than 80, nothing is cut with an ellipsis, and every option's every
+    spelling and its default text are there in full (whitespace aside: a default may wrap onto the next line)."""
+    out = _help_at(path, 80)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, f"{path} --help at 80 columns has a line wider than 80"
+    assert "…" not in out, f"{path} --help cuts text at 80 columns: {[ln for ln in lines if '…' in ln]}"
+    flat = " ".join(out.split())
+    cmd = COMMANDS[path]
+    ctx = _ctx(path, cmd)
+    for p in _options(cmd):
+        for name in (*p.opts, *p.secondary_opts):
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flat), f"{path}: {name} missing at 80 columns"
+        record = p.get_help_record(ctx)
+        default = re.search(r"\[default: (.*?)\]$", record[1] if record else "")
+        if default:
+            text = " ".join(default.group(1).split())
+            assert f"[default: {text}]" in flat, f"{path} {p.opts[0]}: default {text!r} not shown whole at 80 columns"
+
+
+def test_root_help_at_80_columns_lists_every_command_whole() -> None:
+    flat = " ".join(_help_at("rsg", 80).split())
+    for name, cmd in typer.main.get_command(app).commands.items():
+        assert f"{name} {' '.join(cmd.get_short_help_str(limit=10_000).split())}" in flat
+
+
+def test_help_texts_name_what_the_tool_does_today() -> None:
+    root = " ".join(_help_at("rsg", 200).split())
+    assert "decoder-only" in root
+    zs = COMMANDS["rsg zeroshot"]
+    model = next(p for p in zs.params if "--model" in getattr(p, "opts", ()))
+    assert "tiny-causal" in model.help
+    seed = next(p for p in zs.params if "--fewshot-seed" in getattr(p, "opts", ()))
+    assert "run seed" not in str(seed.show_default) and not any("--seed" in getattr(p, "opts", ()) for p in zs.params)
+
+
+def test_wide_help_does_not_break_descriptions_at_the_docstring_lines() -> None:
+    out = _help_at("rsg finetune", 400)  # wide enough for the paragraph on one line: no break inside it
+    assert any("finished tasks are skipped. The defaults shown are the built-in ones: a --config file" in line
+               for line in out.splitlines())

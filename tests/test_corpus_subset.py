@@ -50,7 +50,7 @@ def test_subset_is_a_seeded_stratified_sample_of_the_corpus(corpus: Path, tmp_pa
         got[json.loads(line)["task"]] = got.get(json.loads(line)["task"], 0) + 1
     assert got == {t: n for t, n in allocate(counts, 8).items() if n} and len(sub) == 8
     assert [x for x in train if x in set(sub)] == sub   # the corpus' records, byte for byte, in its order
-    assert s["total"]["val"] == round(8 * len(val) / len(train)) == len(_lines(tmp_path / "a" / "val.jsonl"))
+    assert s["total"]["val"] == min(round(8 / 10), len(val)) == len(_lines(tmp_path / "a" / "val.jsonl"))
     assert set(_lines(tmp_path / "a" / "val.jsonl")) <= set(val)
     assert (tmp_path / "a" / "labels.json").read_bytes() == (corpus / "labels.json").read_bytes()
     cut_subset(corpus, tmp_path / "b", train=8, seed=3)
@@ -128,3 +128,27 @@ def test_the_paper_recipe_parses_to_the_papers_sizes() -> None:
     assert specs["qa"].model == "timpal0l/mdeberta-v3-base-squad2"   # the paper's QA teacher
     rulm = next(s for s in cfg.sources if s.name == "rulm")
     assert rulm.opts["sample"] == 870_000
+
+
+def test_10k_subset_is_10000_train_and_1000_val_as_the_paper_says(tmp_path: Path) -> None:
+    """Issue 23 item 9: a corpus of 19,000 train and 1,000 val records (its own proportion would give 526 val);
+    `--subset 10k` cuts 10,000 train and 1,000 val by default, as the paper's Figure 2 caption says."""
+    from rsg_eval.corpus.subset import parse_count
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for split, n in (("train", 19_000), ("val", 1_000)):
+        with open(corpus / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+            for i in range(n):
+                task = "ner" if i % 4 == 0 else "nli"
+                fh.write(json.dumps({"id": f"{split}-{i}", "task": task}) + "\n")
+    (corpus / "labels.json").write_text("{}", encoding="utf-8")
+    assert parse_count("10k") == parse_count("10000") == parse_count("10_000") == 10_000
+    with pytest.raises(RSGError):
+        parse_count("ten")
+    s = cut_subset(corpus, tmp_path / "s", train=parse_count("10k"))
+    assert s["total"] == {"train": 10_000, "val": 1_000}
+    assert len(_lines(tmp_path / "s" / "val.jsonl")) == 1_000
+    assert s["tasks"]["ner"]["val"] == 250 and s["tasks"]["nli"]["val"] == 750  # each task keeps its share
+    s = cut_subset(corpus, tmp_path / "t", train=10_000, val=300)  # an explicit val count still wins
+    assert s["total"]["val"] == 300

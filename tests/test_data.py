@@ -88,3 +88,47 @@ def test_check_folder_reports_problems(tmp_path):
     rows = {(r["task"], r["split"]): r for r in D.check_folder(tmp_path, ["TERRa"])}
     assert "val.jsonl:2" in rows[("TERRa", "val")]["error"]
     assert "missing train.jsonl" in rows[("TERRa", "train")]["error"]
+
+
+def test_check_folder_compares_with_the_official_sizes(tmp_path):
+    """One complete split (RCB val has 220 records officially), one partial (5 of 307 TERRa val records)."""
+    from rsg_eval.core.tasks import OFFICIAL_RECORDS
+
+    rcb = tmp_path / "RCB"
+    rcb.mkdir()
+    line = '{"premise": "Он пришёл.", "hypothesis": "Он здесь.", "label": "entailment", "idx": %d}\n'
+    (rcb / "val.jsonl").write_text("".join(line % i for i in range(220)), encoding="utf-8")
+    (tmp_path / "TERRa").mkdir()
+    (tmp_path / "TERRa" / "val.jsonl").write_text(
+        "".join(line % i for i in range(5)), encoding="utf-8")
+    rows = {(r["task"], r["split"]): r for r in D.check_folder(tmp_path, ["RCB", "TERRa"])}
+    assert OFFICIAL_RECORDS["RCB"]["val"] == 220 and OFFICIAL_RECORDS["TERRa"]["val"] == 307
+    assert (rows[("RCB", "val")]["records"], rows[("RCB", "val")]["official"], rows[("RCB", "val")]["status"]) \
+        == (220, 220, "ok")
+    assert (rows[("TERRa", "val")]["records"], rows[("TERRa", "val")]["official"],
+            rows[("TERRa", "val")]["status"]) == (5, 307, "partial")
+    assert rows[("TERRa", "train")]["status"] == "error"
+
+
+def test_data_check_says_partial_and_exits_0_on_the_sample():
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    res = CliRunner().invoke(app, ["data", "check", "--data", "sample", "--tasks", "PARus"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    parus_val = next(ln for ln in res.output.splitlines() if "PARus" in ln and "val" in ln)
+    cells = [c.strip() for c in parus_val.split("│")[1:-1]]
+    assert cells == ["PARus", "val", "6", "100", "6", "6", "partial"]  # the bundled sample: 6 val records
+    assert "partial data: 3 of 3 splits" in " ".join(res.output.split())
+
+
+def test_data_folder_one_level_too_high_names_the_subfolder(tmp_path):
+    inner = tmp_path / "rsg"
+    (inner / "TERRa").mkdir(parents=True)
+    (inner / "TERRa" / "val.jsonl").write_text(TERRA, encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    with pytest.raises(RSGError) as e:
+        D.resolve_data(tmp_path)
+    assert f"--data {inner}" in str(e.value)
+    assert D.resolve_data(inner).root == inner  # the right folder resolves as before

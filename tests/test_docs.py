@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,17 @@ def test_docs_pages_start_with_their_commands() -> None:
         text = page.read_text(encoding="utf-8")
         first_section = min((m.start() for m in re.finditer(r"^## ", text, re.M)), default=len(text))
         assert re.search(r"^```sh", text[:first_section], re.M), f"{page.name}: no commands before its first section"
+
+
+@pytest.mark.parametrize("name", ["corpus.md", "hmtl.md"])
+def test_trial_outputs_of_the_corpus_and_hmtl_pages_are_git_ignored(name: str) -> None:
+    """Issue 23 item 7: run in a checkout, the documented trial commands must not leave untracked folders."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    page = REPO / "docs" / name
+    outs = [m.group(1) for body, _ in offline_blocks(page) for m in re.finditer(r"--out\s+(\S+)", body)]
+    assert outs, f"{name}: no --out in its offline blocks"
+    for out in outs:
+        probe = f"{out.rstrip('/')}/probe.json"
+        rc = subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO).returncode
+        assert rc == 0, f"docs/{name}: `--out {out}` writes into the checkout where git does not ignore it"

@@ -63,3 +63,33 @@ def test_sample_plan_in_the_page_is_the_log():
     text = PAGE.read_text(encoding="utf-8")
     for line in plan.describe():
         assert line in text, line
+
+
+def _paper_recipe_table() -> dict[str, list[str]]:
+    text = PAGE.read_text(encoding="utf-8")
+    block = text.split("| corpus_paper.yaml's plan | `total` (default) | `per-task` |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in block.splitlines()[1:] if line.startswith("|")]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
+
+
+def test_paper_recipe_table_is_what_the_planner_computes():
+    """Issue 23 item 13: the page shows configs/corpus_paper.yaml's plan, recomputed here from the recipe itself."""
+    from rsg_eval.corpus.config import load_config, planned_train_sizes
+    from rsg_eval.corpus.labels import TASKS
+
+    cfg = load_config(PAGE.parents[1] / "configs" / "corpus_paper.yaml")
+    sizes = planned_train_sizes(cfg, TASKS)
+    assert [t for t, _ in sizes] == list(TASKS)
+    table = _paper_recipe_table()
+    plans = [BatchPlan(sizes, batch_size=12, grad_accum=2, reading=r) for r in ("total", "per-task")]
+    for col, plan in enumerate(plans):
+        assert _n(table["sequences per micro-step"][col]) == plan.per_micro
+        assert _n(table["sequences per optimizer step"][col]) == plan.per_step
+        assert _n(table["of each task per optimizer step"][col]) == plan.per_task_per_step
+        assert _n(table["optimizer steps per epoch"][col]) == plan.steps_per_epoch
+        assert _n(table["optimizer steps in 4 epochs"][col]) == 4 * plan.steps_per_epoch
+        assert _n(table["sequences per epoch"][col]) == plan.steps_per_epoch * plan.per_step
+        (label,) = [k for k in table if k.startswith("each task (")]
+        assert label == f"each task ({sizes[0][1]:,} train examples) read per epoch"
+        assert {n for _, n in sizes} == {sizes[0][1]}
+        assert {f"{r:.2f}x" for r in plan.repeats().values()} == {table[label][col]}

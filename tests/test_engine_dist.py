@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from _warm_rsg import warm_spawn
 
 torch = pytest.importorskip("torch")
 
@@ -84,10 +85,10 @@ def _ft_worker(rank: int, world: int, port: int, root: str) -> None:
     collective.leave()
 
 
-def _spawn(fn, *args) -> None:
-    import torch.multiprocessing as mp
-
-    mp.start_processes(fn, args=args, nprocs=2, join=True, start_method="spawn")
+def _spawn(warm_bin: Path, fn, *args) -> None:
+    """Two processes running fn(rank, *args), forked from the warm server (tests/_warm_rsg.py) rather than spawned:
+    the same fresh process per rank, without importing torch twice more."""
+    warm_spawn(warm_bin, fn, *args, nprocs=2)
 
 
 def _ft_result(folder: Path) -> tuple[list[float], list[dict], dict]:
@@ -99,11 +100,11 @@ def _ft_result(folder: Path) -> tuple[list[float], list[dict], dict]:
 
 
 @pytest.fixture(scope="module")
-def ft_runs(tmp_path_factory):
+def ft_runs(tmp_path_factory, warm_rsg):
     root = tmp_path_factory.mktemp("ft")
     learnable_terra(root / "data", n_train=12, n_val=8, n_test=4)
     _finetune(root, "one", None, 1)
-    _spawn(_ft_worker, 2, _port(), str(root))
+    _spawn(warm_rsg, _ft_worker, 2, _port(), str(root))
     return root
 
 
@@ -194,13 +195,13 @@ def _hm_same(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def hm_runs(tmp_path_factory):
+def hm_runs(tmp_path_factory, warm_rsg):
     from rsg_eval.training.hmtl.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("hm")
     # one process with accumulation 2 reads the global slots two processes read with accumulation 1
     train(TrainConfig(out=str(root / "one"), grad_accum=2, **HM), progress=False)
-    _spawn(_hm_worker, 2, _port(), str(root))
+    _spawn(warm_rsg, _hm_worker, 2, _port(), str(root))
     return root
 
 

@@ -319,3 +319,55 @@ def test_a_broken_template_creates_nothing(tmp_path):
                      data=tmp_path / "data", run=str(tmp_path / "runs" / "x"), checkpoint_dir=tmp_path / "ck",
                      load=refuse)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ck").exists()
+
+
+def test_cut_prompts_are_one_note_per_task_split_not_a_warning(tmp_path):
+    """Issue 23 item 2: prompts longer than --max-source-length were a Python UserWarning (with the source path
+    and code line) at every evaluation. Now: no warning, and one note per task split naming it and what to do."""
+    import warnings
+
+    from rsg_eval.training.finetune.run import Reporter, run_finetune
+
+    class Notes(Reporter):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, text: str) -> None:
+            self.notes.append(text)
+
+    learnable_terra(tmp_path / "data", n_train=8, n_val=4, n_test=2)
+    rep = Notes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        run_finetune("tiny", configs=load_config_set(None, dict(LEARN, epochs=2, max_source_len=6)), tasks=["TERRa"],
+                     data=tmp_path / "data", run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck", reporter=rep)
+    cut = [n for n in rep.notes if "prompts are longer" in n]
+    # val is scored after each of the 2 epochs and once more for the predictions: still one note for it
+    assert [n.split(":")[0] for n in cut] == ["TERRa/val", "TERRa/test"], rep.notes
+    assert cut[0].startswith("TERRa/val: 4 of 4 prompts are longer than the model's 6 input tokens")
+    assert "raise --max-source-length" in cut[0] and ".py" not in cut[0]
+
+
+def test_max_train_examples_counts_muserc_questions(tmp_path):
+    """Issue 23 item 13: `max_train_examples: 2` trains MuSeRC on its first 2 questions with all their answer
+    options (an item there is one answer), not on 2 answers."""
+    from rsg_eval.core.data import load_items
+    from rsg_eval.core.tasks import limit_groups
+    from rsg_eval.training.finetune.run import Reporter, run_finetune
+
+    class Starts(Reporter):
+        def __init__(self) -> None:
+            self.pairs: dict[str, int] = {}
+
+        def task_start(self, task, predicts, n_pairs, total_steps, resumed) -> None:
+            self.pairs[task] = n_pairs
+
+    items = load_items("sample", "MuSeRC", "train")
+    first_two = [it for it in items if it.group in {items[0].group, next(i.group for i in items
+                                                                         if i.group != items[0].group)}]
+    assert len(first_two) == len(limit_groups(items, 2)) > 2
+    rep = Starts()
+    run_finetune("tiny", configs=load_config_set(None, dict(LEARN, epochs=1, max_steps=1, max_train_examples=2)),
+                 tasks=["MuSeRC"], data="sample", run=str(tmp_path / "run"), checkpoint_dir=tmp_path / "ck",
+                 reporter=rep)
+    assert rep.pairs == {"MuSeRC": len(first_two)}

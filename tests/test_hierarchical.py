@@ -214,3 +214,42 @@ def test_bench_ways_agree():
     r = run_bench(d_model=32, d_ff=64, layers=4, split=1, batch=3, seq_len=12, repeats=1)
     assert r["same_predictions"] and r["max_abs_logit_diff"] == 0.0
     assert r["tokens"] < 3 * 12                      # the batch really has padding
+
+
+def test_linear_adapter_is_exactly_linear_and_its_activation_round_trips(tiny4, tmp_path):
+    """Issue 23 item 11: --adapter-activation linear builds h + up(down(h)), an affine map (checked against the
+    matrix it must equal, and the ReLU one is not); the activation is saved in the checkpoint's config and reloads
+    the same way; a config written before the key existed loads as relu."""
+    from rsg_eval.models.adapters import Bottleneck
+
+    torch.manual_seed(3)
+    lin, relu = Bottleneck(8, 3, activation="linear"), Bottleneck(8, 3, activation="relu")
+    relu.load_state_dict(lin.state_dict())
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.copy_(torch.randn_like(p))
+        relu.load_state_dict(lin.state_dict())
+    h = torch.randn(5, 8, dtype=torch.float64)
+    lin, relu = lin.double(), relu.double()
+    want = h @ (torch.eye(8, dtype=torch.float64) + lin.up.weight @ lin.down.weight).T \
+        + lin.up.weight @ lin.down.bias + lin.up.bias
+    with torch.no_grad():
+        torch.testing.assert_close(lin(h), want, rtol=0, atol=1e-12)
+        assert not torch.allclose(relu(h), want)
+
+    m, tok = _fresh(tiny4, adapter_activation="linear")
+    assert isinstance(m.lm_adapter.act, torch.nn.Identity)
+    out = tmp_path / "ckpt"
+    m.save_pretrained(out, tokenizer=tok)
+    assert json.loads((out / "hmtl_config.json").read_text())["adapter_activation"] == "linear"
+    m2, _ = load_hierarchical(out)
+    assert m2.config.adapter_activation == "linear" and isinstance(m2.lm_adapter.act, torch.nn.Identity)
+    cfg = json.loads((out / "hmtl_config.json").read_text())
+    del cfg["adapter_activation"]  # an older checkpoint
+    (out / "hmtl_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    m3, _ = load_hierarchical(out)
+    assert m3.config.adapter_activation == "relu" and isinstance(m3.lm_adapter.act, torch.nn.ReLU)
+    cfg["adapter_activation"] = "cubic"
+    (out / "hmtl_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(RSGError, match="adapter activation"):
+        load_hierarchical(out)

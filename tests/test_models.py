@@ -321,3 +321,48 @@ def test_every_auto_bf16_decision_goes_through_the_native_check():
     hits = [str(p.relative_to(root)) for p in root.rglob("*.py")
             if "is_bf16_supported(" in p.read_text(encoding="utf-8")]
     assert hits == ["models/loading.py"]
+
+
+@pytest.mark.parametrize("typo, meant", [("tinyy", "tiny"), ("Tiny", "tiny"), ("tiny-casual", "tiny-causal")])
+def test_a_typo_of_a_builtin_model_says_did_you_mean(typo, meant, monkeypatch):
+    import rsg_eval.models.loading as L
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked about a typo")
+
+    monkeypatch.setattr(L, "hub_cache_only", no_hub)
+    with pytest.raises(RSGError) as e:
+        load_model(typo, device="cpu", causal_ok=True)
+    assert f"did you mean {meant}?" in str(e.value)
+
+
+def test_cpu_thread_choice_follows_the_model_size(tmp_path, monkeypatch):
+    """Issue 23 item 6: on a CPU a small model runs on 1 thread (more only wait on each other), a large one keeps
+    torch's default; --threads wins, and a user's OMP_NUM_THREADS is left alone."""
+    from rsg_eval.models.threads import SMALL_WEIGHTS_BYTES, choose_cpu_threads, weights_bytes
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert choose_cpu_threads("tiny", "cpu", None) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert choose_cpu_threads("tiny", "cpu", 2) == 2 and torch.get_num_threads() == 2
+        big = tmp_path / "big"
+        big.mkdir()
+        with open(big / "model.safetensors", "wb") as fh:  # sparse: the size is what counts
+            fh.truncate(SMALL_WEIGHTS_BYTES + 1)
+        assert weights_bytes(str(big)) == SMALL_WEIGHTS_BYTES + 1
+        assert choose_cpu_threads(str(big), "cpu", None) is None and torch.get_num_threads() == 2
+        small = tmp_path / "small"
+        (small / "final").mkdir(parents=True)  # a hierarchical checkpoint keeps its weights a level down
+        (small / "final" / "model.safetensors").write_bytes(b"\0" * 1024)
+        assert choose_cpu_threads(str(small), "cpu", None) == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert choose_cpu_threads("tiny", "cpu", None) is None and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert choose_cpu_threads("tiny", "cuda", None) is None  # a GPU run leaves the CPU threads alone
+        assert weights_bytes("owner/not-cached-anywhere") is None
+    finally:
+        torch.set_num_threads(before)

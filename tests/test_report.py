@@ -433,3 +433,84 @@ def test_a_run_folder_s_stale_or_damaged_task_is_left_out(tmp_path):
     rep = make_report([run.path], n_boot=50)
     assert [t["task"] for t in rep["tasks"]] == ["TERRa"]
     assert any("RCB/val: logs/val/RCB.jsonl does not match its state" in p for p in rep["problems"])
+
+
+def test_no_gain_between_runs_on_different_data_in_all_four_outputs(tmp_path):
+    """Issue 23 item 1: TERRa was scored on other examples in run b (its data sha256 differs), RCB on the same. No
+    Δ, no test and no gain for TERRa nor for the totals that include it, in Markdown, HTML, CSV and JSON alike;
+    RCB keeps its gain (hand-checked below)."""
+    tasks_a = {"TERRa": make_rows("TERRa", 40, 0.5), "RCB": make_rows("RCB", 40, 0.5)}
+    tasks_b = {"TERRa": make_rows("TERRa", 40, 0.9, seed=1), "RCB": make_rows("RCB", 40, 0.9, seed=1)}
+    a = write_run(tmp_path, "a", tasks_a)
+    b = write_run(tmp_path, "b", tasks_b)
+    for folder, terra in ((a, "1" * 64), (b, "2" * 64)):
+        m = json.loads((folder / "metrics.json").read_text())
+        m["data_sha256"] = {"TERRa": terra, "RCB": "3" * 64}
+        (folder / "metrics.json").write_text(json.dumps(m), encoding="utf-8")
+    rep = make_report([a, b], n_boot=50)
+    cells = {t["task"]: t["cells"] for t in rep["tasks"]}
+    terra, rcb = cells["TERRa"][1], cells["RCB"][1]
+    assert terra["no_gain"] == "different data" and terra["gain"] is None and terra["paired"] is None
+    assert all(g is None for g in terra["metric_gains"].values())
+    want = (rcb["score"] - cells["RCB"][0]["score"]) / cells["RCB"][0]["score"] * 100
+    assert rcb["no_gain"] is None and rcb["gain"] == pytest.approx(want) and rcb["paired"] is not None
+    tot = rep["totals"][1]
+    assert tot["gain"] is None and tot["paired"] is None and tot["no_gain"] == "different data (TERRa)"
+
+    files = write_and_read(rep, tmp_path / "out", "md,html,csv,json")
+    md_rows = {ln.split("|")[1].strip(): ln for ln in files["report.md"].splitlines()
+               if ln.startswith("| TERRa") or ln.startswith("| a ") or ln.startswith("| b ")}
+    assert "no Δ: different data" in md_rows["TERRa"] and "%" not in md_rows["TERRa"]
+    assert "no Δ: different data (TERRa)" in md_rows["b"] and "%" not in md_rows["b"].split("|", 4)[4]
+    assert "no Δ: different data" in files["report.html"]
+    assert "%" not in next(ln for ln in files["report.html"].splitlines() if "no Δ: different data (TERRa)" in ln)
+    csv_rows = list(csv.DictReader(io.StringIO(files["report.csv"])))
+    b_terra = [r for r in csv_rows if r["run"] == "b" and r["task"] == "TERRa"]
+    assert b_terra and all(r["gain_pct"] == "" and r["p_value"] == "" and r["significant"] == ""
+                           and r["no_gain"] == "different data" for r in b_terra)
+    b_total = next(r for r in csv_rows if r["run"] == "b" and r["task"] == "total")
+    assert b_total["gain_pct"] == "" and b_total["no_gain"] == "different data (TERRa)"
+    assert next(r for r in csv_rows if r["run"] == "b" and r["task"] == "RCB" and r["metric"] == "score")["gain_pct"]
+    js = json.loads(files["report.json"])
+    assert js["tasks"][[t["task"] for t in js["tasks"]].index("TERRa")]["cells"][1]["no_gain"] == "different data"
+    assert js["totals"][1]["gain"] is None and js["totals"][1]["no_gain"] == "different data (TERRa)"
+
+
+def test_runs_table_names_templates_the_same_way_for_zero_shot_and_fine_tuned_runs(tmp_path):
+    """Issue 23 item 7: a zero-shot run (template "default" + per-task names) and a fine-tuned run (a per-task
+    mapping) that used the same default templates both read "default"; a non-default one is named."""
+    from rsg_eval.core.prompts import list_templates
+
+    names = list_templates()
+    default = {t: names[t][0] for t in ("RCB", "TERRa")}
+    rows = {"TERRa": _terra_rows(30)}
+    zs = write_run(tmp_path, "zs", rows, config={"kind": "zeroshot", "template": "default", "templates": default})
+    ft = write_run(tmp_path, "ft", rows, config={"kind": "finetune", "template": dict(default)})
+    other = write_run(tmp_path, "ft2", rows, config={"kind": "finetune",
+                                                    "template": {**default, "RCB": names["RCB"][1]}})
+    one = write_run(tmp_path, "zs2", rows, config={"template": "mine.yaml", "templates": {"TERRa": "mine"}})
+    rep = make_report([zs, ft, other, one], n_boot=20)
+    assert [r["template"] for r in rep["runs"]] == ["default", "default", f"default; RCB: {names['RCB'][1]}",
+                                                    "mine.yaml"]
+    md = write_and_read(rep, tmp_path / "out", "md")["report.md"]
+    assert "| zs | val, local | zeroshot | tiny | default |" in md
+    assert "| ft | val, local | finetune | tiny | default |" in md
+
+
+def test_html_renders_inline_code_instead_of_backticks(tmp_path):
+    """Issue 23 item 7: notes written with `code` spans (for Markdown and the terminal) show as <code> on the page,
+    escaped; the page has no literal backtick left, the Markdown keeps them."""
+    from rsg_eval.report.html import inline_code
+
+    assert str(inline_code("run `rsg submit zip` <now>")) == "run <code>rsg submit zip</code> &lt;now&gt;"
+    assert str(inline_code("a ` alone")) == "a ` alone"
+    assert str(inline_code("`<b>`")) == "<code>&lt;b&gt;</code>"
+    a = write_run(tmp_path, "a", {"TERRa": _terra_rows(20)})
+    b = write_run(tmp_path, "b", {"TERRa": _terra_rows(30)})
+    rep = make_report([a, b], n_boot=20)
+    rep["problems"].append("b: see `rsg prompts show TERRa` for <the> template")
+    files = write_and_read(rep, tmp_path / "out", "md,html")
+    page = files["report.html"]
+    assert "<li>b: see <code>rsg prompts show TERRa</code> for &lt;the&gt; template</li>" in page
+    assert "`" not in page
+    assert "`rsg prompts show TERRa`" in files["report.md"]

@@ -396,3 +396,29 @@ def test_cpu_allocator_failure_also_backs_off_and_other_errors_propagate(tiny):
             score_choices(model, tok, PROMPTS, CHOICES)
     finally:
         handle.remove()
+
+
+def test_row_budget_halves_when_a_prompts_choices_just_overflow_its_row(tiny, monkeypatch):
+    """Issue 23 item 6: choices without a shared prefix that overflow the encoder-length row by a little made a full
+    row and a short leftover, both padded to the full width. The planner now takes half the width when its estimate
+    says so; `_row_shape` predicts `_plan_rows` exactly, and the scores do not depend on the budget."""
+    import rsg_eval.scoring._seq2seq as S
+
+    model, tok = tiny
+    prompt = "Длинный абзац текста. " * 12
+    choices = [f"ответ номер {i} без общего начала" for i in range(15)]
+    enc_len = len(tok(prompt)["input_ids"])
+    ys = [[tok(c, add_special_tokens=False)["input_ids"] + [1] for c in choices]]
+    for budget in (enc_len, enc_len // 2, 64):
+        _, rows, *_ = S._plan_rows(ys, False, 0, budget)
+        assert S._row_shape(ys, False, budget) == (len(rows), max(len(r) for r in rows))
+    tails = sum(len(y) - 1 for y in ys[0])
+    assert max(S.ROW_MIN, enc_len) < tails + 1 < 2 * max(S.ROW_MIN, enc_len)  # just overflows one row
+    chosen = S._row_budget(model, ys, False, enc_len)
+    assert chosen == max(S.ROW_MIN, enc_len) // 2, (chosen, enc_len, tails)
+    got = score_in_mode(model, tok, [prompt], [choices], batch_size=4, normalize="sum", calibrate=False,
+                        calibration_prompts=None, max_input_tokens=None, progress=None, mode="prompt_once")
+    monkeypatch.setattr(S, "_row_budget", lambda model, choices, share, enc_len: max(S.ROW_MIN, enc_len))
+    before = score_in_mode(model, tok, [prompt], [choices], batch_size=4, normalize="sum", calibrate=False,
+                           calibration_prompts=None, max_input_tokens=None, progress=None, mode="prompt_once")
+    close(got, before)

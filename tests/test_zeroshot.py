@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import textwrap
 
@@ -356,3 +357,32 @@ def test_a_truncated_log_is_detected_and_its_task_redone(tmp_path, tiny, capsys)
     rec["label"] = "neutral" if rec["label"] != "neutral" else "entailment"
     pred.write_text(json.dumps(rec) + "\n" + rest, encoding="utf-8")
     assert "predictions/val/RCB.jsonl does not match its state" in run.task_problem("RCB", "val")
+
+
+def test_cut_prompts_are_one_note_per_task_split_and_bars_show_an_eta(tmp_path):
+    """Issue 23 items 2 and 7: few-shot prompts too long for the model were a UserWarning with a source path per
+    shard; now one note per task split names it and what to do. The progress bars show the time left."""
+    import dataclasses
+    import warnings
+
+    from rich.console import Console
+
+    from rsg_eval.models.loading import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model("tiny", device="cpu")
+    loaded = dataclasses.replace(loaded, info=dict(loaded.info, max_input_tokens=12))
+    buf = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_zeroshot(ZeroShotOptions(model="tiny", data="sample", root=tmp_path, run="cut", tasks=["TERRa"],
+                                     split="all", num_fewshot=2, shard_size=2),
+                     console=Console(file=buf, width=300), show_progress=True, loaded=loaded)
+    out = buf.getvalue()
+    notes = [ln for ln in out.splitlines() if "prompts are longer" in ln]
+    n_val = len(load_items("sample", "TERRa", "val"))
+    assert len(notes) == 2, out  # TERRa/val and TERRa/test, though each was scored in several shards
+    assert notes[0].startswith(f"note: TERRa/val: {n_val} of {n_val} prompts are longer than the model's 12 input")
+    assert "fewer --num-fewshot" in notes[0] and ".py" not in out
+    # elapsed, then the time left, on the val bar and the test bar
+    assert len(re.findall(r"TERRa/(?:val|test) .* \d+/\d+ \d:\d\d:\d\d ETA \d:\d\d:\d\d", out)) == 2, out

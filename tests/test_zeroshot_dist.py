@@ -217,3 +217,46 @@ def test_one_process_resumes_inside_a_task_and_ignores_damaged_or_stale_shards(t
     assert sorted(p.name for p in folder.iterdir()) == [other.name]
     whole = run_zeroshot(ZeroShotOptions(run="whole", **opts), show_progress=False, loaded=tiny)
     assert _files(res.run.path) == _files(whole.run.path)
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes_with_several_templates(tmp_path, tiny, monkeypatch, warm_rsg):
+    """--templates on two processes: the shards hold every template of their items; every template's files,
+    the promoted ones and the spread are byte for byte those of one process, also when two processes resume a
+    one-process run interrupted in its third shard."""
+    kw = dict(templates="verdict,verdict_yesno,yesno,cloze", tasks=["TERRa", "MuSeRC", "LiDiRus"], num_fewshot=1)
+    one = run_zeroshot(_opts(tmp_path, "one", **kw), show_progress=False, loaded=tiny)
+    assert not one.interrupted
+    args = ["zeroshot", "--model", "tiny", "--data", "sample", "--tasks", "TERRa,MuSeRC,LiDiRus", "--split", "all",
+            "--num-fewshot", "1", "--shard-size", "2", "--templates", "verdict,verdict_yesno,yesno,cloze",
+            "--root", str(tmp_path), "-q"]
+
+    def files(folder: Path) -> dict[str, bytes]:
+        out = _files(folder)
+        out.update({str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / "templates").rglob("*"))
+                    if p.is_file() and "state" not in p.parts})
+        out["spread.json"] = (folder / "spread.json").read_bytes()
+        return out
+
+    ref = files(one.run.path)
+    assert len([k for k in ref if k.startswith("templates/TERRa/")]) == 4 * 2 * 2  # 4 templates, 2 splits, 2 files
+    proc = warm_torchrun(warm_rsg, [*args, "--run", "two"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert files(tmp_path / "two") == ref
+
+    real, calls = zeroshot._score_job, []
+
+    def interrupt_on_third(job, *a, **k):
+        calls.append(job.task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(zeroshot, "_score_job", interrupt_on_third)
+    cut = run_zeroshot(_opts(tmp_path, "resumed", **kw), show_progress=False, loaded=tiny)
+    monkeypatch.setattr(zeroshot, "_score_job", real)
+    assert cut.interrupted and any((cut.run.path / "state" / "shards").iterdir())
+    proc = warm_torchrun(warm_rsg, [*args, "--run", "resumed"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "shards already scored by an earlier run, reused" in " ".join(proc.stdout.split())
+    assert files(tmp_path / "resumed") == ref

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 # Rich lays output out for 80 columns when it does not write to a terminal, so a table piped to a file or `less`
 # cuts names ("RuCoS-li…"). Off a terminal we give it this wide virtual width instead: tables still take only
@@ -38,6 +39,13 @@ def data_option(default: Optional[str] = None, help: str = DATA_HELP) -> typer.m
 def tasks_option(help: str = "Tasks: names, comma-separated or after one --tasks (--tasks TERRa RCB).",
                  default: str = "all nine") -> typer.models.OptionInfo:
     return typer.Option(None, "--tasks", "-t", help=help, show_default=default)
+
+
+# --threads of the commands that run a model (rsg_eval.models.threads chooses when it is not given). Written here,
+# not imported from there, so that --help needs no torch.
+THREADS_HELP = ("torch CPU threads. auto: 1 for a small model (weights under 16 MiB, such as tiny) on a CPU, where "
+                "more threads only wait on each other; otherwise torch's default, one per core. OMP_NUM_THREADS, "
+                "when set, is respected.")
 
 
 def quiet_option(help: str = "No progress bars.") -> typer.models.OptionInfo:
@@ -158,9 +166,94 @@ def canonical_args(command: Any, args: list[str]) -> tuple[list[str], list[str]]
     return out, notes
 
 
+# Below this many columns typer's rich option table cuts long option names and defaults with "…"
+# (--gradient-checkpointing/--no-gradient-checkpointing takes 52 of them); there --help falls back to click's plain
+# layout, which wraps the help under a long name instead of cutting it. Measured: at 120 columns rich still cut
+# `rsg finetune`, at 140 no command was cut.
+NARROW_HELP = 140
+
+
+def help_width() -> int:
+    """The width --help is laid out for: TERMINAL_WIDTH (typer's own override), else what rich sees (COLUMNS or
+    the terminal, 80 off a terminal)."""
+    forced = os.environ.get("TERMINAL_WIDTH", "")
+    return int(forced) if forced.isdigit() else Console().width
+
+
+@contextlib.contextmanager
+def _whole_words() -> Iterator[None]:
+    """click wraps help text with a TextWrapper that breaks at hyphens, so `[default: gradient-checkpointing]` came
+    out as `gradient-` / `checkpointing`: an option name no one can copy. For the plain layout only, its wrapper
+    breaks at spaces alone."""
+    try:
+        from typer._click import _textwrap as tw  # typer vendors click
+    except ImportError:  # pragma: no cover - an older typer on the real click
+        from click import _textwrap as tw  # type: ignore[no-redef]
+    init = tw.TextWrapper.__init__
+
+    def whole(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("break_on_hyphens", False)
+        init(self, *args, **kwargs)
+
+    tw.TextWrapper.__init__ = whole  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tw.TextWrapper.__init__ = init  # type: ignore[method-assign]
+
+
+def narrow_help(formatter: Any) -> bool:
+    """True when --help should take click's plain layout (a narrow terminal); sets the formatter's width then."""
+    width = help_width()
+    if width >= NARROW_HELP:
+        return False
+    formatter.width = width
+    return True
+
+
+class RsgGroup(TyperGroup):
+    """A typer group whose --help falls back to the plain layout on narrow terminals (see NARROW_HELP)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if narrow_help(formatter):  # click's own Group.format_help, under typer's rich one
+            with _whole_words():
+                super(TyperGroup, self).format_help(ctx, formatter)
+        else:
+            super().format_help(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        # click cuts each command's summary to fit one line ("..."); wrap it whole instead
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 class RsgCommand(TyperCommand):
     """A typer command with the hidden aliases above and a usage line that shows arguments as NAME, [NAME] and
-    NAME... (typer's own shows {name}, and `[]...` for a hidden argument)."""
+    NAME... (typer's own shows {name}, and `[]...` for a hidden argument). On a narrow terminal its --help is
+    click's plain layout, so no option name or default is cut (NARROW_HELP)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A docstring's line breaks are where its source lines end, not the reader's: rich keeps them, so a
+        # description broke mid-sentence ("The defaults shown / are the built-in ones"). One line per paragraph;
+        # the terminal wraps it.
+        if self.help:
+            import inspect
+
+            self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if narrow_help(formatter):  # click's own Command.format_help, under typer's rich one
+            with _whole_words():
+                super(TyperCommand, self).format_help(ctx, formatter)
+        else:
+            super().format_help(ctx, formatter)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         args, notes = canonical_args(self, list(args))
@@ -180,10 +273,18 @@ class RsgCommand(TyperCommand):
 
 
 class RsgTyper(typer.Typer):
-    """typer.Typer whose commands are RsgCommand: use it for every app and sub-app of `rsg`."""
+    """typer.Typer whose commands are RsgCommand (and groups RsgGroup): use it for every app and sub-app of `rsg`."""
+
+    def __init__(self, *args: Any, cls: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, cls=cls or RsgGroup, **kwargs)
 
     def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
         return super().command(*args, cls=cls or RsgCommand, **kwargs)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 task', '2 tasks', '0 tasks' ('many' for an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def fmt(x: object, digits: int = 3) -> str:

@@ -46,6 +46,17 @@ def zeroshot_cmd(
                                                                    "more untimed run per way)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here.",
                                             show_default="not written"),
+    templates: Optional[int] = typer.Option(None, "--templates", min=2, help="Instead: time one `rsg zeroshot "
+                                                                            "--templates` process scoring K "
+                                                                            "templates per task against K "
+                                                                            "one-template processes (whole "
+                                                                            "processes).", show_default="off"),
+    model: str = typer.Option("tiny", "--model", "-m", help="With --templates: the model the processes load."),
+    data: str = typer.Option("sample", "--data", help="With --templates: the data the processes read."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="With --templates: comma-separated tasks.",
+                                        show_default="all nine"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="With --templates: groups per task split.",
+                                        show_default="all"),
 ) -> None:
     """Prompts/s and peak memory of our scoring (prompt once, choices side by side, shared prefix once) vs naive.
 
@@ -60,6 +71,10 @@ def zeroshot_cmd(
     from rsg_eval.core.io import atomic_write_json
     from rsg_eval.models.loading import resolve_device
 
+    if templates is not None:
+        _templates_bench(templates, model=model, data=data, tasks=tasks, limit=limit, batch_size=batch_size,
+                         device=device, threads=threads, json_out=json_out)
+        return
     if arch not in ARCHS:
         raise RSGError(f"unknown architecture {arch!r}", field="--arch", expected=ARCHS)
     dev = resolve_device(device)
@@ -113,3 +128,33 @@ def zeroshot_cmd(
     if not ok:
         console.print("[bold red]predictions differ between the ways of scoring[/]")
         raise typer.Exit(1)
+
+
+def _templates_bench(k: int, *, model: str, data: str, tasks: Optional[str], limit: Optional[int], batch_size: int,
+                     device: str, threads: Optional[int], json_out: Optional[Path]) -> None:
+    """`--templates K`: rsg_eval.bench.templates, printed as one table."""
+    from rich.table import Table
+
+    from rsg_eval.bench.templates import run_templates_bench
+    from rsg_eval.core.io import atomic_write_json
+
+    with console.status("benchmark") as status:
+        rep = run_templates_bench(k=k, model=model, data=data, tasks=tasks.split(",") if tasks else None,
+                                  limit=limit, batch_size=batch_size, device=device, threads=threads,
+                                  on_step=lambda s: status.update(f"timing {s}"))
+    table = Table(title=f"{k} templates per task: one process vs {k} ({model}, {data}, {len(rep['tasks'])} tasks, "
+                        f"split {rep['split']}, {device})")
+    for col in ("processes", "wall s", "CPU s", "vs one process (wall)", "vs one process (CPU)"):
+        table.add_column(col, justify="left" if col == "processes" else "right")
+    table.add_row(f"{k} x rsg zeroshot --template tI", fmt(rep["separate_wall_s"], 1), fmt(rep["separate_cpu_s"], 1),
+                  fmt(rep["ratio_wall"], 2) + "x", fmt(rep["ratio_cpu"], 2) + "x")
+    table.add_row(f"1 x rsg zeroshot --templates t0,..,t{k - 1}", fmt(rep["multi"]["wall_s"], 1),
+                  fmt(rep["multi"]["cpu_s"], 1), "1.00x", "1.00x")
+    load = rep.get("load_avg")
+    table.caption = (f"whole processes, one after the other; CPU = user + system time of the processes; same "
+                     f"predictions for every template: {'yes' if rep['same_predictions'] else 'NO'}; machine: "
+                     f"{rep['cpu_count']} CPUs" + (f", load average {load[0]:.1f} at the end" if load else ""))
+    console.print(table)
+    if json_out:
+        atomic_write_json(json_out, rep)
+        console.print(f"report written to {json_out}")

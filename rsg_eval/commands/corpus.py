@@ -48,10 +48,11 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="Teacher device: auto (GPU when present), "
                                              "cpu, cuda, cuda:N.", show_default="auto"),
         quiet: bool = quiet_option(),
-        subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Also cut a seeded, per-task "
-                                             "stratified subset of N train examples (the paper's 10k corpus) "
-                                             "into OUT/subset-N; a corpus already built from this config is "
-                                             "not rebuilt. Overrides `subset:` in the config.",
+        subset: Optional[str] = typer.Option(None, "--subset", help="Also cut a seeded, per-task stratified "
+                                             "subset of N train examples (10000 or 10k: the paper's 10k corpus) "
+                                             "and N/10 val examples (the paper's 10,000 + 1,000) into "
+                                             "OUT/subset-N; a corpus already built from this config is not "
+                                             "rebuilt. Overrides `subset:` in the config.",
                                              show_default="the config's subset:, else none"),
         subset_out: Optional[Path] = typer.Option(None, "--subset-out", help="Folder for the subset.",
                                                   show_default="OUT/subset-N"),
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from rsg_eval.corpus.build import (BuildOptions, build_corpus, build_fingerprint, finished_build,
                                            removal_lines, summary_table)
         from rsg_eval.corpus.config import SubsetSpec, load_config
-        from rsg_eval.corpus.subset import cut_subset, subset_table
+        from rsg_eval.corpus.subset import cut_subset, parse_count, subset_table
 
         console = make_console(stderr=True)
         cfg = load_config(config)
@@ -70,7 +71,8 @@ def register(app: typer.Typer) -> None:
                             echo=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
         sub = cfg.subset
         if subset is not None:
-            sub = SubsetSpec(train=subset, val=sub.val if sub else None, seed=sub.seed if sub else None)
+            sub = SubsetSpec(train=parse_count(subset), val=sub.val if sub else None,
+                             seed=sub.seed if sub else None)
         done = finished_build(out, build_fingerprint(cfg, opts)) if sub is not None else None
         if done is not None:
             console.print(f"{out} is already built from this config: cutting the subset only", highlight=False,

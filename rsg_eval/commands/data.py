@@ -47,7 +47,11 @@ def check_cmd(
     data: Optional[str] = data_option(),
     tasks: Optional[List[str]] = tasks_option(),
 ) -> None:
-    """Validate a data folder: parse every split and print tasks, splits and counts (exit status 2 on a problem)."""
+    """Validate a data folder: parse every split and print tasks, splits and counts beside the official ones.
+
+    Status: ok (the official record count), partial (fewer records, e.g. the bundled sample: exit status 0, such
+    folders are fine to run on), other size (more records than the official files), or the problem (exit status 2).
+    """
     from rich.table import Table
 
     from rsg_eval.core.data import check_folder, resolve_data
@@ -56,15 +60,25 @@ def check_cmd(
     src = resolve_data(data)
     rows = check_folder(src, resolve_tasks(tasks))
     table = Table(title=f"RSG data: {src}")
-    for col in ("task", "split", "records", "items", "labelled", "status"):
-        table.add_column(col, justify="right" if col in ("records", "items", "labelled") else "left",
+    for col in ("task", "split", "records", "official", "items", "labelled", "status"):
+        table.add_column(col, justify="right" if col in ("records", "official", "items", "labelled") else "left",
                          no_wrap=col in ("task", "split"))
-    bad = 0
+    bad = partial = 0
     for r in rows:
-        status = "[green]ok[/]" if r["error"] is None else f"[red]{r['error']}[/]"
+        if r["error"] is not None:
+            status = f"[red]{r['error']}[/]"
+        elif r["status"] == "ok":
+            status = "[green]ok[/]"
+        else:
+            status = f"[yellow]{r['status']}[/]"
         bad += r["error"] is not None
-        table.add_row(r["task"], r["split"], str(r["records"]), str(r["items"]), str(r["labelled"]), status)
+        partial += r["status"] == "partial"
+        table.add_row(r["task"], r["split"], str(r["records"]), str(r["official"]), str(r["items"]),
+                      str(r["labelled"]), status)
     console.print(table)
+    if partial and not bad:
+        console.print(f"[yellow]partial data[/]: {partial} of {len(rows)} splits hold fewer records than the "
+                      "official files; scores on them are not comparable with the leaderboard's.", highlight=False)
     if any(r["task"] == "LiDiRus" and r["error"] is None and r["labelled"] for r in rows):
         # zeroshot/finetune report LiDiRus/val and LiDiRus/test while this table lists one split: say why.
         console.print("LiDiRus has one file (LiDiRus.jsonl), listed here as its test split; it carries gold "

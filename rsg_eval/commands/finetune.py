@@ -11,8 +11,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from rsg_eval.commands._common import (console, data_option, fmt, fsdp_offload_option, print_zip, quiet_option,
-                                       sharding_option, tasks_option)
+from rsg_eval.commands._common import (THREADS_HELP, console, data_option, fmt, fsdp_offload_option, plural,
+                                       print_zip, quiet_option, sharding_option, tasks_option)
 
 
 # The options that set a FinetuneConfig field (option name -> config key; the keys are those of --config files
@@ -124,6 +124,7 @@ def register(app: typer.Typer) -> None:
         report_to: str = typer.Option("none", "--report-to", help="Experiment trackers, a comma list: none, "
                                                                   "tensorboard, wandb, mlflow (each an extra; "
                                                                   "rank 0 logs)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option("No progress display."),
     ) -> None:
         """Fine-tune on each task (input: the rendered prompt; target: the gold answer + </s>), keep the best
@@ -138,10 +139,12 @@ def register(app: typer.Typer) -> None:
         from rsg_eval.training.finetune.config import TINY_DEFAULTS, load_config_set
         from rsg_eval.training.finetune.run import run_finetune
         from rsg_eval.engine.accelerate_config import read_accelerate_env, resolve_with_cli
+        from rsg_eval.models.threads import choose_cpu_threads
 
         # an accelerate config: its honoured keys fill our options, the others are refused (one line each)
         sharding, fsdp_cpu_offload, bf16, device = resolve_with_cli(
             read_accelerate_env(), sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload, bf16=bf16, device=device)
+        choose_cpu_threads(model, device, threads)
         if bf16 not in ("auto", "on", "off"):
             raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
         given = {name: value for name, value in ctx.params.items()
@@ -277,6 +280,6 @@ def _summary(out: Any) -> None:
         table.add_row("[bold]total[/]", "mean of the nine task scores" if m.get("total") is not None
                       else "needs all nine tasks", fmt(m.get("total"), 4))
         console.print(table)
-    console.print(f"run folder: [bold]{out.run.path}[/] ({len(out.trained)} tasks trained, {len(out.skipped)} "
-                  f"skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
+    console.print(f"run folder: [bold]{out.run.path}[/] ({plural(len(out.trained), 'task')} trained, "
+                  f"{len(out.skipped)} skipped as already finished); per-epoch log: {out.run.path / 'epochs.csv'}")
     print_zip(out.zip)

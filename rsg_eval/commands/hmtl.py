@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from rsg_eval.commands._common import fsdp_offload_option, quiet_option, sharding_option
+from rsg_eval.commands._common import THREADS_HELP, fsdp_offload_option, quiet_option, sharding_option
 from rsg_eval.training.hmtl.config import default as _d   # torch-free: each default is stated once, there
 
 
@@ -51,8 +51,9 @@ def train_hmtl(
                                        "torch's AdamW default)."),
     clip_norm: float = typer.Option(_d("clip_norm"), "--clip-norm", help="Gradient clipping norm (paper: 1.0)."),
     task_weights: Optional[str] = typer.Option(None, "--task-weights", help="Loss weights, e.g. "
-                                               "'ner=1,mc=0.5,title=2' (others 1; 0 drops a task). Paper: the "
-                                               "plain sum of the task losses, all 1.",
+                                               "'ner=1,mc=0.5,title=2' (others 1; 0 drops a task). Default: "
+                                               "the plain sum of the task losses, all 1 (our choice: the paper "
+                                               "does not say how it combines them).",
                                                show_default="all 1"),
     split: str = typer.Option(_d("split"), "--encoder-split", help="Block-1 size: a layer count (6) or a fraction of "
                               "the encoder (0.25 = 6 of 24 for FRED-T5-1.7B, the paper's split)."),
@@ -62,6 +63,11 @@ def train_hmtl(
     adapter_layout: str = typer.Option(_d("adapter_layout"), "--adapter-layout", help="per-head (default: MC, NER, NLI and "
                                        "LM each have an adapter) or shared-mc-ner (the paper's wording: one adapter "
                                        "for the MC and NER heads together, one for NLI, one for LM)."),
+    adapter_activation: str = typer.Option(_d("adapter_activation"), "--adapter-activation", help="relu "
+                                           "(default: the usual bottleneck adapter, h + up(relu(down(h)))) or "
+                                           "linear (the paper's 'compact linear adapter' read literally: "
+                                           "h + up(down(h)), an affine map the linear head after it could absorb, "
+                                           "so it adds no capacity of its own). Saved in the checkpoint's config."),
     ner_loss: str = typer.Option(_d("ner_loss"), "--ner-loss", help="softmax (default, the paper's cross-entropy "
                                  "against one-hot labels: per token, outside or the innermost entity's type) or "
                                  "multilabel (a sigmoid per type: nested entities at once)."),
@@ -91,6 +97,7 @@ def train_hmtl(
     restart: bool = typer.Option(False, "--restart", help="Clear --out's checkpoints, losses and log and start "
                                  "over (needed to change settings for an existing --out: one folder holds one "
                                  "configuration)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
 ) -> None:
     """Train the hierarchical multi-task FRED-T5 (topic + NER on Block 1, NLI on Block 2, generation)."""
     from rsg_eval.core.errors import RSGError
@@ -108,14 +115,17 @@ def train_hmtl(
     if optimizer not in OPTIMIZERS:
         raise RSGError(f"unknown optimizer {optimizer!r}", field="--optimizer", expected=list(OPTIMIZERS))
     require_backends(parse_report_to(report_to))   # a missing extra: one line, before any work
+    from rsg_eval.models.threads import choose_cpu_threads
+
+    choose_cpu_threads(model, None, threads)
 
     if bf16 not in ("auto", "on", "off"):
         raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
     cfg = TrainConfig(
         model=model, corpus=corpus, out=out, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-        batch_reading=batch_reading, adapter_layout=adapter_layout, ner_loss=ner_loss,
-        max_source_length=max_source_length, max_target_length=max_target_length, schedule=schedule,
-        lr_min=lr_min, lr=lr, gamma=gamma, step_size_up=step_size_up, warmup_steps=warmup_steps,
+        batch_reading=batch_reading, adapter_layout=adapter_layout, adapter_activation=adapter_activation,
+        ner_loss=ner_loss, max_source_length=max_source_length, max_target_length=max_target_length,
+        schedule=schedule, lr_min=lr_min, lr=lr, gamma=gamma, step_size_up=step_size_up, warmup_steps=warmup_steps,
         weight_decay=weight_decay, clip_norm=clip_norm, task_weights=parse_task_weights(task_weights),
         split=split, adapter_dim=adapter_dim, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, save_every=save_every, dist_timeout=dist_timeout,

@@ -20,19 +20,19 @@ def register(app: typer.Typer) -> None:
 def list_cmd(
     task: Optional[str] = typer.Argument(None, metavar="TASK", help="Only this task (default: all nine)."),
 ) -> None:
-    """List the templates of each task (the default one first) with their descriptions."""
+    """List the templates of each task (the default one first) with their tags and descriptions."""
     from rich.table import Table
 
     from rsg_eval.core.prompts import list_templates, load_template, prompts_dir
 
     table = Table(title=f"prompt templates ({prompts_dir()})")
-    for col in ("task", "template", "description", "truncates"):
+    for col in ("task", "template", "style", "verbaliser", "description", "truncates"):
         table.add_column(col)
     for name, templates in list_templates(task).items():
         for i, t in enumerate(templates):
             tpl = load_template(name, t)
-            table.add_row(name if i == 0 else "", t + (" (default)" if i == 0 else ""), tpl.description,
-                          tpl.truncate or "")
+            table.add_row(name if i == 0 else "", t + (" (default)" if i == 0 else ""), tpl.tags.get("style", ""),
+                          tpl.tags.get("verbaliser", ""), tpl.description, tpl.truncate or "")
     console.print(table)
 
 

@@ -10,13 +10,14 @@ from typing import List, Optional
 
 import typer
 
-from rsg_eval.commands._common import console, data_option, fmt, print_zip, quiet_option, tasks_option
+from rsg_eval.commands._common import THREADS_HELP, console, data_option, fmt, print_zip, quiet_option, tasks_option
 
 
 def register(app: typer.Typer) -> None:
     @app.command("zeroshot")
     def zeroshot_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
+        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random seq2seq, offline smoke test), "
+                                                             "'tiny-causal' (its decoder-only twin), a hub id such "
                                                              "as ai-forever/FRED-T5-1.7B, or a local model folder."),
         data: Optional[str] = data_option(),
         tasks: Optional[List[str]] = tasks_option(),
@@ -25,6 +26,16 @@ def register(app: typer.Typer) -> None:
         template: Optional[str] = typer.Option(None, "--template", help="Template name for every task (see `rsg "
                                                                         "prompts list`) or a .yaml path.",
                                                show_default="each task's default"),
+        templates: Optional[str] = typer.Option(None, "--templates", help="Score several templates per task in "
+                                                                          "one run: all, NAME,NAME or tag:VALUE "
+                                                                          "(e.g. tag:cloze); each template's "
+                                                                          "results go to templates/<Task>/<name>/ "
+                                                                          "and the spread to spread.json.",
+                                                show_default="one template"),
+        select: str = typer.Option("default", "--select", help="With --templates: whose results go to "
+                                                               "metrics.json and the zip: default (each task's "
+                                                               "default template) or best-val (the best val "
+                                                               "score: optimistic on val)."),
         batch_size: str = typer.Option("16", "--batch-size", "-b", help="Prompts per batch, or 'auto' (halves on "
                                                                         "out-of-memory). Results do not depend on "
                                                                         "it."),
@@ -41,7 +52,13 @@ def register(app: typer.Typer) -> None:
         normalize: str = typer.Option("sum", "--normalize", help="Choice score: sum (total log-likelihood), "
                                                                  "token (per token) or byte (per UTF-8 byte)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Subtract each choice's score under a "
-                                                                  "content-free input (text fields -> 'N/A')."),
+                                                                  "content-free input (text fields -> 'N/A'); "
+                                                                  "the same as --calibration on."),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help="off, on (= --calibrate) or both: "
+                                                                              "every template scored without "
+                                                                              "and with calibration (two "
+                                                                              "columns in the spread).",
+                                                  show_default="off"),
         device: Optional[str] = typer.Option(None, "--device", help="auto (this process's GPU, else CPU), cpu, "
                                                                     "cuda, cuda:N.", show_default="auto"),
         device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too big for "
@@ -61,14 +78,15 @@ def register(app: typer.Typer) -> None:
                                                                   "for LiDiRus) put before each item, drawn per "
                                                                   "item; dropped first when the input is too "
                                                                   "long."),
-        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw.",
-                                                   show_default="the run seed, 0"),
+        fewshot_seed: Optional[int] = typer.Option(None, "--fewshot-seed", help="Seed of the few-shot draw (the "
+                                                   "only random step of a zero-shot run).", show_default="0"),
         shard_size: int = typer.Option(256, "--shard-size", hidden=True, help="Items per shard: the unit shared "
                                                                               "out among processes and saved for "
                                                                               "resume."),
         nli_head: bool = typer.Option(False, "--nli-head", help="Hierarchical checkpoints: evaluate TERRa, RCB "
                                                                 "and LiDiRus with the NLI head instead of "
                                                                 "prompts."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option(),
     ) -> None:
         """Zero-shot (or --num-fewshot) evaluation: score each answer choice by its log-likelihood, pick the best.
@@ -79,6 +97,7 @@ def register(app: typer.Typer) -> None:
         """
         from rsg_eval.core.errors import RSGError
         from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
+        from rsg_eval.models.threads import choose_cpu_threads
 
         if nli_head and num_fewshot:
             raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
@@ -86,6 +105,7 @@ def register(app: typer.Typer) -> None:
         if device_map is not None and device not in (None, "auto"):  # refused before any work, as load_model would
             raise RSGError(f"--device {device} and --device-map {device_map} both place the model: give one",
                            field="--device-map", expected="--device-map alone, or --device alone")
+        choose_cpu_threads(model, "auto" if device_map else device, threads)
         if nli_head:
             from rsg_eval.eval.nli_head import run_nli_head_eval
             from rsg_eval.models.loading import require_seq2seq
@@ -96,7 +116,16 @@ def register(app: typer.Typer) -> None:
                                        dtype=dtype, console=console, **({"restart": True} if restart else {}))
             print_summary(result, NLI_ZIP_HINT)
             return
+        if calibration is not None:
+            if calibration not in ("off", "on", "both"):
+                raise RSGError(f"unknown calibration {calibration!r}", field="--calibration",
+                               expected=["off", "on", "both"])
+            if calibrate and calibration == "off":
+                raise RSGError("--calibrate and --calibration off disagree", field="--calibration",
+                               expected="one of them")
+            calibrate = {"off": False, "on": True, "both": "both"}[calibration]
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
+                               templates=templates, select=select,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
                                calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
                                num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
@@ -137,6 +166,8 @@ def print_summary(result: object, zip_hint: str = " (run them with --split test 
         table.add_row("[bold]total[/]", "mean of the nine task scores" if total is not None
                       else "needs all nine tasks", fmt(total, 4), "")
         console.print(table)
+    if m and m.get("spread"):
+        print_spread(m)
     done = sum(o.status == "done" for o in res.outcomes)
     skipped = sum(o.status == "skipped" for o in res.outcomes)
     truncated = sum(o.n_truncated for o in res.outcomes)
@@ -144,3 +175,28 @@ def print_summary(result: object, zip_hint: str = " (run them with --split test 
                   f"already finished{f', {truncated} prompts had their passage shortened' if truncated else ''})",
                   soft_wrap=True)
     print_zip(res.zip, zip_hint)
+
+
+def print_spread(m: dict) -> None:
+    """Multi-template runs: the spread over templates per task (val), and which rule filled metrics.json/the zip."""
+    from rich.table import Table
+
+    table = Table(title="val score over templates (spread.json has every template with its 95% interval)")
+    for col, just in (("task", "left"), ("calibration", "left"), ("n", "right"), ("mean", "right"),
+                      ("sd", "right"), ("min", "right"), ("max", "right"), ("best", "left"), ("worst", "left")):
+        table.add_column(col, justify=just)
+    for task, cols in m["spread"].items():
+        for col, s in cols.items():
+            table.add_row(task, "on" if col == "calibrated" else "off", str(s["n"]), fmt(s["mean"], 4),
+                          fmt(s["sd"], 4), fmt(s["min"], 4), fmt(s["max"], 4), s["best"] or "", s["worst"] or "")
+    for col, t in (m.get("spread_total") or {}).items():
+        if t:
+            table.add_row("[bold]total[/]", "on" if col == "calibrated" else "off", "", fmt(t["mean"], 4), "",
+                          fmt(t["min"], 4), fmt(t["max"], 4), "", "")
+    console.print(table)
+    rule = m.get("select")
+    what = "each task's default template" if rule == "default" else "the best val score per task"
+    chosen = ", ".join(f"{t}: {v}" for t, v in (m.get("selected") or {}).items())
+    console.print(f"metrics.json and the zip use {what}"
+                  + (": picked on val, so these val scores are optimistic" if rule == "best-val" else "")
+                  + f" ({chosen})", soft_wrap=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from rsg_eval.core.errors import RSGError
 from rsg_eval.core.io import sha256_file  # noqa: F401  (also imported from here)
 from rsg_eval.core.io import read_jsonl
-from rsg_eval.core.tasks import TASK_NAMES, Item, check_split, get_task, parse_records
+from rsg_eval.core.tasks import OFFICIAL_RECORDS, TASK_NAMES, Item, check_split, get_task, parse_records
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "samples" / "sample"
 DOWNLOAD_URL = "https://russiansuperglue.com/tasks/download/{task}"
@@ -122,7 +122,33 @@ def resolve_data(spec: str | Path | DataSource | None) -> DataSource:
                        expected="a folder laid out like the official download, a zip of it, or 'sample'")
     if not p.is_dir():
         raise RSGError("not a folder or a .zip", file=p, field="--data")
-    return DataSource(p, str(p))
+    src = DataSource(p, str(p))
+    if not any(src.task_dir(t) for t in TASK_NAMES):
+        inner = _tasks_subfolder(p)
+        if inner is not None:  # --data ../shared when the tasks are in ../shared/rsg: say so, not 25 missing files
+            raise RSGError("no RSG task folders here; they are in a subfolder", file=p, field="--data",
+                           expected=f"--data {inner}")
+    return src
+
+
+def _tasks_subfolder(root: Path) -> Path | None:
+    """The first subfolder of `root` (one or two levels down) that holds RSG task folders, or None."""
+    def holds_tasks(d: Path) -> bool:
+        src = DataSource(d, str(d))
+        return any(src.task_dir(t) for t in TASK_NAMES)
+
+    try:
+        level1 = sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+        for cand in level1:
+            if holds_tasks(cand):
+                return cand
+        for cand in level1:
+            for sub in sorted(c for c in cand.iterdir() if c.is_dir() and not c.name.startswith(".")):
+                if holds_tasks(sub):
+                    return sub
+    except OSError:  # an unreadable folder: no suggestion, the usual errors follow
+        return None
+    return None
 
 
 def _extract_cached(zip_path: Path) -> Path:
@@ -345,21 +371,26 @@ def _urllib_fetch(url: str, dest: Path, progress: Callable[[int, int | None], No
 
 
 def check_folder(spec: str | Path | DataSource, tasks: Iterable[str] | None = None) -> list[dict]:
-    """Parse every split of every task; return rows {task, split, file, records, items, labelled, error}."""
+    """Parse every split of every task; return rows {task, split, file, records, official, items, labelled, status,
+    error}. `official` is the record count of the official file (tasks.OFFICIAL_RECORDS); `status` is "ok" (that
+    many records), "partial" (fewer), "other size" (more) or "error"."""
     src = resolve_data(spec)
     rows: list[dict] = []
     for name in (tasks or TASK_NAMES):
         name = get_task(name).name
         for split in (("test",) if name == "LiDiRus" else ("train", "val", "test")):
-            row: dict = {"task": name, "split": split, "file": None, "records": 0, "items": 0,
-                         "labelled": 0, "error": None}
+            official = OFFICIAL_RECORDS[name][split]
+            row: dict = {"task": name, "split": split, "file": None, "records": 0, "official": official,
+                         "items": 0, "labelled": 0, "status": "error", "error": None}
             try:
                 path = src.path(name, split)
                 row["file"] = str(path)
                 recs = read_jsonl(path)
                 items = parse_records(name, split, recs, str(path))
                 row.update(records=len(recs), items=len(items),
-                           labelled=sum(1 for it in items if it.gold is not None))
+                           labelled=sum(1 for it in items if it.gold is not None),
+                           status="ok" if len(recs) == official else
+                           "partial" if len(recs) < official else "other size")
             except RSGError as exc:
                 row["error"] = str(exc)
             rows.append(row)

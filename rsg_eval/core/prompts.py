@@ -80,8 +80,13 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "DaNetQA": ("question", "passage"),
     "RuCoS": ("passage", "query", "entities"),
 }
-_KEYS = {"task", "default", "description", "prefix", "truncate", "template", "choices", "choice",
+_KEYS = {"task", "default", "description", "tags", "prefix", "truncate", "template", "choices", "choice",
          "fewshot_separator", "fewshot_answer_separator"}
+# `tags:` label a template for selection (`rsg zeroshot --templates tag:cloze`) and for reports; they never change
+# a prompt. style: how the input is phrased; verbaliser: the answer words; choices: whether the input lists them.
+TAG_KEYS = ("style", "verbaliser", "choices")
+STYLES = ("question", "instruction", "cloze", "dialogue", "plain")
+CHOICES_TAGS = ("listed", "hidden")
 FEWSHOT_SEPARATOR = "\n\n"
 FEWSHOT_ANSWER_SEPARATOR = " "
 ELLIPSIS = " …"
@@ -134,6 +139,7 @@ class Template:
     choices: dict[str, str] | None = None      # _label_key(label) -> Jinja source
     choice: str | None = None                  # per-label Jinja source (variable `label`)
     description: str = ""
+    tags: dict[str, str] = field(default_factory=dict)   # TAG_KEYS -> value (selection and reports only)
     default: bool = False
     sha256: str = ""
     fewshot_separator: str = FEWSHOT_SEPARATOR
@@ -402,7 +408,8 @@ def parse_template(path: Path, task: str) -> Template:
     tpl = Template(task=spec.name, name=path.stem, path=path, source=source,
                    prefix=str(raw.get("prefix") or ""), truncate=raw.get("truncate") or None,
                    description=str(raw.get("description") or ""), default=raw.get("default") is True,
-                   sha256=hashlib.sha256(data).hexdigest(), lines=lines)
+                   tags=_check_tags(path, raw.get("tags"), lines.get("tags")),
+                   sha256=content_sha256(data, text, node), lines=lines)
     for key in ("fewshot_separator", "fewshot_answer_separator"):
         if raw.get(key) is not None:
             if not isinstance(raw[key], str):
@@ -420,6 +427,45 @@ def parse_template(path: Path, task: str) -> Template:
     if tpl.choice is not None:
         _check_vars(tpl, "choice", tpl.choice, fields | {"label"})
     return tpl
+
+
+def content_sha256(data: bytes, text: str, node: Any) -> str:
+    """sha256 of the template file's bytes without its `tags:` entry.
+
+    Tags only label a template (selection, reports), so they stay out of run fingerprints: tagging a template
+    leaves the fingerprints of runs made with it, and their resume, unchanged. The entry is cut from its key to
+    the end of its value (and the line break after it); a file without tags hashes exactly as its bytes."""
+    if not isinstance(node, yaml.MappingNode):
+        return hashlib.sha256(data).hexdigest()
+    for key, value in node.value:
+        if str(key.value) == "tags":
+            start, end = key.start_mark.index, value.end_mark.index
+            if text[end:end + 1] == "\n":
+                end += 1
+            bom = data[:3] if data.startswith(b"\xef\xbb\xbf") else b""
+            return hashlib.sha256(bom + (text[:start] + text[end:]).encode("utf-8")).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_tags(path: Path, raw: Any, line: int | None) -> dict[str, str]:
+    """`tags:` must map some of TAG_KEYS to non-empty strings (style one of STYLES, choices one of CHOICES_TAGS)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RSGError("must map tag names to values, e.g. {style: question, verbaliser: да/нет}", file=path,
+                       line=line, field="tags", expected=list(TAG_KEYS))
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if str(key) not in TAG_KEYS:
+            raise RSGError(f"unknown tag {key!r}", file=path, line=line, field=f"tags.{key}", expected=list(TAG_KEYS))
+        if not isinstance(value, str) or not value.strip():
+            raise RSGError("must be a non-empty string", file=path, line=line, field=f"tags.{key}")
+        out[str(key)] = value.strip()
+    for key, allowed in (("style", STYLES), ("choices", CHOICES_TAGS)):
+        if key in out and out[key] not in allowed:
+            raise RSGError(f"unknown {key} {out[key]!r}", file=path, line=line, field=f"tags.{key}",
+                           expected=list(allowed))
+    return out
 
 
 def _check_choices(tpl: Template, raw: Mapping[str, Any], spec: Any) -> None:

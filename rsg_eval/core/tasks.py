@@ -52,6 +52,22 @@ TASKS: dict[str, TaskSpec] = {
     "RuCoS": TaskSpec("RuCoS", SPLITS, None, ("f1", "em"), "RuCoS", "query"),
 }
 
+# Records (lines) per split of the official v1.1 files, from ../shared/docs/RSG_SPEC.md's split-size table (HF
+# dataset_infos.json, cross-checked against line counts, the sample submission and the human-benchmark reports).
+# A record is a passage for MuSeRC (its questions and answer options are inside) and for RuCoS. `rsg data check`
+# prints these beside the counts it finds, so a partial folder never passes as complete.
+OFFICIAL_RECORDS: dict[str, dict[str, int]] = {
+    "LiDiRus": {"test": 1104},
+    "RCB": {"train": 438, "val": 220, "test": 438},
+    "PARus": {"train": 400, "val": 100, "test": 500},
+    "MuSeRC": {"train": 500, "val": 100, "test": 322},
+    "TERRa": {"train": 2616, "val": 307, "test": 3198},
+    "RUSSE": {"train": 19845, "val": 8505, "test": 18892},
+    "RWSD": {"train": 606, "val": 204, "test": 154},
+    "DaNetQA": {"train": 1749, "val": 821, "test": 805},
+    "RuCoS": {"train": 72193, "val": 7577, "test": 7257},
+}
+
 _LOWER = {n.lower(): n for n in TASK_NAMES}
 
 

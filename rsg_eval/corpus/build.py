@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from rsg_eval.corpus import annotate as ann
 from rsg_eval.corpus.brat import iter_brat
 from rsg_eval.corpus.cleaning import Cleaner, Deduper
-from rsg_eval.corpus.config import CorpusConfig, SourceConfig
+from rsg_eval.corpus.config import CorpusConfig, SourceConfig, val_records
 from rsg_eval.corpus.leakage import LeakageGuard, build_rsg_index
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import MAIN_FIELD, NLI_LABELS, RAW, TASKS, Problems
@@ -512,9 +512,7 @@ class _Builder:
 
         n = (min(n_lab, target) if lab_keep is not None else n_lab) + teach_keep
         # The split: groups with the smallest seeded keys go to val (only O(val size) keys are held).
-        vt = max(1, round(cfg.val_fraction * n)) if cfg.val_fraction > 0 else 0
-        if cfg.val_max is not None:
-            vt = min(vt, cfg.val_max)
+        vt = val_records(n, cfg.val_fraction, cfg.val_max)
         small = SmallestKeys(vt + 1)
         for rec in kept():
             small.add(key64(seed, "split", task, rec.get("_group") or rec["id"]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -43,7 +43,8 @@ class SourceConfig:
 
 @dataclass
 class SubsetSpec:
-    """`subset:` / `--subset`: cut `train` examples (and `val`, default: in the corpus' val/train proportion)."""
+    """`subset:` / `--subset`: cut `train` examples (and `val`, default: train / 10, as the paper's 10k corpus had
+    10,000 train and 1,000 validation examples)."""
 
     train: int
     val: int | None = None
@@ -221,6 +222,23 @@ def _count(value: Any, where: str, total: int | None) -> int:
     if total is None:
         raise RSGError("a share needs sizes.total", field=where, expected="sizes.total: examples over all tasks")
     return round(value * total)
+
+
+def val_records(n: int, val_fraction: float, val_max: int | None) -> int:
+    """How many of a task's `n` built records the build puts in val (at least one, at most val_max; none at 0)."""
+    if val_fraction <= 0:
+        return 0
+    vt = max(1, round(val_fraction * n))
+    return vt if val_max is None else min(vt, val_max)
+
+
+def planned_train_sizes(cfg: "CorpusConfig", tasks: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """(task, train records) a full build of `cfg` yields when every size target is reached, in `tasks`' order
+    (the trainer's): the recipe's plan, e.g. for docs/hmtl.md's epoch table. Needs `sizes:` targets."""
+    if not cfg.targets:
+        raise RSGError("the config sets no size targets", field="sizes", expected="{total: N, targets: ...}")
+    return tuple((t, cfg.targets[t] - val_records(cfg.targets[t], cfg.val_fraction, cfg.val_max))
+                 for t in tasks if cfg.targets.get(t))
 
 
 def parse_sizes(d: Any) -> tuple[dict[str, int] | None, int | None]:

@@ -1,11 +1,12 @@
 """A seeded, per-task stratified subset of a built corpus (the paper's 10k-example corpus), without re-annotating.
 
 `cut_subset(corpus, out, train=10000)`: every task keeps its share of the corpus (largest-remainder rounding, at
-least one example for a task that has any); inside a task the examples with the smallest seeded hash of their
-id are taken, i.e. a uniform random sample that is the same on every machine. Val is cut the same way, by
-default to the corpus' val/train proportion. The records are copied as they are (provenance included) in the
-corpus' own order; labels.json is copied whole, so the heads keep all their classes. Memory: the chosen line
-numbers only. Stdlib only.
+least one example for a task that has any); inside a task the examples with the smallest seeded hash of their id are
+taken, i.e. a uniform random sample that is the same on every machine. Val is cut the same way, by default one val
+example per ten train examples: the paper's Figure 2 caption gives its 10k corpus as 10,000 train and 1,000
+validation examples (the corpus' own proportion, 5 %, gave 526). The records are copied as they are (provenance
+included) in the corpus' own order; labels.json is copied whole, so the heads keep all their classes. Memory: the
+chosen line numbers only. Stdlib only.
 """
 
 from __future__ import annotations
@@ -88,8 +89,22 @@ def _copy(src: Path, dst: Path, lines: set[int]) -> int:
     return len(lines)
 
 
+PAPER_VAL_PER_TRAIN = 0.1  # Figure 2's caption: 10,000 train and 1,000 validation examples
+
+
+def parse_count(text: str | int, field: str = "--subset") -> int:
+    """'10000', '10k' or '1m' -> a positive count."""
+    raw = str(text).strip().lower().replace("_", "").replace(",", "")
+    mult = {"k": 1_000, "m": 1_000_000}.get(raw[-1:], 1)
+    digits = raw[:-1] if mult > 1 else raw
+    if not digits.isdigit() or int(digits) * mult <= 0:
+        raise RSGError(f"bad count {text!r}", field=field, expected="a positive number such as 10000 or 10k")
+    return int(digits) * mult
+
+
 def cut_subset(corpus: Path, out: Path, train: int, val: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Write the subset into `out` (train.jsonl, val.jsonl, labels.json, summary.json); returns its summary."""
+    """Write the subset into `out` (train.jsonl, val.jsonl, labels.json, summary.json); returns its summary.
+    `val` None: train / 10 (PAPER_VAL_PER_TRAIN), at most the corpus' val."""
     corpus, out = Path(corpus), Path(out)
     src_train, src_val = corpus / "train.jsonl", corpus / "val.jsonl"
     if not src_train.is_file():
@@ -105,7 +120,7 @@ def cut_subset(corpus: Path, out: Path, train: int, val: int | None = None, seed
         raise RSGError(f"a subset of {train} train examples from a corpus of {n_train_all}", field="--subset",
                        expected=f"at most {n_train_all}")
     if val is None:
-        val = round(train * n_val_all / n_train_all) if n_train_all else 0
+        val = round(train * PAPER_VAL_PER_TRAIN)
     val = min(val, n_val_all)
     q_train, q_val = allocate(c_train, train), allocate(c_val, val) if val else {}
     out.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,17 @@ rendered on one item of each split (a broken template creates nothing), then the
 recorded settings compared with this command's (`run_settings`): a difference is refused (exit 2) unless
 `restart`. A finished task split whose files no longer match its state is redone, with a line saying why.
 
+Several templates per task (`templates`, or `calibrate="both"`): a job carries its variants and the hooks in
+`_score_job`, `_job_problem`, `write_ready` and the final `promote`/`finish_metrics` hand them to
+`rsg_eval.eval.multiprompt` (one pass over all templates; per-template results under templates/<Task>/<name>/;
+the template `select` picks is promoted to the folder's own files); shards, resume and processes are unchanged.
+
 API::
 
     ZeroShotOptions(model, data=None, tasks=None, split="val", template=None, batch_size=16, limit=None,
                     run=None, root="submissions", normalize="sum", calibrate=False, device=None, dtype=None,
                     revision=None, prefix=None, seed=0, num_fewshot=0, fewshot_seed=None, shard_size=256,
-                    restart=False)
+                    restart=False, templates=None, select="default")     calibrate: False | True | "both"
     plan_jobs(opts, ident=None, *, draw=True) -> (DataSource, list[Job])   validates everything without a model
     attach_shots(opts, src, jobs)                       draws the few-shot examples of jobs planned with draw=False
     run_zeroshot(opts, *, console=None, show_progress=True, loaded=None) -> ZeroShotResult
@@ -83,6 +88,8 @@ class ZeroShotOptions:
     shard_size: int = 256             # items per shard: the unit shared out among processes and saved for resume
     device_map: str | None = None     # "auto": spread a model too big for one GPU over several (accelerate)
     restart: bool = False             # clear the run folder's results and start over
+    templates: str | None = None      # several templates per task: "all" | "a,b" | "tag:VALUE" (eval.multiprompt)
+    select: str = "default"           # which template's results go to metrics.json and the zip: default | best-val
 
 
 @dataclass
@@ -97,6 +104,7 @@ class Job:
     fingerprint: str
     shots: dict | None = None         # item.key -> [train Item] (few-shot examples; None when K = 0 or not drawn)
     shot_texts: dict = field(default_factory=dict, repr=False)   # shot key -> rendered text (cache)
+    variants: list | None = None      # multi-template runs: eval.multiprompt.Variant per template scored
 
 
 @dataclass
@@ -150,6 +158,9 @@ def _check_options(opts: ZeroShotOptions) -> None:
         raise RSGError(f"--num-fewshot must be 0 or more, got {opts.num_fewshot}", field="--num-fewshot")
     if opts.shard_size < 1:
         raise RSGError(f"--shard-size must be at least 1, got {opts.shard_size}", field="--shard-size")
+    from rsg_eval.eval.multiprompt import check_options
+
+    check_options(opts)
 
 
 def model_identity(opts: ZeroShotOptions) -> dict:
@@ -186,6 +197,12 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
     tasks = resolve_tasks(list(opts.tasks) if opts.tasks else None)
     src = resolve_data(opts.data)
     ident = ident if ident is not None else model_identity(opts)
+    from rsg_eval.eval import multiprompt
+
+    multi = multiprompt.multi_mode(opts)
+    loaded_templates: dict = {}  # {task: its selected templates}, parsed once for both splits
+    if multi:
+        multiprompt.check_names(opts.templates, tasks)
     jobs: list[Job] = []
     for task in tasks:
         tpl = load_template(task, opts.template)
@@ -201,7 +218,14 @@ def plan_jobs(opts: ZeroShotOptions, ident: dict | None = None, *, draw: bool = 
                 "prefix": opts.prefix, "code_version": CODE_VERSION, "normalize": opts.normalize,
                 "calibrate": opts.calibrate, "limit": opts.limit, "data_sha256": sha256_file(path), **fewshot,
             }
-            jobs.append(Job(task, split, tpl, items, parts, fingerprint(parts)))
+            if multi:  # one job per task split, scoring every selected template (rsg_eval.eval.multiprompt)
+                base = {k: v for k, v in parts.items() if k not in ("template", "template_sha256", "calibrate")}
+                variants = multiprompt.plan_variants(opts, task, split, base, loaded_templates)
+                parts = multiprompt.job_parts(base, variants, opts.select)
+                jobs.append(Job(task, split, variants[0].template, items, parts, fingerprint(parts),
+                                variants=variants))
+            else:
+                jobs.append(Job(task, split, tpl, items, parts, fingerprint(parts)))
             check_renders(jobs[-1], opts)
     if draw:
         attach_shots(opts, src, jobs)
@@ -232,9 +256,11 @@ def check_renders(job: Job, opts: ZeroShotOptions) -> None:
     first = next((it for it in job.items if it.labels), None)
     if first is None:
         return
-    job.template.render(first, prefix=opts.prefix)
-    if opts.calibrate:
-        job.template.render_content_free(first, prefix=opts.prefix)
+    for tpl, cal in ([(v.template, v.calibrate) for v in job.variants] if job.variants is not None
+                     else [(job.template, opts.calibrate)]):
+        tpl.render(first, prefix=opts.prefix)
+        if cal:
+            tpl.render_content_free(first, prefix=opts.prefix)
 
 
 def run_settings(opts: ZeroShotOptions, src: Any, jobs: list[Job]) -> tuple[dict, dict]:
@@ -251,6 +277,12 @@ def run_settings(opts: ZeroShotOptions, src: Any, jobs: list[Job]) -> tuple[dict
                                      "data_sha256": j.parts["data_sha256"],
                                      **({"fewshot_data_sha256": j.parts["fewshot_data_sha256"]}
                                         if "fewshot_data_sha256" in j.parts else {})} for j in jobs}
+    if any(j.variants is not None for j in jobs):  # the template set and the selection rule are settings too
+        settings.update(templates=opts.templates or "default", select=opts.select)
+        for j in jobs:
+            entry = per_task[(j.task, j.split)]
+            del entry["template"], entry["template_sha256"]
+            entry["templates"] = {v.name: v.template.sha256 for v in j.variants}
     return settings, per_task
 
 
@@ -259,10 +291,16 @@ def _run_folder(opts: ZeroShotOptions) -> RunFolder:
     tags = []
     if opts.template:
         tags.append(Path(opts.template).stem)
+    if opts.templates is not None:
+        spec = opts.templates.strip()
+        tags.append("all-templates" if spec == "all" else f"{spec[4:]}-templates" if spec.startswith("tag:")
+                    else f"{len([w for w in spec.split(',') if w.strip()])}-templates")
+    if opts.select != "default":
+        tags.append(opts.select)
     if opts.normalize != "sum":
         tags.append(opts.normalize)
     if opts.calibrate:
-        tags.append("cal")
+        tags.append("cal-both" if opts.calibrate == "both" else "cal")
     if opts.limit:
         tags.append(f"limit{opts.limit}")
     if opts.num_fewshot:
@@ -289,9 +327,15 @@ def _write_config(run: RunFolder, opts: ZeroShotOptions, src: Any, jobs: list[Jo
         **old,
         "kind": KIND, "model": opts.model, "revision": opts.revision,
         "commit_hash": model_info.get("commit_hash"),
-        "template": opts.template or "default",
+        "template": (opts.template or "default") if not any(j.variants is not None for j in jobs) else
+        f"templates {opts.templates or 'default'} (select {opts.select})",
         "templates": {**old.get("templates", {}), **{j.task: j.template.name for j in jobs}},
         "template_sha256": {**old.get("template_sha256", {}), **{j.task: j.template.sha256 for j in jobs}},
+        **({"template_set": opts.templates or "default", "select": opts.select,
+            "variants": {**old.get("variants", {}), **{j.task: [v.name for v in j.variants] for j in jobs}},
+            "variant_sha256": {**old.get("variant_sha256", {}),
+                               **{j.task: {v.name: v.template.sha256 for v in j.variants} for j in jobs}}}
+           if any(j.variants is not None for j in jobs) else {}),
         "prefix": opts.prefix, "normalize": opts.normalize, "calibrate": opts.calibrate, "limit": opts.limit,
         "num_fewshot": opts.num_fewshot, "fewshot_seed": fewshot_seed(opts),
         "batch_size": opts.batch_size, "device": opts.device or "auto", "dtype": opts.dtype or "auto",
@@ -317,6 +361,10 @@ def _score_job(job: Job, loaded: Any, opts: ZeroShotOptions, advance: Any) -> tu
     """Render, score and pick `job.items` (a whole task split or one shard of it): (preds by key, log rows,
     number of prompts whose passage was shortened). With few-shot examples each row also lists the keys of the
     train examples its prompt kept (`shots`)."""
+    if job.variants is not None:  # several templates in one pass (rsg_eval.eval.multiprompt)
+        from rsg_eval.eval.multiprompt import score_variants
+
+        return score_variants(job, loaded, opts, advance)
     from rsg_eval.core.fewshot import gold_label, shot_id
     from rsg_eval.core.prompts import render_fewshot, render_fewshot_content_free, render_shot
     from rsg_eval.scoring import predict, score_choices
@@ -510,7 +558,7 @@ def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict
     notes = [f"[yellow]--restart: cleared the results in {run.path}[/]"] if held["claim"].restarted else []
     pending = []
     for i, j in enumerate(jobs):
-        why = run.task_problem(j.task, j.split, j.fingerprint)
+        why = _job_problem(run, j)
         if why is None:
             continue
         if why != "not finished":
@@ -521,6 +569,16 @@ def _setup_main(opts: ZeroShotOptions, src: Any, jobs: Sequence[Job], held: dict
         _remove_stale_shards(run, shards, {j.task for j in jobs})
     found = [sh.id for sh in shards if _read_shard(run, sh) is not None]
     return str(run.path), pending, found, notes
+
+
+def _job_problem(run: RunFolder, job: Job) -> str | None:
+    """Why the job's results cannot be reused (None: finished, current, intact): the run folder's own task split,
+    or in a multi-template run every template's under templates/ (rsg_eval.eval.multiprompt)."""
+    if job.variants is not None:
+        from rsg_eval.eval.multiprompt import job_problem
+
+        return job_problem(run, job)
+    return run.task_problem(job.task, job.split, job.fingerprint)
 
 
 def _device_for(opts: ZeroShotOptions, dist: Any) -> str | None:
@@ -598,7 +656,10 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
     import dataclasses
 
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from rsg_eval.scoring import CutPrompts, count_cut_prompts, cut_prompts_note
 
     result = ZeroShotResult(run, main=dist.main)
     pending = [jobs[i] for i in pending_idx]
@@ -632,6 +693,20 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
     fresh: dict[tuple[str, int], dict] = {}    # shards this process scored in this call
     written: set[int] = set()                  # ids of pending jobs whose task results are written
 
+    noted: set = set()
+
+    def _note_cut(key: str, group: list, results: list[dict]) -> None:
+        """Once per input (a task split; LiDiRus val and test share one): how many prompts lost their start."""
+        cuts = [r["cut"] for r in results if r.get("cut") and r["cut"]["n"]]
+        if key in noted or not cuts:
+            return
+        noted.add(key)
+        cut = CutPrompts(sum(c["n"] for c in cuts), sum(c["total"] for c in cuts), cuts[0]["limit"])
+        where = f"{group[0].task}/{'+'.join(j.split for j in group)}"
+        advice = "use a template that shortens the passage to fit (its `truncate:` field, docs/zeroshot.md)" + (
+            " or fewer --num-fewshot examples" if opts.num_fewshot else "")
+        console.print(f"[yellow]note:[/] {cut_prompts_note(where, cut, advice)}", highlight=False, soft_wrap=True)
+
     def write_ready(bars: dict) -> None:
         """Main process: write every task split whose shards are all known (scored here or found on disk)."""
         for key, group in jobs_of.items():
@@ -648,7 +723,6 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                     continue
                 results = [done[sh.id] for sh in mine_of_key]
                 rows = [row for r in results for row in r["rows"]]
-                preds = {it.key: row["pred"] for it, row in zip(job.items, rows)}
                 n_trunc = sum(r["n_truncated"] for r in results)
                 secs = round(sum(r["seconds"] for r in results), 3)
                 model = (results[0].get("model") if results else None) or {}  # what scored it (maybe earlier)
@@ -657,12 +731,19 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                          "device": model.get("device")}
                 if job.shots is not None or opts.num_fewshot:
                     extra["n_shots_dropped"] = sum(r.get("n_shots_dropped", 0) for r in results)
-                run.write_task(job.task, job.split, job.items, preds, rows, job.fingerprint, parts=job.parts,
-                               extra=extra)
+                if job.variants is not None:  # every template's results under templates/<Task>/<template>/
+                    from rsg_eval.eval.multiprompt import write_variants
+
+                    write_variants(run, job, rows, {k: v for k, v in extra.items() if k != "n_shots_dropped"})
+                else:
+                    preds = {it.key: row["pred"] for it, row in zip(job.items, rows)}
+                    run.write_task(job.task, job.split, job.items, preds, rows, job.fingerprint, parts=job.parts,
+                                   extra=extra)
                 written.add(id(job))
                 if id(job) in bars:
                     bars["progress"].update(bars[id(job)], completed=len(job.items))
                 result.outcomes.append(TaskOutcome(job.task, job.split, "done", len(job.items), secs, n_trunc))
+            _note_cut(key, group, [done[sh.id] for sh in mine_of_key])
             if all(id(j) in written for j in group):  # consumed: the task results hold it all now
                 for sh in mine_of_key:
                     _shard_path(run, sh).unlink(missing_ok=True)
@@ -671,7 +752,9 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
 
     try:
         torch.manual_seed(opts.seed)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        # elapsed, then the time left (rich's estimate from the recent rate: "-:--:--" until it has one)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
             bars: dict = {"progress": progress}
             for job in pending:
@@ -690,12 +773,14 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                             progress.advance(bars[id(job)], n)
 
                     part = dataclasses.replace(sh.job, items=sh.job.items[sh.start:sh.end])
-                    _, rows, n_trunc = _score_job(part, loaded, opts, advance)
+                    with count_cut_prompts() as cut:  # one note per task split below, not a warning per shard
+                        _, rows, n_trunc = _score_job(part, loaded, opts, advance)
                     res = {"key": sh.key, "task": sh.task, "index": sh.index, "start": sh.start, "end": sh.end,
                            "keys": sh.keys(), "rows": rows, "n_truncated": n_trunc,
+                           "cut": {"n": cut.n, "total": cut.total, "limit": cut.limit},
                            "seconds": round(time.perf_counter() - t0, 3),
                            "model": {k: info.get(k) for k in ("fingerprint", "dtype", "device")}}
-                    if part.shots is not None:
+                    if part.shots is not None and part.variants is None:
                         res["n_shots_dropped"] = sum(len(part.shots.get(r["key"], [])) - len(r["shots"])
                                                      for r in rows if r["prompt"] is not None)
                     _write_shard(run, sh, res)  # saved for resume before anything else happens
@@ -728,8 +813,18 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                       "resume[/]")
     finally:
         # Whatever happened, the metrics and zip reflect every task finished so far.
+        multi = [j for j in jobs if j.variants is not None]
+        if multi and dist.main and run.path.is_dir():  # the selected template's results to the folder's own
+            from rsg_eval.eval.multiprompt import promote
+
+            for note in promote(run, multi, opts):
+                console.print(note, soft_wrap=True)
         if dist.main and run.path.is_dir() and run.finished("val"):
             result.metrics = run.write_metrics("val")
+        if multi and dist.main and run.path.is_dir():
+            from rsg_eval.eval.multiprompt import finish_metrics
+
+            result.metrics = finish_metrics(run, jobs, opts, result.metrics)
         if dist.main and run.path.is_dir() and run.finished("test"):
             result.zip = run.build_zip()
         for split in ("val", "test"):

@@ -1,7 +1,8 @@
 """Bottleneck adapters and the wrapped LM head of the hierarchical FRED-T5.
 
-An adapter is `h + up(act(down(h)))` with `up` initialised to zero, so a freshly built adapter is the identity
-and the model it sits in computes exactly what the base model computes (FREDT5_NOTES.md section 3.2).
+An adapter is `h + up(act(down(h)))` (act: ReLU by default, or none: "linear") with `up` initialised to zero, so
+a freshly built adapter is the identity and the model it sits in computes exactly what the base model computes
+(FREDT5_NOTES.md section 3.2).
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+ACTIVATIONS = {"relu": nn.ReLU, "linear": nn.Identity, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU,
+               "tanh": nn.Tanh}
+# What `rsg train-hmtl --adapter-activation` offers. "relu" (the default) is the usual bottleneck adapter; "linear"
+# is the paper's wording ("a compact linear adapter"), read literally: h + up(down(h)), an affine map that a linear
+# head after it could absorb, so it adds no capacity of its own (docs/hmtl.md, "Adapters").
+ADAPTER_ACTIVATIONS = ("relu", "linear")
 
 
 class Bottleneck(nn.Module):

@@ -34,7 +34,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.models.adapters import AdaptedLMHead, Bottleneck
+from rsg_eval.models.adapters import ACTIVATIONS, AdaptedLMHead, Bottleneck
 from rsg_eval.models.untied import keep_head_untied, normalize_config, save_pretrained
 
 CONFIG_NAME = "hmtl_config.json"
@@ -53,7 +53,7 @@ class HMTLConfig:
     num_layers: int                       # encoder layers of the base model
     d_model: int
     adapter_dim: int                      # bottleneck size; d_model // 16 by default (96 for 1.7B)
-    adapter_activation: str = "relu"
+    adapter_activation: str = "relu"      # "linear" = no activation (the paper's "linear adapter", read literally)
     head_dropout: float = 0.1
     # The heads' label names come from the caller (the corpus owns them: rsg_eval.corpus.labels.head_labels());
     # a head has one output per name. Every checkpoint records all three lists.
@@ -80,6 +80,10 @@ class HMTLConfig:
         if d.get("adapter_layout", "per-head") not in ADAPTER_LAYOUTS:
             raise RSGError(f"unknown adapter layout {d['adapter_layout']!r}", file=file, field="adapter_layout",
                            expected=list(ADAPTER_LAYOUTS))
+        # Checkpoints written before --adapter-activation existed have no key: their adapters are ReLU (the default).
+        if d.get("adapter_activation", "relu") not in ACTIVATIONS:
+            raise RSGError(f"unknown adapter activation {d['adapter_activation']!r}", file=file,
+                           field="adapter_activation", expected=sorted(ACTIVATIONS))
         if d.get("ner_representation", "multilabel-sigmoid") not in NER_LOSSES.values():
             raise RSGError(f"unknown NER representation {d['ner_representation']!r}", file=file,
                            field="ner_representation", expected=list(NER_LOSSES.values()))

@@ -158,6 +158,7 @@ def load_model(
     if _looks_like_path(name):
         raise RSGError("model directory does not exist", file=name,
                        expected=f"'{TINY_NAME}', an existing model directory, or a hub id such as owner/name")
+    _refuse_near_builtin(name)
     cache_only = hub_cache_only(name, revision)
     return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False,
                               local_files_only=cache_only, causal_ok=causal_ok, device_map=device_map)
@@ -183,6 +184,20 @@ def load_adapter_model(folder: str | Path, *, merge: bool = True, **load_kwargs:
                 fingerprint=f"lora-{_dir_fingerprint(folder)}-{base.info['fingerprint']}",
                 parameters=sum(p.numel() for p in model.parameters()))
     return Loaded(model, tokenizer, info)
+
+
+def _refuse_near_builtin(name: str) -> None:
+    """A bare name (no owner/) one typo away from a built-in model is that typo: say so before any hub call, which
+    would only end in a "not found" (or a wait for an unreachable hub)."""
+    import difflib
+
+    if "/" in name:
+        return
+    near = difflib.get_close_matches(name.lower(), (TINY_NAME, TINY_CAUSAL_NAME), n=1, cutoff=0.75)
+    if near:
+        raise RSGError(f"unknown model {name!r}: did you mean {near[0]}?", field="--model",
+                       expected=f"{TINY_NAME}, {TINY_CAUSAL_NAME}, a local model folder, or a hub id such as "
+                                "ai-forever/FRED-T5-1.7B")
 
 
 def _looks_like_path(name: str) -> bool:

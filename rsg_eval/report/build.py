@@ -22,9 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from rsg_eval.report.load import Run, different_data
+from rsg_eval.report.sensitivity import build_sensitivity
 from rsg_eval.report.stats import Bootstrap, mcnemar_exact, paired_test, percentile_ci, resample_indices
 
 PROMPT_CHARS = 600  # prompts in the disagreement sample are cut to this many characters
+NO_GAIN_DATA = "different data"  # why a cell has no gain: the two runs were scored on different example sets
 
 
 def _rng(seed: int, *parts: int) -> np.random.Generator:
@@ -214,11 +216,14 @@ def _totals(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]],
 
     for r, row in enumerate(rows):
         b = bases[r]
+        # a total over tasks some of which were scored on other examples than the base's: no gain, no test
+        other = [t for t in tasks if cells[t][r].get("no_gain")]
+        row["no_gain"] = f"{NO_GAIN_DATA} ({', '.join(other)})" if other else None
         row["gain_vs"] = None if b is None else runs[b].name
-        row["gain"] = None if b is None else _gain(row["total"], rows[b]["total"])
-        row["common_gain"] = None if b is None else _gain(row["common"], rows[b]["common"])
+        row["gain"] = None if b is None or other else _gain(row["total"], rows[b]["total"])
+        row["common_gain"] = None if b is None or other else _gain(row["common"], rows[b]["common"])
         row["paired"] = row["common_paired"] = None
-        if r == 0:
+        if r == 0 or other:
             continue
         if row["total"] is not None and rows[0]["total"] is not None:
             row["paired"] = paired_mean(list(TASK_NAMES), r, row["total"] - rows[0]["total"])
@@ -376,10 +381,41 @@ def _template_of(run: Run, task: str) -> str | None:
 
 
 def _template_label(config: dict) -> str | None:
+    """The templates a run used, named the same way for zero-shot runs (config "template": the --template value
+    or "default", plus per task "templates") and fine-tuned ones (config "template": a per-task mapping): "default"
+    when every task used its task's default template, one name when every task used that name, else "default"
+    plus the tasks that differ ("default; RCB: other") or the whole mapping."""
     t = config.get("template")
-    if isinstance(t, dict):
-        return ", ".join(f"{k}: {v}" for k, v in t.items())
-    return None if t is None else str(t)
+    per_task = config.get("templates") if isinstance(config.get("templates"), dict) else t
+    if not isinstance(per_task, dict) or not per_task:
+        return None if t is None or isinstance(t, dict) else str(t)
+    names = {str(k): str(v) for k, v in per_task.items()}
+    if len(set(names.values())) == 1 and not isinstance(t, dict) and t not in (None, "default"):
+        return str(t)  # --template NAME (or a .yaml path) for every task
+    defaults = _default_templates(names)
+    other = {k: v for k, v in names.items() if defaults.get(k) != v}
+    if not other:
+        return "default"
+    if len(other) == len(names):
+        vals = set(other.values())
+        return vals.pop() if len(vals) == 1 else ", ".join(f"{k}: {v}" for k, v in other.items())
+    return "default; " + ", ".join(f"{k}: {v}" for k, v in other.items())
+
+
+def _default_templates(per_task: dict[str, str]) -> dict[str, str]:
+    """Each task's default template name as the prompts folder has it now ({} where it cannot be read)."""
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.core.prompts import list_templates
+
+    out = {}
+    for task in per_task:
+        try:
+            names = list_templates(task)
+        except (RSGError, OSError):
+            continue
+        if names.get(task):
+            out[task] = names[task][0]
+    return out
 
 
 def _template_spread(runs: Sequence[Run], tasks: list[str], cells: dict[str, list[dict]]) -> list[dict]:
@@ -446,7 +482,11 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         diffs[t] = {}
         for r, cell in enumerate(cells[t]):
             b = bases[r]
-            base = cells[t][b] if b is not None else None
+            # Runs scored on different example sets (their data fingerprints differ): a gain between them means
+            # nothing, so none is given, and the cell says why (`no_gain`).
+            cell["no_gain"] = (NO_GAIN_DATA if b is not None and b != r and cell["status"] == "ok"
+                               and cells[t][b]["status"] == "ok" and different_data(runs[b], runs[r], t) else None)
+            base = cells[t][b] if b is not None and not cell["no_gain"] else None
             cell["gain_vs"] = runs[b].name if b is not None else None
             cell["gain"] = _gain(cell["score"], base["score"]) if base else None
             # per metric, as Table 3 prints two-metric tasks (RCB F1 / Acc: -2.62 % / -2.91 %)
@@ -498,6 +538,7 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         "disagreements": {t: d for t in tasks if (d := _disagreements(runs, t, TASK_NAMES.index(t), seed,
                                                                           n_examples))},
         "template_spread": _template_spread(runs, tasks, cells),
+        "prompt_sensitivity": build_sensitivity(runs, seed=seed, n_boot=n_boot),  # multi-template runs
         "epochs": {run.name: run.epochs for run in runs if run.epochs},
         "problems": problems,
     }

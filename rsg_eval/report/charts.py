@@ -118,10 +118,44 @@ def epochs_chart(report: dict) -> bytes | None:
     return _png(fig)
 
 
+def prompts_chart(report: dict) -> bytes | None:
+    """A strip per task: one dot per template and run (runs side by side), a bar at each run's mean."""
+    runs = [e for e in (report.get("prompt_sensitivity") or {}).get("runs", [])]
+    if not runs:
+        return None
+    from rsg_eval.report.sensitivity import columns
+
+    plt = _plt()
+    tasks = [t for t in dict.fromkeys(t for e in runs for t in e["tasks"])]
+    series = [(e, col) for e in runs for col in columns(e)]
+    fig, ax = plt.subplots(figsize=(min(13.0, 2.0 + 1.1 * len(tasks)), 4.2))
+    width = 0.8 / max(1, len(series))
+    for j, (e, col) in enumerate(series):
+        color = _COLORS[j % len(_COLORS)]
+        for i, t in enumerate(tasks):
+            c = (e["tasks"].get(t) or {}).get("columns", {}).get(col)
+            if not c:
+                continue
+            x0 = i - 0.4 + width * (j + 0.5)
+            ys = [x["score"] for x in c["templates"].values()]
+            # a fixed spread of the dots inside the run's slot (no randomness: the same report, the same PNG)
+            xs = [x0 + width * 0.6 * ((k + 0.5) / len(ys) - 0.5) for k in range(len(ys))]
+            label = f"{e['run']} ({col})" if not any(t2 in e["tasks"] for t2 in tasks[:i]) else None
+            ax.scatter(xs, ys, s=14, color=color, label=label, zorder=3)
+            ax.hlines(c["summary"]["mean"], x0 - width * 0.4, x0 + width * 0.4, color=color, linewidth=1.5)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=30, ha="right")
+    ax.set_ylabel("task score")
+    ax.set_title("Score per template (dots) and mean over templates (bars)")
+    ax.grid(axis="y", linewidth=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
 def make_charts(report: dict) -> dict[str, bytes]:
     """{file stem: PNG bytes} for every chart this report has data for."""
     out = {}
-    for name, fn in (("scores", scores_chart), ("epochs", epochs_chart)):
+    for name, fn in (("scores", scores_chart), ("epochs", epochs_chart), ("prompts", prompts_chart)):
         png = fn(report)
         if png is not None:
             out[name] = png

@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
+from rsg_eval.report import sensitivity
 from rsg_eval.report.render import (GAIN_RULE, MARK, PUBLISHED_NOTES_TITLE, TASK_TABLE_NOTE, num,
                                     task_table_header, task_table_rows, totals_header, totals_only_note,
                                     totals_rows, SPREAD_HEAD, spread_rows, board_header, board_rows, has_board,
                                     table3_header, table3_rows, table3_title)
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
-CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch"}
+CHART_TITLES = {"scores": "Task scores per run (95% intervals)", "epochs": "Validation score per epoch",
+                "prompts": "Score per prompt template (dots) and the mean over templates (bars)"}
+
+
+def inline_code(text: object) -> Any:
+    """Prose with Markdown-style `code` spans as HTML: the text escaped, each `...` pair turned into <code>...</code>
+    (an unpaired backtick stays as it is). Notes and rules are written once, for Markdown and the terminal; the page
+    should not show their backticks."""
+    from markupsafe import Markup, escape
+
+    parts = str(text).split("`")
+    if len(parts) % 2 == 0:  # an odd number of backticks: keep the last one literally
+        parts[-2:] = [parts[-2] + "`" + parts[-1]]
+    out = [str(escape(p)) if i % 2 == 0 else f"<code>{escape(p)}</code>" for i, p in enumerate(parts)]
+    return Markup("".join(out))
 
 
 def _cls(text: str, col: int) -> str:
@@ -67,6 +83,8 @@ def _context(report: dict, charts: dict[str, bytes]) -> dict:
         "spread_head": SPREAD_HEAD,
         "template_spread": [{"model": s["model"], "runs": s["runs"], "templates": s["templates"],
                              "rows": _cells(spread_rows(s))} for s in report["template_spread"]],
+        "sensitivity": [{**s, "rows": _cells(s["rows"])} for s in sensitivity.sections(report)],
+        "sensitivity_rule": (report.get("prompt_sensitivity") or {}).get("rule", ""),
         "problems": report["problems"],
     }
 
@@ -77,5 +95,6 @@ def to_html(report: dict, charts: dict[str, bytes] | None = None) -> str:
     from jinja2.sandbox import SandboxedEnvironment
 
     env = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["code"] = inline_code
     template = env.from_string(TEMPLATE.read_text(encoding="utf-8"))
     return template.render(**_context(report, charts or {}))

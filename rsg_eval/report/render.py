@@ -11,6 +11,8 @@ import json
 import math
 from typing import Any
 
+from rsg_eval.report import sensitivity
+
 MARK = "*"  # beside a gain when the paired test says the difference is significant
 
 
@@ -26,9 +28,13 @@ def ci_text(ci: Any, nd: int = 3) -> str:
     return f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
 
 
-def gain_text(gain: Any, paired: dict | None, vs: str | None = None, reference: str | None = None) -> str:
+def gain_text(gain: Any, paired: dict | None, vs: str | None = None, reference: str | None = None,
+              why: str | None = None) -> str:
     """A gain in percent with two decimals, as the paper's Table 3 prints it; `vs` names the row it is against
-    when that is not the reference (a published row against the baseline the paper names)."""
+    when that is not the reference (a published row against the baseline the paper names); `why` says why there
+    is none (runs scored on different data)."""
+    if why:
+        return f"no Δ: {why}"
     if gain is None:
         return "–" if paired is None else f"Δ {paired['diff']:+.3f}" + (f" {MARK}" if paired["significant"] else "")
     text = f"{gain:+.2f}%" + (f" {MARK}" if paired and paired["significant"] else "")
@@ -37,6 +43,8 @@ def gain_text(gain: Any, paired: dict | None, vs: str | None = None, reference: 
 
 def metric_gains_text(cell: dict, names: list[str]) -> str:
     """Per-metric gains of a two-metric task, 'a / b' like its values ('-2.62% / -2.91%'); '' without any."""
+    if cell.get("no_gain"):
+        return f"no Δ: {cell['no_gain']}"
     gains = [cell.get("metric_gains", {}).get(m) for m in names]
     if all(g is None for g in gains):
         return ""
@@ -118,14 +126,17 @@ def task_table_rows(report: dict, sep: str = " ") -> list[list[str]]:
             row.append((num(c["score"]) + (sep + ci_text(c["ci"]) if c["ci"] else "")).strip()
                        if c["status"] == "ok" else status_text(c))
             if r:
-                row.append(gain_text(c["gain"], c["paired"], c.get("gain_vs"), ref) if c["status"] == "ok" else "")
+                row.append(gain_text(c["gain"], c["paired"], c.get("gain_vs"), ref, c.get("no_gain"))
+                           if c["status"] == "ok" else "")
         rows.append(row)
     return rows
 
 
 TASK_TABLE_NOTE = ("n/p = not published for this reference row; missing = the run has no result for the task. "
                    "Two-metric tasks show each metric's gain on their first line and the task score's gain on "
-                   "the second; – = no comparable row (local runs are compared with local runs only).")
+                   "the second; – = no comparable row (local runs are compared with local runs only); "
+                   "no Δ: different data = the two runs were scored on different example sets (their data files' "
+                   "sha256 differ), so neither a gain nor a test is given.")
 PUBLISHED_NOTES_TITLE = "Inconsistencies inside the paper (its numbers are shown as printed)"
 
 
@@ -179,12 +190,13 @@ def totals_rows(report: dict) -> list[list[str]]:
             tot = f"– ({t['n_tasks']}/9 tasks)"
         ref = report["reference"]
         row = [run["name"], run["where"], tot,
-               "" if r == 0 and t["gain"] is None else gain_text(t["gain"], t["paired"], t.get("gain_vs"), ref),
+               "" if r == 0 and t["gain"] is None
+               else gain_text(t["gain"], t["paired"], t.get("gain_vs"), ref, t.get("no_gain")),
                "" if r == 0 else p_text(t["paired"], report["n_boot"])]
         if n_common:
             row += [num(t["common"]) + (" " + ci_text(t["common_ci"]) if t["common_ci"] else ""),
                     "" if r == 0 and t["common_gain"] is None
-                    else gain_text(t["common_gain"], t["common_paired"], t.get("gain_vs"), ref),
+                    else gain_text(t["common_gain"], t["common_paired"], t.get("gain_vs"), ref, t.get("no_gain")),
                     "" if r == 0 else p_text(t["common_paired"], report["n_boot"])]
         rows.append(row)
     return rows
@@ -260,6 +272,7 @@ def to_markdown(report: dict, figures: dict[str, str] | None = None) -> str:
     if figures:
         out += ["## Charts", ""] + [f"![{name}]({path})" for name, path in figures.items()] + [""]
     out += _md_inside(report)
+    out += sensitivity.markdown(report)  # prompt sensitivity of multi-template runs
     if report.get("published_notes"):
         out += ["## " + PUBLISHED_NOTES_TITLE, ""] + [f"- {n}" for n in report["published_notes"]] + [""]
     if report["problems"]:
@@ -314,7 +327,8 @@ def spread_rows(spread: dict) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------------- csv / json
 
 CSV_COLUMNS = ["run", "numbers", "task", "metric", "value", "ci_low", "ci_high", "gain_pct", "gain_vs", "diff_vs_ref",
-               "diff_ci_low", "diff_ci_high", "p_value", "significant", "mcnemar_p", "n_items", "source", "status"]
+               "diff_ci_low", "diff_ci_high", "p_value", "significant", "mcnemar_p", "n_items", "source", "status",
+               "no_gain"]
 
 
 def to_csv(report: dict) -> str:
@@ -345,21 +359,25 @@ def to_csv(report: dict) -> str:
             for m in tr["metrics"]:
                 g = c.get("metric_gains", {}).get(m)
                 row(run, tr["task"], m, c["metrics"][m], gain_pct=g, gain_vs=c.get("gain_vs") if g is not None
-                    else None, source=c["source"], status=c["status"])
+                    else None, source=c["source"], status=c["status"], no_gain=c.get("no_gain"))
             ci = c["ci"] or [None, None]
             row(run, tr["task"], "score", c["score"], ci_low=ci[0], ci_high=ci[1], gain_pct=c["gain"],
                 gain_vs=c.get("gain_vs") if c["gain"] is not None else None,
-                n_items=c["n"], source=c["source"], status=c["status"], **paired_kw(c["paired"]))
+                n_items=c["n"], source=c["source"], status=c["status"], no_gain=c.get("no_gain"),
+                **paired_kw(c["paired"]))
     for run, t in zip(report["runs"], report["totals"]):
         ci = t["total_ci"] or [None, None]
         row(run, "total", "total", t["total"], ci_low=ci[0], ci_high=ci[1], gain_pct=t["gain"],
             gain_vs=t.get("gain_vs") if t["gain"] is not None else None, source=t["total_source"],
-            status="ok" if t["total"] is not None else "incomplete", **paired_kw(t["paired"]))
+            status="ok" if t["total"] is not None else "incomplete", no_gain=t.get("no_gain"),
+            **paired_kw(t["paired"]))
         if report["common_tasks"]:
             ci = t["common_ci"] or [None, None]
             row(run, "mean:" + "+".join(report["common_tasks"]), "mean", t["common"], ci_low=ci[0], ci_high=ci[1],
                 gain_pct=t["common_gain"], gain_vs=t.get("gain_vs") if t["common_gain"] is not None else None,
-                status="ok", **paired_kw(t["common_paired"]))
+                status="ok", no_gain=t.get("no_gain"), **paired_kw(t["common_paired"]))
+    for d in sensitivity.csv_rows(report):  # per template of multi-template runs
+        w.writerow({**{k: "" for k in CSV_COLUMNS}, **d})
     return buf.getvalue()
 
 

@@ -157,8 +157,10 @@ class RunFolder:
         """
         keyed = {(k if isinstance(k, str) else _task_key(*k)): v for k, v in (per_task or {}).items()}
         claim = claim_folder(self.path, kind, settings, per_task=keyed, restart=restart, record="config.json",
-                             has_results=lambda: any(self.path.glob("state/*.json")),
-                             task_has_results=lambda key: self.state_path(*key.split("/")).is_file(),
+                             has_results=lambda: any(self.path.glob("state/*.json")) or any(
+                                 self.path.glob("templates/*/*/state/*.json")),
+                             task_has_results=lambda key: self.state_path(*key.split("/")).is_file() or any(
+                                 self.path.glob("templates/{0}/*/state/{0}.{1}.json".format(*key.split("/")))),
                              clear=self.clear_results, option="--run", main=main)
         self.claimed = claim
         return claim

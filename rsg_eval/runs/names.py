@@ -18,7 +18,7 @@ PARTIAL_ZIP_NAME = "submission-partial.zip"
 LOCK_NAME = "rsg.lock"
 # What `--restart` clears in a run folder (known names only: never the folder itself, which may be any path).
 RESULT_NAMES = ("state", "predictions", "logs", "metrics.json", ZIP_NAME, PARTIAL_ZIP_NAME, "epochs.csv",
-                "config.json")
+                "config.json", "templates", "spread.json")  # templates/, spread.json: multi-template runs
 
 
 # --------------------------------------------------------------------------------------------------- names

@@ -34,14 +34,13 @@ The reference ("naive"): one full forward per (prompt, choice) over prompt + con
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from rsg_eval.core.errors import RSGError
 from rsg_eval.scoring._common import (Encoded, Targets, chunks, has_plain_head, input_device, pad,
-                                      shared_prefix_len, sums_from_logits, sums_from_states, to_device)
+                                      prompts_cut, shared_prefix_len, sums_from_logits, sums_from_states, to_device)
 
 MODES = ("naive", "prompt_once", "fast")
 PACKED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # tested: llama, qwen2, gpt2 (tests/test_causal*)
@@ -92,10 +91,10 @@ def encode(model: Any, tokenizer: Any, prompts: list[str], choices: list[list[st
         out_prompts.append(ids)
         out_choices.append(conts)
     if too_long:
-        warnings.warn(
-            f"{too_long} of {len(prompts)} prompts do not fit the model's {limit}-token context together with "
-            "their longest answer choice; their start was cut (the prompt templates should shorten the passage "
-            "instead)", stacklevel=5)
+        prompts_cut(too_long, len(prompts), limit,
+                    f"{too_long} of {len(prompts)} prompts do not fit the model's {limit}-token context together "
+                    "with their longest answer choice; their start was cut (the prompt templates should shorten "
+                    "the passage instead)")
     return Encoded(prompts=out_prompts, choices=out_choices)
 
 

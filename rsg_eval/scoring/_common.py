@@ -12,8 +12,11 @@ The scoring passes follow one pattern per batch of prompts, so that the GPU neve
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +28,50 @@ T5_TYPES = ("t5", "mt5")
 # bias), so the fp32 head below reproduces them; others are scored from the model's own logits.
 PLAIN_HEAD_CAUSAL = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 HEAD_CHUNK_BYTES = 256 << 20  # fp32 logits per LM-head chunk: 1,300 rows of a 50k vocabulary
+
+
+@dataclass
+class CutPrompts:
+    """Prompts whose start was cut to fit the model, counted inside `count_cut_prompts()`: `n` of `total` prompts
+    scored, against a limit of `limit` tokens."""
+
+    n: int = 0
+    total: int = 0
+    limit: int | None = None
+
+
+_CUT_SINK: contextvars.ContextVar[CutPrompts | None] = contextvars.ContextVar("rsg_cut_prompts", default=None)
+
+
+@contextlib.contextmanager
+def count_cut_prompts() -> Iterator[CutPrompts]:
+    """Count the prompts the encoders cut inside this block, instead of a Python warning per call: the commands
+    turn the count into one note of their own per task and split (a warning prints a source path and repeats
+    at every evaluation)."""
+    sink = CutPrompts()
+    token = _CUT_SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _CUT_SINK.reset(token)
+
+
+def cut_prompts_note(where: str, cut: CutPrompts, advice: str) -> str:
+    """The one-line note a command prints for a task split whose prompts were cut (no source path, no code)."""
+    return (f"{where}: {cut.n} of {cut.total} prompts are longer than the model's {cut.limit} input tokens and "
+            f"lost their start; {advice}")
+
+
+def prompts_cut(n: int, total: int, limit: int, message: str) -> None:
+    """An encoder cut the start of `n` of `total` prompts to fit `limit` tokens: counted when a command is
+    counting (count_cut_prompts), else a UserWarning with `message` for library callers."""
+    sink = _CUT_SINK.get()
+    if sink is None:
+        warnings.warn(message, stacklevel=6)
+        return
+    sink.n += n
+    sink.total += total
+    sink.limit = limit
 
 
 @dataclass

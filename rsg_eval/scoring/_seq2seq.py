@@ -28,14 +28,13 @@ transformers' decoder per (prompt, choice) with the encoder states gathered per 
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Any
 
 import torch
 
 from rsg_eval.core.errors import RSGError
 from rsg_eval.scoring._common import (T5_TYPES, Encoded, Targets, chunks, has_plain_head, input_device, pad,
-                                      shared_prefix_len, sums_from_logits, sums_from_states, to_device)
+                                      prompts_cut, shared_prefix_len, sums_from_logits, sums_from_states, to_device)
 
 MODES = ("naive", "encoder_once", "prompt_once", "fast")
 ROW_MIN = 64  # a decoder row holds at least this many tokens (or the encoder length, if longer) before splitting
@@ -66,11 +65,9 @@ def encode(model: Any, tokenizer: Any, prompts: list[str], choices: list[list[st
             too_long += 1
             prompt_ids[i] = truncate_left(ids, limit, special)
     if too_long:
-        warnings.warn(
-            f"{too_long} of {len(prompts)} prompts are longer than the model's {limit} input tokens; their start "
-            "was cut (the prompt templates should shorten the passage instead)",
-            stacklevel=5,
-        )
+        prompts_cut(too_long, len(prompts), limit,
+                    f"{too_long} of {len(prompts)} prompts are longer than the model's {limit} input tokens; their "
+                    "start was cut (the prompt templates should shorten the passage instead)")
     flat = [c for row in choices for c in row]
     flat_ids = tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
     out: list[list[list[int]]] = []
@@ -270,6 +267,47 @@ def _plan_rows(choices: list[list[list[int]]], share_prefix: bool, start: int, b
     return row_prompt, rows, pos_t, seg_t, tg
 
 
+def _row_shape(choices: list[list[list[int]]], share_prefix: bool, budget: int) -> tuple[int, int]:
+    """(rows, widest row) that `_plan_rows` makes with `budget`, from the lengths alone (no tensors)."""
+    n_rows, width = 0, 1
+    for ys in choices:
+        L = shared_prefix_len(ys) if share_prefix else 0
+        cur = 0
+        for y in ys:
+            tail = len(y) - L - 1
+            if cur == 0 or (cur + tail > budget and cur > L + 1):
+                if cur:
+                    width = max(width, cur)
+                n_rows += 1
+                cur = L + 1
+            cur += tail
+        width = max(width, cur)
+    return n_rows, width
+
+
+def _row_budget(model: Any, choices: list[list[list[int]]], share_prefix: bool, enc_len: int) -> int:
+    """The row budget with the least estimated decoder work for this batch. Every row is padded to the widest, so
+    a prompt whose choices just overflow the default budget (the encoder length) left a short row padded to the
+    full width, and each row's self-attention, (W, W), is computed in full: without a shared prefix that cost 1.7x
+    (docs/benchmarks.md). Smaller budgets cut padding and W^2 but add rows, and each row projects its prompt's
+    cross-attention K/V again; the estimate weighs both (matmul FLOPs per layer) and keeps the cheapest. Scores do
+    not depend on it."""
+    cfg = model.config
+    d, ff = int(cfg.d_model), int(getattr(cfg, "d_ff", 4 * cfg.d_model))
+    inner = int(getattr(cfg, "num_heads", 1)) * int(getattr(cfg, "d_kv", d // max(1, getattr(cfg, "num_heads", 1))))
+    per_token = 2 * d * inner * 3 + 3 * d * ff        # self q,k,v,o + cross q,o and the gated feed-forward
+    best, best_cost = None, None
+    top = max(ROW_MIN, enc_len)
+    # Two candidates only: the estimate counts FLOPs and misses per-row costs (copies, masks), which make many narrow
+    # rows slower than it predicts; halving was measured to pay, a third or a quarter was not (benchmarks.md).
+    for budget in sorted({top, *(b for b in (top // 2,) if b >= ROW_MIN)}, reverse=True):
+        rows, width = _row_shape(choices, share_prefix, budget)
+        cost = rows * (width * (per_token + 2 * inner * (width + enc_len)) + enc_len * 2 * d * inner)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = budget, cost
+    return best  # type: ignore[return-value]
+
+
 def _self_attention_bias(attn: Any, pos: torch.Tensor, seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """T5 decoder self-attention bias for packed rows: (R, H, W, W) = relative position bias + visibility mask.
 
@@ -314,7 +352,8 @@ def packed_batch(model: Any, prompts: list[list[int]], choices: list[list[list[i
     dev = input_device(model)
     start, pad_id = _start_and_pad(model)
     ids, mask = pad(prompts, pad_id)  # (B, S)
-    row_prompt, rows, pos, seg, tg = _plan_rows(choices, share_prefix, start, budget=max(ROW_MIN, ids.shape[1]))
+    budget = _row_budget(model, choices, share_prefix, ids.shape[1])
+    row_prompt, rows, pos, seg, tg = _plan_rows(choices, share_prefix, start, budget=budget)
     dec_in, _ = pad(rows, pad_id)     # (R, W), R >= B rows
     split = len(rows) > len(prompts)  # some prompt's choices fill more than one row
     host = [ids, mask, dec_in, pos, seg] + ([torch.tensor(row_prompt)] if split else [])

@@ -52,7 +52,7 @@ class FinetuneConfig:
     bf16: bool | None = None       # None = bf16 autocast when on a CUDA GPU that supports it; never on CPU
     dropout: float | None = None   # None = keep the model's dropout
     max_steps: int = 0             # cap on optimizer steps (smoke runs); 0 = no cap
-    max_train_examples: int = 0    # use only the first N train examples; 0 = all
+    max_train_examples: int = 0    # use only the first N train items (MuSeRC: questions, RuCoS: passages); 0 = all
     template: str | None = None    # prompt template name; None = the task's default
     save_every: int = 0            # optimizer steps between `last` checkpoints; 0 = at every evaluation
     optimizer: str = "adamw"       # adamw | adafactor (engine.optim: T5's settings, constant lr, no warm-up)

@@ -27,7 +27,7 @@ import torch
 
 from rsg_eval import runs
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.tasks import EmptyTaskFile
+from rsg_eval.core.tasks import EmptyTaskFile, limit_groups
 from rsg_eval.engine import collective, sharding
 from rsg_eval.engine.runtime import Dist, init_from_env, resolve_device, use_bf16
 from rsg_eval.training.finetune.config import ConfigSet, FinetuneConfig
@@ -416,6 +416,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
                        ) -> tuple[TrainResult, list[dict]]:
     from rsg_eval.engine import checkpoint as ck
     from rsg_eval.engine.tracking import Tracker, eval_scalars
+    from rsg_eval.scoring import count_cut_prompts, cut_prompts_note
 
     tracker = tracker or Tracker()
     loaded = load(model_name, device=dev, dtype="fp32", revision=revision, causal_ok=True)
@@ -427,8 +428,8 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         train_items = load_items(source, task, "train")
     except EmptyTaskFile as exc:  # reported like any task with nothing to train on; the other tasks go on
         raise NoTrainingData(f"{task}: no training examples ({exc})") from None
-    if cfg.max_train_examples:
-        train_items = train_items[: cfg.max_train_examples]
+    if cfg.max_train_examples:  # counted in questions for MuSeRC (an item there is one answer option)
+        train_items = limit_groups(train_items, cfg.max_train_examples)
     render = lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src)  # noqa: E731
     if causal:  # prompt + the gold answer's continuation, as rank classification scores it (finetune/causal.py)
         pairs = build_causal_pairs(train_items, render, net, tok, max_src)
@@ -445,10 +446,27 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     # val instead of its share
     eval_dist = Dist() if mode == "fsdp" else dist
 
+    noted: set[str] = set()
+
+    def scored(m: torch.nn.Module, prep: _Prepared, where: str, d: Dist) -> list[list[float]]:
+        """score_prepared, with one note per task split (not a warning per evaluation) when prompts were cut."""
+        with count_cut_prompts() as cut:
+            out = score_prepared(m, tok, prep, cfg, d, max_src)
+        if d.world > 1:  # each process scored its share of the groups: the note counts them all
+            counts = d.gather((cut.n, cut.total))
+            cut.n, cut.total, cut.limit = sum(c[0] for c in counts), sum(c[1] for c in counts), max_src
+        if cut.n and where not in noted:
+            noted.add(where)
+            advice = ("raise --max-source-length or use a template that truncates the passage (its `truncate:` "
+                      "field)" if max_src < int(loaded.info.get("max_input_tokens") or max_src + 1)
+                      else "use a template that truncates the passage (its `truncate:` field)")
+            reporter.note(cut_prompts_note(where, cut, advice))
+        return out
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         if val is None or not val.items:
             raise RSGError(f"{task}: no val split in {source}; the best state cannot be chosen", field="val")
-        return val_metrics(task, val, score_prepared(m, tok, val, cfg, eval_dist, max_src))
+        return val_metrics(task, val, scored(m, val, f"{task}/val", eval_dist))
 
     def model_files(folder: Path) -> None:
         if lora_rank:  # an adapter folder naming its base: `--model <checkpoint>/best` loads base + adapter
@@ -514,7 +532,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
                 continue
             prep = _prepare(items, tpl, tok, max_src)  # LiDiRus: the TERRa template, as the model was trained
             with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()):
-                scores = score_prepared(net, tok, prep, cfg, dist, max_src)
+                scores = scored(net, prep, f"{t}/{split}", dist)
             preds = decide(items, scores)
             if dist.main:
                 rows = [runs.log_row(it, preds[it.key], prompt=p, choices=c, scores=s)

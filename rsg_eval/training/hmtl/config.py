@@ -32,7 +32,7 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     split: str = "0.25"                  # Block 1 = a quarter of the encoder (6 of 24 for FRED-T5-1.7B)
     adapter_dim: int | None = None       # d_model // 16
-    adapter_activation: str = "relu"
+    adapter_activation: str = "relu"     # relu | linear (the paper's wording; see models/adapters.py)
     adapter_layout: str = "per-head"     # per-head (4 adapters) | shared-mc-ner (the paper's 3: MC+NER, NLI, LM)
     ner_loss: str = "softmax"            # softmax (the paper's Eq. 1, innermost entity per token) | multilabel
     head_dropout: float = 0.1

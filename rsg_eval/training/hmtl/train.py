@@ -6,10 +6,11 @@ closest to the text: 12 sequences per micro-step in all, dealt to the eight task
 optimizer step) and "per-task" (12 of every task per micro-step, 192 per optimizer step). Within a micro-step each
 task's sequences go forward and backward on their own (the gradients add up exactly as for one summed loss, but
 only one task's activations are alive at a time). Each task's loss enters the step as the mean over its examples in
-that optimizer step, times the task weight: the objective is the weighted sum of the task losses (the paper's sum,
-all weights 1). Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps once
-(rsg_eval.engine.step.finish_step: one host read of the task losses and the gradient norm; a non-finite loss or norm
-skips the step, saves the resume point of the last good step and stops with a message).
+that optimizer step, times the task weight: the objective is the weighted sum of the task losses, all weights 1 by
+default. The plain sum is our choice: the paper processes "the batches of all eight tasks" every iteration but does
+not say how their losses are combined. Then the gradient is clipped to norm 1.0, AdamW steps and the schedule steps
+once (rsg_eval.engine.step.finish_step: one host read of the task losses and the gradient norm; a non-finite loss or
+norm skips the step, saves the resume point of the last good step and stops with a message).
 
 Several processes (torchrun, accelerate launch): PyTorch's DDP (default) or FSDP2 (`--sharding fsdp`) wrap the
 model, whose `forward(task, ...)` is each task's loss. DDP is told that a forward uses only part of the model
@@ -72,6 +73,7 @@ from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPla
                                    task_indices)
 from rsg_eval.corpus.labels import TASKS
 from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from rsg_eval.models.adapters import ADAPTER_ACTIVATIONS
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
                                           load_hierarchical)
 
@@ -196,6 +198,9 @@ def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log)
     if model.config.adapter_layout != cfg.adapter_layout:
         raise RSGError(f"the checkpoint has adapter layout {model.config.adapter_layout!r}", file=cfg.model,
                        field="adapter-layout", expected=[model.config.adapter_layout])
+    if model.config.adapter_activation != cfg.adapter_activation:
+        raise RSGError(f"the checkpoint has adapter activation {model.config.adapter_activation!r}", file=cfg.model,
+                       field="adapter-activation", expected=[model.config.adapter_activation])
     # The NER head has the same 29 outputs under both losses; the checkpoint records the loss it was trained with.
     model.config.ner_representation = NER_LOSSES[cfg.ner_loss]
     if tokenizer is None:
@@ -354,7 +359,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         raise RSGError(f"bad value {cfg.early_stopping}", field="--early-stopping", expected="an integer >= 0")
     for name, value, choices in (("batch-reading", cfg.batch_reading, BATCH_READINGS),
                                  ("ner-loss", cfg.ner_loss, tuple(NER_LOSSES)),
-                                 ("adapter-layout", cfg.adapter_layout, ADAPTER_LAYOUTS)):
+                                 ("adapter-layout", cfg.adapter_layout, ADAPTER_LAYOUTS),
+                                 ("adapter-activation", cfg.adapter_activation, ADAPTER_ACTIVATIONS)):
         if value not in choices:
             raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
@@ -604,7 +610,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         _link_or_copy_dir(out / f"epoch-{epoch}", final)
         atomic_write_json(run_file, {"config": fp, "finished": True, "history": history, "steps": global_step,
                                      **({"stopped": "early_stopping"} if stopped_early else {})})
-        log(f"done: {global_step} optimizer steps; final checkpoint {final}; losses in {out / 'losses.csv'}")
+        steps = f"{global_step} optimizer step" + ("" if global_step == 1 else "s")
+        log(f"done: {steps}; final checkpoint {final}; losses in {out / 'losses.csv'}")
     d.barrier()
     return TrainResult(out, final, history, True, global_step)
 
