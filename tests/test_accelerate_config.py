@@ -75,3 +75,47 @@ def test_use_cpu_means_device_cpu():
     assert s.device == "cpu"
     with pytest.raises(RSGError, match="use_cpu"):
         resolve_with_cli(s, sharding=None, fsdp_cpu_offload=False, bf16="auto", device="cuda")
+
+
+@pytest.mark.parametrize("command", ["finetune", "train-hmtl"])
+def test_the_commands_refuse_an_ignored_key_and_take_the_honoured_ones(tmp_path, monkeypatch, command):
+    """Through the CLI: a refused key stops the command before any work, one line naming it; an FSDP config with
+    offload reaches the recipe as --sharding fsdp --fsdp-cpu-offload."""
+    from typer.testing import CliRunner
+
+    from rsg_eval.cli import app
+
+    args = {"finetune": ["finetune", "--model", "tiny", "--data", "sample", "--tasks", "TERRa", "--run",
+                         str(tmp_path / "r"), "-q"],
+            "train-hmtl": ["train-hmtl", "--model", "tiny", "--corpus", "sample", "--out", str(tmp_path / "o"),
+                           "--quiet"]}[command]
+    for k, v in dict(FSDP_DEFAULTS, FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT").items():
+        monkeypatch.setenv(k, v)
+    res = CliRunner().invoke(app, args)  # in process the RSGError surfaces as is (`rsg` prints it, exit 2)
+    assert isinstance(res.exception, RSGError) and "FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT" in str(res.exception)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    if command == "finetune":
+        from rsg_eval.training.finetune import run as recipe
+
+        def fake(model, **kw):
+            seen.update(sharding=kw["sharding_mode"], offload=kw["fsdp_cpu_offload"])
+            raise Stop
+        monkeypatch.setattr(recipe, "run_finetune", fake)
+    else:
+        from rsg_eval.training.hmtl import train as recipe
+
+        def fake(cfg, **kw):
+            seen.update(sharding=cfg.sharding, offload=cfg.fsdp_cpu_offload)
+            raise Stop
+        monkeypatch.setattr(recipe, "train", fake)
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, Stop), res.output
+    assert seen == {"sharding": "fsdp", "offload": True}
