@@ -196,3 +196,27 @@ def test_two_processes_match_one_for_a_decoder_only_model(llama_folder, tmp_path
     for a, b in zip(rows1, rows2):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["acc"] == pytest.approx(a["acc"], abs=1e-6)
+
+
+def test_a_killed_lora_run_resumes_to_the_same_results(tmp_path):
+    pytest.importorskip("peft")
+    from rsg_eval.runs import RunFolder
+    from rsg_eval.training.finetune.loop import Hooks
+
+    learnable_terra(tmp_path / "data", n_train=16, n_val=8, n_test=4)
+
+    class Killed(Exception):
+        pass
+
+    def kill(state, loss):
+        if state.step == 3:
+            raise Killed
+
+    _run("tiny", tmp_path, "clean", lora=4, lr=1e-2, save_every=1)
+    with pytest.raises(Killed):
+        _run("tiny", tmp_path, "killed", lora=4, lr=1e-2, save_every=1, hooks=lambda task: Hooks(on_step=kill))
+    again = _run("tiny", tmp_path, "killed", lora=4, lr=1e-2, save_every=1)
+    assert again.results["TERRa"].resumed_from == 3
+    a, b = RunFolder(tmp_path / "clean"), RunFolder(tmp_path / "killed")
+    assert a.read_epochs() == b.read_epochs()
+    assert _test_preds(a.path) == _test_preds(b.path)

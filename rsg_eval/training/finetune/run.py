@@ -571,8 +571,12 @@ def _maybe_lora(net: Any, cfg: FinetuneConfig, causal: bool, mode: str, reporter
     from rsg_eval.models.lora import LoraSettings, wrap
 
     targets = tuple(t for t in (cfg.lora_targets or "").split(",") if t) or None
-    return wrap(net, LoraSettings(rank=int(rank), alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=targets)), int(rank)
+    settings = LoraSettings(rank=int(rank), alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+    # the adapters' A matrices are drawn at random: from --seed, so a run is repeatable (and every process of a
+    # launch starts from the same adapter), whatever ran before in this process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return wrap(net, settings), int(rank)
 
 
 def _null():
