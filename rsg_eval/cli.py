@@ -4,13 +4,30 @@ modules (torch, transformers) inside the command body, so `rsg --help` and the l
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
-import typer
 
-from rsg_eval import __version__
-from rsg_eval.commands._common import RsgTyper
-from rsg_eval.core.errors import RSGError
+def _quit_while_starting(signum: int, frame: object) -> None:
+    os.write(2, b"rsg: interrupted while starting; nothing was written\n")
+    os._exit(143 if signum == signal.SIGTERM else 130)
+
+
+# Run as the `rsg` program (not imported by tests): Ctrl-C or SIGTERM while the command modules import is one line
+# and status 130 / 143 (it was a traceback of importlib frames). main() hands the signals back to Python.
+_STARTUP_SIGNALS: dict = {}
+if os.path.basename(sys.argv[0] if sys.argv else "") == "rsg" or \
+        (sys.argv[0] if sys.argv else "").endswith(os.path.join("rsg_eval", "__main__.py")):
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_sig) is not signal.SIG_IGN:
+            _STARTUP_SIGNALS[_sig] = signal.signal(_sig, _quit_while_starting)
+
+import typer  # noqa: E402
+
+from rsg_eval import __version__  # noqa: E402
+from rsg_eval.commands._common import RsgTyper  # noqa: E402
+from rsg_eval.core.errors import RSGError  # noqa: E402
 
 app = RsgTyper(
     name="rsg",
@@ -52,7 +69,13 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     """Entry point: run the app, turning RSGError into one red line and exit status 2."""
+    for sig, old in list(_STARTUP_SIGNALS.items()):  # started: Ctrl-C is a KeyboardInterrupt again
+        signal.signal(sig, old)
+        del _STARTUP_SIGNALS[sig]
     try:
+        from rsg_eval.core.limits import check_all
+
+        check_all()
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:  # typer.Exit(code) comes back as a return value here
             sys.exit(rc)
@@ -63,10 +86,12 @@ def main() -> None:
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as exc:  # click turns a KeyboardInterrupt in a command into Abort
+        from rsg_eval.core.errors import Terminated
+
+        term = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+        print(f"rsg: {'terminated (SIGTERM)' if term else 'interrupted'}; finished work is kept", file=sys.stderr)
+        sys.exit(143 if term else 130)
     except Exception as exc:  # click usage errors and the like
         from rsg_eval.core.io import storage_error
 

@@ -154,7 +154,7 @@ def test_dir_without_model_files_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(RSGError, match="could not load the model config"):
+    with pytest.raises(RSGError, match=r"bad/config\.json:1: not valid JSON"):
         load_model(bad)
 
 

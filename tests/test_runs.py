@@ -225,8 +225,8 @@ def test_claim_records_settings_stamps_states_and_refuses_other_settings(tmp_pat
         assert again.is_done("TERRa", "val", "fp")
     # --restart clears every result and the config, whatever the settings.
     with RunFolder(run.path).claim("zeroshot", {"model": "m", "normalize": "token"}, restart=True) as c:
-        assert c.restarted and sorted(p.name for p in run.path.iterdir()) == [LOCK]
-    assert sorted(p.name for p in run.path.iterdir()) == []
+        assert c.restarted and sorted(p.name for p in run.path.iterdir()) == [runs.RUN_MARKER, LOCK]
+    assert sorted(p.name for p in run.path.iterdir()) == [runs.RUN_MARKER]  # the folder stays the tool's
 
 
 def test_a_stale_state_is_named_and_never_mixed_in(tmp_path):

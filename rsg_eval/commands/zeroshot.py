@@ -95,9 +95,15 @@ def register(app: typer.Typer) -> None:
         resumes an interrupted run: finished tasks with unchanged settings are skipped. Runs unchanged on several
         GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
-        from rsg_eval.core.errors import RSGError
-        from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
-        from rsg_eval.models.threads import choose_cpu_threads
+        from rsg_eval.commands._common import startup_signals, stop_signals
+        from rsg_eval.core.errors import RSGError, Terminated
+
+        with startup_signals("rsg zeroshot"):  # torch and transformers import here, before any work
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+
+            from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
+            from rsg_eval.models.threads import choose_cpu_threads
 
         if nli_head and num_fewshot:
             raise RSGError("--num-fewshot puts solved examples into prompts; --nli-head uses no prompts",
@@ -111,9 +117,17 @@ def register(app: typer.Typer) -> None:
             from rsg_eval.models.loading import require_seq2seq
 
             require_seq2seq(model, "--nli-head")
-            result = run_nli_head_eval(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run,
-                                       root=root, batch_size=parse_batch_size(batch_size), device=device,
-                                       dtype=dtype, console=console, **({"restart": True} if restart else {}))
+            try:
+                with stop_signals():
+                    result = run_nli_head_eval(model=model, data=data, tasks=tasks, split=split, limit=limit,
+                                               run=run, root=root, batch_size=parse_batch_size(batch_size),
+                                               device=device, dtype=dtype, console=console,
+                                               **({"restart": True} if restart else {}))
+            except KeyboardInterrupt as exc:
+                term = isinstance(exc, Terminated)
+                console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is "
+                              "kept; rerun the same command to resume")
+                raise typer.Exit(143 if term else 130) from None
             print_summary(result, NLI_ZIP_HINT)
             return
         if calibration is not None:
@@ -131,14 +145,33 @@ def register(app: typer.Typer) -> None:
                                num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
                                device_map=device_map, restart=restart)
         try:
-            result = run_zeroshot(opts, console=console, show_progress=not quiet)
+            with stop_signals():
+                result = run_zeroshot(opts, console=console, show_progress=not quiet)
+        except KeyboardInterrupt as exc:  # before the run's own handling (loading the model): typer would exit 130
+            # silently; the lock is already released by run_zeroshot's finally
+            term = isinstance(exc, Terminated)
+            _name_gone_peer()
+            console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is kept; "
+                          "rerun the same command to resume")
+            raise typer.Exit(143 if term else 130) from None
         finally:
             shutdown_distributed()
         if not result.main:  # the other processes of a multi-process run: the main one reports
             return
         print_summary(result)
         if result.interrupted:
-            raise typer.Exit(130)
+            _name_gone_peer()
+            raise typer.Exit(143 if result.terminated else 130)
+
+
+def _name_gone_peer() -> None:
+    """Under torchrun: when the run stopped because another process died, say which (engine.runtime.gone_peers)."""
+    import sys
+
+    dist = sys.modules.get("rsg_eval.engine.runtime")
+    who = dist.gone_peers() if dist is not None else None
+    if who:
+        console.print(f"[red]error:[/] {who}", highlight=False, soft_wrap=True)
 
 
 # The NLI head answers the three entailment tasks only, so its zip is always partial: say so, and what to do.

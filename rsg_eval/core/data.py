@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.io import sha256_file  # noqa: F401  (also imported from here)
+from rsg_eval.core.io import sha256_file, zip_member_problem  # noqa: F401  (sha256_file: also imported from here)
 from rsg_eval.core.io import read_jsonl
 from rsg_eval.core.tasks import OFFICIAL_RECORDS, TASK_NAMES, Item, check_split, get_task, parse_records
 
@@ -80,12 +81,12 @@ class DataSource:
             for cand in ("LiDiRus.jsonl", "test.jsonl"):
                 for f in d.iterdir():
                     if f.name.lower() == cand.lower():
-                        return f
+                        return _regular(f)
             raise RSGError("missing LiDiRus.jsonl", file=d, expected="LiDiRus/LiDiRus.jsonl")
         f = d / f"{split}.jsonl"
-        if not f.is_file():
+        if not os.path.lexists(f):
             raise RSGError(f"missing {split}.jsonl for {name}", file=d, expected=f"{name}/{split}.jsonl")
-        return f
+        return _regular(f)
 
     def has(self, task: str, split: str) -> bool:
         try:
@@ -96,6 +97,21 @@ class DataSource:
 
     def __str__(self) -> str:
         return self.origin
+
+
+def _regular(f: Path) -> Path:
+    """`f` when it is a regular file (or a link to one); an RSGError naming what it is instead: a FIFO would
+    block the reader forever, a folder would be a traceback, a dangling link reads as missing."""
+    try:
+        mode = os.stat(f).st_mode
+    except OSError as exc:
+        raise RSGError(f"cannot be read ({exc.strerror or exc}: a dangling link?)", file=f,
+                       expected="a JSON Lines file") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device or socket")
+        raise RSGError(f"{kind}, not a file", file=f, expected="a JSON Lines file")
+    return f
 
 
 def resolve_data(spec: str | Path | DataSource | None) -> DataSource:
@@ -251,6 +267,10 @@ def safe_extract(zip_path: Path, target: Path) -> list[Path]:
                                file=zip_path, expected="relative paths without '..'")
             if info.is_dir():
                 continue
+            problem = zip_member_problem(info) if task_member(rel) is not None else None
+            if problem is not None:
+                raise RSGError(f"zip member {info.filename!r} {problem}", file=zip_path,
+                               expected="a zip of the task files, unencrypted, deflate or stored")
             key = str(rel).lower()  # task folders are matched case-insensitively: TERRa/ and terra/ collide
             if key in seen:
                 both = f"{info.filename!r} twice" if seen[key] == info.filename else \
@@ -286,7 +306,7 @@ def safe_extract(zip_path: Path, target: Path) -> list[Path]:
                         with zf.open(info) as src, open(out, "wb") as dst:
                             # zipfile stops at the declared size and checks the CRC: a lying header fails here
                             shutil.copyfileobj(src, dst)
-                    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
                         raise RSGError(f"damaged zip member {info.filename!r} ({exc})", file=zip_path,
                                        expected="download the zip again") from None
                     written.append(target.joinpath(*rel.parts))

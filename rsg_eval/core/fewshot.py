@@ -136,14 +136,23 @@ def draw_shots(pool: ShotPool, item: Item, k: int, seed: int) -> list[Item]:
     want = min(k, n - len(excluded))
     rng = random.Random(item_seed(seed, item.task, item.key))
     chosen: list[int] = []
-    seen: set[int] = set(excluded)
-    # Rejection sampling with random() only (stable across Python versions, unlike sample()/choice()); k is
-    # small next to the pool in practice, and `want` never exceeds what is left, so this ends.
-    while len(chosen) < want:
-        i = int(rng.random() * n)
-        if i not in seen:
-            seen.add(i)
-            chosen.append(i)
+    if want * 4 <= n:
+        seen: set[int] = set(excluded)
+        # Rejection sampling with random() only (stable across Python versions, unlike sample()/choice()): k is
+        # small next to the pool in practice, so few draws are rejected.
+        while len(chosen) < want:
+            i = int(rng.random() * n)
+            if i not in seen:
+                seen.add(i)
+                chosen.append(i)
+    else:
+        # K near (or beyond: capped above) the pool's size: rejection sampling would draw ~n log n times per
+        # item. A partial Fisher-Yates shuffle of the allowed groups draws `want` times, still with random() only.
+        left = [i for i in range(n) if i not in excluded]
+        for j in range(want):
+            r = j + int(rng.random() * (len(left) - j))
+            left[j], left[r] = left[r], left[j]
+        chosen = left[:want]
     shots = []
     for i in chosen:
         grp = pool.groups[i]

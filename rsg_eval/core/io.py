@@ -9,12 +9,13 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.limits import LINE_BYTES
+from rsg_eval.core.limits import JSON_DEPTH, LINE_BYTES, YAML_NODES
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -114,14 +115,22 @@ def storage_error(exc: BaseException, path: str | Path | None) -> WriteError | N
     why = write_failure(exc, path)
     if why is None:
         return None
-    return WriteError(f"could not write {'this file' if path is not None else 'an output'}: {why}. Free some "
-                      "space (or write elsewhere) and run the same command again: finished work is kept", file=path)
+    what = "this file" if path is not None else "an output"
+    return WriteError(f"could not write {what}: {why}. {remedy(why)}: finished work is kept", file=path)
+
+
+def remedy(why: str) -> str:
+    """What the user does about a storage failure `why` (from write_failure), as a sentence without its stop."""
+    if why == _STORAGE_ERRNOS[errno.EROFS]:  # no space to free: another place is the only way
+        return ("Write elsewhere (a --run, --root or --out on a writable disk), or remount the file system "
+                "writable, and run the command again")
+    return "Free some space (or write elsewhere) and run the same command again"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (data files and zips can be large)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
@@ -164,13 +173,7 @@ def _parse_line(line: str, source: str, lineno: int) -> dict | None:
     line = line.strip()
     if not line:
         return None
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RSGError(
-            f"not valid JSON ({exc.msg} at column {exc.colno}); the line may be truncated",
-            file=source, line=lineno, expected="one JSON object per line",
-        ) from None
+    rec = loads_json(line, file=source, line=lineno, expected="one JSON object per line")
     if not isinstance(rec, dict):
         raise RSGError(f"a JSON {type(rec).__name__} instead of an object",
                        file=source, line=lineno, expected="one JSON object per line")
@@ -223,10 +226,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """
     path = Path(path)
     cap = LINE_BYTES.value()
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise RSGError("file not found", file=path) from None
+    fh = open_regular(path)
     with fh:
         lineno = 0
         while True:
@@ -250,3 +250,267 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """Read a JSON Lines file into (line number, record) pairs; errors name the file and line."""
     return list(iter_jsonl(path))
+
+
+# ----------------------------------------------------------------------------------------- safe readers
+#
+# Every JSON and YAML the tool reads goes through these: data and prediction lines, run folders' config.json,
+# metrics.json and states, model folders' config.json, safetensors headers, corpus sources, templates, configs.
+# A crafted file (nested 5,000 deep, an integer of 5,000 digits, a lone surrogate, a YAML alias bomb) is one
+# RSGError naming the file, line and field, never a RecursionError, ValueError or minutes of work.
+
+def open_regular(path: str | Path):
+    """`path` opened for binary reading, refused (RSGError) unless it is a regular file.
+
+    A FIFO is opened non-blocking (a plain open() would wait for a writer forever) and refused from its fstat;
+    a folder, a device or a socket likewise. Missing -> "file not found"."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise RSGError("file not found", file=path) from None
+    except IsADirectoryError:
+        raise RSGError("a folder, not a file", file=path, expected="a regular file") from None
+    except OSError as exc:
+        raise RSGError(f"cannot be read ({exc.strerror or exc})", file=path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else \
+                "a device or socket"
+            raise RSGError(f"{kind}, not a file", file=path, expected="a regular file")
+        if hasattr(os, "O_NONBLOCK"):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def zip_member_problem(info: Any) -> str | None:
+    """Why a zip member (zipfile.ZipInfo) cannot be read by Python's zipfile, before trying: encrypted, or
+    compressed with a method it lacks (AES, deflate64, ...). None when it can be read. Both readers of zips
+    (data zips, prediction zips) ask this first, so neither meets zipfile's RuntimeError/NotImplementedError."""
+    import zipfile
+
+    if info.flag_bits & 0x1:
+        return "is encrypted (password-protected); zip it again without a password"
+    supported = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+    if info.compress_type not in supported:
+        return (f"uses compression method {info.compress_type}, which Python's zipfile cannot read; zip it again "
+                "with deflate (the default of every zip tool)")
+    return None
+
+
+def is_regular_file(path: str | Path) -> bool:
+    """True for a regular file (following symlinks); False for a FIFO, folder, device, dangling link, missing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def read_bytes(path: str | Path, cap: int | None = None) -> bytes:
+    """A regular file's bytes (open_regular), at most `cap` of them plus one (callers compare with `cap`)."""
+    with open_regular(path) as fh:
+        return fh.read() if cap is None else fh.read(cap + 1)
+
+
+def read_text(path: str | Path, *, encoding: str = "utf-8-sig") -> str:
+    """A regular file's text; "not UTF-8 text" named with its line instead of a UnicodeDecodeError."""
+    data = read_bytes(path)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise RSGError("not UTF-8 text", file=path, line=data[: exc.start].count(b"\n") + 1) from None
+
+
+# A \u escape of a surrogate (D800-DFFF) in JSON text: only then can a parsed string hold a lone one
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Brackets outside strings, for the depth check (strings are removed first)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _json_depth_over(text: str, cap: int) -> bool:
+    """True when the JSON `text` nests lists/objects deeper than `cap`. Cheap for ordinary text: a text with
+    fewer than `cap` opening brackets cannot be that deep (str.count runs in C)."""
+    if text.count("[") + text.count("{") <= cap:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > cap:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _lone_surrogate(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """The field path ("" for the top) of the first string (key or value) in `value` holding a lone
+    surrogate, else None. Iterative over lists/dicts up to the depth limit checked before."""
+    stack = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                sub = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str):
+                    try:
+                        k.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return where or "(a key)"
+                stack.append((x, sub))
+        elif isinstance(v, list):
+            stack.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
+    return None
+
+
+def surrogate_error(field: str | None, *, file: Any = None, line: int | None = None) -> RSGError:
+    return RSGError("a lone surrogate (\\ud800-\\udfff without its pair) in a string: not valid Unicode text, "
+                    "which no tokenizer or file can hold", file=file, line=line, field=field or None,
+                    expected="text written as UTF-8, or surrogate pairs that form one character")
+
+
+def loads_json(text: str | bytes, *, file: Any = None, line: int | None = None, expected: Any = None) -> Any:
+    """Parse JSON text safely: RSGError naming `file` and `line` for invalid JSON, nesting deeper than
+    RSG_MAX_JSON_DEPTH, an integer beyond Python's conversion limit (4,300 digits) and a lone surrogate.
+
+    The checks cost nothing for ordinary text (one str.count, one regex search)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise RSGError("not UTF-8 text", file=file,
+                           line=(line or 1) + bytes(text)[: exc.start].count(b"\n")) from None
+    cap = JSON_DEPTH.value()
+    if _json_depth_over(text, cap):
+        raise JSON_DEPTH.error(f"JSON nested more than {cap:,} levels deep", file=file, line=line)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = (line + exc.lineno - 1) if line is not None else exc.lineno
+        col = f" at column {exc.colno}" if line is not None else ""
+        tail = "; the line may be truncated" if line is not None else ""
+        raise RSGError(f"not valid JSON ({exc.msg}{col}){tail}", file=file, line=at, expected=expected) from None
+    except RecursionError:  # unreachable after the depth check unless the limit was raised very high
+        raise JSON_DEPTH.error("JSON nested too deep to read", file=file, line=line) from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise RSGError(f"a number too long to read ({_short_reason(exc)})", file=file, line=line,
+                       expected="numbers of at most 4,300 digits") from None
+    if _SURROGATE_ESCAPE.search(text):
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise surrogate_error(where, file=file, line=line)
+    return value
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).split(";")[0]
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def read_json(path: str | Path, *, max_bytes: int | None = None) -> Any:
+    """A JSON file parsed with `loads_json` (a regular file only: a FIFO or folder is one line). With
+    `max_bytes`, a larger file is refused before it is read."""
+    path = Path(path)
+    data = read_bytes(path, max_bytes)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise RSGError(f"over {max_bytes:,} bytes, too large for this file", file=path)
+    return loads_json(data, file=path)
+
+
+def json_depth(value: Any) -> int:
+    """How deep lists and dicts nest in a parsed value (iterative: a deep value cannot overflow the stack)."""
+    best, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            best = max(best, d)
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            best = max(best, d)
+            stack.extend((x, d + 1) for x in v)
+    return best
+
+
+def load_yaml(text: str, *, file: Any = None) -> Any:
+    """Parse YAML with yaml.SafeLoader, bounded: RSGError naming `file` (and the line) for a syntax error, an
+    alias bomb (more than RSG_MAX_YAML_NODES values once aliases are expanded), nesting deeper than
+    RSG_MAX_JSON_DEPTH, an integer beyond Python's conversion limit or a lone surrogate.
+
+    PyYAML builds an aliased value once and shares it, so a bomb loads fast; it is everything that walks the
+    result afterwards (hashing settings, rendering, comparing) that runs for minutes. So the expanded size is
+    counted while the document is composed, before anything is built."""
+    import yaml
+
+    budget, depth_cap = YAML_NODES.value(), JSON_DEPTH.value()
+
+    class _Bounded(yaml.SafeLoader):
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._sizes: dict[int, int] = {}
+            self._depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                return super().compose_node(parent, index)
+            self._depth += 1
+            if self._depth > depth_cap:
+                mark = self.peek_event().start_mark
+                raise JSON_DEPTH.error(f"YAML nested more than {depth_cap:,} levels deep", file=file,
+                                       line=mark.line + 1)
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            if isinstance(node, yaml.SequenceNode):
+                kids = node.value
+            elif isinstance(node, yaml.MappingNode):
+                kids = [x for pair in node.value for x in pair]
+            else:
+                kids = []
+            size = 1 + sum(self._sizes.get(id(k), 1) for k in kids)
+            self._sizes[id(node)] = size
+            if size > budget:
+                raise YAML_NODES.error(f"the YAML expands to more than {budget:,} values (aliases *name "
+                                       "repeating other values: an alias bomb?)", file=file,
+                                       line=node.start_mark.line + 1)
+            return node
+
+    loader = _Bounded(text)
+    try:
+        value = loader.get_single_data()
+    except RSGError:
+        raise
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RSGError(f"not valid YAML: {problem}", file=file,
+                       line=mark.line + 1 if mark is not None else None) from None
+    except RecursionError:
+        raise JSON_DEPTH.error("YAML nested too deep to read", file=file) from None
+    except ValueError as exc:  # an integer beyond the conversion limit, a bad date, ...
+        raise RSGError(f"a value that cannot be read ({_short_reason(exc)})", file=file) from None
+    finally:
+        loader.dispose()
+    if json_depth(value) > depth_cap:  # merge keys (<<) can nest deeper than the text shows
+        raise JSON_DEPTH.error(f"YAML nested more than {depth_cap:,} levels deep", file=file)
+    where = _lone_surrogate(value)
+    if where is not None:
+        raise surrogate_error(where, file=file)
+    return value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file (regular file only) parsed with `load_yaml`."""
+    return load_yaml(read_text(path), file=path)

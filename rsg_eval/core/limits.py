@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from rsg_eval.core.errors import RSGError
 
 MiB = 1 << 20
+#: the largest value any limit accepts: far above every real need, and small enough for every use of a limit (a
+#: read size, a slice, a loop bound) to stay a machine integer (10^26 made `readline` raise OverflowError)
+MAX_VALUE = 10 ** 15
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,12 @@ class Limit:
         raw = os.environ.get(self.env)
         if raw is None or not raw.strip():
             return self.default
-        try:
-            n = int(raw.strip().replace(",", ""))
-        except ValueError:
-            n = 0
-        if n <= 0:
-            raise RSGError(f"{self.env}={raw!r} is not a positive integer", field=self.env,
-                           expected=f"a number of {self.unit} (default {self.default})")
+        text = raw.strip().replace(",", "").replace("_", "")
+        n = int(text) if text.isdecimal() and len(text) <= 20 else 0  # isdecimal: no sign, no int() digit limit
+        if not 0 < n <= MAX_VALUE:
+            shown = raw if len(raw) <= 40 else raw[:37] + "..."
+            raise RSGError(f"{self.env}={shown!r} is not a positive integer of at most {MAX_VALUE:,}", field=self.env,
+                           expected=f"a number of {self.unit}; the default is {self.default:,}")
         return n
 
     def hint(self) -> str:
@@ -66,8 +68,22 @@ TEMPLATE_STEPS = Limit("RSG_MAX_TEMPLATE_STEPS", 10_000, "steps",
                        "loop iterations, calls and filters (a macro call counts 10) while rendering one template "
                        "for one item; the bundled templates take under 100")
 
+# Structured files (JSON, YAML): nesting and the size of a YAML document once its aliases are expanded.
+JSON_DEPTH = Limit("RSG_MAX_JSON_DEPTH", 100, "levels",
+                   "how deep lists and objects nest in a JSON or YAML value (the RSG data nests 5 deep)")
+YAML_NODES = Limit("RSG_MAX_YAML_NODES", 100_000, "nodes",
+                   "the values of one YAML file once its aliases (*name) are expanded (an alias bomb expands to "
+                   "billions); the bundled templates and configs hold under 1,000")
+
 ALL: tuple[Limit, ...] = (LINE_BYTES, SUBMISSION_BYTES, ZIP_BYTES, ZIP_RATIO, PROMPT_CHARS, CHARS_PER_TOKEN,
-                          TEMPLATE_STEPS)
+                          TEMPLATE_STEPS, JSON_DEPTH, YAML_NODES)
+
+
+def check_all() -> None:
+    """Read every limit once (the CLI does at start): a variable out of range is one line before any work, not
+    the same complaint in every cell of a table or an OverflowError deep in a reader."""
+    for limit in ALL:
+        limit.value()
 
 
 def cut_text(text: str, max_tokens: int) -> str:

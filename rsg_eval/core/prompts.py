@@ -62,8 +62,9 @@ from jinja2 import StrictUndefined, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
-from rsg_eval.core.errors import RSGError
-from rsg_eval.core.limits import PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
+from rsg_eval.core.errors import RSGError, clip
+from rsg_eval.core.io import load_yaml, read_bytes, read_yaml
+from rsg_eval.core.limits import CHARS_PER_TOKEN, PROMPT_CHARS, TEMPLATE_STEPS, Limit, cut_text
 from rsg_eval.core.tasks import TASK_NAMES, get_task
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"  # rsg_eval/core/prompts.py -> the repo root
@@ -254,6 +255,11 @@ class Template:
                            field=where) from None
         except jinja2.TemplateError as exc:
             raise RSGError(f"template error: {exc}", file=self.path, field=where) from None
+        except RSGError:
+            raise
+        except Exception as exc:  # [].pop(), {}.popitem(), premise|xmlattr, ...: whatever a template raises
+            raise RSGError(f"the template failed: {type(exc).__name__}: {clip(str(exc), 200)}", file=self.path,
+                           field=where) from None
 
 
 def _undefined_name(exc: jinja2.UndefinedError) -> str | None:
@@ -308,19 +314,39 @@ def render_fewshot(tpl: Template, item: Any, shots: Sequence[str], tokenizer: An
                    max_tokens: int | None = None, prefix: str | None = None) -> tuple[Rendered, int]:
     """The item's prompt with solved examples (`render_shot` texts) before it, and how many of them it kept.
 
-    prefix + shot_1 + sep + ... + shot_n + sep + item input. With a tokenizer and `max_tokens`, the last shots
-    are dropped one by one until the whole input fits; only when even no shot leaves room is the item's passage
+    prefix + shot_1 + sep + ... + shot_n + sep + item input. With a tokenizer and `max_tokens`, the most shots
+    that fit are kept (the last ones dropped); only when even no shot leaves room is the item's passage
     shortened (`Template.render`). Without shots this is `Template.render` exactly, byte for byte.
+
+    The count is found by bisection, never by dropping shots one at a time: prompts of more than `max_tokens` x
+    RSG_MAX_CHARS_PER_TOKEN characters cannot fit (no token spans that many), which bounds the count from the
+    shots' lengths alone; then about log2 of that many tokenisations of bounded text decide it. So K = 1,000,000
+    costs about what K = 5 does (it took over 600 s, one re-tokenisation per dropped shot).
     """
     if not shots:
         return tpl.render(item, tokenizer=tokenizer, max_tokens=max_tokens, prefix=prefix), 0
     pre = tpl.prefix if prefix is None else prefix
     main = tpl._render_main(dict(item.fields))
     choices = tpl.render_choices(item)
-    for n in range(len(shots), 0, -1):
-        prompt = _join(tpl, pre, shots[:n], main)
-        if tokenizer is None or not max_tokens or _n_tokens(tokenizer, prompt) <= max_tokens:
-            return Rendered(prompt, choices, False), n
+    if tokenizer is None or not max_tokens:
+        return Rendered(_join(tpl, pre, shots, main), choices, False), len(shots)
+    # hi: the most shots whose characters alone could fit; lo: the most known to fit (0 = none tried yet)
+    budget = max_tokens * CHARS_PER_TOKEN.value()
+    used, sep, hi = len(pre) + len(main), len(tpl.fewshot_separator), 0
+    for text in shots:
+        used += len(text) + sep
+        if used > budget:
+            break
+        hi += 1
+    lo = 0
+    while lo < hi:  # invariant: lo shots fit (or lo = 0), more than hi do not
+        mid = (lo + hi + 1) // 2
+        if _n_tokens(tokenizer, _join(tpl, pre, shots[:mid], main)) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo:
+        return Rendered(_join(tpl, pre, shots[:lo], main), choices, False), lo
     return tpl.render(item, tokenizer=tokenizer, max_tokens=max_tokens, prefix=prefix), 0
 
 
@@ -354,8 +380,8 @@ def list_templates(task: str | None = None) -> dict[str, list[str]]:
 def _default_name(task: str, names: Sequence[str]) -> str | None:
     for n in names:
         try:
-            raw = yaml.safe_load((_task_dir(task) / f"{n}.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
+            raw = read_yaml(_task_dir(task) / f"{n}.yaml")
+        except RSGError:
             continue
         if isinstance(raw, dict) and raw.get("default") is True:
             return n
@@ -384,11 +410,14 @@ def load_template(task: str, name: str | None = None) -> Template:
 def parse_template(path: Path, task: str) -> Template:
     """Read and check one template file for `task` (fields, choices, Jinja syntax)."""
     spec = get_task(task)
-    data = path.read_bytes()
-    text = data.decode("utf-8-sig")
+    data = read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RSGError("not UTF-8 text", file=path, line=data[: exc.start].count(b"\n") + 1) from None
+    raw = load_yaml(text, file=path)  # bounded first: compose() below meets no bomb or deep nesting
     try:
         node = yaml.compose(text)
-        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RSGError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path,
@@ -552,8 +581,12 @@ def _step(n: int = 1) -> None:
             raise _OverLimit("took too many steps (loop iterations and calls)", TEMPLATE_STEPS)
 
 
+# Every sized value a template can build: byte strings are bounded like str (`premise.encode() * 10**8` took 15 GB).
+_SEQ = (str, bytes, bytearray, list, tuple)
+
+
 def _check_size(value: Any, what: str) -> Any:
-    if isinstance(value, (str, list, tuple)) and len(value) > PROMPT_CHARS.value():
+    if isinstance(value, _SEQ) and len(value) > PROMPT_CHARS.value():
         raise _OverLimit(f"built {what} of {len(value):,} items", PROMPT_CHARS)
     return value
 
@@ -578,6 +611,25 @@ def _check_int_args(args: Any, what: str) -> None:
     for a in args:
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > cap:
             raise _OverLimit(f"passed {a:,} to {what}", PROMPT_CHARS)
+
+
+def _check_grown(name: str, base: Any, args: tuple) -> None:
+    """`s.replace(old, new)` and `sep.join(parts)` size their result from their arguments: computed first, so
+    `('x' * 99999).replace('', 'y' * 99999)` (10^10 characters) is refused before it is built."""
+    cap = PROMPT_CHARS.value()
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], type(base)) and isinstance(args[1], type(base)):
+        old, new = args[0], args[1]
+        n = base.count(old) if old else len(base) + 1
+        if len(args) >= 3 and isinstance(args[2], int) and args[2] >= 0:
+            n = min(n, args[2])
+        size = len(base) + n * (len(new) - len(old))
+    elif name == "join" and args and isinstance(args[0], (list, tuple)):
+        parts = args[0]
+        size = len(base) * max(len(parts) - 1, 0) + sum(len(p) for p in parts if isinstance(p, _SEQ))
+    else:
+        return
+    if size > cap:
+        raise _OverLimit(f"built a value of {size:,} items with {name}", PROMPT_CHARS)
 
 
 def _loop_guard(iterable: Any) -> Any:
@@ -636,15 +688,15 @@ class _BoundedSandbox(SandboxedEnvironment):
         _step()
         cap = PROMPT_CHARS.value()
         if operator == "*":
-            seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > cap:
+            seq, n = (left, right) if isinstance(left, _SEQ) else (right, left)
+            if isinstance(seq, _SEQ) and isinstance(n, int) and len(seq) * n > cap:
                 raise _OverLimit(f"multiplied a sequence of {len(seq):,} by {n:,}", PROMPT_CHARS)
         elif operator == "**":
             if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 and \
                     right * math.log2(abs(left)) > 64 * cap:
                 raise _OverLimit(f"raised {left} to the power {right:,}", PROMPT_CHARS)
         elif operator == "+":
-            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and \
+            if isinstance(left, _SEQ) and isinstance(right, _SEQ) and \
                     len(left) + len(right) > cap:
                 raise _OverLimit(f"built a value of {len(left) + len(right):,} items with +", PROMPT_CHARS)
         elif operator == "%":
@@ -661,6 +713,8 @@ class _BoundedSandbox(SandboxedEnvironment):
         name = getattr(__obj, "__name__", "")
         if name in _SIZED_METHODS:
             _check_int_args((*args, *kwargs.values()), name)
+        elif name in ("replace", "join") and isinstance(getattr(__obj, "__self__", None), (str, bytes, bytearray)):
+            _check_grown(name, __obj.__self__, args)
         return _check_size(super().call(__context, __obj, *args, **kwargs), "a value")
 
     def wrap_str_format(self, value: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.io import atomic_write_bytes, atomic_write_text, dumps_jsonl, iter_jsonl_text, iter_lines
+from rsg_eval.core.io import (atomic_write_bytes, atomic_write_text, dumps_jsonl, iter_jsonl_text, iter_lines,
+                              open_regular, zip_member_problem)
 from rsg_eval.core.limits import SUBMISSION_BYTES
 from rsg_eval.core.metrics import normalize_answer
 from rsg_eval.core.tasks import BOOL, NLI2, NLI3, TASK_NAMES, Item, get_task
@@ -156,6 +158,9 @@ def read_submission_texts(path: str | Path) -> dict[str, tuple[str, str]]:
                                    file=path, expected="one <Task>.jsonl per task")
                 source = f"{path}!{info.filename}"
                 out[task] = (source, _decode(_read_member(zf, info, source), source))
+        if not out:  # like an empty folder: nothing was scored, so not exit status 0 with an empty table
+            raise RSGError("no <Task>.jsonl prediction files in the zip", file=path,
+                           expected=", ".join(f"{t}.jsonl" for t in TASK_NAMES))
         return out
     if path.is_file():
         task = _task_of_member(path.name)
@@ -166,7 +171,7 @@ def read_submission_texts(path: str | Path) -> dict[str, tuple[str, str]]:
     if path.is_dir():
         for f in sorted(path.iterdir()):
             task = _task_of_member(f.name)
-            if task and f.is_file():
+            if task:  # a FIFO or folder named TERRa.jsonl is named by read_prediction_bytes, never skipped
                 out[task] = (str(f), _decode(read_prediction_bytes(f), str(f)))
         if not out:
             raise RSGError("no <Task>.jsonl prediction files here", file=path,
@@ -178,10 +183,10 @@ def read_submission_texts(path: str | Path) -> dict[str, tuple[str, str]]:
 def read_prediction_bytes(path: Path) -> bytes:
     """A prediction file's bytes, refused beyond RSG_MAX_SUBMISSION_BYTES before it is read."""
     cap = SUBMISSION_BYTES.value()
-    size = path.stat().st_size
-    if size > cap:
-        raise SUBMISSION_BYTES.error(f"a prediction file of {size:,} bytes", file=path)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # a FIFO or folder named TERRa.jsonl: one line, never a hang
+        size = os.fstat(fh.fileno()).st_size
+        if size > cap:
+            raise SUBMISSION_BYTES.error(f"a prediction file of {size:,} bytes", file=path)
         data = fh.read(cap + 1)  # the file may grow between stat and read
     if len(data) > cap:
         raise SUBMISSION_BYTES.error("a prediction file over the size limit", file=path)
@@ -194,6 +199,10 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> byt
     import zlib
 
     cap = SUBMISSION_BYTES.value()
+    problem = zip_member_problem(info)
+    if problem is not None:
+        raise RSGError(f"the zip member {problem}", file=source,
+                       expected="a zip written by `rsg submit zip` or any zip tool")
     if info.file_size > cap:
         raise SUBMISSION_BYTES.error(f"a prediction file of {info.file_size:,} bytes uncompressed", file=source)
     try:
@@ -217,9 +226,9 @@ def _decode(data: bytes, source: str) -> str:
 def _int_idx(value: Any, strict: bool) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if not strict and isinstance(value, str) and value.strip().isdigit():
+    if not strict and isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
         return int(value)  # MOROCCO's LiDiRus predictions keep the file's string idx
-    raise ValueError(f"idx {value!r} is not an integer", "an integer idx from the test file")
+    raise ValueError(f"idx {value!r:.40} is not an integer", "an integer idx from the test file")
 
 
 def parse_lines(task: str, text: str, source: str, *, strict: bool = False) -> dict[int, Any]:

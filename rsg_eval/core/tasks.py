@@ -138,6 +138,8 @@ class _Rec:
     def get(self, key: str, types: type | tuple[type, ...], *, obj: dict | None = None, path: str = "") -> Any:
         src = self.rec if obj is None else obj
         name = f"{path}{key}"
+        if not isinstance(src, dict):  # a list element that should be an object (RuCoS qas[0] = 5, answers = "x")
+            raise self.err(f"expected an object, got {type(src).__name__} {src!r:.40}", path.rstrip(".") or None)
         if key not in src:
             raise self.err("missing field", name)
         val = src[key]
@@ -151,14 +153,16 @@ class _Rec:
     def idx(self, *, obj: dict | None = None, path: str = "", allow_str: bool = False) -> int:
         val = self.get("idx", (int, str) if allow_str else int, obj=obj, path=path)
         if isinstance(val, str):
-            if not val.strip().lstrip("-").isdigit():
-                raise self.err(f"idx {val!r} is not an integer", f"{path}idx")
+            if not val.strip().lstrip("-").isdigit() or len(val.strip()) > 18:
+                raise self.err(f"idx {val!r:.40} is not an integer (of at most 18 digits)", f"{path}idx")
             val = int(val)
         return val
 
     def label(self, allowed: tuple, *, obj: dict | None = None, path: str = "") -> Any:
         src = self.rec if obj is None else obj
         name = f"{path}label"
+        if not isinstance(src, dict):
+            raise self.err(f"expected an object, got {type(src).__name__} {src!r:.40}", path.rstrip(".") or None)
         if "label" not in src:
             raise self.err("missing field", name, allowed)
         val = src["label"]

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from rsg_eval.corpus.records import Problems, make_id
-from rsg_eval.core.errors import RSGError
+from rsg_eval.core.errors import RSGError, clip
 
-_SPAN = re.compile(r"^(\d+) (\d+)$")
+_SPAN = re.compile(r"^(\d{1,15}) (\d{1,15})$")  # 15 digits: far past any text, never int()'s limit
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,10 @@ class Entity:
 
 
 def _decode(path: Path) -> str:
+    from rsg_eval.core.io import read_bytes
+
     try:
-        return path.read_bytes().decode("utf-8")
+        return read_bytes(path).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RSGError(f"not UTF-8 text (byte {exc.start})", file=path) from None
 
@@ -53,13 +55,13 @@ def parse_ann_line(line: str, path: Path, lineno: int) -> Entity | None:
                        expected="T<n>\\t<TYPE> <start> <end>\\t<text>")
     head = parts[1].split(" ", 1)
     if len(head) != 2 or not head[0]:
-        raise RSGError(f"no type and offsets in {parts[1]!r}", file=path, line=lineno,
+        raise RSGError(f"no type and offsets in {clip(repr(parts[1]), 120)}", file=path, line=lineno,
                        expected="<TYPE> <start> <end>")
     spans = []
     for frag in head[1].split(";"):
         m = _SPAN.match(frag.strip())
         if not m:
-            raise RSGError(f"bad offsets {head[1]!r}", file=path, line=lineno,
+            raise RSGError(f"bad offsets {clip(repr(head[1]), 120)}", file=path, line=lineno,
                            expected="<start> <end>[;<start> <end>...]")
         s, e = int(m.group(1)), int(m.group(2))
         if e <= s:
@@ -87,11 +89,15 @@ def _matches(text: str, ent: Entity, shift: int) -> bool:
 def read_brat_doc(txt: Path, ann: Path, *, types: tuple[str, ...] | None, type_map: dict[str, str] | None,
                   discontinuous: str, problems: Problems, source: str) -> tuple[str, list[dict]] | None:
     """One document -> (text, entities), or None when a bad entity line made us skip it (counted in problems)."""
-    text = _decode(txt)
+    try:
+        text = _decode(txt)
+        ann_text = _decode(ann).lstrip("\ufeff")
+    except RSGError as err:  # a bad document is named and skipped, like a bad row
+        problems.add(source, err)
+        return None
     had_bom = text.startswith("\ufeff")
     if had_bom:
         text = text[1:]
-    ann_text = _decode(ann).lstrip("\ufeff")
     ents: list[Entity] = []
     for lineno, line in enumerate(ann_text.splitlines(), start=1):
         try:
@@ -120,12 +126,13 @@ def read_brat_doc(txt: Path, ann: Path, *, types: tuple[str, ...] | None, type_m
             return None
         last = max(e for _, e in ent.spans) - shift
         if min(s for s, _ in ent.spans) - shift < 0 or last > len(text):
-            problems.add(source, RSGError(f"offsets {ent.spans} outside the text ({len(text)} characters in {txt.name})",
+            problems.add(source, RSGError(f"offsets {clip(str(ent.spans), 120)} outside the text ({len(text)} characters in {txt.name})",
                                           file=ann, line=ent.line))
             return None
         if not _matches(text, ent, shift):
             got = _surface(text, ent.spans, shift)
-            problems.add(source, RSGError(f"offsets give {got!r} but the line says {ent.surface!r}", file=ann,
+            problems.add(source, RSGError(f"offsets give {clip(repr(got), 120)} but the line says "
+                                          f"{clip(repr(ent.surface), 120)}", file=ann,
                                           line=ent.line, expected="offsets into the .txt in characters"))
             return None
         spans = [(s - shift, e - shift) for s, e in ent.spans]

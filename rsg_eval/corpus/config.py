@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from rsg_eval.corpus.annotate import JOBS, TEACHER_TASKS, TeacherSpec
 from rsg_eval.corpus.cleaning import CleanConfig
 from rsg_eval.corpus.records import NEREL_TYPES, TASKS
 from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import read_yaml
 
 KINDS: dict[str, tuple[str, ...]] = {
     # kind: allowed keys besides name, kind, path, limit, clean, dedup
@@ -98,7 +97,7 @@ def _load_map(value: Any, base: Path, where: str) -> dict[str, Any] | None:
         p = (base / value).expanduser()
         if not p.is_file():
             raise RSGError("label map file not found", file=p, field=where)
-        value = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+        value = read_yaml(p)
     if not isinstance(value, dict):
         raise RSGError("a label map must be a mapping {source label: class}", field=where)
     return {str(k).lower() if isinstance(k, bool) else str(k): (None if v is None else str(v))
@@ -294,12 +293,7 @@ def load_config(path: str | Path) -> CorpusConfig:
     path = Path(path)
     if not path.is_file():
         raise RSGError("config file not found", file=path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RSGError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path,
-                       line=mark.line + 1 if mark else None) from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise RSGError("the config must be a YAML mapping", file=path)
     try:

@@ -11,7 +11,6 @@ entity spans), with the input templates below. The trainer and `--nli-head` eval
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -87,10 +86,9 @@ def read_labels(root: Path) -> dict[str, list[str]]:
     f = root / "labels.json"
     if not f.is_file():
         return {}
-    try:
-        data = json.loads(f.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise RSGError(f"not valid JSON ({exc.msg})", file=f, line=exc.lineno) from None
+    from rsg_eval.core.io import read_json
+
+    data = read_json(f)
     if not isinstance(data, dict):
         raise RSGError("must be a JSON object", file=f, expected='{"mc": [...], "ner": [...]}')
     out: dict[str, list[str]] = {}

@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import io
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from rsg_eval.corpus.records import NLI_LABELS, Problems, make_id
 from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import loads_json, open_regular
+from rsg_eval.core.limits import LINE_BYTES
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".jsonl.zst", ".csv.gz", ".txt")
 
@@ -32,19 +32,48 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_binary(path: Path) -> Any:
+    """A source file as a binary stream (decompressed for .gz/.zst); a regular file only (a FIFO never blocks)."""
     name = path.name.lower()
+    fh = open_regular(path)
     if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+        return gzip.open(fh, "rb")
     if name.endswith(".zst"):
         try:
             import zstandard  # type: ignore[import-not-found]
         except ImportError:
+            fh.close()
             raise RSGError("reading .zst needs the `zstandard` package (pip install zstandard), or decompress "
                            "the file first (zstd -d FILE)", file=path) from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+        return zstandard.ZstdDecompressor().stream_reader(fh, closefd=True)
+    return fh
+
+
+def _lines(file: Path, fh: Any, problems: Problems, source: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a binary stream, read with a bound (RSG_MAX_LINE_BYTES): a line over
+    it, or one that is not UTF-8, is named (problems) and skipped, never read whole or a traceback."""
+    cap = LINE_BYTES.value()
+    lineno = 0
+    while True:
+        try:
+            raw = fh.readline(cap + 1)
+        except (OSError, EOFError, ValueError) as exc:  # a damaged .gz/.zst stream
+            problems.add(source, RSGError(f"damaged compressed file ({exc})", file=file, line=lineno + 1))
+            return
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > cap and not raw.endswith(b"\n"):
+            problems.add(source, LINE_BYTES.error("line too long", file=file, line=lineno))
+            while raw and not raw.endswith(b"\n"):  # skip the rest of it without keeping it
+                raw = fh.readline(cap + 1)
+            continue
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.add(source, RSGError(f"not UTF-8 text (byte {exc.start} of the line)", file=file, line=lineno))
 
 
 def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -65,8 +94,9 @@ def iter_rows(path: Path, problems: Problems, source: str) -> Iterator[tuple[Pat
         if suf == ".parquet":
             yield from _parquet_rows(file)
         elif suf in (".csv", ".tsv", ".csv.gz"):
-            with _open_text(file) as fh:
-                reader = csv.DictReader(fh, delimiter="\t" if suf == ".tsv" else ",")
+            with _open_binary(file) as fh:
+                reader = csv.DictReader((text for _, text in _lines(file, fh, problems, source)),
+                                        delimiter="\t" if suf == ".tsv" else ",")
                 for row in reader:
                     # DictReader's line_num is the physical line of the row's end (1-based, header = 1).
                     if None in row:
@@ -75,14 +105,14 @@ def iter_rows(path: Path, problems: Problems, source: str) -> Iterator[tuple[Pat
                         continue
                     yield file, reader.line_num, row
         else:
-            with _open_text(file) as fh:
-                for lineno, line in enumerate(fh, start=1):
+            with _open_binary(file) as fh:
+                for lineno, line in _lines(file, fh, problems, source):
                     if not line.strip():
                         continue
                     try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        problems.add(source, RSGError(f"not valid JSON ({exc.msg})", file=file, line=lineno))
+                        row = loads_json(line, file=file, line=lineno)
+                    except RSGError as err:
+                        problems.add(source, err)
                         continue
                     if not isinstance(row, dict):
                         problems.add(source, RSGError("not a JSON object", file=file, line=lineno))

@@ -61,16 +61,19 @@ class Problems:
     def add(self, source: str, err: RSGError) -> None:
         if self.strict:
             raise err
+        from rsg_eval.core.errors import clip
+
         self.counts[source] += 1
+        text = clip(str(err), 1000)  # one line each, however large the crafted record
         if len(self.all_messages) < 100_000:
-            self.all_messages.append(str(err))
+            self.all_messages.append(text)
         if len(self.messages) == self.keep and not self.echoed_note and self.echo is not None:
             self.echoed_note = True
             self.echo("(more bad records are skipped silently; all of them are listed in problems.txt)")
         if len(self.messages) < self.keep:
-            self.messages.append(str(err))
+            self.messages.append(text)
             if self.echo is not None:
-                self.echo(f"skipped: {err}")
+                self.echo(f"skipped: {text}")
 
     @property
     def total(self) -> int:

@@ -13,7 +13,6 @@ renames, so a crash or a full disk leaves the previous one whole:
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
@@ -145,14 +144,18 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
                           getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc))
         kept = (f"the earlier {' and '.join(repr(n) for n in prev)} checkpoint{'s' if len(prev) > 1 else ''} in "
                 f"{root} {'are' if len(prev) > 1 else 'is'} intact") if prev else "no earlier checkpoint existed"
+        todo = ("Free some space and rerun the same command to resume" if why != "the file system is read-only"
+                else "Write elsewhere or remount the file system writable, then rerun to resume")
         raise SaveError(f"could not save the '{name}' checkpoint: {why}; {kept}, and finished tasks in the run "
-                        f"folder are kept. Free some space and rerun the same command to resume",
+                        f"folder are kept. {todo}",
                         file=final) from None
     return final
 
 
 def read_meta(folder: Path) -> dict:
-    return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    from rsg_eval.core.io import read_json
+
+    return read_json(folder / "meta.json")
 
 
 _CORRUPT_HINT = ("a checkpoint file of this run is damaged (a disk error, or it was changed); delete the folder "

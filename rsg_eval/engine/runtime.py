@@ -81,7 +81,42 @@ def init_from_env(timeout_s: float | None = None) -> Dist:
             collective.join("nccl", timeout)
         else:
             collective.join("gloo", timeout)
+        # Who is who, for naming a process that dies later (gone_peers): one small gather while all are alive
+        import socket
+
+        if collective.is_initialized():
+            try:
+                _PEERS[:] = d.gather((socket.gethostname(), os.getpid()))
+            except (RuntimeError, ValueError):  # naming a dead peer is a nicety: never a reason to fail here
+                _PEERS.clear()
     return d
+
+
+_PEERS: list = []   # (host, PID) of each rank, filled by init_from_env
+
+
+def gone_peers() -> str | None:
+    """The processes of this launch that are no longer running, in words ("process 1 of 2 (PID 4242)"), for
+    the one line that says why a run stopped (torchrun stops the others with SIGTERM when one is killed, and a
+    collective with a dead process fails with a socket error that names nobody); None when none is known gone.
+    Only processes on this host can be checked."""
+    import socket
+
+    me = socket.gethostname()
+    gone = []
+    for rank, (host, pid) in enumerate(_PEERS):
+        if host != me or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            gone.append(f"process {rank} of {len(_PEERS)} (PID {pid})")
+        except OSError:
+            pass
+    if not gone:
+        return None
+    return (f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone (killed, or out of memory); the launcher "
+            "stopped the others. Finished tasks are kept: rerun the same command to resume")
 
 
 def local_gpu(d: Dist) -> int:

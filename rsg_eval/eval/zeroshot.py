@@ -124,6 +124,7 @@ class ZeroShotResult:
     metrics: dict | None = None
     zip: ZipResult | None = None
     interrupted: bool = False
+    terminated: bool = False          # the interruption was SIGTERM (exit 143), not Ctrl-C (130)
     main: bool = True                 # False on the other processes of a multi-process run (they write nothing)
 
 
@@ -478,14 +479,14 @@ def _shard_path(run: RunFolder, sh: _Shard) -> Path:
 
 def _read_shard(run: RunFolder, sh: _Shard) -> dict | None:
     """A finished shard's result from disk, or None when absent or not exactly this shard (then it is redone)."""
-    import json
+    from rsg_eval.core.io import read_json
 
     path = _shard_path(run, sh)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(path)
+    except RSGError:  # damaged or crafted (not JSON, too deep, ...): redone
         return None
     keys = sh.keys()
     rows = data.get("rows") if isinstance(data, dict) else None
@@ -807,8 +808,9 @@ def _run_claimed(opts: ZeroShotOptions, run: RunFolder, src: Any, jobs: list[Job
                         error = error or exc
             if error is not None:
                 raise error
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         result.interrupted = True
+        result.terminated = type(exc).__name__ == "Terminated"  # errors.Terminated: SIGTERM
         console.print("[yellow]interrupted: finished tasks and shards are saved; rerun the same command to "
                       "resume[/]")
     finally:

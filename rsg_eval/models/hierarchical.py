@@ -423,12 +423,11 @@ def is_hierarchical_dir(path: str | Path) -> bool:
 
 def read_hmtl_config(path: str | Path) -> HMTLConfig:
     f = Path(path) / CONFIG_NAME
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RSGError("not a hierarchical checkpoint (no hmtl_config.json)", file=f) from None
-    except json.JSONDecodeError as exc:
-        raise RSGError(f"not valid JSON ({exc.msg})", file=f, line=exc.lineno) from None
+    from rsg_eval.core.io import read_json
+
+    if not f.exists():
+        raise RSGError("not a hierarchical checkpoint (no hmtl_config.json)", file=f)
+    data = read_json(f)
     return HMTLConfig.from_dict(data, file=str(f))
 
 

@@ -351,6 +351,13 @@ def _from_pretrained(auto_cls: Any, name: str, config: Any, dt: torch.dtype, com
     dkw = {"dtype": dt} if _version_tuple(transformers.__version__) >= (4, 56) else {"torch_dtype": dt}
     try:
         return auto_cls.from_pretrained(name, config=config, use_safetensors=True, **dkw, **common)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        # the weights' shapes are not the config's: one line naming the first tensor, not torch's whole list
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+        raise RSGError(f"the weights do not match config.json: {detail[:300]}", file=Path(name) / "config.json",
+                       expected="the config.json saved with these weights (save_pretrained)") from None
     except (OSError, ValueError, *_weight_errors()) as exc:
         first = exc
     log.warning("no safetensors weights for %s; loading the pickled checkpoint", name)
@@ -466,9 +473,11 @@ def _short(exc: BaseException) -> str:
 def _check_local_weights(path: Path) -> None:
     """Refuse a model folder whose weights files are truncated or not weights at all, naming the file, before
     a loader meets them (rsg_eval.models.weight_files reads only their headers)."""
-    from rsg_eval.models.weight_files import check_weight_files
+    from rsg_eval.models.weight_files import check_model_config, check_weight_files
 
     check_weight_files(path)
+    if (path / "config.json").exists():
+        check_model_config(path)
 
 
 def _weight_errors() -> tuple[type[BaseException], ...]:
@@ -515,6 +524,9 @@ def model_kind(name_or_path: str | Path) -> str | None:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         return None
+    from rsg_eval.models.weight_files import check_model_config
+
+    check_model_config(path)  # a crafted config.json is one line here too, not AutoConfig's traceback
     try:
         from transformers import AutoConfig
 

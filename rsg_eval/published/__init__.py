@@ -41,11 +41,9 @@ def printed_decimals(text: str) -> int:
 
 @lru_cache(maxsize=4)
 def _read(name: str) -> dict[str, Any]:
-    import yaml
+    from rsg_eval.core.io import read_yaml
 
-    path = HERE / FILES[name]
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    data = read_yaml(HERE / FILES[name])
     return data if isinstance(data, dict) else {}
 
 

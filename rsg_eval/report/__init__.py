@@ -24,7 +24,7 @@ def load_runs(specs: Sequence[str | Path], *, against: Iterable[str] = (), split
     from rsg_eval.report.load import DamagedRun, load_any
 
     runs, problems = [], []
-    first_ok = True
+    first_ok, said_expected = True, False
     for i, spec in enumerate(specs):
         try:
             runs += load_any(spec, split)
@@ -32,13 +32,15 @@ def load_runs(specs: Sequence[str | Path], *, against: Iterable[str] = (), split
             raise
         except RSGError as exc:  # a bad RUN is skipped: the report shows what can be compared
             problems.append(f"skipped {spec}: {exc}")
+            said_expected = said_expected or exc.expected is not None
             first_ok = first_ok and i > 0
     for spec in against:  # a typo in --against is an error, not a silent skip
         runs += load_any(spec, split, against=True)
     if not runs:
+        # what a RUN may be, said once: not after a problem that already says what was expected
         raise RSGError("nothing to report: " + "; ".join(problems or ["no runs given"]),
-                       expected="run folders written by `rsg zeroshot`/`rsg finetune`, score files (.yaml/.json), "
-                                "or --against paper|leaderboard")
+                       expected=None if said_expected else "run folders written by `rsg zeroshot`/`rsg finetune`, "
+                                                           "score files (.yaml/.json), or --against paper|leaderboard")
     if not first_ok:
         problems.append(f"the first run could not be read: {runs[0].name} is the reference")
     return runs, problems

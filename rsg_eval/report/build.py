@@ -77,7 +77,10 @@ def _gain(score: float | None, ref: float | None) -> float | None:
 
 
 def _f(x: Any) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    """A number as float; None for None, NaN and anything that is not a number (a hand-edited "high")."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return float(x)
 
 
 def _unique_names(runs: Sequence[Run]) -> None:
@@ -166,8 +169,11 @@ def _cell(run: Run, task: str, boot: _TaskBoot, r: int, problems: list[str]) -> 
         b = boot.boots[r]
         point = b.point
         rep = run.reported.get(task)
-        if rep and any(abs(float(rep.get(k, point[k])) - point[k]) > 1e-6 for k in point):
-            problems.append(f"{run.name} {task}: metrics.json disagrees with the logs; the logs are used")
+        wrong = [k for k in point if _f(rep.get(k, point[k])) is None or abs(_f(rep.get(k, point[k])) - point[k]) > 1e-6
+                 ] if rep else []
+        if wrong:
+            shown = ", ".join(f"{k} {rep.get(k)!r:.20} (logs: {point[k]:.4f})" for k in wrong)
+            problems.append(f"{run.name} {task}: metrics.json disagrees with the logs ({shown}); the logs are used")
         lo, hi = percentile_ci(boot.samples[r])
         return {"status": "ok", "metrics": {m: point[m] for m in names}, "score": point["score"],
                 "ci": [lo, hi], "n": len(b.golds), "groups": b.n_groups, "source": "logs"}
@@ -506,6 +512,11 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         if missing and run.origin != "published":
             problems.append(f"{run.name}: no results for {', '.join(missing)} (marked missing)")
     totals, common = _totals(runs, tasks, cells, boots, diffs, bases)
+    for run, row in zip(runs, totals):  # a hand-edited total is said, like a hand-edited task score
+        rep = run.reported_total
+        if run.origin == "run" and rep is not None and row["total"] is not None and abs(rep - row["total"]) > 1e-6:
+            problems.append(f"{run.name}: metrics.json's total {rep:.4f} disagrees with the logs ({row['total']:.4f}); "
+                            "the logs are used")
     table3 = _paper_table3(runs, extras, cells, tasks, problems)
     _check_table2(runs, extras, totals, problems)
     published_notes = list(dict.fromkeys(n for e in extras.values() for n in e.get("notes", [])))

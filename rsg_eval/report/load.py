@@ -84,6 +84,35 @@ def _key(x: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------------- folders
 
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_metrics(metrics: Any, path: Path) -> None:
+    """RSGError naming the field when metrics.json does not have the shape the tool writes (numbers where numbers
+    go: `"acc": "high"` is damaged, like invalid JSON, and so rebuilt from the logs)."""
+    def bad(field: str, what: str) -> RSGError:
+        # the field goes into the message: the report's note quotes the message alone
+        return RSGError(f"not the metrics this tool writes: field '{field}': {what}", file=path)
+
+    tasks = metrics.get("tasks", {})
+    if not isinstance(tasks, dict):
+        raise bad("tasks", f"a JSON {type(tasks).__name__} instead of an object {{Task: {{metric: number}}}}")
+    for task, values in tasks.items():
+        if not isinstance(values, dict):
+            raise bad(f"tasks.{task}", f"a JSON {type(values).__name__} instead of an object {{metric: number}}")
+        for k, v in values.items():
+            if not _number_or_none(v):
+                raise bad(f"tasks.{task}.{k}", f"{v!r:.40} is not a number")
+    if not _number_or_none(metrics.get("total")):
+        raise bad("total", f"{metrics.get('total')!r:.40} is not a number")
+    for key in ("lidirus_diagnostics", "data_sha256", "counts", "ignored"):
+        if not isinstance(metrics.get(key, {}), dict):
+            raise bad(key, f"a JSON {type(metrics[key]).__name__} instead of an object")
+    if not isinstance(metrics.get("split", ""), str):
+        raise bad("split", "not a split name")
+
+
 def looks_like_run(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in ("config.json", "metrics.json", "logs"))
 
@@ -107,12 +136,15 @@ def load_run_folder(path: str | Path, split: str = "val") -> Run:
                          "rerun it with --restart", file=exc.file, line=exc.line) from None
     try:
         metrics = folder.read_metrics() or {}
+        _check_metrics(metrics, folder.metrics_path)
         damaged = None
     except RSGError as exc:
         metrics, damaged = {}, exc
     run = Run(name=path.name, split=split, origin="run", source=str(path), config=config)
-    if not config:
+    if not folder.config_path.exists():
         run.notes.append("no config.json: model and template unknown")
+    elif not config:
+        run.notes.append("config.json records nothing ({}): model and template unknown")
     stale_metrics = bool(config.get("settings_sha256") and metrics.get("settings_sha256") not in
                          (None, config["settings_sha256"]))
     if metrics.get("split") == split and not stale_metrics:
@@ -162,22 +194,12 @@ def load_run_folder(path: str | Path, split: str = "val") -> Run:
 # --------------------------------------------------------------------------------------------------- score files
 
 def _read_structured(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise RSGError("file not found", file=path) from None
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RSGError(f"not valid JSON ({exc.msg})", file=path, line=exc.lineno) from None
-    import yaml
+    from rsg_eval.core.io import load_yaml, loads_json, read_text
 
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise RSGError(f"not valid YAML ({exc})", file=path, line=None if line is None else line + 1) from None
+    text = read_text(path)
+    if path.suffix.lower() == ".json":
+        return loads_json(text, file=path)
+    return load_yaml(text, file=path)
 
 
 def _number(value: Any, where: str, path: Path) -> float:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.io import atomic_write_json
+from rsg_eval.core.io import atomic_write_json, is_regular_file, read_json, storage_error
+from rsg_eval.core.limits import LINE_BYTES
 from rsg_eval.runs.lock import FolderLock, is_main_process
-from rsg_eval.runs.names import _jsonable, _task_name, fingerprint
+from rsg_eval.runs.names import LOCK_NAME, RUN_MARKER, _jsonable, _task_name, check_run_path, fingerprint
 
 
 # --------------------------------------------------------------------------------------------------- claim
@@ -97,6 +98,8 @@ class Claim:
             self.lock = None
         for d in reversed(self.created):
             try:
+                if d == self.folder and [p.name for p in d.iterdir()] == [RUN_MARKER]:
+                    (d / RUN_MARKER).unlink()  # nothing but our marker: the folder goes as if never made
                 d.rmdir()  # only when empty
             except OSError:
                 break
@@ -114,7 +117,7 @@ def claim_folder(folder: str | Path, kind: str, settings: Mapping[str, Any], *,
                  record: str = "config.json", has_results: Callable[[], bool],
                  task_has_results: Callable[[str], bool] = lambda key: False,
                  clear: Callable[[], None], unrecorded: str = "compare", option: str = "--run",
-                 main: bool | None = None) -> Claim:
+                 main: bool | None = None, legacy_names: Iterable[str] = ()) -> Claim:
     """Lock `folder` and check that it holds results of these settings only (the one-configuration rule).
 
     The generic mechanism behind `RunFolder.claim` (and `rsg train-hmtl --out`): takes the lock, reads the
@@ -131,21 +134,62 @@ def claim_folder(folder: str | Path, kind: str, settings: Mapping[str, Any], *,
                   record=folder / record, main=main)
     if not main:
         return claim
+    check_run_path(folder, option=option)
     missing = []
     p = folder
-    while not p.exists():
+    while not os.path.lexists(p) and p != p.parent:
         missing.append(p)
         p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err = storage_error(exc, folder)
+        raise err if err is not None else RSGError(f"cannot create this folder ({exc.strerror or exc})",
+                                                   file=folder, field=option) from None
     claim.created = list(reversed(missing))
+    _check_ours(folder, claim.record, option, legacy_names)
     claim.lock = FolderLock(folder).acquire()
     try:
+        marker = folder / RUN_MARKER
+        if not marker.is_file():
+            atomic_write_json(marker, {"written_by": "rsg-eval", "kind": kind,
+                                       "note": "marks a folder rsg made; rsg --restart clears only its own files"})
+
         _check_claim(claim, restart=restart, has_results=has_results, task_has_results=task_has_results,
                      clear=clear, unrecorded=unrecorded, option=option)
     except BaseException:
         claim.release()
         raise
     return claim
+
+
+def _check_ours(folder: Path, record: Path | None, option: str, legacy_names: Iterable[str] = ()) -> None:
+    """Refuse a folder the tool did not make: one holding files but no RUN_MARKER, unless its record file
+    (config.json) is a record the tool wrote before markers existed. `--run ..` (the current directory, a home
+    folder, a project) is thereby never written into nor cleared."""
+    if (folder / RUN_MARKER).is_file():
+        return
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, LOCK_NAME + ".takeover"))
+    except OSError as exc:
+        raise RSGError(f"cannot list this folder ({exc.strerror or exc})", file=folder, field=option) from None
+    known = set(legacy_names)
+    if not names or (known and all(n in known or n.startswith(".") for n in names)):
+        return
+    if record is not None and is_regular_file(record):
+        try:
+            old = read_json(record, max_bytes=LINE_BYTES.value())
+        except RSGError:
+            old = None
+        if isinstance(old, dict) and ("settings_sha256" in old or old.get("kind") in _RUN_KINDS):
+            return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise RSGError(f"holds files this tool did not write ({shown}) and no {RUN_MARKER} marker, so it is not a run "
+                   f"folder; --restart would delete files there. Pick a new or empty folder for {option}",
+                   file=folder, field=option, expected="a new or empty folder, or a run folder this tool made")
+
+
+_RUN_KINDS = ("zeroshot", "finetune", "nli-head", "train-hmtl")
 
 
 def _check_claim(claim: Claim, *, restart: bool, has_results: Callable[[], bool],
@@ -193,9 +237,13 @@ def _check_claim(claim: Claim, *, restart: bool, has_results: Callable[[], bool]
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
+    """A run folder's JSON object file (config.json, metrics.json, a state); None when absent. Read with
+    io.read_json (depth, huge integers, surrogates, a FIFO or folder in its place: one RSGError); a value that
+    is not an object is an RSGError too (a list is no config)."""
+    if not os.path.lexists(path):
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise RSGError(f"not valid JSON ({exc.msg})", file=path, line=exc.lineno) from None
+    value = read_json(path, max_bytes=LINE_BYTES.value())
+    if not isinstance(value, dict):
+        raise RSGError(f"not valid JSON (a JSON {type(value).__name__} instead of an object)", file=path,
+                       expected="a JSON object {...}")
+    return value

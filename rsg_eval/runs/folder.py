@@ -90,7 +90,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from rsg_eval.core.errors import RSGError
-from rsg_eval.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
+from rsg_eval.core.io import (atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file,
+                              storage_error)
 from rsg_eval.runs.claim import Claim, _read_json, _task_key, claim_folder
 from rsg_eval.runs.names import DEFAULT_ROOT, PARTIAL_ZIP_NAME, RESULT_NAMES, ZIP_NAME, _jsonable, _task_name, run_path
 
@@ -127,7 +128,12 @@ class RunFolder:
                tags: Iterable[str] = (), root: str | Path = DEFAULT_ROOT) -> "RunFolder":
         """Create (or reuse) a run folder at `run_path(...)`."""
         path = run_path(name, model=model, kind=kind, tags=tags, root=root)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            err = storage_error(exc, path)
+            raise err if err is not None else RSGError(f"cannot create this folder ({exc.strerror or exc})",
+                                                       file=path, field="--run") from None
         return cls(path)
 
     @classmethod

@@ -8,12 +8,14 @@ import json
 import os
 import secrets
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import loads_json
 from rsg_eval.runs.names import LOCK_NAME
 
 
@@ -41,8 +43,13 @@ def _proc_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+# Linux's pid_max is at most 2**22; PIDs elsewhere fit 32 bits. A larger one is no process (and os.kill would
+# raise OverflowError on it).
+_PID_LIMIT = 1 << 31
+
+
 def _pid_alive(pid: int, start: str | None) -> bool:
-    if pid <= 0:
+    if not 0 < pid < _PID_LIMIT:
         return False
     try:
         os.kill(pid, 0)
@@ -86,18 +93,48 @@ class FolderLock:
         return self.token is not None
 
     def holder(self) -> dict | None:
-        """The lock file's record; {} when it exists but cannot be read; None when there is no lock."""
+        """The lock file's record; {} when it exists but cannot be read; None when there is no lock.
+
+        Never follows a symlink and never opens anything but a regular file (a FIFO would block): such a lock
+        is `_foreign`, refused by `acquire`. At most 64 KiB are read (a lock is one short line)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return None
         except OSError:
             return {}
         try:
-            rec = json.loads(text)
-        except json.JSONDecodeError:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            data = os.read(fd, 1 << 16)
+        except OSError:
+            return {}
+        finally:
+            os.close(fd)
+        try:
+            rec = loads_json(data, file=self.path)
+        except RSGError:
             return {}
         return rec if isinstance(rec, dict) else {}
+
+    def _foreign(self) -> RSGError | None:
+        """An RSGError when the lock path is something this tool never writes (a symlink, dangling or not, a
+        folder, a FIFO, a file it cannot read): taking it over could delete or follow something else, and
+        waiting for it would wait forever. None for a regular file (or none at all)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return RSGError(f"the lock file cannot be checked ({exc.strerror or exc})", file=self.path)
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else None if stat.S_ISREG(st.st_mode) else "a special file (FIFO, socket or device)")
+        if what is None:
+            if os.access(self.path, os.R_OK):
+                return None
+            what = "a file this user cannot read"
+        return RSGError(f"the lock file is {what}, not a lock this tool wrote; check what it is, remove it and "
+                        "run the same command again", file=self.path, expected="a regular file rsg.lock, or none")
 
     def _gone(self, rec: dict) -> bool:
         """True when the holder recorded in `rec` is certainly not running any more."""
@@ -109,10 +146,9 @@ class FolderLock:
             return age > self.FRESH_SECONDS
         if rec.get("host") != socket.gethostname():
             return False  # another machine (a shared disk): its PIDs cannot be checked from here
-        try:
-            pid = int(rec.get("pid"))
-        except (TypeError, ValueError):
-            return True
+        pid = rec.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
+            return True  # no process can have it (10**20, "x"): a damaged lock, taken over
         if pid == os.getpid() and rec.get("token") not in {lk.token for lk in _HELD.values()}:
             return rec.get("proc_start") != _proc_start(pid)  # our PID, another (dead) process's lock
         return not _pid_alive(pid, rec.get("proc_start"))
@@ -149,8 +185,14 @@ class FolderLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                foreign = self._foreign()
+                if foreign is not None:
+                    raise foreign from None
                 rec = self.holder()
                 if rec is None:
+                    if time.monotonic() > deadline:  # never spin: another process keeps recreating it
+                        raise RSGError("could not take the lock (it keeps appearing and disappearing)",
+                                       file=self.path) from None
                     continue  # released between our open and our read: try again
                 if not self._gone(rec):
                     raise self._busy(rec) from None

@@ -200,19 +200,15 @@ def load_config_set(path: str | Path | None, cli: Mapping[str, Any] | None = Non
                        cli=cli_vals, source="command line")
         cs.for_task("TERRa")  # validate early
         return cs
-    import yaml
 
     from rsg_eval.core.tasks import get_task
 
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise RSGError("config file not found", file=p) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RSGError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=p,
-                       line=(mark.line + 1) if mark else None) from None
+    from rsg_eval.core.io import read_yaml
+
+    if not p.exists():
+        raise RSGError("config file not found", file=p)
+    raw = read_yaml(p) or {}
     if not isinstance(raw, dict):
         raise RSGError("the config must be a mapping", file=p, expected="defaults: {...}, tasks: {Task: {...}}")
     top = {k: v for k, v in raw.items() if k not in ("defaults", "tasks")}

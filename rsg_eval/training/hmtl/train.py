@@ -72,7 +72,7 @@ from rsg_eval.corpus.load import open_corpus
 from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
                                    task_indices)
 from rsg_eval.corpus.labels import TASKS
-from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from rsg_eval.models.adapters import ADAPTER_ACTIVATIONS
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
                                           load_hierarchical)
@@ -312,7 +312,8 @@ def _claim_out(cfg: TrainConfig, corpus: Any, d: Dist, restart: bool) -> Any:
         legacy = (out / "run.json").is_file() and not (out / "settings.json").is_file()
         claim = claim_folder(out, "train-hmtl", out_settings(cfg, corpus), restart=restart,
                              record="settings.json", has_results=has_results, clear=clear, option="--out",
-                             unrecorded="compare" if legacy else "refuse", main=True)
+                             unrecorded="compare" if legacy else "refuse", main=True,
+                             legacy_names=(*_OUTPUTS, *(p.name for p in out.glob("epoch-*"))))
         try:
             if legacy and not restart:  # an --out from before settings.json: its run.json holds the recipe
                 _check_run_json(out / "run.json", cfg.fingerprint_dict())
@@ -328,7 +329,7 @@ def _claim_out(cfg: TrainConfig, corpus: Any, d: Dist, restart: bool) -> Any:
 
 def _check_run_json(run_file: Path, fp: dict[str, Any]) -> None:
     """Refuse when run.json's recorded config differs from `fp`, naming each setting old -> new."""
-    prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    prior = read_json(run_file) if run_file.is_file() else None
     if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
         from rsg_eval.runs import settings_diff
 
@@ -374,7 +375,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     run_file = out / "run.json"
     fp = cfg.fingerprint_dict()
     _check_run_json(run_file, fp)
-    prior = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    prior = read_json(run_file) if run_file.is_file() else None
     if prior is not None and prior.get("finished"):
         log(f"{out} already holds a finished run; nothing to do")
         hist = prior.get("history", [])
