@@ -81,6 +81,12 @@ class OOMAbove:
 SYNC_METHODS = ("tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
 
 
+# transformers 5 builds attention masks with `padding_mask.all()` (masking_utils: a host read inside every model
+# call, to skip an all-ones mask); the one-sync-per-batch property is ours only under 4.x, where nothing else reads.
+TRANSFORMERS5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
+SYNC_REASON = "transformers 5's mask builder reads the padding mask on the host (not our code)"
+
+
 @contextlib.contextmanager
 def count_syncs() -> Iterator[Counter]:
     """Count the calls that read a tensor's value on the host (each one waits for the GPU there): `.tolist()`,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _hmtl_utils import one_thread  # noqa: F401  (autouse fixture)
+from _scoring_utils import SYNC_REASON, TRANSFORMERS5
 
 from rsg_eval.training.hmtl.train import TrainConfig, train
 
@@ -257,7 +258,9 @@ def test_batch_readings_weigh_each_task_as_its_mean_per_step(tmp_path):
     assert moved > 1e-3                      # training really moved the weights
     for name, w in weights.items():
         diff = max(float((w[k] - ref[k]).abs().max()) for k in ref)
-        assert diff < 1e-5, (name, diff)
+        # transformers 5 runs T5 attention through sdpa, whose padded and unpadded batches round apart by ~1e-7;
+        # AdamW's first steps (update ~ lr * sign(g)) lift that to ~1e-4 on weights that moved by > 1e-3
+        assert diff < (2e-4 if TRANSFORMERS5 else 1e-5), (name, diff)
     rows = _losses(tmp_path / "total-2x2")
     assert {r["split"] for r in rows} == {"train", "val"} and list(rows[0])[:3] == ["epoch", "split", "mean"]
 
@@ -268,6 +271,7 @@ def _final_weights_of_fresh_tiny():
     return {k: v.detach().clone() for k, v in load_model("tiny").model.state_dict().items()}
 
 
+@pytest.mark.skipif(TRANSFORMERS5, reason=SYNC_REASON)
 def test_one_host_sync_per_optimizer_step(tmp_path):
     """The step's losses stay on the device until the step ends: one host read per optimizer step (it was one per
     task batch, 8 tasks x 2 micro-steps here, each a wait for the GPU), whatever the number of tasks."""

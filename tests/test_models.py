@@ -10,6 +10,7 @@ import torch
 from rsg_eval.core.errors import RSGError
 from rsg_eval.models.loading import load_model, max_input_tokens, resolve_dtype
 from rsg_eval.models.tiny import build_tiny, build_tiny_tokenizer
+from rsg_eval.models.untied import declared_untied
 
 
 def _weights_hash(model: torch.nn.Module) -> str:
@@ -55,7 +56,7 @@ def test_tiny_tokenizer_has_fred_like_special_tokens_and_appends_no_eos():
 def test_tiny_model_is_t5_v11_with_untied_head():
     model, tok = build_tiny()
     cfg = model.config
-    assert cfg.feed_forward_proj == "gated-gelu" and not cfg.tie_word_embeddings
+    assert cfg.feed_forward_proj == "gated-gelu" and declared_untied(cfg)  # 5.x keeps the flag True (untied.py)
     assert cfg.decoder_start_token_id == 0 and cfg.eos_token_id == 2
     assert cfg.vocab_size == len(tok)
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()

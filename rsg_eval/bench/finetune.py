@@ -123,7 +123,9 @@ def trim_heap() -> None:
 
 def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, int]:
     """(random model in train mode on device, vocab size): tiny, small (d256 4+4) or fredt5-1.7b."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5Config
+
+    from rsg_eval.models.untied import build_t5
 
     from rsg_eval.models.tiny import build_tiny
 
@@ -133,7 +135,7 @@ def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, int]:
         model, tok = build_tiny(**SMALL)
     elif name == "fredt5-1.7b":
         with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            model = T5ForConditionalGeneration(T5Config(**FRED_1_7B))
+            model = build_t5(T5Config(**FRED_1_7B))  # FRED's separate head under transformers 4 and 5
         return model.to(device).train(), FRED_1_7B["vocab_size"]
     else:
         raise ValueError(name)

@@ -20,7 +20,7 @@ def memory_cmd(
                                                                                "(fine-tuning's default)."),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                 help="Activations with per-block checkpointing, as training runs."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="Optimizer whose state is counted: adamw."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="Optimizer whose state the table counts: adamw or adafactor (a second table shows both)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here.",
                                             show_default="not written"),
 ) -> None:
@@ -41,5 +41,6 @@ def memory_cmd(
     table = memory.rows(shape, optimizer=optimizer, checkpointing=gradient_checkpointing)
     typer.echo(memory.markdown(table, shape, batch=batch, src_len=source_length, tgt_len=target_length,
                                optimizer=optimizer, checkpointing=gradient_checkpointing))
+    typer.echo(memory.optimizer_comparison(shape, checkpointing=gradient_checkpointing))
     if json_out is not None:
         atomic_write_json(json_out, memory.as_json(table, shape))

@@ -23,7 +23,8 @@ CONFIG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "grad_accum": "gr
                "early_stopping": "early_stopping", "max_steps": "max_steps", "save_every": "save_every",
                "seed": "seed", "normalize": "normalize", "template": "template",
                "gradient_checkpointing": "gradient_checkpointing", "bf16": "bf16",
-               "group_by_length": "group_by_length"}
+               "group_by_length": "group_by_length", "optimizer": "optimizer", "lora": "lora",
+               "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_targets": "lora_targets"}
 
 
 def register(app: typer.Typer) -> None:
@@ -34,9 +35,10 @@ def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune_cmd(
         ctx: typer.Context,
-        model: str = typer.Option(..., "--model", "-m", help="'tiny' (random, offline smoke test), a hub id such "
-                                                             "as ai-forever/FRED-T5-1.7B, a local model folder, "
-                                                             "or a hierarchical checkpoint folder."),
+        model: str = typer.Option(..., "--model", "-m", help="'tiny' or 'tiny-causal' (random, offline smoke "
+                                                             "tests), a hub id such as ai-forever/FRED-T5-1.7B, a "
+                                                             "local model folder (seq2seq or decoder-only), or a "
+                                                             "hierarchical checkpoint folder."),
         epochs: int = typer.Option(d.epochs, "--epochs", help="Epochs per task."),
         tasks: Optional[List[str]] = tasks_option("Tasks: names, comma-separated or after one --tasks (--tasks "
                                                   "TERRa RCB). LiDiRus is predicted by the TERRa model."),
@@ -104,6 +106,24 @@ def register(app: typer.Typer) -> None:
                                                show_default="the hub's default branch"),
         sharding: Optional[str] = sharding_option(),
         fsdp_cpu_offload: bool = fsdp_offload_option(),
+        optimizer: str = typer.Option(d.optimizer, "--optimizer", help="adamw, or adafactor (transformers', with "
+                                                                       "T5's settings: a constant --lr, 1e-3 by "
+                                                                       "default, no warm-up; far less memory)."),
+        lora: Optional[int] = typer.Option(None, "--lora", min=0, help="Train a LoRA adapter of this rank (peft, "
+                                                                       "the [lora] extra); 0 = every weight.",
+                                           show_default="LoRA 16 for decoder-only models over 1e9 parameters, "
+                                                        "else 0"),
+        lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale numerator.",
+                                                   show_default="2 x rank"),
+        lora_dropout: float = typer.Option(d.lora_dropout, "--lora-dropout", help="Dropout on the adapter's "
+                                                                                  "input."),
+        lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma list of module names to "
+                                                                                "adapt.",
+                                                   show_default="T5: q,k,v,o; Llama-shaped: q_proj,k_proj,"
+                                                                "v_proj,o_proj"),
+        report_to: str = typer.Option("none", "--report-to", help="Experiment trackers, a comma list: none, "
+                                                                  "tensorboard, wandb, mlflow (each an extra; "
+                                                                  "rank 0 logs)."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP, show_default="auto"),
         quiet: bool = quiet_option("No progress display."),
     ) -> None:
@@ -118,18 +138,21 @@ def register(app: typer.Typer) -> None:
         from rsg_eval.core.errors import RSGError
         from rsg_eval.training.finetune.config import TINY_DEFAULTS, load_config_set
         from rsg_eval.training.finetune.run import run_finetune
-        from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
-        require_seq2seq(model, "rsg finetune")
+        from rsg_eval.engine.accelerate_config import read_accelerate_env, resolve_with_cli
         from rsg_eval.models.threads import choose_cpu_threads
 
+        # an accelerate config: its honoured keys fill our options, the others are refused (one line each)
+        sharding, fsdp_cpu_offload, bf16, device = resolve_with_cli(
+            read_accelerate_env(), sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload, bf16=bf16, device=device)
         choose_cpu_threads(model, device, threads)
-
         if bf16 not in ("auto", "on", "off"):
             raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
         given = {name: value for name, value in ctx.params.items()
                  if name in CONFIG_KEYS and ctx.get_parameter_source(name).name != "DEFAULT"}  # typed here
         flags = {CONFIG_KEYS[name]: value for name, value in given.items()}
-        configs = load_config_set(config, flags, base=TINY_DEFAULTS if model == "tiny" else None)
+        if bf16 != ctx.params["bf16"]:  # mixed_precision: bf16 in the accelerate config
+            flags["bf16"] = bf16
+        configs = load_config_set(config, flags, base=TINY_DEFAULTS if model in ("tiny", "tiny-causal") else None)
         task_list = [t.strip() for spec in (tasks or []) for t in spec.split(",") if t.strip()] or None
         reporter = _RichReporter(quiet)
         try:
@@ -137,7 +160,8 @@ def register(app: typer.Typer) -> None:
                 out = run_finetune(model, configs=configs, tasks=task_list, data=data, run=run, root=root,
                                    checkpoint_dir=checkpoint_dir, device=device, revision=revision,
                                    restart=restart, reporter=reporter, dist_timeout=dist_timeout,
-                                   sharding_mode=sharding, fsdp_cpu_offload=fsdp_cpu_offload)
+                                   sharding_mode=sharding, fsdp_cpu_offload=fsdp_cpu_offload,
+                                   report_to=report_to)
         except KeyboardInterrupt as exc:
             console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
             raise typer.Exit(getattr(exc, "exit_code", 130))  # 130 Ctrl-C, 143 SIGTERM (rsg_eval.engine.stop)

@@ -89,6 +89,11 @@ def train_hmtl(
                                             "paper has no early stopping)."),
     sharding: Optional[str] = sharding_option(),
     fsdp_cpu_offload: bool = fsdp_offload_option(),
+    optimizer: str = typer.Option(_d("optimizer"), "--optimizer", help="adamw, or adafactor (transformers', with "
+                                                                     "T5's settings; far less memory)."),
+    report_to: str = typer.Option(_d("report_to"), "--report-to", help="Experiment trackers, a comma list: none, "
+                                                                     "tensorboard, wandb, mlflow (each an extra; "
+                                                                     "rank 0 logs)."),
     restart: bool = typer.Option(False, "--restart", help="Clear --out's checkpoints, losses and log and start "
                                  "over (needed to change settings for an existing --out: one folder holds one "
                                  "configuration)."),
@@ -100,6 +105,16 @@ def train_hmtl(
     from rsg_eval.training.hmtl.train import train
     from rsg_eval.models.loading import require_seq2seq  # decoder-only models: refused before any work
     require_seq2seq(model, "rsg train-hmtl")
+    from rsg_eval.engine.accelerate_config import read_accelerate_env, resolve_with_cli
+    from rsg_eval.engine.optim import OPTIMIZERS
+    from rsg_eval.engine.tracking import parse_report_to, require_backends
+
+    # an accelerate config: its honoured keys fill our options, the others are refused (one line each)
+    sharding, fsdp_cpu_offload, bf16, _ = resolve_with_cli(read_accelerate_env(), sharding=sharding,
+                                                           fsdp_cpu_offload=fsdp_cpu_offload, bf16=bf16, device=None)
+    if optimizer not in OPTIMIZERS:
+        raise RSGError(f"unknown optimizer {optimizer!r}", field="--optimizer", expected=list(OPTIMIZERS))
+    require_backends(parse_report_to(report_to))   # a missing extra: one line, before any work
     from rsg_eval.models.threads import choose_cpu_threads
 
     choose_cpu_threads(model, None, threads)
@@ -114,7 +129,8 @@ def train_hmtl(
         weight_decay=weight_decay, clip_norm=clip_norm, task_weights=parse_task_weights(task_weights),
         split=split, adapter_dim=adapter_dim, bf16=bf16, gradient_checkpointing=gradient_checkpointing, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, save_every=save_every, dist_timeout=dist_timeout,
-        early_stopping=early_stopping, sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload,
+        early_stopping=early_stopping, sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload, optimizer=optimizer,
+        report_to=report_to,
     )
     try:
         result = train(cfg, progress=not quiet, restart=restart)

@@ -30,11 +30,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import T5ForConditionalGeneration
+from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from rsg_eval.core.errors import RSGError
 from rsg_eval.models.adapters import ACTIVATIONS, AdaptedLMHead, Bottleneck
+from rsg_eval.models.untied import keep_head_untied, normalize_config, save_pretrained
 
 CONFIG_NAME = "hmtl_config.json"
 HEADS_NAME = "hmtl_heads.safetensors"
@@ -371,12 +372,13 @@ class HierarchicalT5(nn.Module):
             wrapped = self.seq2seq.lm_head
             self.seq2seq.lm_head = wrapped.proj          # save the base exactly as transformers expects it
             try:
+                # save_pretrained (models/untied.py): a config transformers 4 and 5 both read as untied
                 if state is None:
-                    self.seq2seq.save_pretrained(tmp, safe_serialization=True)
+                    save_pretrained(self.seq2seq, tmp, safe_serialization=True)
                 else:   # the base's tensors from the full state: seq2seq.X, its LM head seq2seq.lm_head.proj.X
                     base = {k[len("seq2seq."):].replace("lm_head.proj.", "lm_head."): v for k, v in state.items()
                             if k.startswith("seq2seq.") and not k.startswith("seq2seq.lm_head.adapter.")}
-                    self.seq2seq.save_pretrained(tmp, safe_serialization=True, state_dict=base)
+                    save_pretrained(self.seq2seq, tmp, safe_serialization=True, state_dict=base)
             finally:
                 self.seq2seq.lm_head = wrapped
             own = self.heads_state_dict() if state is None else _heads_from_state(state)
@@ -442,7 +444,8 @@ def load_hierarchical(path: str | Path, *, device: str | torch.device | None = N
         import transformers
         new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
         kwargs["dtype" if new else "torch_dtype"] = dtype     # `torch_dtype` is deprecated from 4.56 on
-    seq2seq = T5ForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    config = normalize_config(T5Config.from_pretrained(str(path)))
+    seq2seq = keep_head_untied(T5ForConditionalGeneration.from_pretrained(str(path), config=config, **kwargs))
     model = HierarchicalT5(seq2seq, cfg)
     heads_file = path / HEADS_NAME
     if not heads_file.is_file():

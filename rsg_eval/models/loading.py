@@ -5,6 +5,7 @@ Accepted names:
 - `tiny-causal`: the built-in random small Llama-shaped decoder-only model, same tokenizer;
 - a local directory holding a model saved with `save_pretrained` (safetensors preferred);
 - a local hierarchical checkpoint directory (it has `hmtl_config.json`), loaded by rsg_eval.models.hierarchical;
+- a LoRA adapter folder (it has `adapter_config.json`): its base model, then the adapter merged in (models/lora.py);
 - a hub id such as `ai-forever/FRED-T5-1.7B` (transformers auto classes, remote code off unless asked for).
 
 Seq2seq or decoder-only is read from the config (`is_encoder_decoder`): AutoModelForSeq2SeqLM or
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from rsg_eval.core.errors import RSGError
+from rsg_eval.models.untied import head_is_tied, keep_head_untied, normalize_config
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,10 @@ def load_model(
             _refuse_causal(name, "llama")
         return _load_tiny(dev, dtype, causal=name == TINY_CAUSAL_NAME, device_map=device_map)
     path = Path(name).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():  # a LoRA adapter: its base, then the adapter
+        return load_adapter_model(path, device=device, dtype=dtype, revision=revision,
+                                  trust_remote_code=trust_remote_code, allow_fp16=allow_fp16, causal_ok=causal_ok,
+                                  device_map=device_map)
     if path.is_dir():
         _check_local_weights(path)
         if (path / HIERARCHICAL_MARKER).is_file():
@@ -156,6 +162,28 @@ def load_model(
     cache_only = hub_cache_only(name, revision)
     return _load_transformers(name, dev, dtype, revision, trust_remote_code, allow_fp16, local=False,
                               local_files_only=cache_only, causal_ok=causal_ok, device_map=device_map)
+
+
+def load_adapter_model(folder: str | Path, *, merge: bool = True, **load_kwargs: Any) -> Loaded:
+    """A LoRA adapter folder: the base model its adapter_config.json names (loaded with the same options), the
+    adapter applied and, by default, merged (rsg_eval.models.lora). The fingerprint covers base and adapter, so
+    run folders tell adapters of one base apart."""
+    from rsg_eval.models.lora import adapter_tokenizer, apply_adapter, read_base
+
+    folder = Path(folder).expanduser()
+    base_name = read_base(folder)
+    if Path(base_name).expanduser().resolve() == folder.resolve():
+        raise RSGError("the adapter names itself as its base model", file=folder / "adapter_config.json")
+    base = load_model(base_name, **load_kwargs)
+    if base.info.get("source") in ("hierarchical", "lora"):
+        raise RSGError(f"LoRA adapters on a {base.info['source']} model are not supported", file=folder)
+    model = apply_adapter(base.model, folder, merge=merge)
+    tokenizer = adapter_tokenizer(folder) or base.tokenizer
+    info = dict(base.info)
+    info.update(model=str(folder), source="lora", base_model=base_name, merged=merge,
+                fingerprint=f"lora-{_dir_fingerprint(folder)}-{base.info['fingerprint']}",
+                parameters=sum(p.numel() for p in model.parameters()))
+    return Loaded(model, tokenizer, info)
 
 
 def _refuse_near_builtin(name: str) -> None:
@@ -301,9 +329,12 @@ def _load_transformers(
         raise RSGError(f"could not load the tokenizer from {where} {name!r}: {_short(exc)}") from exc
     auto_cls = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
     placement = {"device_map": device_map} if device_map is not None else {}
-    model = _from_pretrained(auto_cls, name, config, dt, {**common, **placement}, where)
+    model = _from_pretrained(auto_cls, name, normalize_config(config), dt, {**common, **placement}, where)
+    keep_head_untied(model)  # transformers 5 would tie FRED-T5's separate head on a later tie_weights()
     if device_map is None:
         model.to(dev)
+    elif not getattr(model, "hf_device_map", None):  # transformers 5 records no plan when one device holds it all
+        model.hf_device_map = {"": str(next(model.parameters()).device)}
     model.eval()
     commit = getattr(config, "_commit_hash", None) or getattr(model.config, "_commit_hash", None)
     fingerprint = _dir_fingerprint(Path(name)) if local else (commit or revision or "unknown")
@@ -375,10 +406,19 @@ def _info(model: Any, tokenizer: Any, *, model_id: str, source: str, revision: s
         "parameters": sum(p.numel() for p in model.parameters()),
         "max_input_tokens": max_input_tokens(tokenizer, cfg),
         "eos_token_id": eos,
-        "decoder_start_token_id": cfg.decoder_start_token_id,
-        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", True)),
+        "decoder_start_token_id": getattr(cfg, "decoder_start_token_id", None),  # 5.x: seq2seq configs only
+        "tie_word_embeddings": _head_tied(model),
         "tokenizer_appends_eos": _appends_eos(tokenizer),
     }
+
+
+def _head_tied(model: Any) -> bool:
+    """Whether the LM head really shares the input embeddings' tensor (transformers 5's T5 config always says
+    `tie_word_embeddings: true`, so the flag alone does not tell)."""
+    try:
+        return head_is_tied(model)
+    except (AttributeError, NotImplementedError):
+        return bool(getattr(model.config, "tie_word_embeddings", True))
 
 
 def _appends_eos(tokenizer: Any) -> bool:

@@ -27,6 +27,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config,
                           T5ForConditionalGeneration)
 
+from rsg_eval.models.untied import build_t5
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 EXTRA_IDS = 100
 PREFIX_TOKENS = ("<LM>", "<SC1>", "<SC2>", "<SC3>", "<SC4>", "<SC5>", "<SC6>")
@@ -146,7 +148,7 @@ def build_tiny(
     config = tiny_config(len(tokenizer), **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = T5ForConditionalGeneration(config)
+        model = build_t5(config)  # head untied under transformers 4.x and 5 (rsg_eval.models.untied)
     model.eval()
     return model, tokenizer
 

@@ -122,6 +122,16 @@ def modes_for(model: Any) -> tuple[str, ...]:
     return _arch(model).MODES
 
 
+def encode_causal(model: Any, tokenizer: Any, prompts: list[str], choices: list[list[str]],
+                  max_input_tokens: int | None = None) -> Encoded:
+    """Decoder-only token ids exactly as rank classification scores them: per prompt its ids (the tokenizer's
+    BOS kept, its end kept when cut to the context), per choice its continuation ids (lm-evaluation-harness's
+    boundary: the whole text encoded and split after the prompt). Causal fine-tuning trains on these ids, so
+    it learns the very tokens that are scored (rsg_eval.training.finetune.causal)."""
+    limit = max_input_tokens or _default_max_tokens(model, tokenizer)
+    return _causal.encode(model, tokenizer, prompts, choices, limit)
+
+
 def forget_batch_size(model: Any) -> None:
     """Drop the batch sizes remembered for `model` (the next "auto" call probes from the start again)."""
     _WORKED.pop(model, None)

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from rsg_eval.models.untied import scales_decoder_output
+
 T5_TYPES = ("t5", "mt5")
 # Decoder-only families whose logits are exactly `lm_head(final hidden state)` (no soft-capping, logit scale or
 # bias), so the fp32 head below reproduces them; others are scored from the model's own logits.
@@ -221,7 +223,7 @@ def head_logits_fp32(model: Any, states: torch.Tensor) -> torch.Tensor:
     not a (P, T, V) tensor. A head we do not recognise runs as it is and is upcast after.
     """
     cfg = model.config
-    if getattr(cfg, "tie_word_embeddings", False) and getattr(cfg, "model_type", "") in T5_TYPES:
+    if scales_decoder_output(cfg):  # transformers 4.x: tied T5 head; 5.x: scale_decoder_outputs
         states = states * (cfg.d_model ** -0.5)  # as T5ForConditionalGeneration does before a tied head
     parts = _linear_head(model)
     if parts is None:

@@ -207,7 +207,9 @@ def t5_packable(model: Any) -> bool:
         if len(layers) != 3:
             return False
         sa, ca = getattr(layers[0], "SelfAttention", None), getattr(layers[1], "EncDecAttention", None)
-        if sa is None or ca is None or sa.pruned_heads or ca.pruned_heads or ca.has_relative_attention_bias:
+        # transformers 5 dropped head pruning (no `pruned_heads` attribute): nothing can be pruned there
+        if sa is None or ca is None or getattr(sa, "pruned_heads", None) or getattr(ca, "pruned_heads", None) \
+                or ca.has_relative_attention_bias:
             return False
         if sa.has_relative_attention_bias != (i == 0):
             return False

@@ -15,6 +15,12 @@ from typing import Any, Mapping
 from rsg_eval.core.errors import RSGError
 
 SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "adafactor")  # = rsg_eval.engine.optim.OPTIMIZERS (this module stays torch-free)
+LORA_AUTO_RANK = 16  # the rank decoder-only models over 1e9 parameters get when --lora is not given
+ISSUE20_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lora": None, "lora_alpha": None, "lora_dropout": 0.05,
+                                    "lora_targets": None}
+# Adafactor's defaults where the user set none (T5's recipe: a constant 1e-3, no warm-up; engine/optim.py)
+ADAFACTOR_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0}
 NORMALIZE = ("sum", "token", "byte")
 
 
@@ -49,6 +55,12 @@ class FinetuneConfig:
     max_train_examples: int = 0    # use only the first N train items (MuSeRC: questions, RuCoS: passages); 0 = all
     template: str | None = None    # prompt template name; None = the task's default
     save_every: int = 0            # optimizer steps between `last` checkpoints; 0 = at every evaluation
+    optimizer: str = "adamw"       # adamw | adafactor (engine.optim: T5's settings, constant lr, no warm-up)
+    lora: int | None = None        # LoRA rank; None = auto (LoRA_AUTO_RANK for decoder-only models over 1e9
+                                   # parameters, else full fine-tuning); 0 = full fine-tuning
+    lora_alpha: float | None = None  # None = 2 x rank
+    lora_dropout: float = 0.05
+    lora_targets: str | None = None  # comma list of module names; None = the family's default (models/lora.py)
 
     def validate(self, where: str = "config") -> "FinetuneConfig":
         """Reject values that would fail deep inside torch; name the field and what is expected."""
@@ -75,6 +87,14 @@ class FinetuneConfig:
             raise bad("dropout", "a number in [0, 1) or null")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", "a number >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", OPTIMIZERS)
+        if self.lora is not None and int(self.lora) < 0:
+            raise bad("lora", "a rank >= 1, 0 for full fine-tuning, or null for auto")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise bad("lora_alpha", "a positive number or null (2 x rank)")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "a number in [0, 1)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,7 +105,11 @@ class FinetuneConfig:
     def record(self) -> dict[str, Any]:
         """`to_dict` under the names checkpoints and run folders have always recorded (OLD_NAMES): what the
         fingerprints hash, so runs written before the fields were renamed stay resumable."""
-        return {OLD_NAMES.get(k, k): v for k, v in self.to_dict().items()}
+        d = self.to_dict()
+        for k, v in ISSUE20_DEFAULTS.items():  # fields added later: recorded only when set, so older runs resume
+            if d.get(k) == v:
+                d.pop(k)
+        return {OLD_NAMES.get(k, k): v for k, v in d.items()}
 
 
 # Field names equal the option names (--max-source-length, --max-target-length); before, these two were shorter.
@@ -118,8 +142,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return b
         if name in ("bf16",):  # auto (= None: on a GPU that supports it), on/off or true/false
             return None if str(value).lower() == "auto" else _as_bool(value)
-        if name == "dropout":  # default None (keep the model's), else a number: not a string
+        if name in ("dropout", "lora_alpha"):  # default None, else a number: not a string
             return float(value)
+        if name == "lora":
+            return int(value)
+        if name == "lora_targets":
+            return ",".join(t.strip() for t in str(value).split(",") if t.strip()) or None
         if isinstance(default, bool):
             return _as_bool(value)
         if isinstance(default, int):
@@ -156,6 +184,9 @@ class ConfigSet:
         merged.update(self.yaml_defaults)
         merged.update(self.yaml_tasks.get(task, {}))
         merged.update(self.cli)
+        if merged.get("optimizer") == "adafactor":
+            for k, v in ADAFACTOR_DEFAULTS.items():
+                merged.setdefault(k, v)
         return dataclasses.replace(FinetuneConfig(), **merged).validate(self.source)
 
 

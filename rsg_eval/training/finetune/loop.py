@@ -34,6 +34,8 @@ from rsg_eval.engine.stop import StopRequest
 from rsg_eval.core.errors import RSGError
 from rsg_eval.models.kernels import fused_t5
 from rsg_eval.training.finetune.config import FinetuneConfig
+from rsg_eval.engine.tracking import Throughput, step_scalars
+from rsg_eval.training.finetune.causal import causal_nll_sum, collate_causal
 from rsg_eval.training.finetune.data import Pair, collate, epoch_plan, rank_slice
 
 # Settings that may change between a run and its resume without breaking exactness of what was done so far.
@@ -78,6 +80,9 @@ class Hooks:
     on_step: Callable[[TrainState, float], None] | None = None
     on_eval: Callable[[TrainState, dict[str, Any]], None] | None = None
     on_start: Callable[[TrainState, int, int], None] | None = None   # (state, total_steps, steps_per_epoch)
+    # (step, {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"}) after every applied step: what
+    # --report-to logs (rsg_eval.engine.tracking.step_scalars); no extra device read, the step already made one
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None
 
 
 @dataclass
@@ -183,12 +188,18 @@ def train(
         ck.load_weights(net, last / ck.WEIGHTS)   # full weights, before any sharding
     wrapped = sharding.wrap(net, sharding_mode, device=device, cpu_offload=cpu_offload, bf16=bf16)
     fsdp = sharding.is_fsdp(net)
-    opt = make_optimizer(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+    opt = make_optimizer(param_groups(net, cfg.weight_decay), name=cfg.optimizer, lr=cfg.lr,
+                         betas=tuple(cfg.adam_betas),
                          eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
     resumed = _resume_optimizer(last, wrapped, opt, sched, cfg, dist) if last is not None else None
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # decoder-only models: prompt + answer in one sequence, the loss on the answer tokens (finetune/causal.py)
+    causal = not getattr(net.config, "is_encoder_decoder", False)
+    make_batch = collate_causal if causal else collate
+    run_micro = forward_backward_causal if causal else forward_backward
+    meter = Throughput()
     lengths = [p.length for p in pairs]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
         else contextlib.nullcontext
@@ -237,11 +248,12 @@ def train(
                 local_nll = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync
                 for j, gb in enumerate(group):
                     mine, weight = rank_slice(gb, dist.rank, dist.world)
-                    batch = to_device(collate([pairs[i] for i in mine], pad_id), device)
+                    batch = to_device(make_batch([pairs[i] for i in mine], pad_id), device)
                     # every micro-batch runs every block, so gradients may stay local until the step's last one
                     with sharding.grad_sync(wrapped, sync=j == len(group) - 1):
-                        nll = forward_backward(wrapped, net, batch, weight * dist.world / tokens, autocast)
+                        nll = run_micro(wrapped, net, batch, weight * dist.world / tokens, autocast)
                     local_nll += nll * weight
+                lr_now = float(opt.param_groups[0]["lr"])  # this step's rate (the schedule moves it after)
                 out = finish_step(wrapped.parameters(), opt, sched, local_nll, dist, max_norm=cfg.max_grad_norm,
                                   guard=guard)
                 step_nll, norm_value = out.loss, out.grad_norm
@@ -256,6 +268,10 @@ def train(
                         f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
                         field="train_loss")
                 state.step += 1
+                if hooks.on_metrics:
+                    seen = sum(pairs[i].length for gb in group for i in gb)  # input + target tokens, all ranks
+                    hooks.on_metrics(state.step, step_scalars(loss=step_loss, lr=lr_now, grad_norm=norm_value,
+                                                              tokens_per_s=meter.tick(seen)))
                 state.micro += len(group)
                 state.loss_sum += step_nll
                 state.loss_tokens += tokens
@@ -316,6 +332,16 @@ def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str
     logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100,
                           reduction="sum")
+    (nll * scale).backward()
+    return nll.detach()
+
+
+def forward_backward_causal(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str, torch.Tensor],
+                            scale: float, autocast: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
+    """forward_backward for a decoder-only model: batch from collate_causal (prompt masked with -100), the summed
+    NLL of the answer tokens (finetune/causal.py), backward of NLL * scale; detached, no host sync."""
+    with autocast():
+        nll = causal_nll_sum(ddp, batch)
     (nll * scale).backward()
     return nll.detach()
 

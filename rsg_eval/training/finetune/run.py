@@ -31,6 +31,7 @@ from rsg_eval.core.tasks import EmptyTaskFile, limit_groups
 from rsg_eval.engine import collective, sharding
 from rsg_eval.engine.runtime import Dist, init_from_env, resolve_device, use_bf16
 from rsg_eval.training.finetune.config import ConfigSet, FinetuneConfig
+from rsg_eval.training.finetune.causal import build_causal_pairs
 from rsg_eval.training.finetune.data import build_pairs
 from rsg_eval.training.finetune.loop import Hooks, NoTrainingData, TrainResult, train
 
@@ -156,19 +157,25 @@ def run_finetune(
     dist_timeout: float | None = None,
     sharding_mode: str | None = None,
     fsdp_cpu_offload: bool = False,
+    report_to: str | Sequence[str] | None = None,
 ) -> FinetuneOutcome:
     """Fine-tune `model` on each task and write the run folder. See the module docstring.
 
     `hooks(task)` gives per-task loop hooks (tests use it to stop a run mid-task); `load` replaces
     `rsg_eval.models.loading.load_model` (same signature). `dist_timeout`: seconds a collective may wait under
     a launcher (rsg_eval.engine.runtime.DEFAULT_TIMEOUT_S). `sharding_mode`: none | ddp | fsdp (None: ddp under a
-    launcher), `fsdp_cpu_offload` for fsdp (rsg_eval.engine.sharding)."""
+    launcher), `fsdp_cpu_offload` for fsdp (rsg_eval.engine.sharding). `report_to`: experiment trackers
+    (rsg_eval.engine.tracking: none, tensorboard, wandb, mlflow; rank 0 logs)."""
     from rsg_eval.core.data import resolve_data
     from rsg_eval.core.prompts import load_template
     from rsg_eval.core.data import load_items
     from rsg_eval.core.tasks import resolve_tasks
 
+    from rsg_eval.engine.tracking import parse_report_to, require_backends
+
     reporter = reporter or Reporter()
+    trackers = parse_report_to(report_to)
+    require_backends(trackers)  # a missing extra: one line, before any work
     dist = init_from_env(dist_timeout)
     dev = resolve_device(device, dist)  # before any work: a wrong --device under a launcher fails at once
     mode = sharding.resolve_mode(sharding_mode, dist)
@@ -193,6 +200,11 @@ def run_finetune(
     settings, per_task = run_settings(model, revision, units, templates, configs, source, dist, shas)
     claim = _claim(folder, settings, per_task, restart, dist)  # rank 0 locks; a refusal reaches every rank
     out = FinetuneOutcome(folder)
+    from rsg_eval.engine.tracking import make_tracker
+
+    # the run folder's name and fingerprint name the tracker's run; only rank 0 gets a real tracker
+    tracker = make_tracker(trackers, run_dir=folder.path, run_name=folder.path.name,
+                           fingerprint=runs.fingerprint(settings), rank=dist.rank)
     epochs_rows: list[dict] = []  # rows of tasks finished by earlier calls
 
     current: tuple[str, Path] | None = None  # the task being trained, for its partial history on failure
@@ -204,8 +216,10 @@ def run_finetune(
                 for t in TASK_NAMES:
                     _discard_unfinished(ckpt_root / t)
                 reporter.note(f"--restart: cleared the results in {folder.path} and the checkpoints in {ckpt_root}")
-            folder.write_config(_merged_config(folder, _run_config(model, revision, names, units, templates,
-                                                                   configs, source, dist, ckpt_root, mode)))
+            run_cfg = _merged_config(folder, _run_config(model, revision, names, units, templates, configs, source,
+                                                         dist, ckpt_root, mode))
+            folder.write_config(run_cfg)
+            tracker.log_config(run_cfg)
             epochs_rows = folder.read_epochs()
         dist.barrier()
         for train_task, predicts in units:
@@ -236,7 +250,7 @@ def run_finetune(
                 result, task_rows = _train_and_predict(
                     model, revision, train_task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts, dev,
                     dist, reporter, hooks(train_task) if hooks else None, load, load_items,
-                    (mode, fsdp_cpu_offload))
+                    (mode, fsdp_cpu_offload), tracker)
             except RSGError as exc:
                 if isinstance(exc, NoTrainingData):
                     out.failed[train_task] = str(exc)
@@ -264,6 +278,7 @@ def run_finetune(
                 pass  # a full disk here must not hide the error that stopped the run
             finally:
                 claim.release()
+                tracker.close()
     dist.barrier()
     return out
 
@@ -397,13 +412,17 @@ def _discard_unfinished(task_ckpt: Path) -> None:
 
 
 def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, folder, task_ckpt, fp, fp_parts,
-                       dev, dist, reporter, hooks, load, load_items, shard=("none", False)
+                       dev, dist, reporter, hooks, load, load_items, shard=("none", False), tracker=None
                        ) -> tuple[TrainResult, list[dict]]:
     from rsg_eval.engine import checkpoint as ck
+    from rsg_eval.engine.tracking import Tracker, eval_scalars
     from rsg_eval.scoring import count_cut_prompts, cut_prompts_note
 
-    loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
+    tracker = tracker or Tracker()
+    loaded = load(model_name, device=dev, dtype="fp32", revision=revision, causal_ok=True)
     net, tok = loaded.model, loaded.tokenizer
+    causal = not getattr(net.config, "is_encoder_decoder", False)
+    net, lora_rank = _maybe_lora(net, cfg, causal, shard[0], reporter, task)
     max_src = min(cfg.max_source_length, int(loaded.info.get("max_input_tokens") or cfg.max_source_length))
     try:
         train_items = load_items(source, task, "train")
@@ -411,8 +430,11 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         raise NoTrainingData(f"{task}: no training examples ({exc})") from None
     if cfg.max_train_examples:  # counted in questions for MuSeRC (an item there is one answer option)
         train_items = limit_groups(train_items, cfg.max_train_examples)
-    pairs = build_pairs(train_items, lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src), tok,
-                        max_src, cfg.max_target_length)
+    render = lambda it: tpl.render(it, tokenizer=tok, max_tokens=max_src)  # noqa: E731
+    if causal:  # prompt + the gold answer's continuation, as rank classification scores it (finetune/causal.py)
+        pairs = build_causal_pairs(train_items, render, net, tok, max_src)
+    else:
+        pairs = build_pairs(train_items, render, tok, max_src, cfg.max_target_length)
     n_cut = sum(p.cut for p in pairs)
     if n_cut:
         reporter.note(f"{task}: {n_cut} of {len(pairs)} targets are longer than max_target_length "
@@ -447,6 +469,11 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         return val_metrics(task, val, scored(m, val, f"{task}/val", eval_dist))
 
     def model_files(folder: Path) -> None:
+        if lora_rank:  # an adapter folder naming its base: `--model <checkpoint>/best` loads base + adapter
+            from rsg_eval.models.lora import save_adapter
+
+            save_adapter(net, folder, model_name, tok)
+            return
         # config and tokenizer beside the weights: `--model <checkpoint>/best` loads the fine-tuned model
         net.config.save_pretrained(str(folder))
         if getattr(net, "generation_config", None) is not None:
@@ -465,7 +492,13 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         if user.on_step:
             user.on_step(state, loss)
 
+    def on_metrics(step, scalars):
+        tracker.log_scalars(step, {f"{task}/{k}": v for k, v in scalars.items()})
+
     def on_eval(state, row):
+        # every val metric of the task, under <task>/eval/<metric>, at the optimizer step it was measured
+        tracker.log_scalars(state.step, eval_scalars(
+            {"eval": {k: v for k, v in row.items() if k not in ("task", "epoch", "step")}}, prefix=task))
         reporter.evaluated(task, row)
         if user.on_eval:
             user.on_eval(state, row)
@@ -474,7 +507,7 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     result = train(net, tok, pairs, cfg, evaluate=evaluate, ckpt_dir=task_ckpt,
                    fingerprint={"model": model_name, "model_fingerprint": loaded.info.get("fingerprint"),
                                 "template_sha256": tpl.sha256, "task": task, "code": CODE_VERSION},
-                   device=dev, dist=dist, bf16=bf16, hooks=Hooks(on_step, on_eval, on_start), task=task,
+                   device=dev, dist=dist, bf16=bf16, hooks=Hooks(on_step, on_eval, on_start, on_metrics), task=task,
                    sharding_mode=mode, cpu_offload=offload, files=model_files)
     best = result.best_dir or ck.find(task_ckpt, "best")
     if best is None:
@@ -488,6 +521,8 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
         loaded = load(model_name, device=dev, dtype="fp32", revision=revision)
         net = loaded.model
     ck.load_weights(net, best / ck.WEIGHTS)
+    if lora_rank:  # the adapter merged into the weights: prediction runs at the base model's speed
+        net = net.merge_and_unload()
     net.eval()
     best_meta = ck.read_meta(best)
     for t in predicts:
@@ -513,6 +548,35 @@ def _train_and_predict(model_name, revision, task, predicts, cfg, tpl, source, f
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return result, list(result.state.history)
+
+
+def _maybe_lora(net: Any, cfg: FinetuneConfig, causal: bool, mode: str, reporter: Reporter,
+                task: str) -> tuple[Any, int]:
+    """(the model to train, its LoRA rank or 0). `lora` None = auto: decoder-only models over 1e9 parameters train
+    a rank-LORA_AUTO_RANK adapter (full fine-tuning with AdamW needs 16 bytes a parameter), others fully."""
+    from rsg_eval.training.finetune.causal import lora_by_default
+    from rsg_eval.training.finetune.config import LORA_AUTO_RANK
+
+    rank = cfg.lora
+    if rank is None:
+        rank = LORA_AUTO_RANK if causal and lora_by_default(sum(p.numel() for p in net.parameters())) else 0
+        if rank:
+            reporter.note(f"{task}: a decoder-only model over 1e9 parameters: LoRA rank {rank} (--lora 0 trains "
+                          "every weight)")
+    if not rank:
+        return net, 0
+    if mode == "fsdp":
+        raise RSGError("--lora trains under one process or ddp; FSDP shards full fine-tuning (a LoRA model's "
+                       "frozen weights need no optimizer state)", field="--lora", expected="--sharding ddp")
+    from rsg_eval.models.lora import LoraSettings, wrap
+
+    targets = tuple(t for t in (cfg.lora_targets or "").split(",") if t) or None
+    settings = LoraSettings(rank=int(rank), alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+    # the adapters' A matrices are drawn at random: from --seed, so a run is repeatable (and every process of a
+    # launch starts from the same adapter), whatever ran before in this process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return wrap(net, settings), int(rank)
 
 
 def _null():

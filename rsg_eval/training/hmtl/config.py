@@ -47,16 +47,21 @@ class TrainConfig:
     early_stopping: int = 0              # stop after N epochs without a better mean val loss; 0 = off (paper: none)
     sharding: str | None = None          # none | ddp | fsdp; None = ddp under a launcher (rsg_eval.engine.sharding)
     fsdp_cpu_offload: bool = False
+    optimizer: str = "adamw"             # adamw | adafactor (engine.optim; transformers' Adafactor, T5's settings)
+    report_to: str = "none"              # experiment trackers: none | tensorboard | wandb | mlflow, a comma list
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings a run's outputs depend on, under the names run.json and settings.json have always used
         (OLD_NAMES), so output folders written before the fields were renamed stay resumable."""
         d = asdict(self)
-        for k in ("out", "save_every", "val_batch_size", "dist_timeout", "sharding", "fsdp_cpu_offload"):
+        for k in ("out", "save_every", "val_batch_size", "dist_timeout", "sharding", "fsdp_cpu_offload",
+                  "report_to"):
             d.pop(k)
         d = {OLD_NAMES.get(k, k): v for k, v in d.items()}
         if not d["early_stopping"]:
             d.pop("early_stopping")   # off: the fingerprint of runs written before the option existed
+        if d["optimizer"] == "adamw":
+            d.pop("optimizer")        # likewise
         return d
 
 

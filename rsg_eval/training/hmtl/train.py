@@ -63,6 +63,8 @@ from rsg_eval.engine.optim import make_optimizer
 from rsg_eval.engine.runtime import Dist
 from rsg_eval.engine.step import StepGuard, finish_step
 from rsg_eval.engine.stop import StopRequest
+from rsg_eval.engine.tracking import Throughput, make_tracker, step_scalars
+from rsg_eval.runs import fingerprint as settings_fingerprint
 from rsg_eval.core.errors import RSGError
 from rsg_eval.training.hmtl import schedules
 from rsg_eval.training.hmtl.config import TrainConfig, parse_task_weights  # noqa: F401  (re-exported)
@@ -434,7 +436,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     fsdp = mode == "fsdp"
     # AdamW over every parameter, weight decay on all of them as torch's AdamW applies it (the paper's recipe
     # states none; fine-tuning's optimizer exempts norms and biases instead): the recipe's results stay as they were
-    optimizer = make_optimizer(wrapped.parameters(), lr=cfg.lr_min, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(wrapped.parameters(), name=cfg.optimizer, lr=cfg.lr_min,
+                               weight_decay=cfg.weight_decay)
     scheduler = schedules.build_scheduler(
         optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, gamma=cfg.gamma, step_size_up=cfg.step_size_up,
@@ -463,6 +466,12 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         torch.manual_seed(cfg.seed + rank)
     if main:
         atomic_write_json(run_file, {"config": fp, "finished": False, "history": history, "steps": global_step})
+    # --report-to: only rank 0 gets a real tracker; the output folder's name and config fingerprint name its run
+    tracker = make_tracker(cfg.report_to, run_dir=out, run_name=out.name, fingerprint=settings_fingerprint(fp),
+                           rank=rank)
+    if global_step == 0:
+        tracker.log_config(fp)
+    meter = Throughput()
 
     def save_model(path: Path, extra: Callable[[Path], None] | None = None) -> None:
         """A hierarchical checkpoint of the full weights (gathered from every process's shards under fsdp)."""
@@ -504,10 +513,14 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
                     # Each task's summed loss in the step, kept on the device and read once per optimizer step
                     # (finish_step). float64 as the host sums were.
                     acc = torch.zeros(len(tasks), device=device, dtype=torch.float64)   # (n_tasks,)
+                    seen = 0   # this process's input + target tokens in the step, counted on the host
                     for j, (t, start, count) in enumerate(jobs):
                         pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
                                                start=start, count=max(count, 1))
                         rows = train_ds[tidx[t][pos].tolist()]
+                        if count:
+                            seen += sum(len(x) for x in rows["input_ids"]) + sum(len(x) for x in rows.get(
+                                "labels", ()))
                         batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
                         # the task's mean over its examples in the whole step: this batch's share is count / in_step
                         # (x world, because DDP and FSDP average the gradients over the processes); count 0: a
@@ -519,6 +532,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
                                 loss = task_loss(wrapped, batch, cfg.ner_loss)
                             (loss * scale).backward()
                         acc[slot[t]] += loss.detach().to(acc.dtype) * count
+                    lr_now = float(optimizer.param_groups[0]["lr"])   # this step's rate (the schedule moves it)
                     done = finish_step(wrapped.parameters(), optimizer, scheduler, acc, d, max_norm=cfg.clip_norm,
                                        guard=guard)
                     if guard.exceeded:
@@ -534,6 +548,12 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
                         sums[t][1] += in_step[t]
                     step += 1
                     global_step += 1
+                    # per task its mean loss in this step (over its examples), and their mean: as losses.csv
+                    per_task = {t: done.losses[k] / in_step[t] for k, t in enumerate(tasks) if in_step[t]}
+                    tracker.log_scalars(global_step, step_scalars(
+                        loss=sum(per_task.values()) / max(1, len(per_task)), lr=lr_now, grad_norm=done.grad_norm,
+                        tokens_per_s=meter.tick(seen * world),   # every process's share is alike: x world
+                        task_losses=per_task))
                     if prog:
                         cur = [sums[t][0] / sums[t][1] for t in tasks if sums[t][1]]
                         prog.update(bar, completed=step, info=f"mean loss {sum(cur) / max(1, len(cur)):.3f}  "
@@ -559,6 +579,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
                                           n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss,
                                           dist=Dist() if fsdp else d)
                     history.append(_loss_row(epoch + 1, "val", val))
+                    tracker.log_scalars(global_step, {"eval/loss": history[-1]["mean"],
+                                                      **{f"eval/loss/{t}": v for t, v in val.items()}})
                     stopper.update(history[-1]["mean"])
                     stopped_early = stopper.stop
                 log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
@@ -583,6 +605,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
     finally:
         if prog:
             prog.stop()
+        tracker.close()
     final = out / "final"
     if main:
         _link_or_copy_dir(out / f"epoch-{epoch}", final)
