@@ -312,10 +312,17 @@ def _load_transformers(
 
     where = "local directory" if local else "hub id"
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    src = name
     if local_files_only:  # the hub does not answer (hub_cache_only): read the hub cache, never retry the network
         common["local_files_only"] = True
+        # Load from the cached snapshot folder itself: with peft installed, from_pretrained also looks for an
+        # adapter_config.json on the hub, a lookup that local_files_only does not reach (five retries with
+        # back-off). The folder's path still names the commit, so the run records it as before.
+        from huggingface_hub import snapshot_download
+
+        src = snapshot_download(name, revision=revision, local_files_only=True)
     try:
-        config = AutoConfig.from_pretrained(name, **common)
+        config = AutoConfig.from_pretrained(src, **common)
     except (OSError, ValueError, KeyError) as exc:
         hint = "" if local else " (the hub may be unreachable: download it first, or pass a local directory)"
         raise RSGError(f"could not load the model config from {where} {name!r}: {_short(exc)}{hint}") from exc
@@ -324,12 +331,12 @@ def _load_transformers(
         _refuse_causal(name, config.model_type)
     dt = resolve_dtype(dtype, dev, model_type=config.model_type, allow_fp16=allow_fp16)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+        tokenizer = AutoTokenizer.from_pretrained(src, **common)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RSGError(f"could not load the tokenizer from {where} {name!r}: {_short(exc)}") from exc
     auto_cls = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
     placement = {"device_map": device_map} if device_map is not None else {}
-    model = _from_pretrained(auto_cls, name, normalize_config(config), dt, {**common, **placement}, where)
+    model = _from_pretrained(auto_cls, src, normalize_config(config), dt, {**common, **placement}, where)
     keep_head_untied(model)  # transformers 5 would tie FRED-T5's separate head on a later tie_weights()
     if device_map is None:
         model.to(dev)
