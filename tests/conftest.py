@@ -11,6 +11,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))   # test helpers (_warm_rsg) import as top-level modules
 
+# Under pytest-xdist (`-n 2` on the 2-core machine) each worker gets one torch thread: two workers with two threads
+# each would only wait on each other, and the tiny models run fastest on one thread anyway (rsg bench threads).
+# Set before torch loads (its OpenMP pool reads it once); subprocesses inherit it. A test of the thread choice
+# sets or removes it itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 def shared_rsg_dir() -> Path | None:
     env = os.environ.get("RSG_SHARED_DIR")

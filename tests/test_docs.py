@@ -27,7 +27,7 @@ README_MAX_LINES = 160
 # The two commands a newcomer types word for word (.ci/run runs the second one).
 SETUP_CMD = ('python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e ".[test]" '
              '&& .venv/bin/rsg zeroshot --model tiny --data sample')
-TEST_CMD = ".venv/bin/python -m pytest -q"
+TEST_CMD = ".venv/bin/python -m pytest -q -n 2"
 
 _FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})\s*(?P<info>.*)$")
 
