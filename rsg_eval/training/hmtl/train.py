@@ -44,19 +44,17 @@ settings unless --restart, which clears everything below but cache/):
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from rsg_eval.core.errors import RSGError
+from rsg_eval.core.io import atomic_write_json, read_json
+from rsg_eval.corpus.labels import TASKS
+from rsg_eval.corpus.load import open_corpus
 from rsg_eval.engine import collective, rng, runtime, sharding
 from rsg_eval.engine.early_stop import EarlyStopping
 from rsg_eval.engine.optim import make_optimizer
@@ -64,21 +62,19 @@ from rsg_eval.engine.runtime import Dist
 from rsg_eval.engine.step import StepGuard, finish_step
 from rsg_eval.engine.stop import StopRequest
 from rsg_eval.engine.tracking import Throughput, make_tracker, step_scalars
-from rsg_eval.runs import fingerprint as settings_fingerprint
-from rsg_eval.core.errors import RSGError
-from rsg_eval.training.hmtl import schedules
-from rsg_eval.training.hmtl.config import TrainConfig, parse_task_weights  # noqa: F401  (re-exported)
-from rsg_eval.corpus.load import open_corpus
-from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate, stream_positions,
-                                   task_indices)
-from rsg_eval.corpus.labels import TASKS
-from rsg_eval.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from rsg_eval.models.adapters import ADAPTER_ACTIVATIONS
 from rsg_eval.models.hierarchical import (ADAPTER_LAYOUTS, NER_LOSSES, HierarchicalT5, is_hierarchical_dir,
                                           load_hierarchical)
+from rsg_eval.runs import fingerprint as settings_fingerprint
+from rsg_eval.training.hmtl import schedules
+from rsg_eval.training.hmtl.config import TrainConfig, parse_task_weights  # noqa: F401  (re-exported)
+from rsg_eval.training.hmtl.dataset import (BATCH_READINGS, TASK_INDEX, BatchPlan, build_split, collate,
+                                            stream_positions, task_indices)
+from rsg_eval.training.hmtl.losses import evaluate_losses, task_loss  # noqa: F401  (task_loss re-exported)
+from rsg_eval.training.hmtl.outputs import (Log, check_run_json, claim_out, describe, link_or_copy_dir, loss_row,
+                                            write_losses)
 
 STATE_NAME = "trainer_state.pt"
-CODE_VERSION = "hmtl-1"   # bump when training changes what a checkpoint would contain: old outputs then refuse
 
 
 @dataclass
@@ -90,92 +86,8 @@ class TrainResult:
     steps: int
 
 
-# ---------------------------------------------------------------------------- small pieces
-class _Log:
-    def __init__(self, path: Path | None, console: Any, main: bool) -> None:
-        self.path, self.console, self.main = path, console, main
-
-    def __call__(self, msg: str, level: str = "INFO") -> None:
-        if not self.main:
-            return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {msg}"
-        if self.console is not None:
-            style = {"WARN": "bold yellow", "ERROR": "bold red"}.get(level, "")
-            self.console.print(f"[{style}]{level}[/] {msg}" if style else msg, highlight=False, soft_wrap=True)
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-
-
-def task_loss(model: Any, batch: Any, ner_loss: str = "softmax") -> torch.Tensor:
-    """One task's loss on one batch through the model's forward (HierarchicalT5.forward; `model` may be its DDP or
-    FSDP wrapper): a mean over its examples, or its real tokens, in fp32 even under bf16 autocast."""
-    return model(batch.task, input_ids=batch.input_ids, attention_mask=batch.attention_mask, target=batch.target,
-                 ner_loss=ner_loss)
-
-
-def _link_or_copy_dir(src: Path, dst: Path) -> None:
-    """dst = a copy of src made of hard links where the filesystem allows (no extra disk for big weights)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-
-
-def write_losses(out: Path, history: list[dict[str, Any]], tasks: list[str]) -> None:
-    """losses.csv (epoch, split, mean over the tasks, one column per task) and losses.png (train and val panels)."""
-    cols = ["epoch", "split", "mean"] + tasks
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(out / "losses.csv", buf.getvalue())
-    plot_losses(history, tasks, out / "losses.png")
-
-
-def plot_losses(history: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for ax, split in zip(axes, ("train", "val")):
-        rows = [r for r in history if r["split"] == split]
-        if rows:
-            ep = [r["epoch"] for r in rows]
-            for t in tasks:
-                ys = [r.get(t) for r in rows]
-                if any(y is not None for y in ys):
-                    ax.plot(ep, [y if y is not None else math.nan for y in ys], marker="o", label=t)
-            ax.plot(ep, [r["mean"] for r in rows], marker="s", color="black", linewidth=2.5,
-                    label="mean over tasks")
-        ax.set_title(f"{split} loss: mean over tasks (the paper's Figures 2-3) and per task")
-        ax.set_yscale("log")     # generation losses are an order of magnitude above the head losses
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 # ---------------------------------------------------------------------------- model setup
-def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: _Log) -> tuple[HierarchicalT5, Any]:
+def _build_model(cfg: TrainConfig, labels: Any, device: torch.device, log: Log) -> tuple[HierarchicalT5, Any]:
     if is_hierarchical_dir(cfg.model):
         model, tokenizer = load_hierarchical(cfg.model)
         if list(model.config.mc_labels) != list(labels.mc) or list(model.config.ner_labels) != list(labels.ner):
@@ -218,7 +130,7 @@ def _load_weights(model: HierarchicalT5, path: Path) -> None:
     model.load_state_dict(src.state_dict(), strict=True)
 
 
-def _tokenise(cfg: TrainConfig, cache: Path, build: Callable[[str], tuple[Any, bool]], log: _Log) -> tuple[Any, Any]:
+def _tokenise(cfg: TrainConfig, cache: Path, build: Callable[[str], tuple[Any, bool]], log: Log) -> tuple[Any, Any]:
     """Tokenise (or open) both splits, every process on its own, outside any collective: the first process to take
     the cache folder's lock tokenises, the others wait on the lock (not in a collective, whose timeout would end the
     job while a large corpus is tokenised) and then open its cache. Nodes without a shared folder each tokenise
@@ -262,96 +174,58 @@ def _load_resume_point(last: Path) -> dict[str, Any]:
                        file=last / STATE_NAME) from None
 
 
-# ---------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
-          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
-    """Train (or resume) into cfg.out. `on_step(global_step)` runs after each optimizer step (tests use it to
-    simulate an interruption). `restart` clears the folder's outputs (not the tokenised cache) and starts over;
-    without it, a folder holding outputs of other settings is refused."""
-    with contextlib.ExitStack() as held:  # the folder's lock, released however training ends
-        return _train(cfg, held, progress=progress, console=console, on_step=on_step, restart=restart)
+# ---------------------------------------------------------------------------- setup
+@dataclass
+class _Setup:
+    """What the loop reads, built once by `_setup`: the processes, the data and its batch plan, the model (and its
+    DDP / FSDP wrapper), the optimizer and schedule, and the resume point's trainer state (None on a fresh start)."""
+    d: Dist
+    device: torch.device
+    bf16: bool
+    fsdp: bool
+    out: Path
+    log: Log
+    fp: dict[str, Any]                 # the recipe's fingerprint (run.json's "config")
+    model: HierarchicalT5
+    tokenizer: Any
+    wrapped: Any                       # model under DDP / FSDP; model itself in one process
+    train_ds: Any
+    val_ds: Any
+    tidx: dict[str, Any]               # task -> its rows in train_ds
+    vidx: dict[str, Any]               # task -> its rows in val_ds ({} without a val split)
+    tasks: list[str]                   # the trained tasks, in TASKS order
+    plan: BatchPlan
+    steps_per_epoch: int
+    optimizer: Any
+    scheduler: Any
+    resume: dict[str, Any] | None      # trainer_state.pt of last/, or None
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last"
+
+    @property
+    def run_file(self) -> Path:
+        return self.out / "run.json"
 
 
-def out_settings(cfg: TrainConfig, corpus: Any) -> dict[str, Any]:
-    """What the outputs depend on: the recipe (TrainConfig.fingerprint_dict), the corpus's content instead of
-    its path, the base model's content when it is a local folder, and the code version."""
-    from rsg_eval.models.loading import TINY_NAME, _dir_fingerprint
-    from rsg_eval.runs import files_fingerprint
-
-    settings = {k: v for k, v in cfg.fingerprint_dict().items() if k != "corpus"}
-    files = [f for fs in corpus.files.values() for f in fs]
-    labels = Path(corpus.root) / "labels.json"
-    settings["corpus_sha256"] = files_fingerprint(files + ([labels] if labels.is_file() else []))
-    model = Path(cfg.model).expanduser()
-    if cfg.model != TINY_NAME and model.is_dir():
-        settings["model_dir"] = _dir_fingerprint(model)
-    settings["code_version"] = CODE_VERSION
-    return json.loads(json.dumps(settings))
+@dataclass
+class _State:
+    """The counters the loop advances and a resume point saves."""
+    epoch: int
+    step: int
+    global_step: int
+    sums: dict[str, list[float]]       # task -> [summed loss, examples] in the current epoch
+    history: list[dict[str, Any]]      # losses.csv rows
+    stopper: EarlyStopping
+    guard: StepGuard
 
 
-_OUTPUTS = ("last", "final", "run.json", "losses.csv", "losses.png", "train.log", "settings.json")
-
-
-def _claim_out(cfg: TrainConfig, corpus: Any, d: Dist, restart: bool) -> Any:
-    """The main process locks --out and checks its settings; a refusal is raised on every process."""
-    from rsg_eval.runs import claim_folder
-
-    out = Path(cfg.out)
-
-    def has_results() -> bool:
-        return any((out / n).exists() for n in ("last", "final", "run.json")) or any(out.glob("epoch-*"))
-
-    def clear() -> None:
-        for p in [*(out / n for n in _OUTPUTS), *out.glob("epoch-*"), *out.glob(".*.tmp")]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-
-    def claim_it() -> Any:
-        legacy = (out / "run.json").is_file() and not (out / "settings.json").is_file()
-        claim = claim_folder(out, "train-hmtl", out_settings(cfg, corpus), restart=restart,
-                             record="settings.json", has_results=has_results, clear=clear, option="--out",
-                             unrecorded="compare" if legacy else "refuse", main=True,
-                             legacy_names=(*_OUTPUTS, *(p.name for p in out.glob("epoch-*"))))
-        try:
-            if legacy and not restart:  # an --out from before settings.json: its run.json holds the recipe
-                _check_run_json(out / "run.json", cfg.fingerprint_dict())
-            claim.write_record()
-        except BaseException:
-            claim.release()
-            raise
-        return claim
-
-    claim = collective.main_acts(d, claim_it, share=False)   # a refusal is raised on every process
-    return claim if claim is not None else contextlib.nullcontext()
-
-
-def _check_run_json(run_file: Path, fp: dict[str, Any]) -> None:
-    """Refuse when run.json's recorded config differs from `fp`, naming each setting old -> new."""
-    prior = read_json(run_file) if run_file.is_file() else None
-    if prior is not None and prior.get("config") != json.loads(json.dumps(fp)):
-        from rsg_eval.runs import settings_diff
-
-        changed = settings_diff(prior.get("config") or {}, json.loads(json.dumps(fp)))
-        raise RSGError(f"the output folder holds a run with different settings ({'; '.join(changed)}); pass "
-                       f"--restart to clear it and start over, or pick another --out", file=run_file, field="--out")
-
-
-def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, console: Any,
-           on_step: Callable[[int], None] | None, restart: bool) -> TrainResult:
-    # One function on purpose: this is the recipe's explicit loop (setup, resume, steps, epoch ends), read top to
-    # bottom; everything shared with fine-tuning is an engine call.
-    import datasets
-
-    datasets.disable_progress_bars()
-    d, device = runtime.setup(None, cfg.dist_timeout)
-    world, rank, main = d.world, d.rank, d.main
-    mode = sharding.resolve_mode(cfg.sharding, d)
+def _check_options(cfg: TrainConfig, mode: str) -> None:
+    """Refuse a bad option value before anything is read or written."""
     if cfg.fsdp_cpu_offload and mode != "fsdp":
         raise RSGError("--fsdp-cpu-offload needs --sharding fsdp under a launcher (torchrun or accelerate launch "
                        "with several processes)", field="--fsdp-cpu-offload", expected="--sharding fsdp")
-    out = Path(cfg.out)
     if cfg.schedule not in schedules.SCHEDULES:
         raise RSGError(f"unknown schedule {cfg.schedule!r}", field="schedule", expected=list(schedules.SCHEDULES))
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
@@ -364,17 +238,29 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
                                  ("adapter-activation", cfg.adapter_activation, ADAPTER_ACTIVATIONS)):
         if value not in choices:
             raise RSGError(f"unknown value {value!r}", field=name, expected=list(choices))
+
+
+def _setup(cfg: TrainConfig, held: contextlib.ExitStack, console: Any, restart: bool) -> _Setup | TrainResult:
+    """Options, processes, the claimed output folder, model, data, batch plan, sharding, optimizer, schedule and the
+    resume point; a TrainResult when the folder already holds a finished run."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    d, device = runtime.setup(None, cfg.dist_timeout)
+    mode = sharding.resolve_mode(cfg.sharding, d)
+    _check_options(cfg, mode)
+    out = Path(cfg.out)
     corpus = open_corpus(cfg.corpus)      # a missing corpus fails before anything is written
-    held.enter_context(_claim_out(cfg, corpus, d, restart))   # creates --out, locked, one configuration
+    held.enter_context(claim_out(cfg, corpus, d, restart))   # creates --out, locked, one configuration
     d.barrier()
-    if console is None and main:
+    if console is None and d.main:
         from rich.console import Console
         console = Console(stderr=True)
-    log = _Log(out / "train.log", console, main)
+    log = Log(out / "train.log", console, d.main)
 
     run_file = out / "run.json"
     fp = cfg.fingerprint_dict()
-    _check_run_json(run_file, fp)
+    check_run_json(run_file, fp)
     prior = read_json(run_file) if run_file.is_file() else None
     if prior is not None and prior.get("finished"):
         log(f"{out} already holds a finished run; nothing to do")
@@ -382,11 +268,24 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         return TrainResult(out, out / "final", hist, True, prior.get("steps", 0))
 
     model, tokenizer = _build_model(cfg, corpus.labels, device, log)
+    train_ds, val_ds, tidx, vidx, tasks = _data(cfg, corpus, tokenizer, out / "cache", log)
+    plan, steps_per_epoch = _batch_plan(cfg, tasks, tidx, d.world, mode, log)
+    bf16 = runtime.use_bf16(cfg.bf16, device)
+    wrapped, optimizer, scheduler, st = _optimise(cfg, model, mode, device, bf16, out / "last",
+                                                  steps_per_epoch, log)
+    return _Setup(d=d, device=device, bf16=bf16, fsdp=mode == "fsdp", out=out, log=log, fp=fp, model=model,
+                  tokenizer=tokenizer, wrapped=wrapped, train_ds=train_ds, val_ds=val_ds, tidx=tidx, vidx=vidx,
+                  tasks=tasks, plan=plan, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
+                  scheduler=scheduler, resume=st)
+
+
+def _data(cfg: TrainConfig, corpus: Any, tokenizer: Any, cache: Path, log: Log
+          ) -> tuple[Any, Any, dict[str, Any], dict[str, Any], list[str]]:
+    """Both splits tokenised, each task's rows in them, and the tasks to train (present and weighted)."""
     lm_prefix = cfg.lm_prefix
     if lm_prefix == "auto":
         lm_prefix = "<LM>" if "<LM>" in tokenizer.get_vocab() else ""
 
-    cache = out / "cache"
     def build(split: str) -> tuple[Any, bool]:
         return build_split(corpus, split, tokenizer, cache_dir=cache, max_length=cfg.max_source_length,
                            max_target_length=cfg.max_target_length, lm_prefix=lm_prefix)
@@ -404,7 +303,12 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
         log("the corpus has no val split: only train losses are reported", "WARN")
     if cfg.early_stopping and not vidx:
         raise RSGError("--early-stopping needs a val split in the corpus", field="--early-stopping")
+    return train_ds, val_ds, tidx, vidx, tasks
 
+
+def _batch_plan(cfg: TrainConfig, tasks: list[str], tidx: dict[str, Any], world: int, mode: str, log: Log
+                ) -> tuple[BatchPlan, int]:
+    """The batch plan and the optimizer steps per epoch, stated in the log."""
     plan = BatchPlan(tuple((t, len(tidx[t])) for t in tasks), batch_size=cfg.batch_size,
                      grad_accum=cfg.grad_accum, world=world, reading=cfg.batch_reading)
     steps_per_epoch = plan.steps_per_epoch
@@ -419,202 +323,258 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, *, progress: bool, cons
             f"{len(tasks)} tasks: they take turns across steps")
     if world > 1:
         log(f"{world} processes, sharding {mode}" + (" with CPU offload" if cfg.fsdp_cpu_offload else ""))
+    return plan, steps_per_epoch
 
-    bf16 = runtime.use_bf16(cfg.bf16, device)
+
+def _optimise(cfg: TrainConfig, model: HierarchicalT5, mode: str, device: torch.device, bf16: bool, last: Path,
+              steps_per_epoch: int, log: Log) -> tuple[Any, Any, Any, dict[str, Any] | None]:
+    """(wrapped model, optimizer, scheduler, trainer state of the resume point or None). The resume point's full
+    weights go in before sharding; its optimizer state goes in after (_start_state)."""
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach every trainable part even when inputs need no grad.
         model.seq2seq.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.seq2seq.config.use_cache = False
-
-    # ---- resume: the full weights go in before sharding, the optimizer state after
-    last = out / "last"
     st = _load_resume_point(last) if (last / STATE_NAME).is_file() else None
     if st is not None:
         _load_weights(model, last)
     wrapped = sharding.wrap(model, mode, device=device, cpu_offload=cfg.fsdp_cpu_offload, bf16=bf16,
                             find_unused=True)
-    fsdp = mode == "fsdp"
     # AdamW over every parameter, weight decay on all of them as torch's AdamW applies it (the paper's recipe
     # states none; fine-tuning's optimizer exempts norms and biases instead): the recipe's results stay as they were
     optimizer = make_optimizer(wrapped.parameters(), name=cfg.optimizer, lr=cfg.lr_min,
                                weight_decay=cfg.weight_decay)
     scheduler = schedules.build_scheduler(
-        optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr, total_steps=total_steps,
+        optimizer, cfg.schedule, base_lr=cfg.lr_min, max_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
         steps_per_epoch=steps_per_epoch, gamma=cfg.gamma, step_size_up=cfg.step_size_up,
         warmup_steps=cfg.warmup_steps)
     if cfg.schedule == "paper":
         up = cfg.step_size_up or schedules.TORCH_DEFAULT_STEP_SIZE_UP
         log(schedules.paper_note(cfg.lr_min, cfg.lr, up, cfg.gamma))
+    return wrapped, optimizer, scheduler, st
 
-    epoch, step, global_step = 0, 0, 0
-    sums: dict[str, list[float]] = {t: [0.0, 0] for t in tasks}
-    history: list[dict[str, Any]] = []
-    stopper = EarlyStopping(cfg.early_stopping, higher_is_better=False)
-    guard = StepGuard(tolerance=0)    # one non-finite step stops training (its learning rate is too high)
-    if st is not None:
-        sharding.load_optimizer_state(wrapped, optimizer, st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        epoch, step, global_step = st["epoch"], st["step"], st["global_step"]
-        sums, history = st["sums"], st["history"]
-        stopper = EarlyStopping.from_json(st.get("early_stopping"), cfg.early_stopping, False)
-        guard.skipped = int(st.get("skipped_steps", 0))
-        mine = rng.pick(st["rng"], rank)
+
+def _start_state(cfg: TrainConfig, s: _Setup) -> _State:
+    """Fresh counters, or the resume point's: counters, history, optimizer, schedule, early stopping, this
+    process's generators."""
+    st = _State(epoch=0, step=0, global_step=0, sums={t: [0.0, 0] for t in s.tasks}, history=[],
+                stopper=EarlyStopping(cfg.early_stopping, higher_is_better=False),
+                guard=StepGuard(tolerance=0))   # one non-finite step stops training (its learning rate is too high)
+    saved = s.resume
+    if saved is not None:
+        sharding.load_optimizer_state(s.wrapped, s.optimizer, saved["optimizer"])
+        s.scheduler.load_state_dict(saved["scheduler"])
+        st.epoch, st.step, st.global_step = saved["epoch"], saved["step"], saved["global_step"]
+        st.sums, st.history = saved["sums"], saved["history"]
+        st.stopper = EarlyStopping.from_json(saved.get("early_stopping"), cfg.early_stopping, False)
+        st.guard.skipped = int(saved.get("skipped_steps", 0))
+        mine = rng.pick(saved["rng"], s.d.rank)
         if mine is not None:
             rng.restore(mine)
-        log(f"resuming at epoch {epoch + 1}, step {step} (global step {global_step})")
+        s.log(f"resuming at epoch {st.epoch + 1}, step {st.step} (global step {st.global_step})")
     else:
-        torch.manual_seed(cfg.seed + rank)
-    if main:
-        atomic_write_json(run_file, {"config": fp, "finished": False, "history": history, "steps": global_step})
+        torch.manual_seed(cfg.seed + s.d.rank)
+    return st
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, *, progress: bool = True, console: Any = None,
+          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
+    """Train (or resume) into cfg.out. `on_step(global_step)` runs after each optimizer step (tests use it to
+    simulate an interruption). `restart` clears the folder's outputs (not the tokenised cache) and starts over;
+    without it, a folder holding outputs of other settings is refused."""
+    with contextlib.ExitStack() as held:  # the folder's lock, released however training ends
+        s = _setup(cfg, held, console, restart)
+        if isinstance(s, TrainResult):    # the folder holds a finished run
+            return s
+        return _loop(cfg, s, progress=progress, on_step=on_step)
+
+
+# The recipe's one explicit loop (epochs, optimizer steps, the non-finite guard, saves, the clean stop), read top to
+# bottom; setup, the step's forward/backward and the epoch's end are helpers, the shared parts engine calls.
+def _loop(cfg: TrainConfig, s: _Setup, *, progress: bool, on_step: Callable[[int], None] | None) -> TrainResult:
+    st = _start_state(cfg, s)
+    d, tasks, optimizer = s.d, s.tasks, s.optimizer
+    if d.main:
+        atomic_write_json(s.run_file, {"config": s.fp, "finished": False, "history": st.history,
+                                       "steps": st.global_step})
     # --report-to: only rank 0 gets a real tracker; the output folder's name and config fingerprint name its run
-    tracker = make_tracker(cfg.report_to, run_dir=out, run_name=out.name, fingerprint=settings_fingerprint(fp),
-                           rank=rank)
-    if global_step == 0:
-        tracker.log_config(fp)
+    tracker = make_tracker(cfg.report_to, run_dir=s.out, run_name=s.out.name,
+                           fingerprint=settings_fingerprint(s.fp), rank=d.rank)
+    if st.global_step == 0:
+        tracker.log_config(s.fp)
     meter = Throughput()
-
-    def save_model(path: Path, extra: Callable[[Path], None] | None = None) -> None:
-        """A hierarchical checkpoint of the full weights (gathered from every process's shards under fsdp)."""
-        full = sharding.full_model_state(wrapped) if fsdp else None
-        collective.main_acts(d, lambda: model.save_pretrained(path, tokenizer=tokenizer, extra=extra, state=full),
-                             share=False)
-
-    def save_resume_point(e: int, s: int, snapshot: dict[str, Any] | None = None) -> None:
-        gathered = d.gather(rng.to_json(snapshot or rng.snapshot()))   # every process's generators, JSON
-        opt_state = sharding.full_optimizer_state(wrapped, optimizer)
-        blob = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "epoch": e, "step": s,
-                "global_step": global_step, "sums": sums, "history": history, "rng": gathered,
-                "early_stopping": stopper.to_json(), "skipped_steps": guard.skipped}
-
-        def extra(tmp: Path) -> None:
-            torch.save(blob, tmp / STATE_NAME)
-        save_model(last, extra)
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n_ner = len(model.config.ner_labels)
-    slot = {t: k for k, t in enumerate(tasks)}
-    prog = None
-    if progress and main:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
-        prog.start()
+    prog = _progress_bar(s.log.console) if progress and d.main else None
     stopped_early = halt = False
     try:
         with StopRequest() as stop:
-            while epoch < cfg.epochs and not stopped_early:
-                bar = prog.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=step,
-                                    info="") if prog else None
-                model.train()
-                while step < steps_per_epoch:
+            while st.epoch < cfg.epochs and not stopped_early:
+                bar = prog.add_task(f"epoch {st.epoch + 1}/{cfg.epochs}", total=s.steps_per_epoch,
+                                    completed=st.step, info="") if prog else None
+                s.model.train()
+                while st.step < s.steps_per_epoch:
                     snapshot = rng.snapshot()   # the generators at this step boundary (a skipped step resumes here)
-                    in_step = plan.step_counts(step)   # examples of each task in this optimizer step, all processes
-                    jobs = _step_jobs(plan, step, cfg.grad_accum, rank, world, aligned=fsdp)
-                    # Each task's summed loss in the step, kept on the device and read once per optimizer step
-                    # (finish_step). float64 as the host sums were.
-                    acc = torch.zeros(len(tasks), device=device, dtype=torch.float64)   # (n_tasks,)
-                    seen = 0   # this process's input + target tokens in the step, counted on the host
-                    for j, (t, start, count) in enumerate(jobs):
-                        pos = stream_positions(len(tidx[t]), seed=cfg.seed, epoch=epoch, task=TASK_INDEX[t],
-                                               start=start, count=max(count, 1))
-                        rows = train_ds[tidx[t][pos].tolist()]
-                        if count:
-                            seen += sum(len(x) for x in rows["input_ids"]) + sum(len(x) for x in rows.get(
-                                "labels", ()))
-                        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=cfg.ner_loss)
-                        # the task's mean over its examples in the whole step: this batch's share is count / in_step
-                        # (x world, because DDP and FSDP average the gradients over the processes); count 0: a
-                        # batch run only so that every process runs the same modules (fsdp)
-                        scale = cfg.task_weights.get(t, 1.0) * count * world / in_step[t] if count else 0.0
-                        # DDP: gradients stay local until the step's last backward; FSDP: reduced every backward
-                        with sharding.grad_sync(wrapped, sync=fsdp or j == len(jobs) - 1):
-                            with runtime.autocast(device, bf16):
-                                loss = task_loss(wrapped, batch, cfg.ner_loss)
-                            (loss * scale).backward()
-                        acc[slot[t]] += loss.detach().to(acc.dtype) * count
+                    in_step = s.plan.step_counts(st.step)   # examples of each task in this optimizer step, all processes
+                    acc, seen = _forward_backward(cfg, s, st, in_step)
                     lr_now = float(optimizer.param_groups[0]["lr"])   # this step's rate (the schedule moves it)
-                    done = finish_step(wrapped.parameters(), optimizer, scheduler, acc, d, max_norm=cfg.clip_norm,
-                                       guard=guard)
-                    if guard.exceeded:
-                        save_resume_point(epoch, step, snapshot)   # the weights are still the last good step's
+                    done = finish_step(s.wrapped.parameters(), optimizer, s.scheduler, acc, d,
+                                       max_norm=cfg.clip_norm, guard=st.guard)
+                    if st.guard.exceeded:
+                        _save_resume_point(s, st, snapshot)   # the weights are still the last good step's
                         bad = next((t for t, v in zip(tasks, done.losses) if not math.isfinite(v)), None)
                         what = f"loss of task {bad}" if bad else f"gradient norm ({done.grad_norm})"
-                        raise RSGError(f"the training {what} became non-finite at epoch {epoch + 1}, optimizer "
-                                       f"step {step + 1}; training stopped. The last good state is saved in {last}. "
-                                       f"Lower --lr or raise the warm-up, then rerun the same command to resume",
-                                       field="train_loss")
+                        raise RSGError(f"the training {what} became non-finite at epoch {st.epoch + 1}, optimizer "
+                                       f"step {st.step + 1}; training stopped. The last good state is saved in "
+                                       f"{s.last}. Lower --lr or raise the warm-up, then rerun the same command to "
+                                       f"resume", field="train_loss")
                     for k, t in enumerate(tasks):
-                        sums[t][0] += done.losses[k]      # example-weighted: the epoch's mean over examples
-                        sums[t][1] += in_step[t]
-                    step += 1
-                    global_step += 1
+                        st.sums[t][0] += done.losses[k]      # example-weighted: the epoch's mean over examples
+                        st.sums[t][1] += in_step[t]
+                    st.step += 1
+                    st.global_step += 1
                     # per task its mean loss in this step (over its examples), and their mean: as losses.csv
                     per_task = {t: done.losses[k] / in_step[t] for k, t in enumerate(tasks) if in_step[t]}
-                    tracker.log_scalars(global_step, step_scalars(
+                    tracker.log_scalars(st.global_step, step_scalars(
                         loss=sum(per_task.values()) / max(1, len(per_task)), lr=lr_now, grad_norm=done.grad_norm,
-                        tokens_per_s=meter.tick(seen * world),   # every process's share is alike: x world
+                        tokens_per_s=meter.tick(seen * d.world),   # every process's share is alike: x world
                         task_losses=per_task))
                     if prog:
-                        cur = [sums[t][0] / sums[t][1] for t in tasks if sums[t][1]]
-                        prog.update(bar, completed=step, info=f"mean loss {sum(cur) / max(1, len(cur)):.3f}  "
-                                                              f"lr {optimizer.param_groups[0]['lr']:.2e}")
-                    saved = bool(cfg.save_every and global_step % cfg.save_every == 0 and step < steps_per_epoch)
+                        cur = [st.sums[t][0] / st.sums[t][1] for t in tasks if st.sums[t][1]]
+                        prog.update(bar, completed=st.step, info=f"mean loss {sum(cur) / max(1, len(cur)):.3f}  "
+                                                                 f"lr {optimizer.param_groups[0]['lr']:.2e}")
+                    saved = bool(cfg.save_every and st.global_step % cfg.save_every == 0
+                                 and st.step < s.steps_per_epoch)
                     if saved:
-                        save_resume_point(epoch, step)
+                        _save_resume_point(s, st)
                     if on_step is not None:
-                        on_step(global_step)
+                        on_step(st.global_step)
                     if stop.agreed(d):    # Ctrl-C / SIGTERM: every process stops at this same step boundary
-                        if step < steps_per_epoch:
+                        if st.step < s.steps_per_epoch:
                             if not saved:
-                                save_resume_point(epoch, step)
-                            raise stop.stopped(f"stopped at epoch {epoch + 1}, step {step}; the resume point is "
-                                               f"saved in {last}: rerun the same command to continue")
+                                _save_resume_point(s, st)
+                            raise stop.stopped(f"stopped at epoch {st.epoch + 1}, step {st.step}; the resume point "
+                                               f"is saved in {s.last}: rerun the same command to continue")
                         halt = True   # the epoch's last step: finish the epoch (it saves), then stop
-                # ---- end of epoch: losses, checkpoint, resume point
-                train_row = _loss_row(epoch + 1, "train", {t: sums[t][0] / sums[t][1] for t in tasks if sums[t][1]})
-                history.append(train_row)
-                if val_ds is not None and vidx:
-                    val = evaluate_losses(wrapped if fsdp else model, val_ds, vidx, tasks,
-                                          batch_size=cfg.val_batch_size or cfg.batch_size, pad_id=pad_id,
-                                          n_ner=n_ner, device=device, bf16=bf16, ner_loss=cfg.ner_loss,
-                                          dist=Dist() if fsdp else d)
-                    history.append(_loss_row(epoch + 1, "val", val))
-                    tracker.log_scalars(global_step, {"eval/loss": history[-1]["mean"],
-                                                      **{f"eval/loss/{t}": v for t, v in val.items()}})
-                    stopper.update(history[-1]["mean"])
-                    stopped_early = stopper.stop
-                log(_describe(history[-2:] if val_ds is not None and vidx else history[-1:]))
-                epoch += 1
-                step = 0
-                sums = {t: [0.0, 0] for t in tasks}
-                if main:
-                    write_losses(out, history, tasks)
-                save_model(out / f"epoch-{epoch}")
-                save_resume_point(epoch, 0)
-                if main:
-                    atomic_write_json(run_file, {"config": fp, "finished": False, "history": history,
-                                                 "steps": global_step})
+                stopped_early = _end_epoch(cfg, s, st, tracker)
                 if prog and bar is not None:
                     prog.remove_task(bar)
                 if stopped_early:
-                    log(f"early stopping: the mean val loss has not improved for {cfg.early_stopping} epoch(s) "
-                        f"(best {stopper.best:.4f}); stopping after epoch {epoch}")
-                if halt and epoch < cfg.epochs and not stopped_early:
-                    raise stop.stopped(f"stopped after epoch {epoch}; the resume point is saved in {last}: rerun "
-                                       f"the same command to continue")
+                    s.log(f"early stopping: the mean val loss has not improved for {cfg.early_stopping} epoch(s) "
+                          f"(best {st.stopper.best:.4f}); stopping after epoch {st.epoch}")
+                if halt and st.epoch < cfg.epochs and not stopped_early:
+                    raise stop.stopped(f"stopped after epoch {st.epoch}; the resume point is saved in {s.last}: "
+                                       f"rerun the same command to continue")
     finally:
         if prog:
             prog.stop()
         tracker.close()
-    final = out / "final"
-    if main:
-        _link_or_copy_dir(out / f"epoch-{epoch}", final)
-        atomic_write_json(run_file, {"config": fp, "finished": True, "history": history, "steps": global_step,
-                                     **({"stopped": "early_stopping"} if stopped_early else {})})
-        steps = f"{global_step} optimizer step" + ("" if global_step == 1 else "s")
-        log(f"done: {steps}; final checkpoint {final}; losses in {out / 'losses.csv'}")
-    d.barrier()
-    return TrainResult(out, final, history, True, global_step)
+    return _finish(s, st, stopped_early)
+
+
+def _progress_bar(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
+    prog.start()
+    return prog
+
+
+def _forward_backward(cfg: TrainConfig, s: _Setup, st: _State, in_step: dict[str, int]) -> tuple[torch.Tensor, int]:
+    """This process's batches of optimizer step st.step, forward and backward, each task's loss scaled to its
+    weighted mean over the step's examples. Returns (each task's summed loss in the step, on the device: (n_tasks,)
+    float64, read once by finish_step; this process's input + target tokens in the step, counted on the host)."""
+    world, fsdp = s.d.world, s.fsdp
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    n_ner = len(s.model.config.ner_labels)
+    slot = {t: k for k, t in enumerate(s.tasks)}
+    jobs = _step_jobs(s.plan, st.step, cfg.grad_accum, s.d.rank, world, aligned=fsdp)
+    # float64 as the host sums were
+    acc = torch.zeros(len(s.tasks), device=s.device, dtype=torch.float64)   # (n_tasks,)
+    seen = 0
+    for j, (t, start, count) in enumerate(jobs):
+        pos = stream_positions(len(s.tidx[t]), seed=cfg.seed, epoch=st.epoch, task=TASK_INDEX[t],
+                               start=start, count=max(count, 1))
+        rows = s.train_ds[s.tidx[t][pos].tolist()]
+        if count:
+            seen += sum(len(x) for x in rows["input_ids"]) + sum(len(x) for x in rows.get("labels", ()))
+        batch = collate(rows, t, pad_id=pad_id, n_ner=n_ner, device=s.device, ner_loss=cfg.ner_loss)
+        # the task's mean over its examples in the whole step: this batch's share is count / in_step
+        # (x world, because DDP and FSDP average the gradients over the processes); count 0: a
+        # batch run only so that every process runs the same modules (fsdp)
+        scale = cfg.task_weights.get(t, 1.0) * count * world / in_step[t] if count else 0.0
+        # DDP: gradients stay local until the step's last backward; FSDP: reduced every backward
+        with sharding.grad_sync(s.wrapped, sync=fsdp or j == len(jobs) - 1):
+            with runtime.autocast(s.device, s.bf16):
+                loss = task_loss(s.wrapped, batch, cfg.ner_loss)
+            (loss * scale).backward()
+        acc[slot[t]] += loss.detach().to(acc.dtype) * count
+    return acc, seen
+
+
+def _end_epoch(cfg: TrainConfig, s: _Setup, st: _State, tracker: Any) -> bool:
+    """The epoch's train (and val) loss rows, losses.csv/png, the epoch's checkpoint, the resume point and run.json;
+    the counters move to the next epoch. True when early stopping ends training here."""
+    tasks, stopped_early = s.tasks, False
+    st.history.append(loss_row(st.epoch + 1, "train",
+                               {t: st.sums[t][0] / st.sums[t][1] for t in tasks if st.sums[t][1]}))
+    if s.val_ds is not None and s.vidx:
+        pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+        val = evaluate_losses(s.wrapped if s.fsdp else s.model, s.val_ds, s.vidx, tasks,
+                              batch_size=cfg.val_batch_size or cfg.batch_size, pad_id=pad_id,
+                              n_ner=len(s.model.config.ner_labels), device=s.device, bf16=s.bf16,
+                              ner_loss=cfg.ner_loss, dist=Dist() if s.fsdp else s.d)
+        st.history.append(loss_row(st.epoch + 1, "val", val))
+        tracker.log_scalars(st.global_step, {"eval/loss": st.history[-1]["mean"],
+                                             **{f"eval/loss/{t}": v for t, v in val.items()}})
+        st.stopper.update(st.history[-1]["mean"])
+        stopped_early = st.stopper.stop
+    s.log(describe(st.history[-2:] if s.val_ds is not None and s.vidx else st.history[-1:]))
+    st.epoch += 1
+    st.step = 0
+    st.sums = {t: [0.0, 0] for t in tasks}
+    if s.d.main:
+        write_losses(s.out, st.history, tasks)
+    _save_model(s, s.out / f"epoch-{st.epoch}")
+    _save_resume_point(s, st)
+    if s.d.main:
+        atomic_write_json(s.run_file, {"config": s.fp, "finished": False, "history": st.history,
+                                       "steps": st.global_step})
+    return stopped_early
+
+
+def _save_model(s: _Setup, path: Path, extra: Callable[[Path], None] | None = None) -> None:
+    """A hierarchical checkpoint of the full weights (gathered from every process's shards under fsdp)."""
+    full = sharding.full_model_state(s.wrapped) if s.fsdp else None
+    collective.main_acts(s.d, lambda: s.model.save_pretrained(path, tokenizer=s.tokenizer, extra=extra, state=full),
+                         share=False)
+
+
+def _save_resume_point(s: _Setup, st: _State, snapshot: dict[str, Any] | None = None) -> None:
+    """last/: the weights and trainer_state.pt (optimizer, schedule, counters at st.epoch / st.step, history, every
+    process's generators: `snapshot`, or now)."""
+    gathered = s.d.gather(rng.to_json(snapshot or rng.snapshot()))   # every process's generators, JSON
+    opt_state = sharding.full_optimizer_state(s.wrapped, s.optimizer)
+    blob = {"optimizer": opt_state, "scheduler": s.scheduler.state_dict(), "epoch": st.epoch, "step": st.step,
+            "global_step": st.global_step, "sums": st.sums, "history": st.history, "rng": gathered,
+            "early_stopping": st.stopper.to_json(), "skipped_steps": st.guard.skipped}
+
+    def extra(tmp: Path) -> None:
+        torch.save(blob, tmp / STATE_NAME)
+    _save_model(s, s.last, extra)
+
+
+def _finish(s: _Setup, st: _State, stopped_early: bool) -> TrainResult:
+    """final/ (hard links to the last epoch's checkpoint) and run.json marked finished."""
+    final = s.out / "final"
+    if s.d.main:
+        link_or_copy_dir(s.out / f"epoch-{st.epoch}", final)
+        atomic_write_json(s.run_file, {"config": s.fp, "finished": True, "history": st.history,
+                                       "steps": st.global_step,
+                                       **({"stopped": "early_stopping"} if stopped_early else {})})
+        steps = f"{st.global_step} optimizer step" + ("" if st.global_step == 1 else "s")
+        s.log(f"done: {steps}; final checkpoint {final}; losses in {s.out / 'losses.csv'}")
+    s.d.barrier()
+    return TrainResult(s.out, final, st.history, True, st.global_step)
 
 
 def _step_jobs(plan: BatchPlan, step: int, grad_accum: int, rank: int, world: int, *, aligned: bool
@@ -634,56 +594,3 @@ def _step_jobs(plan: BatchPlan, step: int, grad_accum: int, rank: int, world: in
         everyone = {t for r in range(world) for t, _, _ in plan.micro(step, micro, r)}
         jobs += [have.get(t, (t, 0, 0)) for t in plan.tasks if t in everyone]
     return jobs
-
-
-def _loss_row(epoch: int, split: str, losses: dict[str, float]) -> dict[str, Any]:
-    """One losses.csv row: each task's mean loss and their unweighted mean over the tasks (the paper's "average
-    loss" of Figures 2-3). Task weights scale the gradient, not this curve, so runs with different weights compare."""
-    row: dict[str, Any] = {"epoch": epoch, "split": split}
-    row.update(losses)
-    row["mean"] = sum(losses.values()) / len(losses) if losses else math.nan
-    return row
-
-
-def _describe(rows: list[dict[str, Any]]) -> str:
-    parts = []
-    for r in rows:
-        per = " ".join(f"{t}={r[t]:.3f}" for t in TASKS if t in r)
-        parts.append(f"epoch {r['epoch']} {r['split']}: mean over tasks {r['mean']:.4f} ({per})")
-    return "; ".join(parts)
-
-
-@torch.no_grad()
-def evaluate_losses(model: HierarchicalT5, ds: Any, idx: dict[str, Any], tasks: list[str], *, batch_size: int,
-                    pad_id: int, n_ner: int, device: torch.device, bf16: bool, ner_loss: str = "softmax",
-                    dist: Any = None) -> dict[str, float]:
-    """Mean loss per task over the whole split (batch losses weighted by batch size), in eval mode.
-
-    dist (rsg_eval.engine.runtime.Dist): several processes split the batches round-robin and sum their totals in one
-    collective, so each evaluates 1/world of the split; the batches, hence the figures, are those of one process."""
-    from rsg_eval.engine.collective import all_sum_floats, shard
-
-    d = dist or Dist()
-    was = model.training
-    model.eval()
-    sums: list[float] = []
-    names: list[str] = []
-    for t in tasks:
-        rows_idx = idx.get(t)
-        if rows_idx is None or not len(rows_idx):
-            continue
-        # summed on the device, read once per task (not once per batch: each read waits for the GPU)
-        total = torch.zeros((), device=device, dtype=torch.float64)
-        n = 0
-        for i in shard(len(rows_idx), d, batch_size):
-            chunk = rows_idx[i:i + batch_size].tolist()
-            batch = collate(ds[chunk], t, pad_id=pad_id, n_ner=n_ner, device=device, ner_loss=ner_loss)
-            with runtime.autocast(device, bf16):
-                loss = task_loss(model, batch, ner_loss)
-            total += loss.to(total.dtype) * len(chunk)
-            n += len(chunk)
-        names.append(t)
-        sums += [total.item(), float(n)]
-    sums = all_sum_floats(sums, d)
-    model.train(was)
-    return {t: sums[2 * k] / sums[2 * k + 1] for k, t in enumerate(names)}
