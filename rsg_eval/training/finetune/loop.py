@@ -134,6 +134,34 @@ def _trajectory_config(cfg: FinetuneConfig) -> dict[str, Any]:
     return d
 
 
+@dataclass
+class _Run:
+    """What the loop reads, built once by `_setup`: the model (bare and wrapped), optimizer and schedule, the
+    step counts, the trainer state (fresh or resumed) and the call's arguments the loop's helpers need."""
+    task: str
+    pairs: Sequence[Pair]
+    net: torch.nn.Module               # the bare model
+    wrapped: torch.nn.Module           # DDP wrapper, or net itself (sharded in place under fsdp, or one process)
+    opt: torch.optim.Optimizer
+    sched: Any
+    dist: Dist
+    device: torch.device
+    ckpt_dir: Path
+    fp: dict[str, Any]                 # what a resume must match
+    state: TrainState
+    best_dir: Path | None
+    resumed: int | None                # the step a resume started from
+    total: int                         # optimizer steps in all
+    per_epoch: int                     # optimizer steps per epoch
+    pad_id: int
+    make_batch: Callable[..., dict[str, torch.Tensor]]
+    run_micro: Callable[..., torch.Tensor]
+    autocast: Callable[[], Any]
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    hooks: Hooks
+    files: Callable[[Path], None] | None
+
+
 def train(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -162,9 +190,20 @@ def train(
     adds the config and tokenizer to `best/` so `--model` loads it. `fused_kernels`: train with torch's fused GELU
     and RMS norm in place of transformers' (rsg_eval.models.kernels; restored on return); off only to measure.
     The model is wrapped (DDP, or sharded in place under fsdp) for the duration of the call."""
-    # One function on purpose: the recipe's explicit loop, read top to bottom; what it shares with train-hmtl is
-    # an engine call (rsg_eval.engine).
-    hooks = hooks or Hooks()
+    run = _setup(model, tokenizer, pairs, cfg, evaluate=evaluate, ckpt_dir=ckpt_dir, fingerprint=fingerprint,
+                 device=device, dist=dist, bf16=bf16, hooks=hooks or Hooks(), task=task,
+                 sharding_mode=sharding_mode, cpu_offload=cpu_offload, files=files)
+    if isinstance(run, TrainResult):   # the task finished in an earlier run
+        return run
+    return _loop(run, cfg, fused_kernels)
+
+
+def _setup(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], cfg: FinetuneConfig, *,
+           evaluate: Callable[[torch.nn.Module], dict[str, float]], ckpt_dir: Path, fingerprint: dict[str, Any],
+           device: torch.device, dist: Dist, bf16: bool, hooks: Hooks, task: str, sharding_mode: str,
+           cpu_offload: bool, files: Callable[[Path], None] | None) -> _Run | TrainResult:
+    """Seed, dropout, checkpointing, the step counts, the resume point (its weights before sharding, its optimizer
+    and schedule after), the wrapper, the optimizer and the schedule; a TrainResult when `last` is finished."""
     if not pairs:
         raise NoTrainingData(f"{task}: no training examples (the train split is empty or has no gold labels)",
                              field="train")
@@ -187,57 +226,35 @@ def train(
     if last is not None:
         ck.load_weights(net, last / ck.WEIGHTS)   # full weights, before any sharding
     wrapped = sharding.wrap(net, sharding_mode, device=device, cpu_offload=cpu_offload, bf16=bf16)
-    fsdp = sharding.is_fsdp(net)
     opt = make_optimizer(param_groups(net, cfg.weight_decay), name=cfg.optimizer, lr=cfg.lr,
                          betas=tuple(cfg.adam_betas),
                          eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
     resumed = _resume_optimizer(last, wrapped, opt, sched, cfg, dist) if last is not None else None
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # decoder-only models: prompt + answer in one sequence, the loss on the answer tokens (finetune/causal.py)
     causal = not getattr(net.config, "is_encoder_decoder", False)
-    make_batch = collate_causal if causal else collate
-    run_micro = forward_backward_causal if causal else forward_backward
-    meter = Throughput()
-    lengths = [p.length for p in pairs]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
         else contextlib.nullcontext
+    return _Run(task=task, pairs=pairs, net=net, wrapped=wrapped, opt=opt, sched=sched, dist=dist, device=device,
+                ckpt_dir=ckpt_dir, fp=fp, state=state, best_dir=best_dir, resumed=resumed, total=total,
+                per_epoch=per_epoch, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                make_batch=collate_causal if causal else collate,
+                run_micro=forward_backward_causal if causal else forward_backward, autocast=autocast,
+                evaluate=evaluate, hooks=hooks, files=files)
+
+
+# The recipe's one explicit loop (epochs, optimizer steps, the non-finite guard, evaluation, saves, the clean stop),
+# read top to bottom; setup and evaluation are helpers, what it shares with train-hmtl an engine call.
+def _loop(r: _Run, cfg: FinetuneConfig, fused_kernels: bool) -> TrainResult:
+    state, dist, pairs, hooks = r.state, r.dist, r.pairs, r.hooks
     if hooks.on_start:
-        hooks.on_start(state, total, per_epoch)
-
-    def save_last(rng_snapshot: dict[str, Any]) -> None:
-        meta = {"task": task, "state": state.to_json(), "fingerprint": fp,
-                "rng": dist.gather(rng.to_json(rng_snapshot)), "saved_at": time.time()}
-        extra = {"optimizer": sharding.full_optimizer_state(wrapped, opt), "scheduler": sched.state_dict()}
-        _save(dist, ckpt_dir, "last", wrapped, meta, extra)
-
-    def run_eval(epoch_mark: float) -> None:
-        nonlocal best_dir
-        net.eval()
-        with torch.no_grad(), autocast(), sharding.gathered(wrapped) as bare:
-            metrics = evaluate(bare)
-        net.train()
-        train_loss = state.loss_sum / state.loss_tokens if state.loss_tokens else float("nan")
-        row = {"task": task, "epoch": epoch_mark, "step": state.step, "train_loss": train_loss, **metrics}
-        state.history.append(row)
-        state.loss_sum = state.loss_tokens = 0.0
-        score = float(metrics["score"])
-        if state.best_score is None or score > state.best_score:
-            state.best_score, state.best_step, state.best_epoch = score, state.step, epoch_mark
-            state.best_metrics = dict(metrics)
-            state.evals_since_best = 0
-            best_dir = _save(dist, ckpt_dir, "best", wrapped,
-                             {"task": task, "step": state.step, "epoch": epoch_mark, "metrics": metrics,
-                              "fingerprint": fp}, None, files)
-        else:
-            state.evals_since_best += 1
-        if hooks.on_eval:
-            hooks.on_eval(state, row)
-
+        hooks.on_start(state, r.total, r.per_epoch)
+    meter = Throughput()
+    lengths = [p.length for p in pairs]
     guard = StepGuard(tolerance=0)   # one non-finite step stops the task (its learning rate is too high)
-    net.train()
-    with StopRequest() as stop, fused_t5(net, enabled=fused_kernels):
+    r.net.train()
+    with StopRequest() as stop, fused_t5(r.net, enabled=fused_kernels):
         while state.epoch < cfg.epochs and not state.done:
             plan = epoch_plan(lengths, cfg.batch_size, cfg.seed, state.epoch,
                               group_by_length=cfg.group_by_length, world=dist.world)
@@ -245,26 +262,19 @@ def train(
                 snapshot = rng.snapshot()  # the RNG at this step boundary, saved with any checkpoint of it
                 group = plan[state.micro : state.micro + cfg.grad_accum]
                 tokens = sum(len(pairs[i].tgt) for gb in group for i in gb)  # global target tokens of this step
-                local_nll = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync
-                for j, gb in enumerate(group):
-                    mine, weight = rank_slice(gb, dist.rank, dist.world)
-                    batch = to_device(make_batch([pairs[i] for i in mine], pad_id), device)
-                    # every micro-batch runs every block, so gradients may stay local until the step's last one
-                    with sharding.grad_sync(wrapped, sync=j == len(group) - 1):
-                        nll = run_micro(wrapped, net, batch, weight * dist.world / tokens, autocast)
-                    local_nll += nll * weight
-                lr_now = float(opt.param_groups[0]["lr"])  # this step's rate (the schedule moves it after)
-                out = finish_step(wrapped.parameters(), opt, sched, local_nll, dist, max_norm=cfg.max_grad_norm,
-                                  guard=guard)
+                local_nll = _forward_backward_step(r, group, tokens)
+                lr_now = float(r.opt.param_groups[0]["lr"])  # this step's rate (the schedule moves it after)
+                out = finish_step(r.wrapped.parameters(), r.opt, r.sched, local_nll, dist,
+                                  max_norm=cfg.max_grad_norm, guard=guard)
                 step_nll, norm_value = out.loss, out.grad_norm
                 step_loss = step_nll / tokens
                 if guard.exceeded:
-                    save_last(snapshot)  # parameters are still those after the last good step
+                    _save_last(r, snapshot)  # parameters are still those after the last good step
                     what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                     raise RSGError(
-                        f"{task}: the training {what} became {step_loss if what == 'loss' else norm_value} at "
+                        f"{r.task}: the training {what} became {step_loss if what == 'loss' else norm_value} at "
                         f"epoch {state.epoch + 1}, optimizer step {state.step + 1}; training stopped. The last good "
-                        f"state (after step {state.step}) is saved in {ckpt_dir / 'last'}. Lower --lr, raise the "
+                        f"state (after step {state.step}) is saved in {r.ckpt_dir / 'last'}. Lower --lr, raise the "
                         f"warm-up, keep bf16 rather than fp16, then rerun the same command to resume from it",
                         field="train_loss")
                 state.step += 1
@@ -275,46 +285,104 @@ def train(
                 state.micro += len(group)
                 state.loss_sum += step_nll
                 state.loss_tokens += tokens
-                at_cap = bool(cfg.max_steps) and state.step >= cfg.max_steps
                 end_of_epoch = state.micro >= len(plan)
-                evaluated = False
-                if (cfg.eval_every and state.step % cfg.eval_every == 0) or \
-                        (not cfg.eval_every and end_of_epoch) or at_cap or \
-                        (end_of_epoch and state.epoch + 1 >= cfg.epochs):
-                    if end_of_epoch:
-                        state.epoch += 1
-                        state.micro = 0
-                        mark = float(state.epoch)
-                    else:
-                        mark = round(state.epoch + state.micro / len(plan), 3)
-                    run_eval(mark)
-                    evaluated = True
-                    if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping:
-                        state.done, state.stopped = True, "early_stopping"
-                    if at_cap:
-                        state.done, state.stopped = True, state.stopped or "max_steps"
-                    if state.epoch >= cfg.epochs:
-                        state.done = True
-                elif end_of_epoch:
-                    state.epoch += 1
-                    state.micro = 0
+                evaluated = _evaluate_if_due(r, cfg, len(plan), end_of_epoch)
                 saved = evaluated or state.done or bool(cfg.save_every and state.step % cfg.save_every == 0)
                 if saved:
-                    save_last(rng.snapshot())
+                    _save_last(r, rng.snapshot())
                 if hooks.on_step:
                     hooks.on_step(state, step_loss)
                 # Ctrl-C / SIGTERM: every rank agrees and stops at this same step boundary
                 if stop.agreed(dist):
                     if not saved and not state.done:
-                        save_last(rng.snapshot())
-                    raise stop.stopped(f"{task}: stopped at step {state.step}; its state is saved in "
-                                       f"{ckpt_dir / 'last'}")
+                        _save_last(r, rng.snapshot())
+                    raise stop.stopped(f"{r.task}: stopped at step {state.step}; its state is saved in "
+                                       f"{r.ckpt_dir / 'last'}")
                 if state.done or end_of_epoch:
                     break  # a new epoch needs its own plan (the outer loop builds it)
         if not state.done:  # epochs ran out without a final evaluation (cannot happen, kept as a guard)
             state.done = True
-            save_last(rng.snapshot())
-        return TrainResult(state, best_dir, resumed)
+            _save_last(r, rng.snapshot())
+        return TrainResult(state, r.best_dir, r.resumed)
+
+
+def _forward_backward_step(r: _Run, group: Sequence[Sequence[int]], tokens: int) -> torch.Tensor:
+    """Forward and backward of this rank's share of the step's micro-batches (`group`: global micro-batches of
+    pair indices), each scaled to the step's mean token NLL over `tokens` target tokens, all ranks. Returns this
+    rank's summed NLL as a 0-d float64 tensor on the device (no host sync)."""
+    dist = r.dist
+    local_nll = torch.zeros((), dtype=torch.float64, device=r.device)  # stays on the device: no sync
+    for j, gb in enumerate(group):
+        mine, weight = rank_slice(gb, dist.rank, dist.world)
+        batch = to_device(r.make_batch([r.pairs[i] for i in mine], r.pad_id), r.device)
+        # every micro-batch runs every block, so gradients may stay local until the step's last one
+        with sharding.grad_sync(r.wrapped, sync=j == len(group) - 1):
+            nll = r.run_micro(r.wrapped, r.net, batch, weight * dist.world / tokens, r.autocast)
+        local_nll += nll * weight
+    return local_nll
+
+
+def _evaluate_if_due(r: _Run, cfg: FinetuneConfig, plan_len: int, end_of_epoch: bool) -> bool:
+    """After an optimizer step: move to the next epoch at its end, evaluate when due (every --eval-every steps, else
+    at each epoch's end; always at the step cap and after the last epoch) and mark the task done (early stopping,
+    step cap, last epoch). True when it evaluated."""
+    state = r.state
+    at_cap = bool(cfg.max_steps) and state.step >= cfg.max_steps
+    due = (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or \
+        at_cap or (end_of_epoch and state.epoch + 1 >= cfg.epochs)
+    if not due:
+        if end_of_epoch:
+            state.epoch += 1
+            state.micro = 0
+        return False
+    if end_of_epoch:
+        state.epoch += 1
+        state.micro = 0
+        mark = float(state.epoch)
+    else:
+        mark = round(state.epoch + state.micro / plan_len, 3)
+    _run_eval(r, mark)
+    if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping:
+        state.done, state.stopped = True, "early_stopping"
+    if at_cap:
+        state.done, state.stopped = True, state.stopped or "max_steps"
+    if state.epoch >= cfg.epochs:
+        state.done = True
+    return True
+
+
+def _run_eval(r: _Run, epoch_mark: float) -> None:
+    """Evaluate (bare model, eval mode), add the history row, keep `best` when the score improved."""
+    state = r.state
+    r.net.eval()
+    with torch.no_grad(), r.autocast(), sharding.gathered(r.wrapped) as bare:
+        metrics = r.evaluate(bare)
+    r.net.train()
+    train_loss = state.loss_sum / state.loss_tokens if state.loss_tokens else float("nan")
+    row = {"task": r.task, "epoch": epoch_mark, "step": state.step, "train_loss": train_loss, **metrics}
+    state.history.append(row)
+    state.loss_sum = state.loss_tokens = 0.0
+    score = float(metrics["score"])
+    if state.best_score is None or score > state.best_score:
+        state.best_score, state.best_step, state.best_epoch = score, state.step, epoch_mark
+        state.best_metrics = dict(metrics)
+        state.evals_since_best = 0
+        r.best_dir = _save(r.dist, r.ckpt_dir, "best", r.wrapped,
+                           {"task": r.task, "step": state.step, "epoch": epoch_mark, "metrics": metrics,
+                            "fingerprint": r.fp}, None, r.files)
+    else:
+        state.evals_since_best += 1
+    if r.hooks.on_eval:
+        r.hooks.on_eval(state, row)
+
+
+def _save_last(r: _Run, rng_snapshot: dict[str, Any]) -> None:
+    """ckpt_dir/last: weights, trainer state, every rank's generators (`rng_snapshot` on this one), optimizer and
+    schedule."""
+    meta = {"task": r.task, "state": r.state.to_json(), "fingerprint": r.fp,
+            "rng": r.dist.gather(rng.to_json(rng_snapshot)), "saved_at": time.time()}
+    extra = {"optimizer": sharding.full_optimizer_state(r.wrapped, r.opt), "scheduler": r.sched.state_dict()}
+    _save(r.dist, r.ckpt_dir, "last", r.wrapped, meta, extra)
 
 
 def forward_backward(ddp: torch.nn.Module, net: torch.nn.Module, batch: dict[str, torch.Tensor], scale: float,
