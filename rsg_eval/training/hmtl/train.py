@@ -413,7 +413,7 @@ def _loop(cfg: TrainConfig, s: _Setup, *, progress: bool, on_step: Callable[[int
                 s.model.train()
                 while st.step < s.steps_per_epoch:
                     snapshot = rng.snapshot()   # the generators at this step boundary (a skipped step resumes here)
-                    in_step = s.plan.step_counts(st.step)   # examples of each task in this optimizer step, all processes
+                    in_step = s.plan.step_counts(st.step)   # each task's examples in this optimizer step, all processes
                     acc, seen = _forward_backward(cfg, s, st, in_step)
                     lr_now = float(optimizer.param_groups[0]["lr"])   # this step's rate (the schedule moves it)
                     done = finish_step(s.wrapped.parameters(), optimizer, s.scheduler, acc, d,
