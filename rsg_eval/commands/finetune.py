@@ -135,41 +135,54 @@ def register(app: typer.Typer) -> None:
         are the built-in ones: a --config file replaces them (and --model tiny without --config uses
         configs/finetune_tiny.yaml's smaller ones); options typed on the command line win over both.
         """
-        from rsg_eval.core.errors import RSGError
-        from rsg_eval.training.finetune.config import TINY_DEFAULTS, load_config_set
-        from rsg_eval.training.finetune.run import run_finetune
-        from rsg_eval.engine.accelerate_config import read_accelerate_env, resolve_with_cli
-        from rsg_eval.models.threads import choose_cpu_threads
+        _finetune(ctx, model=model, tasks=tasks, data=data, run=run, root=root, config=config,
+                  checkpoint_dir=checkpoint_dir, restart=restart, device=device, dist_timeout=dist_timeout,
+                  revision=revision, sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload, bf16=bf16,
+                  report_to=report_to, threads=threads, quiet=quiet)
 
-        # an accelerate config: its honoured keys fill our options, the others are refused (one line each)
-        sharding, fsdp_cpu_offload, bf16, device = resolve_with_cli(
-            read_accelerate_env(), sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload, bf16=bf16, device=device)
-        choose_cpu_threads(model, device, threads)
-        if bf16 not in ("auto", "on", "off"):
-            raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
-        given = {name: value for name, value in ctx.params.items()
-                 if name in CONFIG_KEYS and ctx.get_parameter_source(name).name != "DEFAULT"}  # typed here
-        flags = {CONFIG_KEYS[name]: value for name, value in given.items()}
-        if bf16 != ctx.params["bf16"]:  # mixed_precision: bf16 in the accelerate config
-            flags["bf16"] = bf16
-        configs = load_config_set(config, flags, base=TINY_DEFAULTS if model in ("tiny", "tiny-causal") else None)
-        task_list = [t.strip() for spec in (tasks or []) for t in spec.split(",") if t.strip()] or None
-        reporter = _RichReporter(quiet)
-        try:
-            with reporter:
-                out = run_finetune(model, configs=configs, tasks=task_list, data=data, run=run, root=root,
-                                   checkpoint_dir=checkpoint_dir, device=device, revision=revision,
-                                   restart=restart, reporter=reporter, dist_timeout=dist_timeout,
-                                   sharding_mode=sharding, fsdp_cpu_offload=fsdp_cpu_offload,
-                                   report_to=report_to)
-        except KeyboardInterrupt as exc:
-            console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
-            raise typer.Exit(getattr(exc, "exit_code", 130))  # 130 Ctrl-C, 143 SIGTERM (rsg_eval.engine.stop)
-        if not reporter.main:
-            return
-        _summary(out)
-        if out.failed:
-            raise RSGError("not fine-tuned: " + "; ".join(out.failed.values()))
+
+def _finetune(ctx: typer.Context, *, model: str, tasks: Optional[List[str]], data: Optional[str], run: Optional[str],
+              root: Path, config: Optional[Path], checkpoint_dir: Optional[Path], restart: bool, device: Optional[str],
+              dist_timeout: float, revision: Optional[str], sharding: Optional[str], fsdp_cpu_offload: bool, bf16: str,
+              report_to: str, threads: Optional[int], quiet: bool) -> None:
+    """`rsg finetune`'s body: the options (an accelerate config's included) into a ConfigSet, then run_finetune
+    with the rich reporter. The hyper-parameter options are read from ctx.params (CONFIG_KEYS), so that only
+    those typed on the command line override a --config file."""
+    from rsg_eval.core.errors import RSGError
+    from rsg_eval.training.finetune.config import TINY_DEFAULTS, load_config_set
+    from rsg_eval.training.finetune.run import run_finetune
+    from rsg_eval.engine.accelerate_config import read_accelerate_env, resolve_with_cli
+    from rsg_eval.models.threads import choose_cpu_threads
+
+    # an accelerate config: its honoured keys fill our options, the others are refused (one line each)
+    sharding, fsdp_cpu_offload, bf16, device = resolve_with_cli(
+        read_accelerate_env(), sharding=sharding, fsdp_cpu_offload=fsdp_cpu_offload, bf16=bf16, device=device)
+    choose_cpu_threads(model, device, threads)
+    if bf16 not in ("auto", "on", "off"):
+        raise RSGError(f"unknown value {bf16!r}", field="--bf16", expected=["auto", "on", "off"])
+    given = {name: value for name, value in ctx.params.items()
+             if name in CONFIG_KEYS and ctx.get_parameter_source(name).name != "DEFAULT"}  # typed here
+    flags = {CONFIG_KEYS[name]: value for name, value in given.items()}
+    if bf16 != ctx.params["bf16"]:  # mixed_precision: bf16 in the accelerate config
+        flags["bf16"] = bf16
+    configs = load_config_set(config, flags, base=TINY_DEFAULTS if model in ("tiny", "tiny-causal") else None)
+    task_list = [t.strip() for spec in (tasks or []) for t in spec.split(",") if t.strip()] or None
+    reporter = _RichReporter(quiet)
+    try:
+        with reporter:
+            out = run_finetune(model, configs=configs, tasks=task_list, data=data, run=run, root=root,
+                               checkpoint_dir=checkpoint_dir, device=device, revision=revision,
+                               restart=restart, reporter=reporter, dist_timeout=dist_timeout,
+                               sharding_mode=sharding, fsdp_cpu_offload=fsdp_cpu_offload,
+                               report_to=report_to)
+    except KeyboardInterrupt as exc:
+        console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
+        raise typer.Exit(getattr(exc, "exit_code", 130))  # 130 Ctrl-C, 143 SIGTERM (rsg_eval.engine.stop)
+    if not reporter.main:
+        return
+    _summary(out)
+    if out.failed:
+        raise RSGError("not fine-tuned: " + "; ".join(out.failed.values()))
 
 
 # The bar and the evaluation lines show one quantity under one label: the token-weighted mean train loss over the
