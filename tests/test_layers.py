@@ -241,3 +241,24 @@ def test_modules_and_functions_are_small_or_say_why():
         if not rel.startswith(PENDING):
             bad += size_offenders(rel, p.read_text(encoding="utf-8"))
     assert not bad, f"{len(bad)} over the size rule (docs/design.md, issue 19):\n" + "\n".join(bad)
+
+
+def distributed_users() -> list[str]:
+    """Modules outside rsg_eval/engine/ that import torch.distributed (at any depth, inside functions too)."""
+    out = []
+    for mod, path in sorted(modules().items()):
+        if mod == "rsg_eval.engine" or mod.startswith("rsg_eval.engine."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names) or (
+                    isinstance(node, ast.ImportFrom) and node.module == "torch"
+                    and any(a.name == "distributed" for a in node.names)):
+                out.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return out
+
+
+def test_only_the_engine_talks_to_torch_distributed():
+    """Issue 19: process groups, collectives, DDP and FSDP go through rsg_eval/engine/ (one place to get right)."""
+    assert distributed_users() == []
