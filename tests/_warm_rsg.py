@@ -57,6 +57,21 @@ def _warm_imports() -> None:
             pass
 
 
+def _fresh_consoles() -> None:
+    """The CLI's module-level rich consoles measured the server's stdout and COLUMNS when imported; give the child
+    consoles that measure its own, as a fresh process's import would."""
+    common = sys.modules.get("rsg_eval.commands._common")
+    if common is None:
+        return
+    new = {id(common.console): common.make_console(), id(common.err_console): common.make_console(stderr=True)}
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("rsg_eval") and mod is not None:
+            for attr in ("console", "err_console"):
+                obj = getattr(mod, attr, None)
+                if obj is not None and id(obj) in new:
+                    setattr(mod, attr, new[id(obj)])
+
+
 def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
     """Runs in the forked child: become the caller's process and run the CLI; never returns."""
     code = 1
@@ -71,6 +86,7 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         conn.sendall(_INT.pack(os.getpid()))
+        _fresh_consoles()
         try:
             if request.get("call"):   # fn(index, *args) of an importable module (what mp.spawn runs)
                 import importlib

@@ -150,4 +150,4 @@ def test_zeroshot_refuses_a_fixed_gpu_or_a_device_map_under_a_launcher_before_an
     assert list(tmp_path.iterdir()) == []
     # "cuda" (or nothing) is this process's own GPU, as in fine-tuning
     _gpus(monkeypatch, 2)
-    assert zeroshot._device_for(zeroshot.ZeroShotOptions(model="tiny", device="cuda"), rank1_of_2) == "cuda:1"
+    assert zeroshot.device_for(zeroshot.ZeroShotOptions(model="tiny", device="cuda"), rank1_of_2) == "cuda:1"

@@ -216,6 +216,8 @@ def test_shared_mc_ner_adapter(tiny_hier, tmp_path):
 # Each default of `rsg train-hmtl`, and where it comes from: the paper's value, or the documented choice.
 DEFAULTS = {
     "epochs": 4,                 # paper: 4 epochs
+    "optimizer": "adamw",        # paper: AdamW (Adafactor is an option, issue 20)
+    "report_to": "none",         # no experiment tracker unless asked
     "batch_size": 12,            # paper: "a batch of 12 sequences"
     "grad_accum": 2,             # paper: accumulation 2, effective batch 24
     "batch_reading": "total",    # choice: the reading closest to the text (12 in all, effective 24)

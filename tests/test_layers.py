@@ -5,6 +5,11 @@ included, relative imports resolved). A module belongs to the layer of its first
 a top-level module, of its own name). It may import its own layer or an earlier one; the test fails on any import
 that points to a later layer, on any module whose layer is not listed, and on any import circle between modules,
 all reported in one message.
+
+It also holds the size rule of issue 19: a module over MAX_LINES lines, or a function whose body is over
+MAX_BODY lines (its own signature and those of functions nested in it left out: a Typer command's options are
+one long signature), carries a `# size: <why one loop needs it>` comment: a module in its first 30 lines, a
+function within the 3 lines above its `def` (or above its first decorator).
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "rsg_eval"
-# Soft limit on module size: reported (printed with -s / -ra), not enforced, while the training side is reshaped.
 MAX_LINES = 600
+MAX_BODY = 80
+SIZE_MARK = re.compile(r"#\s*size:\s*\S")
+# Folders left out of the size rule while their long training loops are reshaped (issue 19): the coordinator
+# empties this once they are.
+PENDING = ("rsg_eval/training/", "rsg_eval/engine/")
 
 
 def read_layers() -> list[str]:
@@ -185,8 +194,71 @@ def test_imports_point_down_and_never_circle():
     assert not bad, f"{len(bad)} layer violations:\n" + "\n".join(bad)
 
 
-def test_module_sizes_reported():
-    big = [f"{p.relative_to(REPO)}: {n} lines" for p in sorted(PKG.rglob("*.py"))
-           if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
-    if big:
-        print(f"modules over {MAX_LINES} lines:\n" + "\n".join(big))
+def body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function's body, less the signatures (decorators, `def` and parameters) of functions nested in
+    it."""
+    lines = set(range(fn.body[0].lineno, fn.end_lineno + 1))
+    for node in ast.walk(fn):
+        if node is not fn and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            lines -= set(range(start, node.body[0].lineno))
+    return len(lines)
+
+
+def size_offenders(rel: str, text: str) -> list[str]:
+    """What in one module breaks the size rule without a `# size:` comment saying why."""
+    lines = text.splitlines()
+    out = []
+    if len(lines) > MAX_LINES and not any(SIZE_MARK.search(ln) for ln in lines[:30]):
+        out.append(f"{rel}: {len(lines)} lines (over {MAX_LINES}; no '# size:' in its first 30 lines)")
+    for node in ast.walk(ast.parse(text, filename=rel)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (n := body_lines(node)) > MAX_BODY:
+            top = min([d.lineno for d in node.decorator_list] + [node.lineno])  # 1-based
+            if not any(SIZE_MARK.search(ln) for ln in lines[max(0, top - 4):top - 1]):
+                out.append(f"{rel}:{node.lineno} {node.name}: a body of {n} lines (over {MAX_BODY}; no "
+                           "'# size:' in the 3 lines above its def)")
+    return out
+
+
+def test_size_rule_finds_long_modules_and_functions():
+    long_fn = "def f(\n    a: int = 1,\n) -> None:\n" + "    x = 1\n" * (MAX_BODY + 1)
+    assert [o.split(" ")[1] for o in size_offenders("m.py", long_fn)] == ["f:"]
+    assert size_offenders("m.py", "# size: one explicit loop\n" + long_fn) == []
+    assert size_offenders("m.py", "# size: one explicit loop\n\n\n\n" + long_fn) != []  # too far above
+    # a nested command's signature does not count; its body does
+    cmd = "def register(app):\n    @app.command()\n    def cmd(\n" + "        a: int = 1,\n" * 200 + \
+        "    ) -> None:\n" + "        x = 1\n" * (MAX_BODY - 2)
+    assert size_offenders("m.py", cmd) == []
+    big = "x = 1\n" * (MAX_LINES + 1)
+    assert len(size_offenders("m.py", big)) == 1
+    assert size_offenders("m.py", '"""doc"""\n# size: one table\n' + big) == []
+
+
+def test_modules_and_functions_are_small_or_say_why():
+    bad = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(REPO).as_posix()
+        if not rel.startswith(PENDING):
+            bad += size_offenders(rel, p.read_text(encoding="utf-8"))
+    assert not bad, f"{len(bad)} over the size rule (docs/design.md, issue 19):\n" + "\n".join(bad)
+
+
+def distributed_users() -> list[str]:
+    """Modules outside rsg_eval/engine/ that import torch.distributed (at any depth, inside functions too)."""
+    out = []
+    for mod, path in sorted(modules().items()):
+        if mod == "rsg_eval.engine" or mod.startswith("rsg_eval.engine."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names) or (
+                    isinstance(node, ast.ImportFrom) and node.module == "torch"
+                    and any(a.name == "distributed" for a in node.names)):
+                out.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return out
+
+
+def test_only_the_engine_talks_to_torch_distributed():
+    """Issue 19: process groups, collectives, DDP and FSDP go through rsg_eval/engine/ (one place to get right)."""
+    assert distributed_users() == []

@@ -88,9 +88,9 @@ def _cli(monkeypatch, capsys, *args):
 
 
 def test_seq2seq_only_commands_refuse_a_decoder_only_model(tmp_path, monkeypatch, capsys):
+    # (rsg finetune trains decoder-only models too: tests/test_finetune_features.py)
     monkeypatch.chdir(tmp_path)
     for args, what in ((["zeroshot", "-m", "tiny-causal", "--nli-head", "--data", "sample"], "--nli-head"),
-                       (["finetune", "-m", "tiny-causal", "--data", "sample", "--tasks", "TERRa"], "rsg finetune"),
                        (["train-hmtl", "-m", "tiny-causal", "--corpus", "sample", "-o", "h"], "rsg train-hmtl")):
         code, err = _cli(monkeypatch, capsys, *args)
         assert code == 2 and "Traceback" not in err, err

@@ -20,7 +20,8 @@ from _warm_rsg import warm_torchrun  # noqa: E402
 
 from rsg_eval.eval import zeroshot  # noqa: E402
 from rsg_eval.runs import RunFolder  # noqa: E402
-from rsg_eval.eval.zeroshot import ZeroShotOptions, _assign, _plan_shards, plan_jobs, run_zeroshot  # noqa: E402
+from rsg_eval.eval.shards import assign, plan_shards  # noqa: E402
+from rsg_eval.eval.zeroshot import ZeroShotOptions, plan_jobs, run_zeroshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 IDENT = {"model": "tiny", "revision": None, "dtype": "float32"}
@@ -35,7 +36,7 @@ def _opts(root, run, **kw):
 def test_shards_are_the_same_for_any_number_of_processes(tmp_path):
     opts = _opts(tmp_path, "x")
     _, jobs = plan_jobs(opts, ident=IDENT)
-    shards, jobs_of = _plan_shards(jobs, opts)
+    shards, jobs_of = plan_shards(jobs, opts)
     # LiDiRus val and test read one file: one set of shards serves both
     lid = [k for k, js in jobs_of.items() if js[0].task == "LiDiRus"]
     assert len(lid) == 1 and [j.split for j in jobs_of[lid[0]]] == ["val", "test"]
@@ -46,14 +47,14 @@ def test_shards_are_the_same_for_any_number_of_processes(tmp_path):
         assert [sh.index for sh in mine] == list(range(len(mine)))
     assert len({sh.file_name for sh in shards}) == len(shards)
     for world in (1, 2, 3, 8):
-        parts = _assign(shards, world)
+        parts = assign(shards, world)
         assert len(parts) == world
         flat = [sh.id for p in parts for sh in p]
         assert sorted(flat) == sorted(sh.id for sh in shards)  # each shard to exactly one process
         loads = [sum(sh.cost for sh in p) for p in parts]
         assert max(loads) - min(loads) <= max(sh.cost for sh in shards)  # greedy: within one shard of even
     # another shard size cuts differently, so its shard files carry other keys and are never mixed with these
-    other = _plan_shards(jobs, _opts(tmp_path, "x", shard_size=5))[0]
+    other = plan_shards(jobs, _opts(tmp_path, "x", shard_size=5))[0]
     assert {sh.key for sh in other}.isdisjoint({sh.key for sh in shards})
 
 
@@ -166,8 +167,8 @@ def test_a_failure_on_one_process_stops_all_and_keeps_finished_shards(tmp_path, 
     assert r1["scoring"] == "RuntimeError: boom"
     # process 0's shards are saved (process 1 failed in its first); a rerun on one process scores only the others
     opts = ZeroShotOptions(model="tiny", data="sample", tasks=["TERRa"], split="val", shard_size=2)
-    shards = _plan_shards(plan_jobs(opts, ident=IDENT)[1], opts)[0]
-    n0 = len(_assign(shards, 2)[0])
+    shards = plan_shards(plan_jobs(opts, ident=IDENT)[1], opts)[0]
+    n0 = len(assign(shards, 2)[0])
     assert len(shards) == 3 and 0 < n0 < 3
     run = RunFolder(tmp_path / "r")
     assert run.finished("val") == [] and len(list((run.path / "state" / "shards").iterdir())) == n0

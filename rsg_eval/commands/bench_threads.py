@@ -11,7 +11,7 @@ def register(bench_app: typer.Typer) -> None:
 
 def threads_cmd(
     threads: int = typer.Option(2, "--threads", min=2, help="The thread count compared with 1."),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Interleaved rounds (1, N, N, 1, ...); the best is kept."),
+    rounds: int = typer.Option(3, "--repeats", min=1, help="Interleaved rounds (1, N, N, 1, ...); the best is kept."),
 ) -> None:
     """Zero-shot scoring and training steps of the tiny model at 1 torch thread and at N: the measurement behind
     the commands' automatic thread choice on a CPU (1 thread for small models)."""

@@ -6,7 +6,7 @@ Heavy modules (torch, transformers) are imported inside the command body only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -95,14 +95,14 @@ def register(app: typer.Typer) -> None:
         resumes an interrupted run: finished tasks with unchanged settings are skipped. Runs unchanged on several
         GPUs under `accelerate launch -m rsg_eval zeroshot ...` or torchrun (the items are shared out).
         """
-        from rsg_eval.commands._common import startup_signals, stop_signals
-        from rsg_eval.core.errors import RSGError, Terminated
+        from rsg_eval.commands._common import startup_signals
+        from rsg_eval.core.errors import RSGError
 
         with startup_signals("rsg zeroshot"):  # torch and transformers import here, before any work
             import torch  # noqa: F401
             import transformers  # noqa: F401
 
-            from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size, run_zeroshot, shutdown_distributed
+            from rsg_eval.eval.zeroshot import ZeroShotOptions, parse_batch_size
             from rsg_eval.models.threads import choose_cpu_threads
 
         if nli_head and num_fewshot:
@@ -113,55 +113,76 @@ def register(app: typer.Typer) -> None:
                            field="--device-map", expected="--device-map alone, or --device alone")
         choose_cpu_threads(model, "auto" if device_map else device, threads)
         if nli_head:
-            from rsg_eval.eval.nli_head import run_nli_head_eval
-            from rsg_eval.models.loading import require_seq2seq
-
-            require_seq2seq(model, "--nli-head")
-            try:
-                with stop_signals():
-                    result = run_nli_head_eval(model=model, data=data, tasks=tasks, split=split, limit=limit,
-                                               run=run, root=root, batch_size=parse_batch_size(batch_size),
-                                               device=device, dtype=dtype, console=console,
-                                               **({"restart": True} if restart else {}))
-            except KeyboardInterrupt as exc:
-                term = isinstance(exc, Terminated)
-                console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is "
-                              "kept; rerun the same command to resume")
-                raise typer.Exit(143 if term else 130) from None
-            print_summary(result, NLI_ZIP_HINT)
+            _nli_head(model=model, data=data, tasks=tasks, split=split, limit=limit, run=run, root=root,
+                      batch_size=parse_batch_size(batch_size), device=device, dtype=dtype, restart=restart)
             return
-        if calibration is not None:
-            if calibration not in ("off", "on", "both"):
-                raise RSGError(f"unknown calibration {calibration!r}", field="--calibration",
-                               expected=["off", "on", "both"])
-            if calibrate and calibration == "off":
-                raise RSGError("--calibrate and --calibration off disagree", field="--calibration",
-                               expected="one of them")
-            calibrate = {"off": False, "on": True, "both": "both"}[calibration]
         opts = ZeroShotOptions(model=model, data=data, tasks=tasks, split=split, template=template,
                                templates=templates, select=select,
                                batch_size=batch_size, limit=limit, run=run, root=root, normalize=normalize,
-                               calibrate=calibrate, device=device, dtype=dtype, revision=revision, prefix=prefix,
-                               num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, shard_size=shard_size,
-                               device_map=device_map, restart=restart)
-        try:
-            with stop_signals():
-                result = run_zeroshot(opts, console=console, show_progress=not quiet)
-        except KeyboardInterrupt as exc:  # before the run's own handling (loading the model): typer would exit 130
-            # silently; the lock is already released by run_zeroshot's finally
-            term = isinstance(exc, Terminated)
-            _name_gone_peer()
-            console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is kept; "
-                          "rerun the same command to resume")
-            raise typer.Exit(143 if term else 130) from None
-        finally:
-            shutdown_distributed()
-        if not result.main:  # the other processes of a multi-process run: the main one reports
-            return
-        print_summary(result)
-        if result.interrupted:
-            _name_gone_peer()
-            raise typer.Exit(143 if result.terminated else 130)
+                               calibrate=_calibration(calibrate, calibration), device=device, dtype=dtype,
+                               revision=revision, prefix=prefix, num_fewshot=num_fewshot, fewshot_seed=fewshot_seed,
+                               shard_size=shard_size, device_map=device_map, restart=restart)
+        _prompted(opts, quiet)
+
+
+def _calibration(calibrate: bool, calibration: str | None) -> bool | str:
+    """--calibrate and --calibration (off | on | both) as ZeroShotOptions.calibrate: False, True or "both"."""
+    from rsg_eval.core.errors import RSGError
+
+    if calibration is None:
+        return calibrate
+    if calibration not in ("off", "on", "both"):
+        raise RSGError(f"unknown calibration {calibration!r}", field="--calibration",
+                       expected=["off", "on", "both"])
+    if calibrate and calibration == "off":
+        raise RSGError("--calibrate and --calibration off disagree", field="--calibration",
+                       expected="one of them")
+    return {"off": False, "on": True, "both": "both"}[calibration]
+
+
+def _nli_head(*, model: str, restart: bool, **kw: object) -> None:
+    """`--nli-head`: TERRa, RCB and LiDiRus through a hierarchical checkpoint's NLI head (rsg_eval.eval.nli_head)."""
+    from rsg_eval.commands._common import stop_signals
+    from rsg_eval.core.errors import Terminated
+    from rsg_eval.eval.nli_head import run_nli_head_eval
+    from rsg_eval.models.loading import require_seq2seq
+
+    require_seq2seq(model, "--nli-head")
+    try:
+        with stop_signals():
+            result = run_nli_head_eval(model=model, **kw, console=console, **({"restart": True} if restart else {}))
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is "
+                      "kept; rerun the same command to resume")
+        raise typer.Exit(143 if term else 130) from None
+    print_summary(result, NLI_ZIP_HINT)
+
+
+def _prompted(opts: Any, quiet: bool) -> None:
+    """The prompted run (rsg_eval.eval.zeroshot.run_zeroshot), its summary and exit code."""
+    from rsg_eval.commands._common import stop_signals
+    from rsg_eval.core.errors import Terminated
+    from rsg_eval.eval.zeroshot import run_zeroshot, shutdown_distributed
+
+    try:
+        with stop_signals():
+            result = run_zeroshot(opts, console=console, show_progress=not quiet)
+    except KeyboardInterrupt as exc:  # before the run's own handling (loading the model): typer would exit 130
+        # silently; the lock is already released by run_zeroshot's finally
+        term = isinstance(exc, Terminated)
+        _name_gone_peer()
+        console.print(f"[yellow]{'terminated (SIGTERM)' if term else 'interrupted'}[/]: finished work is kept; "
+                      "rerun the same command to resume")
+        raise typer.Exit(143 if term else 130) from None
+    finally:
+        shutdown_distributed()
+    if not result.main:  # the other processes of a multi-process run: the main one reports
+        return
+    print_summary(result)
+    if result.interrupted:
+        _name_gone_peer()
+        raise typer.Exit(143 if result.terminated else 130)
 
 
 def _name_gone_peer() -> None:

@@ -248,81 +248,95 @@ def safe_extract(zip_path: Path, target: Path) -> list[Path]:
     folder renamed at the end; a failure removes it, and one left by a killed process is removed by the
     next extraction.
     """
-    import zlib
-
-    from rsg_eval.core.io import guarded_write
-    from rsg_eval.core.limits import ZIP_BYTES, ZIP_RATIO
-
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise RSGError(f"not a valid zip file ({exc})", file=zip_path) from None
     with zf:
-        members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
-        seen: dict[str, str] = {}
-        for info in zf.infolist():
-            rel = safe_member_name(info.filename)
-            if rel is None:
-                raise RSGError(f"zip member {info.filename!r} would be written outside the target folder",
-                               file=zip_path, expected="relative paths without '..'")
-            if info.is_dir():
-                continue
-            problem = zip_member_problem(info) if task_member(rel) is not None else None
-            if problem is not None:
-                raise RSGError(f"zip member {info.filename!r} {problem}", file=zip_path,
-                               expected="a zip of the task files, unencrypted, deflate or stored")
-            key = str(rel).lower()  # task folders are matched case-insensitively: TERRa/ and terra/ collide
-            if key in seen:
-                both = f"{info.filename!r} twice" if seen[key] == info.filename else \
-                    f"{seen[key]!r} and {info.filename!r} (task folders match in any case)"
-                raise RSGError(f"the zip holds {both}; extracting both would silently keep only the last",
-                               file=zip_path, expected="each file once")
-            seen[key] = info.filename
-            if task_member(rel) is not None:
-                members.append((info, rel))
-        if not members:
-            raise RSGError("no RSG task files in the zip", file=zip_path,
-                           expected="<Task>/train.jsonl, val.jsonl, test.jsonl (LiDiRus/LiDiRus.jsonl), "
-                                    "optionally under combined/")
-        total = sum(info.file_size for info, _ in members)
-        if total > ZIP_BYTES.value():
-            raise ZIP_BYTES.error(f"its task files hold {total:,} bytes uncompressed", file=zip_path)
-        for info, _ in members:
-            ratio = info.file_size / max(info.compress_size, 1)
-            if info.file_size > (1 << 20) and ratio > ZIP_RATIO.value():
-                raise ZIP_RATIO.error(f"member {info.filename!r} is compressed {ratio:,.0f} to 1 "
-                                      f"({info.file_size:,} bytes uncompressed): a zip bomb?", file=zip_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{target.name}.extract-"
-        remove_stale_temps(target.parent, prefix)
-        written: list[Path] = []
-        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{_temp_tag()}-", dir=target.parent))
-        try:
-            with guarded_write(tmp):
-                for info, rel in members:
-                    out = tmp.joinpath(*rel.parts)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(info) as src, open(out, "wb") as dst:
-                            # zipfile stops at the declared size and checks the CRC: a lying header fails here
-                            shutil.copyfileobj(src, dst)
-                    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-                        raise RSGError(f"damaged zip member {info.filename!r} ({exc})", file=zip_path,
-                                       expected="download the zip again") from None
-                    written.append(target.joinpath(*rel.parts))
-                if target.exists():
-                    # Merge into an existing folder (several task zips share one data dir).
-                    for f in tmp.rglob("*"):
-                        if f.is_file():
-                            dest = target / f.relative_to(tmp)
-                            dest.parent.mkdir(parents=True, exist_ok=True)
-                            os.replace(f, dest)
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        members = _task_members(zf, zip_path)
+        return _extract_members(zf, zip_path, members, target)
+
+
+def _task_members(zf: zipfile.ZipFile, zip_path: Path) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The zip's task files (info, relative path), every refusal of `safe_extract` checked first."""
+    from rsg_eval.core.limits import ZIP_BYTES, ZIP_RATIO
+
+    members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+    seen: dict[str, str] = {}
+    for info in zf.infolist():
+        rel = safe_member_name(info.filename)
+        if rel is None:
+            raise RSGError(f"zip member {info.filename!r} would be written outside the target folder",
+                           file=zip_path, expected="relative paths without '..'")
+        if info.is_dir():
+            continue
+        problem = zip_member_problem(info) if task_member(rel) is not None else None
+        if problem is not None:
+            raise RSGError(f"zip member {info.filename!r} {problem}", file=zip_path,
+                           expected="a zip of the task files, unencrypted, deflate or stored")
+        key = str(rel).lower()  # task folders are matched case-insensitively: TERRa/ and terra/ collide
+        if key in seen:
+            both = f"{info.filename!r} twice" if seen[key] == info.filename else \
+                f"{seen[key]!r} and {info.filename!r} (task folders match in any case)"
+            raise RSGError(f"the zip holds {both}; extracting both would silently keep only the last",
+                           file=zip_path, expected="each file once")
+        seen[key] = info.filename
+        if task_member(rel) is not None:
+            members.append((info, rel))
+    if not members:
+        raise RSGError("no RSG task files in the zip", file=zip_path,
+                       expected="<Task>/train.jsonl, val.jsonl, test.jsonl (LiDiRus/LiDiRus.jsonl), "
+                                "optionally under combined/")
+    total = sum(info.file_size for info, _ in members)
+    if total > ZIP_BYTES.value():
+        raise ZIP_BYTES.error(f"its task files hold {total:,} bytes uncompressed", file=zip_path)
+    for info, _ in members:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > (1 << 20) and ratio > ZIP_RATIO.value():
+            raise ZIP_RATIO.error(f"member {info.filename!r} is compressed {ratio:,.0f} to 1 "
+                                  f"({info.file_size:,} bytes uncompressed): a zip bomb?", file=zip_path)
+    return members
+
+
+def _extract_members(zf: zipfile.ZipFile, zip_path: Path, members: list[tuple[zipfile.ZipInfo, PurePosixPath]],
+                     target: Path) -> list[Path]:
+    """Write the checked members into a temporary folder beside `target`, then rename it (or merge it into an
+    existing `target`); a failure removes the temporary folder."""
+    import zlib
+
+    from rsg_eval.core.io import guarded_write
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.extract-"
+    remove_stale_temps(target.parent, prefix)
+    written: list[Path] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{_temp_tag()}-", dir=target.parent))
+    try:
+        with guarded_write(tmp):
+            for info, rel in members:
+                out = tmp.joinpath(*rel.parts)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        # zipfile stops at the declared size and checks the CRC: a lying header fails here
+                        shutil.copyfileobj(src, dst)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                    raise RSGError(f"damaged zip member {info.filename!r} ({exc})", file=zip_path,
+                                   expected="download the zip again") from None
+                written.append(target.joinpath(*rel.parts))
+            if target.exists():
+                # Merge into an existing folder (several task zips share one data dir).
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        dest = target / f.relative_to(tmp)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(f, dest)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return written
 
 

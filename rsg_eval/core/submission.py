@@ -375,18 +375,7 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
     if task == "MuSeRC":
         for it in items:
             structure.setdefault(it.doc, {}).setdefault(it.group, []).append(it.key)
-    records: list[tuple[int, dict]] = []
-    try:
-        for lineno, raw in iter_lines(text.lstrip("\ufeff"), source):
-            if not raw.strip():
-                continue
-            try:  # one line at a time, so a broken line does not hide the problems after it
-                records.extend((lineno, rec) for _, rec in iter_jsonl_text(raw, source))
-            except RSGError as exc:
-                problems.append(Problem(source, lineno, exc.message))
-                records.append((lineno, {}))
-    except RSGError as exc:  # a line over the length limit: the lines after it are not read
-        problems.append(Problem(source, exc.line, exc.message))
+    records = _read_records(text, source, problems)
     bool_lines: list[int] = []
     off_entity: list[tuple[int, Any, str]] = []
     # RuCoS is scored after ReCoRD normalisation ("Косово." == "косово"): compare in that form.
@@ -417,24 +406,57 @@ def _check_task(task: str, items: Sequence[Item], source: str, text: str) -> lis
             elif task == "RuCoS" and normalize_answer(label) not in candidates[key]:
                 off_entity.append((lineno, key, label))
             seen.setdefault(key, lineno)
-        if task == "MuSeRC" and isinstance(top, int) and top in structure:
-            got = {q.get("idx"): [a.get("idx") for a in q.get("answers", []) if isinstance(a, dict)]
-                   for q in rec.get("passage", {}).get("questions", []) if isinstance(q, dict)}
-            want = structure[top]
-            if set(got) != set(want):
-                problems.append(Problem(source, lineno, f"passage {top}: question ids {sorted(k for k in got if isinstance(k, int))} "
-                                                        f"differ from the test file's {sorted(want)}"))
-            for q, ans in want.items():
-                if q in got and sorted(a for a in got[q] if isinstance(a, int)) != sorted(ans):
-                    problems.append(Problem(source, lineno, f"question {q}: answer ids differ from the test file's {ans}"))
-        elif task == "MuSeRC" and isinstance(top, int):
-            problems.append(Problem(source, lineno, f"passage idx {top} is not in the test file"))
+        if task == "MuSeRC" and isinstance(top, int):
+            problems.extend(_muserc_structure(rec, top, structure, source, lineno))
     missing = sorted(expected_keys - set(seen))
     if missing:
         problems.append(Problem(source, None, f"{len(missing)} test items have no prediction "
                                               f"(first: {missing[:10]})"))
     if lines_idx != sorted(lines_idx):
         problems.append(Problem(source, None, "lines are not sorted by idx"))
+    return problems + _spelling_warnings(task, source, bool_lines, off_entity)
+
+
+def _read_records(text: str, source: str, problems: list[Problem]) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line; a line that is not a JSON object is a problem and an empty
+    record, so the problems on the lines after it are still found."""
+    records: list[tuple[int, dict]] = []
+    try:
+        for lineno, raw in iter_lines(text.lstrip("\ufeff"), source):
+            if not raw.strip():
+                continue
+            try:  # one line at a time, so a broken line does not hide the problems after it
+                records.extend((lineno, rec) for _, rec in iter_jsonl_text(raw, source))
+            except RSGError as exc:
+                problems.append(Problem(source, lineno, exc.message))
+                records.append((lineno, {}))
+    except RSGError as exc:  # a line over the length limit: the lines after it are not read
+        problems.append(Problem(source, exc.line, exc.message))
+    return records
+
+
+def _muserc_structure(rec: dict, top: int, structure: dict[int, dict[int, list[int]]], source: str,
+                      lineno: int) -> list[Problem]:
+    """A MuSeRC line's passage against the test file's: the same question ids, each with the same answer ids."""
+    if top not in structure:
+        return [Problem(source, lineno, f"passage idx {top} is not in the test file")]
+    problems = []
+    got = {q.get("idx"): [a.get("idx") for a in q.get("answers", []) if isinstance(a, dict)]
+           for q in rec.get("passage", {}).get("questions", []) if isinstance(q, dict)}
+    want = structure[top]
+    if set(got) != set(want):
+        problems.append(Problem(source, lineno, f"passage {top}: question ids {sorted(k for k in got if isinstance(k, int))} "
+                                                f"differ from the test file's {sorted(want)}"))
+    for q, ans in want.items():
+        if q in got and sorted(a for a in got[q] if isinstance(a, int)) != sorted(ans):
+            problems.append(Problem(source, lineno, f"question {q}: answer ids differ from the test file's {ans}"))
+    return problems
+
+
+def _spelling_warnings(task: str, source: str, bool_lines: list[int],
+                       off_entity: list[tuple[int, Any, str]]) -> list[Problem]:
+    """Warnings, not errors: JSON-boolean labels, and RuCoS answers that match none of their passage's entities."""
+    problems = []
     if bool_lines:
         spelled = ", ".join(json.dumps(spell(task, v)) for v in (False, True))
         problems.append(Problem(

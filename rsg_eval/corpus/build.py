@@ -30,7 +30,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator
 
 from rsg_eval.corpus import annotate as ann
 from rsg_eval.corpus.brat import iter_brat
@@ -39,9 +39,11 @@ from rsg_eval.corpus.config import CorpusConfig, SourceConfig, val_records
 from rsg_eval.corpus.leakage import LeakageGuard, build_rsg_index
 from rsg_eval.corpus.readers import iter_nli, iter_pairs, iter_texts, iter_topics
 from rsg_eval.corpus.records import MAIN_FIELD, NLI_LABELS, RAW, TASKS, Problems
+from rsg_eval.corpus.split import KeySet, percentiles, split_task, val_groups  # noqa: F401 (split_task re-exported)
 from rsg_eval.corpus.stage import HashSorter, SmallestKeys, Spool, iter_spool, key64
 from rsg_eval.core.errors import RSGError
 from rsg_eval.core.io import atomic_write_json, atomic_write_text, guarded_write
+from rsg_eval.corpus.summary import removal_lines, summary_table  # noqa: F401 (re-exported)
 
 BUILD_FORMAT = 2
 MAX_ROUNDS = 8   # rounds of handing texts to the jobs still below their targets
@@ -83,82 +85,6 @@ def read_source(src: SourceConfig, cfg: CorpusConfig, problems: Problems, droppe
     return iter_pairs(src.path, task=o["task"], fields={str(k): str(v) for k, v in o["fields"].items()},
                       group_field=o.get("group_field"), id_field=o.get("id_field"), problems=problems,
                       source=src.name)
-
-
-def percentiles(values: Iterable[int] | Mapping[int, int], qs: Iterable[int] = (5, 50, 95)) -> dict[str, int]:
-    """Nearest-rank percentiles (p5, p50, p95) and the max, of values or of a {value: count} histogram; {} for
-    none."""
-    hist = Counter(values) if not isinstance(values, Mapping) else values
-    n = sum(hist.values())
-    if not n:
-        return {}
-    items = sorted(hist.items())
-    out = {}
-    for q in qs:
-        rank = min(n - 1, max(0, -(-q * n // 100) - 1))   # 0-based nearest rank
-        seen = 0
-        for v, c in items:
-            seen += c
-            if seen > rank:
-                out[f"p{q}"] = v
-                break
-    out["max"] = items[-1][0]
-    return out
-
-
-def _val_groups(keys: Any, counts: Any, *, n: int, val_fraction: float, val_max: int | None, distinct_more: bool
-                ) -> Any:
-    """The validation groups: the groups with the smallest seeded keys (a seeded shuffle of the groups), taken
-    while fewer than round(val_fraction * n) records (at most val_max) are in val, always leaving a group for
-    train. `keys`/`counts` are the smallest distinct group keys ascending and their record counts;
-    `distinct_more` says whether more distinct groups exist than were passed."""
-    import numpy as np
-
-    if val_fraction <= 0 or (keys.size < 2 and not distinct_more):
-        return keys[:0]
-    target = max(1, round(val_fraction * n))
-    if val_max is not None:
-        target = min(target, val_max)
-    if target <= 0:
-        return keys[:0]
-    before = np.concatenate([[0], np.cumsum(counts)[:-1]])   # records in val before taking each group
-    k = int((before < target).sum())
-    if not distinct_more:
-        k = min(k, keys.size - 1)
-    return keys[:k]
-
-
-class KeySet:
-    """Membership in a sorted uint64 array: 8 bytes per key (a Python set of ints takes ~70)."""
-
-    def __init__(self, keys: Any) -> None:
-        import numpy as np
-
-        self.keys = np.sort(np.asarray(keys, dtype=np.uint64))
-
-    def __contains__(self, key: int) -> bool:
-        import numpy as np
-
-        if not self.keys.size:
-            return False
-        i = int(np.searchsorted(self.keys, np.uint64(key)))
-        return i < self.keys.size and int(self.keys[i]) == key
-
-    def __len__(self) -> int:
-        return int(self.keys.size)
-
-
-def split_task(recs: list[dict], *, seed: int, task: str, val_fraction: float, val_max: int | None
-               ) -> tuple[list[dict], list[dict]]:
-    """Seeded train/val split of one task by groups (pieces of one document never straddle the split); the same
-    rule the streaming builder applies."""
-    import numpy as np
-
-    gk = [key64(seed, "split", task, r.get("_group") or r["id"]) for r in recs]
-    keys, counts = np.unique(np.array(gk, dtype=np.uint64), return_counts=True)
-    val = set(_val_groups(keys, counts, n=len(recs), val_fraction=val_fraction, val_max=val_max,
-                          distinct_more=False).tolist())
-    return [r for r, k in zip(recs, gk) if k not in val], [r for r, k in zip(recs, gk) if k in val]
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
@@ -518,7 +444,7 @@ class _Builder:
             small.add(key64(seed, "split", task, rec.get("_group") or rec["id"]))
         keys, counts = small.result()
         distinct_more = int(counts.sum()) < small.seen   # some groups were cut off: more than vt + 1 exist
-        val_keys = KeySet(_val_groups(keys, counts, n=n, val_fraction=cfg.val_fraction, val_max=cfg.val_max,
+        val_keys = KeySet(val_groups(keys, counts, n=n, val_fraction=cfg.val_fraction, val_max=cfg.val_max,
                                       distinct_more=distinct_more))
         d: dict[str, Any] = {"target": target, "built": 0, "train": 0, "val": 0}
         lengths: Counter = Counter()
@@ -598,52 +524,3 @@ class _Builder:
             "seed": cfg.seed, "val_fraction": cfg.val_fraction, "val_max": cfg.val_max, "limit": self.opts.limit,
             "teachers": teachers,
         }
-
-
-def summary_table(summary: dict) -> Any:
-    """A rich Table: per task the target and what was built (train / val), where it came from, what the teachers'
-    thresholds dropped, and the length percentiles (characters)."""
-    from rich.table import Table
-
-    tab = Table(title="corpus")
-    cols = ("task", "target", "built", "train", "val", "sources", "teacher dropped", "chars p5/p50/p95")
-    for col in cols:
-        tab.add_column(col, justify="left" if col in ("task", "sources", "chars p5/p50/p95") else "right")
-    for task, d in summary["tasks"].items():
-        c = d["chars"]
-        tgt = d.get("target")
-        tab.add_row(task, "-" if tgt is None else str(tgt), str(d.get("built", d["train"] + d["val"])),
-                    str(d["train"]), str(d["val"]), ", ".join(f"{k} {v}" for k, v in d["sources"].items()),
-                    str(d.get("teacher_dropped", 0)), f"{c.get('p5')}/{c.get('p50')}/{c.get('p95')}")
-    tot = summary["total"]
-    tab.add_row("total", "-" if tot.get("target") is None else str(tot["target"]), str(tot["train"] + tot["val"]),
-                str(tot["train"]), str(tot["val"]), "", "", "")
-    return tab
-
-
-def removal_lines(summary: dict) -> list[str]:
-    """One line per stage that removed something (for the console), then the teachers that made records."""
-    lines = []
-    for stage in ("cleaning", "dedup"):
-        for task, c in summary[stage].items():
-            if c:
-                lines.append(f"{stage} {task}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    leak = summary["leakage"]
-    if leak.get("applied"):
-        lines.append(f"leakage guard ({leak['ngram']}-grams, {leak['reference_ngrams']} RSG n-grams): dropped "
-                     + (", ".join(f"{t} {n}" for t, n in leak["dropped_per_task"].items()) or "nothing"))
-    for job, c in summary["annotation"]["stats"].items():
-        lines.append(f"annotation {job}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    texts = summary["annotation"].get("texts") or {}
-    if texts.get("pool"):
-        lines.append(f"raw texts: {texts['pool']} in the pool, used per job {texts.get('used', {})}, "
-                     f"{texts.get('unused', 0)} unused")
-    for t, d in summary["teachers"].items():
-        commits = ", ".join(str(c) for c in d["commits"]) or "not loaded"
-        lines.append(f"teacher {t}: {d['model']} (revision {d['revision'] or 'default'}; {commits})")
-    if summary["problems"]["total"]:
-        lines.append(f"bad records skipped: {summary['problems']['skipped_per_source']}")
-    if summary["labels_dropped_by_map"]:
-        lines.append(f"labels mapped to null (dropped on purpose): {summary['labels_dropped_by_map']}")
-    return lines
-

@@ -459,16 +459,7 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
 
     runs = list(runs)
     _unique_names(runs)
-    problems = list(problems)
-    by_note: dict[str, list[str]] = {}  # one line per note, naming every run it applies to
-    for run in runs:
-        for n in run.notes:
-            by_note.setdefault(n, []).append(run.name)
-    problems += [f"{', '.join(names)}: {n}" for n, names in by_note.items()]
-    splits = sorted({run.split for run in runs if run.origin == "run"})
-    if len(splits) > 1:
-        problems.append(f"the runs cover different splits ({', '.join(splits)}): runs on different splits are "
-                        "not paired")
+    problems = list(problems) + _run_notes(runs)
     tasks = [t for t in TASK_NAMES if any(t in run.logs or t in run.reported for run in runs)]
     extras = _published_extras(runs)
     bases = _bases(runs, extras)
@@ -481,31 +472,8 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
     diffs: dict[str, dict[int, np.ndarray]] = {}
     task_rows = []
     for t in tasks:
-        ti = TASK_NAMES.index(t)
-        boot = _TaskBoot(t, ti, runs, seed, n_boot, problems)
-        boots[t] = boot
-        cells[t] = [_cell(run, t, boot, r, problems) for r, run in enumerate(runs)]
-        diffs[t] = {}
-        for r, cell in enumerate(cells[t]):
-            b = bases[r]
-            # Runs scored on different example sets (their data fingerprints differ): a gain between them means
-            # nothing, so none is given, and the cell says why (`no_gain`).
-            cell["no_gain"] = (NO_GAIN_DATA if b is not None and b != r and cell["status"] == "ok"
-                               and cells[t][b]["status"] == "ok" and different_data(runs[b], runs[r], t) else None)
-            base = cells[t][b] if b is not None and not cell["no_gain"] else None
-            cell["gain_vs"] = runs[b].name if b is not None else None
-            cell["gain"] = _gain(cell["score"], base["score"]) if base else None
-            # per metric, as Table 3 prints two-metric tasks (RCB F1 / Acc: -2.62 % / -2.91 %)
-            cell["metric_gains"] = {m: (_gain(cell["metrics"][m], base["metrics"][m]) if base else None)
-                                    for m in cell["metrics"]}
-            cell["paired"] = None
-            if r:
-                paired, d, note = boot.paired(runs, r)
-                cell["paired"] = paired
-                if d is not None:
-                    diffs[t][r] = d
-                if note:
-                    problems.append(note)
+        boots[t] = _TaskBoot(t, TASK_NAMES.index(t), runs, seed, n_boot, problems)
+        cells[t], diffs[t] = _task_cells(t, runs, bases, boots[t], problems)
         task_rows.append({"task": t, "metrics": list(get_task(t).metrics), "cells": cells[t]})
     for r, run in enumerate(runs):
         missing = [t for t in tasks if cells[t][r]["status"] == "missing"]
@@ -553,3 +521,47 @@ def build_report(runs: Sequence[Run], *, seed: int = 0, n_boot: int = 1000, n_ex
         "epochs": {run.name: run.epochs for run in runs if run.epochs},
         "problems": problems,
     }
+
+
+def _run_notes(runs: list[Run]) -> list[str]:
+    """The runs' own notes (one line per note, naming every run it applies to) and a warning when they cover
+    different splits."""
+    by_note: dict[str, list[str]] = {}
+    for run in runs:
+        for n in run.notes:
+            by_note.setdefault(n, []).append(run.name)
+    out = [f"{', '.join(names)}: {n}" for n, names in by_note.items()]
+    splits = sorted({run.split for run in runs if run.origin == "run"})
+    if len(splits) > 1:
+        out.append(f"the runs cover different splits ({', '.join(splits)}): runs on different splits are "
+                   "not paired")
+    return out
+
+
+def _task_cells(t: str, runs: list[Run], bases: list, boot: _TaskBoot, problems: list[str]
+                ) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """One task's cell per run, with its gain over its base run and (after the first run) the paired bootstrap
+    against the reference: (cells, {run index: bootstrap differences})."""
+    cells = [_cell(run, t, boot, r, problems) for r, run in enumerate(runs)]
+    diffs: dict[int, np.ndarray] = {}
+    for r, cell in enumerate(cells):
+        b = bases[r]
+        # Runs scored on different example sets (their data fingerprints differ): a gain between them means
+        # nothing, so none is given, and the cell says why (`no_gain`).
+        cell["no_gain"] = (NO_GAIN_DATA if b is not None and b != r and cell["status"] == "ok"
+                           and cells[b]["status"] == "ok" and different_data(runs[b], runs[r], t) else None)
+        base = cells[b] if b is not None and not cell["no_gain"] else None
+        cell["gain_vs"] = runs[b].name if b is not None else None
+        cell["gain"] = _gain(cell["score"], base["score"]) if base else None
+        # per metric, as Table 3 prints two-metric tasks (RCB F1 / Acc: -2.62 % / -2.91 %)
+        cell["metric_gains"] = {m: (_gain(cell["metrics"][m], base["metrics"][m]) if base else None)
+                                for m in cell["metrics"]}
+        cell["paired"] = None
+        if r:
+            paired, d, note = boot.paired(runs, r)
+            cell["paired"] = paired
+            if d is not None:
+                diffs[r] = d
+            if note:
+                problems.append(note)
+    return cells, diffs
