@@ -9,7 +9,7 @@ Only rank 0 writes the run folder; every rank trains and scores its shard of val
 
 One configuration per run folder (`rsg_eval.runs.RunFolder.claim`, on rank 0): templates are rendered on one item
 of every split first (nothing is created when one fails), then the folder is locked and this command's settings
-(`run_settings`: model identity, code version, data; per task split its template, data files and
+(`settings.run_settings`: model identity, code version, data; per task split its template, data files and
 hyper-parameters) are compared with the folder's; a difference is refused unless `restart`, which clears the run
 folder's results and the tasks' checkpoints.
 """
