@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import os
+
 import pytest
 import torch
 
@@ -337,14 +339,29 @@ def test_a_typo_of_a_builtin_model_says_did_you_mean(typo, meant, monkeypatch):
 
 
 def test_cpu_thread_choice_follows_the_model_size(tmp_path, monkeypatch):
-    """Issue 23 item 6: on a CPU a small model runs on 1 thread (more only wait on each other), a large one keeps
-    torch's default; --threads wins, and a user's OMP_NUM_THREADS is left alone."""
-    from rsg_eval.models.threads import SMALL_WEIGHTS_BYTES, choose_cpu_threads, weights_bytes
+    """Issue 23 item 6: on a CPU a small model runs on the idle cores (threads on busy cores only wait on each
+    other), a large one keeps torch's default; --threads wins, and a user's OMP_NUM_THREADS is left alone."""
+    import os
+
+    from rsg_eval.models.threads import SMALL_WEIGHTS_BYTES, choose_cpu_threads, idle_cores, weights_bytes
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    from rsg_eval.models import threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # a 2-core machine
+    load = [0.3]
+    monkeypatch.setattr(threads, "busy_cores", lambda: load[0])   # other work's cores (measured: test below)
     try:
+        assert idle_cores() == 2                       # quiet: both cores
+        load[0] = 1.4
+        assert idle_cores() == 1                       # one core busy with other work
+        load[0] = 7.5
+        assert idle_cores() == 1                       # never fewer than 1
         torch.set_num_threads(2)
+        load[0] = 0.2
+        assert choose_cpu_threads("tiny", "cpu", None) == 2 and torch.get_num_threads() == 2
+        load[0] = 3.0
         assert choose_cpu_threads("tiny", "cpu", None) == 1 and torch.get_num_threads() == 1
         torch.set_num_threads(2)
         assert choose_cpu_threads("tiny", "cpu", 2) == 2 and torch.get_num_threads() == 2
@@ -366,3 +383,26 @@ def test_cpu_thread_choice_follows_the_model_size(tmp_path, monkeypatch):
         assert weights_bytes("owner/not-cached-anywhere") is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_sees_other_processes_spinning():
+    """The measurement behind the thread choice: processes spinning on every core make the machine about that many
+    cores busier (bounded below only: load from elsewhere adds)."""
+    import subprocess
+    import sys
+    import time
+
+    from rsg_eval.models.threads import busy_cores
+
+    if busy_cores() is None:
+        pytest.skip("no /proc/stat here")
+    code = "import time\nt = time.time() + 5\nwhile time.time() < t: pass"
+    spin = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(min(2, os.cpu_count() or 1))]
+    try:
+        time.sleep(0.3)   # the spinners are running
+        busy = busy_cores(0.5)
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+    assert busy is not None and busy >= len(spin) - 0.5

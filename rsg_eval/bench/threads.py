@@ -1,5 +1,5 @@
 """CPU threads for the tiny model: 1 against N, in one process, the measurement behind the commands' automatic choice
-(rsg_eval.models.threads: 1 thread for a small model on a CPU).
+(rsg_eval.models.threads: a small model on a CPU gets the idle cores).
 
     rsg bench threads [--threads 2] [--rounds 3]
 

@@ -45,9 +45,9 @@ def tasks_option(help: str = "Tasks: names, comma-separated or after one --tasks
 
 # --threads of the commands that run a model (rsg_eval.models.threads chooses when it is not given). Written here,
 # not imported from there, so that --help needs no torch.
-THREADS_HELP = ("torch CPU threads. auto: 1 for a small model (weights under 16 MiB, such as tiny) on a CPU, where "
-                "more threads only wait on each other; otherwise torch's default, one per core. OMP_NUM_THREADS, "
-                "when set, is respected.")
+THREADS_HELP = ("torch CPU threads. auto: for a small model (weights under 16 MiB, such as tiny) on a CPU, the idle "
+                "cores (those not busy with other work, measured at start; at least 1), since threads on busy cores "
+                "only wait on each other; otherwise torch's default, one per core. OMP_NUM_THREADS, when set, is respected.")
 
 
 def quiet_option(help: str = "No progress bars.") -> typer.models.OptionInfo:

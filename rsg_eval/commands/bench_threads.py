@@ -14,7 +14,7 @@ def threads_cmd(
     rounds: int = typer.Option(3, "--repeats", min=1, help="Interleaved rounds (1, N, N, 1, ...); the best is kept."),
 ) -> None:
     """Zero-shot scoring and training steps of the tiny model at 1 torch thread and at N: the measurement behind
-    the commands' automatic thread choice on a CPU (1 thread for small models)."""
+    the commands' automatic thread choice on a CPU (the idle cores for small models)."""
     from rsg_eval.bench.threads import compare, lines
 
     for line in lines(compare(threads, rounds)):

@@ -1,11 +1,13 @@
 """How many CPU threads torch uses, chosen by the commands that run a model (zeroshot, finetune, train-hmtl).
 
-On a CPU, torch starts one thread per core. For a small model that is slower, not faster: its matmuls are too
-small to split, and the threads wait on each other (and on every other job of a shared machine). Measured in one
-process on the shared 2-core development machine (docs/benchmarks.md, "CPU threads"): the tiny model scored the
-sample's prompts and took training steps 5-15x faster with 1 thread than with 2. A large model's matmuls do split
-well, so it keeps torch's default. The size that decides is the weights' bytes (on disk, or the built-in tiny
-models), known before the model is loaded.
+On a CPU, torch starts one thread per core whatever else the machine runs. For a small model that is what hurts:
+on the 2-core development machine (docs/benchmarks.md, "CPU threads") the tiny model ran 1.5x faster on 2 threads
+than on 1 while the machine was quiet, but 4.5x slower on 2 than on 1 while other jobs kept it busy (threads that
+wait on a busy core wait on each other too). So a small model gets the idle cores: the cores this process may use less those busy
+with other work, at least 1. Busy is measured, not guessed from the load average (which counts kernel threads
+blocked on I/O: an idle VM here showed 1.0): the share of non-idle time in /proc/stat over 0.1 s when the command
+starts (Linux; elsewhere every core counts as idle). A large model's matmuls split well and it keeps torch's default. The size that
+decides is the weights' bytes (on disk, or the built-in tiny models), known before the model is loaded.
 
 `--threads N` sets the count; OMP_NUM_THREADS set by the user is respected (nothing is changed then).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Weights below this many bytes (fp32: 4 M parameters; the tiny models have 0.3 M) run on 1 CPU thread.
+# Weights below this many bytes (fp32: 4 M parameters; the tiny models have 0.3 M) run on the idle cores only.
 SMALL_WEIGHTS_BYTES = 16 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -53,9 +55,47 @@ def on_cpu(device: str | None) -> bool:
     return str(device).startswith("cpu")
 
 
+BUSY_SAMPLE_S = 0.1
+
+
+def busy_cores(interval: float = BUSY_SAMPLE_S) -> float | None:
+    """How many cores other work keeps busy: the machine's non-idle share of CPU time over `interval` seconds
+    (/proc/stat's first line: user nice system idle iowait irq softirq steal), times its core count. This process
+    sleeps meanwhile, so it measures the others. None where /proc/stat cannot be read."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            ticks = [int(x) for x in fh.readline().split()[1:9]]
+        return sum(ticks), ticks[3] + ticks[4]   # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def idle_cores() -> int:
+    """Cores this process may use that other work does not keep busy, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:   # not measurable here: every core counts as idle
+        return cores
+    return max(1, min(cores, round(cores - busy)))
+
+
 def choose_cpu_threads(model: str, device: str | None, requested: int | None) -> int | None:
-    """Set torch's CPU thread count for running `model` on `device`: `requested` when given, 1 for a small model
-    on the CPU, else leave torch's default. Returns the count set (None: unchanged)."""
+    """Set torch's CPU thread count for running `model` on `device`: `requested` when given, the idle cores (at
+    most torch's default) for a small model on the CPU, else leave torch's default. Returns the count set (None:
+    unchanged)."""
     import torch
 
     if requested is not None:
@@ -66,5 +106,6 @@ def choose_cpu_threads(model: str, device: str | None, requested: int | None) ->
     size = weights_bytes(model)
     if size is None or size >= SMALL_WEIGHTS_BYTES:
         return None
-    torch.set_num_threads(1)
-    return 1
+    n = min(torch.get_num_threads(), idle_cores())
+    torch.set_num_threads(n)
+    return n
