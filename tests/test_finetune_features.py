@@ -97,20 +97,23 @@ def test_tiny_causal_learns_and_a_killed_run_resumes_to_the_same_results(llama_f
     assert _test_preds(a.path) == _test_preds(b.path)
 
 
-def test_lora_best_checkpoint_is_an_adapter_that_predicts_as_the_run(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-causal"])
+def test_lora_best_checkpoint_is_an_adapter_that_predicts_as_the_run(tmp_path, model):
+    """Both kinds: the run evaluates through the unmerged adapter (for a decoder-only model its scorer must reach
+    the hidden states under peft's wrapper), and best/ reloads merged to the same predictions."""
     pytest.importorskip("peft")
     from rsg_eval.models.loading import load_model
     from rsg_eval.runs import RunFolder
     from rsg_eval.scoring import predict, score_choices
 
     learnable_terra(tmp_path / "data", n_train=16, n_val=8, n_test=6)
-    out = _run("tiny", tmp_path, "lora", lora=4, lr=1e-2)
+    out = _run(model, tmp_path, "lora", lora=4, lr=1e-2)
     best = out.results["TERRa"].best_dir
     cfg = json.loads((best / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "tiny" and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    assert cfg["base_model_name_or_path"] == model and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
     assert not (best / "config.json").exists()
     logs = RunFolder(tmp_path / "lora").read_logs("TERRa", "test")
-    loaded = load_model(best)
+    loaded = load_model(best, causal_ok=model != "tiny")
     assert loaded.info["source"] == "lora"
     scores = score_choices(loaded.model, loaded.tokenizer, [r["prompt"] for r in logs], [r["choices"] for r in logs],
                            batch_size=16)
@@ -120,9 +123,9 @@ def test_lora_best_checkpoint_is_an_adapter_that_predicts_as_the_run(tmp_path):
     # only the adapter trained: the base weights inside the adapter's checkpoint equal tiny's
     from safetensors.torch import load_file
 
-    from rsg_eval.models.tiny import build_tiny
+    from rsg_eval.models.tiny import build_tiny, build_tiny_causal
 
-    base, _ = build_tiny()
+    base, _ = build_tiny() if model == "tiny" else build_tiny_causal()
     state = load_file(str(best / "model.safetensors"))
     ref = dict(base.named_parameters())
     checked = 0

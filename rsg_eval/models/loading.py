@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 TINY_NAME = "tiny"
 TINY_CAUSAL_NAME = "tiny-causal"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named strategies
-SEQ2SEQ_ONLY = "fine-tuning (rsg finetune), the hierarchical model (rsg train-hmtl) and --nli-head"
+SEQ2SEQ_ONLY = "the hierarchical model (rsg train-hmtl) and --nli-head"
 HIERARCHICAL_MARKER = "hmtl_config.json"
 DEFAULT_MAX_INPUT_TOKENS = 512  # FRED-T5's tokenizer config has no model_max_length; 512 is its training length
 T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
@@ -549,13 +549,13 @@ def require_seq2seq(name_or_path: str | Path, what: str) -> None:
     rest (a hub id) when it reads the config."""
     if model_kind(name_or_path) == "causal":
         raise RSGError(f"{str(name_or_path)!r} is a decoder-only model; {what} works with seq2seq models only "
-                       "(decoder-only models are scored by rsg zeroshot)",
+                       "(decoder-only models are scored by rsg zeroshot and fine-tuned by rsg finetune)",
                        field="model", expected="a seq2seq model such as FRED-T5, or 'tiny'")
 
 
 def _refuse_causal(name: str, model_type: str | None) -> None:
     raise RSGError(f"{name!r} is a decoder-only model (model_type {model_type!r}); {SEQ2SEQ_ONLY} work with "
-                   "seq2seq models only (decoder-only models are scored by rsg zeroshot)",
+                   "seq2seq models only (decoder-only models are scored by rsg zeroshot and fine-tuned by rsg finetune)",
                    field="model", expected="a seq2seq model such as FRED-T5, or 'tiny'")
 
 

@@ -135,7 +135,11 @@ def packable(model: Any) -> bool:
 
 
 def _base(model: Any) -> Any:
-    """The transformer without its LM head (LlamaModel, GPT2Model): returns final hidden states and the cache."""
+    """The transformer without its LM head (LlamaModel, GPT2Model): returns final hidden states and the cache.
+    A peft-wrapped model (LoRA while it trains, unmerged) is unwrapped first: its own `base_model` is the LoRA
+    wrapper around the whole LM, whose output has logits, not hidden states; the adapters stay in the layers."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return model.base_model
 
 
