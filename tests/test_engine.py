@@ -142,3 +142,38 @@ def test_old_trainer_states_load_without_pickle_and_objects_are_refused(tmp_path
 
 class _Payload:
     pass
+
+
+def test_a_model_with_frozen_weights_saves_and_resumes_what_trains_only(tmp_path):
+    """LoRA's shape: frozen weights plus trainable ones. The checkpoint holds the trainable tensors only (marked in
+    the safetensors metadata); loading fills them and leaves the frozen ones; an unmarked file that lacks a tensor
+    is still refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rsg_eval.engine import checkpoint as ck
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        m[0].requires_grad_(False)   # the frozen "base"
+        return m
+
+    a = make(0)
+    ck.write_checkpoint(tmp_path, "last", a, {"step": 1}, trainable_only=True)
+    with safe_open(str(tmp_path / "last" / ck.WEIGHTS), framework="pt") as fh:
+        assert sorted(fh.keys()) == ["1.bias", "1.weight"] and fh.metadata()["rsg_weights"] == "trainable"
+    b = make(1)
+    frozen_before = b[0].weight.clone()
+    ck.load_weights(b, tmp_path / "last" / ck.WEIGHTS)
+    assert torch.equal(b[1].weight, a[1].weight) and torch.equal(b[0].weight, frozen_before)
+    # every parameter trainable: the whole model is saved, as before
+    full = torch.nn.Linear(3, 3)
+    ck.write_checkpoint(tmp_path, "full", full, {}, trainable_only=True)
+    with safe_open(str(tmp_path / "full" / ck.WEIGHTS), framework="pt") as fh:
+        assert sorted(fh.keys()) == ["bias", "weight"] and "rsg_weights" not in fh.metadata()
+    # an unmarked file lacking the frozen tensors is a damaged checkpoint, not a partial one
+    save_file({"1.weight": a[1].weight.detach().clone(), "1.bias": a[1].bias.detach().clone()},
+              str(tmp_path / "plain.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RSGError, match="lacks tensors"):
+        ck.load_weights(make(2), tmp_path / "plain.safetensors")

@@ -120,23 +120,14 @@ def test_lora_best_checkpoint_is_an_adapter_that_predicts_as_the_run(tmp_path, m
     assert [logs[0]["labels"][i] for i in predict(scores)] == [r["pred"] for r in logs]
     for got, r in zip(scores, logs):  # merged on load vs the run's merge: the same sums to float rounding
         assert max(abs(a - b) for a, b in zip(got, r["scores"])) < 1e-3
-    # only the adapter trained: the base weights inside the adapter's checkpoint equal tiny's
-    from safetensors.torch import load_file
+    # the checkpoint holds what trained only (the adapter's A and B), marked so: the frozen base is not saved again
+    from safetensors import safe_open
 
-    from rsg_eval.models.tiny import build_tiny, build_tiny_causal
-
-    base, _ = build_tiny() if model == "tiny" else build_tiny_causal()
-    state = load_file(str(best / "model.safetensors"))
-    ref = dict(base.named_parameters())
-    checked = 0
-    for k, v in state.items():
-        if ".lora_" in k:
-            continue
-        name = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if name in ref:
-            assert torch.equal(v, ref[name]), name
-            checked += 1
-    assert checked > 20
+    with safe_open(str(best / "model.safetensors"), framework="pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    assert meta.get("rsg_weights") == "trainable"
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    # and the adapter really sits on the untouched base: reloading best/ over a fresh base gave the run's scores above
 
 
 def test_adafactor_defaults_and_a_run():

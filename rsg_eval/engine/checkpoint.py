@@ -8,6 +8,11 @@ renames, so a crash or a full disk leaves the previous one whole:
     write <name>.new/ -> rename <name> to <name>.old -> rename <name>.new to <name> -> delete <name>.old
 
 `find` falls back to `<name>.old` when a crash hit between the two renames.
+
+A model with frozen weights (LoRA: a frozen base plus small adapters) is saved trainable-only (`trainable_only=True`):
+the file holds what training changes, marked `rsg_weights: trainable` in its safetensors metadata, and loading it
+fills only those tensors, the frozen rest coming from the model the run was built from. A LoRA checkpoint of
+FRED-T5-1.7B is then megabytes, not the base's 3.4 GB again at every save.
 """
 
 from __future__ import annotations
@@ -51,7 +56,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+PARTIAL_KEY, PARTIAL_VALUE = "rsg_weights", "trainable"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters by name when some parameters are frozen (LoRA), else None (save everything)."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    if all(p.requires_grad for _, p in params):
+        return None
+    return {n: p for n, p in params if p.requires_grad}
+
+
+def save_weights(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None, *,
+                 partial: bool = False) -> None:
     """Model weights as safetensors, each tied tensor once (T5's shared embeddings).
 
     state: the full weights when they are not the model's own tensors (gathered from FSDP shards); `model` then
@@ -72,7 +89,8 @@ def save_weights(model: torch.nn.Module, path: Path, state: dict[str, torch.Tens
             keep[name] = state[name]
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     keep.update({k: v for k, v in state.items() if k not in params})  # buffers
-    save_file({k: v.detach().contiguous().cpu() for k, v in keep.items()}, str(path), metadata={"format": "pt"})
+    meta = {"format": "pt", **({PARTIAL_KEY: PARTIAL_VALUE} if partial else {})}
+    save_file({k: v.detach().contiguous().cpu() for k, v in keep.items()}, str(path), metadata=meta)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -80,14 +98,20 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
     from rsg_eval.models.weight_files import check_weight_file
 
+    from safetensors import safe_open
+
     check_weight_file(path, hint=_CORRUPT_HINT.format(folder=path.parent))
+    with safe_open(str(path), framework="pt") as fh:
+        partial = (fh.metadata() or {}).get(PARTIAL_KEY) == PARTIAL_VALUE
     missing, unexpected = load_model(model, str(path), strict=False)
     # tied weights are stored once; only a name the model lacks, or a real missing tensor, is a problem
     if unexpected:
         raise RSGError(f"checkpoint has tensors this model lacks: {sorted(unexpected)[:5]}", file=path)
     if missing:
         params = dict(model.named_parameters(remove_duplicate=False))
-        really = [m for m in missing if m not in params or not _is_tied(model, m)]
+        # a trainable-only file lacks the frozen weights by design (they stay as the model has them)
+        really = [m for m in missing if m not in params
+                  or not (_is_tied(model, m) or (partial and not params[m].requires_grad))]
         if really:
             raise RSGError(f"checkpoint lacks tensors of this model: {sorted(really)[:5]}", file=path)
 
@@ -101,7 +125,7 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
 
 def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
                      extra: dict[str, Any] | None = None, *, state: dict[str, torch.Tensor] | None = None,
-                     files: Any = None) -> Path:
+                     files: Any = None, trainable_only: bool = False) -> Path:
     """Write checkpoint `root/name` atomically (see module doc). `extra` objects go to `training.pt`; `state`:
     the full weights when gathered from shards (see save_weights); `files(folder)` adds files (config.json and
     the tokenizer, so `--model` loads the folder).
@@ -115,7 +139,13 @@ def write_checkpoint(root: Path, name: str, model: torch.nn.Module, meta: dict,
         if new.exists():
             shutil.rmtree(new)
         new.mkdir()
-        save_weights(model, new / WEIGHTS) if state is None else save_weights(model, new / WEIGHTS, state)
+        partial = trainable_state(model) if trainable_only and state is None else None
+        if partial is not None:
+            save_weights(model, new / WEIGHTS, partial, partial=True)
+        elif state is None:
+            save_weights(model, new / WEIGHTS)
+        else:
+            save_weights(model, new / WEIGHTS, state)
         if files is not None:
             files(new)
         if extra is not None:

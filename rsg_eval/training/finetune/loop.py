@@ -428,8 +428,9 @@ def _save(dist: Dist, root: Path, name: str, wrapped: torch.nn.Module, meta: dic
     learn whether it worked, so every rank raises the same error or none."""
     bare = sharding.unwrap(wrapped)
     state = sharding.full_model_state(wrapped) if sharding.is_fsdp(bare) else None
+    # a model with frozen weights (LoRA) saves what trains only; the frozen base is rebuilt from --model on resume
     collective.main_acts(dist, lambda: ck.write_checkpoint(root, name, bare, meta, extra, state=state,
-                                                           files=files), share=False)
+                                                           files=files, trainable_only=True), share=False)
     return root / name
 
 
