@@ -28,17 +28,22 @@ def _n(cell: str) -> float:
     return float(re.match(r"[\d,.]+", cell).group(0).replace(",", ""))
 
 
+def _check_plan_rows(table: dict, col: int, plan: BatchPlan) -> None:
+    """The rows both plan tables of the page share, in column `col`, against the planner's numbers."""
+    assert _n(table["sequences per micro-step"][col]) == plan.per_micro
+    assert _n(table["sequences per optimizer step"][col]) == plan.per_step
+    assert _n(table["of each task per optimizer step"][col]) == plan.per_task_per_step
+    assert _n(table["optimizer steps per epoch"][col]) == plan.steps_per_epoch
+    assert _n(table["optimizer steps in 4 epochs"][col]) == 4 * plan.steps_per_epoch
+    assert _n(table["sequences per epoch"][col]) == plan.steps_per_epoch * plan.per_step
+
+
 def test_paper_size_table_is_what_the_plan_computes():
     assert sum(n for _, n in PAPER_SIZES) == pytest.approx(950_000, rel=0.001)
     table = _table()
     plans = [BatchPlan(PAPER_SIZES, batch_size=12, grad_accum=2, reading=r) for r in ("total", "per-task")]
     for col, plan in enumerate(plans):
-        assert _n(table["sequences per micro-step"][col]) == plan.per_micro
-        assert _n(table["sequences per optimizer step"][col]) == plan.per_step
-        assert _n(table["of each task per optimizer step"][col]) == plan.per_task_per_step
-        assert _n(table["optimizer steps per epoch"][col]) == plan.steps_per_epoch
-        assert _n(table["optimizer steps in 4 epochs"][col]) == 4 * plan.steps_per_epoch
-        assert _n(table["sequences per epoch"][col]) == plan.steps_per_epoch * plan.per_step
+        _check_plan_rows(table, col, plan)
         rep = plan.repeats()
         for label, tasks in (("ner (2,000)", ["ner"]), ("mc (60,000)", ["mc"]), ("nli (392,702)", ["nli"]),
                              ("qa, qg (141,500 each)", ["qa", "qg"]),
@@ -83,12 +88,7 @@ def test_paper_recipe_table_is_what_the_planner_computes():
     table = _paper_recipe_table()
     plans = [BatchPlan(sizes, batch_size=12, grad_accum=2, reading=r) for r in ("total", "per-task")]
     for col, plan in enumerate(plans):
-        assert _n(table["sequences per micro-step"][col]) == plan.per_micro
-        assert _n(table["sequences per optimizer step"][col]) == plan.per_step
-        assert _n(table["of each task per optimizer step"][col]) == plan.per_task_per_step
-        assert _n(table["optimizer steps per epoch"][col]) == plan.steps_per_epoch
-        assert _n(table["optimizer steps in 4 epochs"][col]) == 4 * plan.steps_per_epoch
-        assert _n(table["sequences per epoch"][col]) == plan.steps_per_epoch * plan.per_step
+        _check_plan_rows(table, col, plan)
         (label,) = [k for k in table if k.startswith("each task (")]
         assert label == f"each task ({sizes[0][1]:,} train examples) read per epoch"
         assert {n for _, n in sizes} == {sizes[0][1]}

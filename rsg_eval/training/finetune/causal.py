@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 from rsg_eval.scoring import encode_causal
-from rsg_eval.training.finetune.data import Pair, gold_targets
+from rsg_eval.training.finetune.data import Pair, gold_answers
 
 LORA_DEFAULT_ABOVE = 1_000_000_000
 DEFAULT_LORA_RANK = 16
@@ -40,14 +40,10 @@ def build_causal_pairs(items: Iterable[Any], render: Callable[[Any], Any], model
     prompts: list[str] = []
     answers: list[list[str]] = []
     keys: list[Any] = []
-    for item in items:
-        targets = gold_targets(item)
-        if not targets:
-            continue
-        rendered = render(item)
-        for g in targets:
-            prompts.append(rendered.prompt)
-            answers.append([rendered.choices[list(item.labels).index(g)]])
+    for item, prompt, texts in gold_answers(items, render):
+        for text in texts:
+            prompts.append(prompt)
+            answers.append([text])
             keys.append(item.key)
     if not prompts:
         return []

@@ -8,7 +8,7 @@ of pickling a sampler, and every data-parallel rank derives the same global batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -80,18 +80,24 @@ def build_pairs(
     """One pair per (item, gold target). MuSeRC items are answers, so every answer trains (yes or no);
     RuCoS gives one pair per gold entity. `render(item)` returns the template's Rendered(prompt, choices)."""
     pairs: list[Pair] = []
+    for item, prompt, texts in gold_answers(items, render):
+        src = tuple(encode_source(tokenizer, prompt, max_source_len))
+        for text in texts:
+            full = encode_target(tokenizer, text, 1 << 30)
+            tgt = full if len(full) <= max_target_len else full[: max_target_len - 1] + full[-1:]
+            pairs.append(Pair(src, tuple(tgt), item.key, len(full) > max_target_len))
+    return pairs
+
+
+def gold_answers(items: Iterable[Any], render: Callable[[Any], Any]) -> Iterator[tuple[Any, str, list[str]]]:
+    """(item, its rendered prompt, the answer text of each gold target) for every item with a gold label: what
+    both pair builders (seq2seq here, decoder-only in causal.py) train on."""
     for item in items:
         targets = gold_targets(item)
         if not targets:
             continue
         rendered = render(item)
-        src = tuple(encode_source(tokenizer, rendered.prompt, max_source_len))
-        for g in targets:
-            text = rendered.choices[list(item.labels).index(g)]
-            full = encode_target(tokenizer, text, 1 << 30)
-            tgt = full if len(full) <= max_target_len else full[: max_target_len - 1] + full[-1:]
-            pairs.append(Pair(src, tuple(tgt), item.key, len(full) > max_target_len))
-    return pairs
+        yield item, rendered.prompt, [rendered.choices[list(item.labels).index(g)] for g in targets]
 
 
 def epoch_plan(

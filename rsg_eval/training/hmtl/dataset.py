@@ -367,13 +367,11 @@ def collate(rows: dict[str, list], task: str, *, pad_id: int, n_ner: int, device
     """Pad one single-task batch (columnar rows from `ds[indices]`) into tensors."""
     import torch
 
+    from rsg_eval.scoring._common import pad
+
     ids = rows["input_ids"]
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
+    input_ids, mask = pad(ids, pad_id)   # (B, T) each
+    T = input_ids.shape[1]
     if task in ("mc", "nli"):
         target = torch.as_tensor(rows["cls"], dtype=torch.long)
     elif task == "ner" and ner_loss == "softmax":
