@@ -34,7 +34,7 @@ import torch
 from rsg_eval.core.errors import RSGError
 from rsg_eval.scoring import _causal, _seq2seq
 from rsg_eval.scoring._common import (CutPrompts, Encoded, count_cut_prompts, cut_prompts_note, input_device,
-                                      shared_prefix_len)
+                                      pad, shared_prefix_len)
 
 log = logging.getLogger(__name__)
 
@@ -302,4 +302,4 @@ def _run(model: Any, enc: Encoded, batch_size: int | str, progress: Progress | N
 
 __all__ = ["score_choices", "score_choices_naive", "predict", "is_causal", "modes_for", "forget_batch_size",
            "count_cut_prompts", "cut_prompts_note", "CutPrompts", "NORMALIZATIONS", "DEFAULT_CALIBRATION_PROMPT",
-           "shared_prefix_len"]
+           "shared_prefix_len", "pad"]

@@ -367,7 +367,7 @@ def collate(rows: dict[str, list], task: str, *, pad_id: int, n_ner: int, device
     """Pad one single-task batch (columnar rows from `ds[indices]`) into tensors."""
     import torch
 
-    from rsg_eval.scoring._common import pad
+    from rsg_eval.scoring import pad
 
     ids = rows["input_ids"]
     input_ids, mask = pad(ids, pad_id)   # (B, T) each
